@@ -1,0 +1,99 @@
+"""Batched KV-cache generation: greedy, temperature and top-p sampling, stop tokens, deterministic seeds.
+
+    from model.generate import generate
+    completions = generate(model, [[1, 450, 4996], [1, 910]], max_new_tokens=64, temperature=0.8,
+                           top_p=0.95, stop_ids=tokenizer.stop_ids, seed=0)
+
+Prompts of different lengths are left-padded so every row writes the same cache slot at each step; padded
+slots are masked out of attention and each row's RoPE positions start at 0 at its first real token, so a
+row's output does not depend on what it is batched with (up to float rounding).
+The whole prompt is one prefill forward; each new token is one forward of length 1 over the cache.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from model.llama import KVCache, Llama
+
+
+def sample_next_token(
+    logits: Tensor, *, temperature: float, top_p: float = 1.0, generator: torch.Generator | None = None
+) -> Tensor:
+    """Pick one token per row of ``logits [b, vocab]``: argmax at temperature 0, else nucleus sampling."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (the first token is always kept).
+        outside = sorted_probs.cumsum(dim=-1) - sorted_probs > top_p
+        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+        choice = torch.multinomial(sorted_probs, 1, generator=generator)
+        return order.gather(-1, choice).squeeze(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.inference_mode()
+def generate(
+    model: Llama,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    stop_ids: Sequence[int] = (),
+    seed: int | None = None,
+    pad_id: int = 0,
+) -> list[list[int]]:
+    """Continue each prompt; returns the new tokens per prompt, ending before the first stop token."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate: every prompt needs at least one token (e.g. the BOS id)")
+    device = next(model.parameters()).device
+    batch, prompt_len = len(prompts), max(len(p) for p in prompts)
+    total = prompt_len + max_new_tokens
+    if total > model.config.max_seq_len:
+        raise ValueError(
+            f"generate: prompt length {prompt_len} + max_new_tokens {max_new_tokens} = {total} exceeds the "
+            f"model context max_seq_len={model.config.max_seq_len}; shorten the prompt or max_new_tokens"
+        )
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+
+    pad_lengths = torch.tensor([prompt_len - len(p) for p in prompts], device=device)
+    tokens = torch.full((batch, prompt_len), pad_id, dtype=torch.long, device=device)
+    for row, prompt in enumerate(prompts):
+        tokens[row, prompt_len - len(prompt) :] = torch.tensor(list(prompt), dtype=torch.long)
+    cache = KVCache.allocate(model, batch=batch, max_len=total)
+    slots = torch.arange(prompt_len, device=device)
+    cache.key_valid[:, :prompt_len] = slots[None, :] >= pad_lengths[:, None]
+    positions = (slots[None, :] - pad_lengths[:, None]).clamp(min=0)
+
+    hidden = model(tokens, positions=positions, cache=cache, return_hidden=True)
+    logits = model.output(hidden[:, -1])
+    stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    next_positions = positions[:, -1:] + 1
+    outputs: list[Tensor] = []
+    for _ in range(max_new_tokens):
+        next_token = sample_next_token(logits, temperature=temperature, top_p=top_p, generator=generator)
+        next_token = next_token.masked_fill(finished, pad_id)
+        outputs.append(next_token)
+        finished |= torch.isin(next_token, stop)
+        if bool(finished.all()) or len(outputs) == max_new_tokens:
+            break
+        hidden = model(next_token[:, None], positions=next_positions, cache=cache, return_hidden=True)
+        logits = model.output(hidden[:, -1])
+        next_positions = next_positions + 1
+
+    generated = torch.stack(outputs, dim=1).tolist() if outputs else [[] for _ in prompts]
+    stop_set = set(stop_ids)
+    results = []
+    for row in generated:
+        cut = next((i for i, t in enumerate(row) if t in stop_set), len(row))
+        results.append(row[:cut])
+    return results

@@ -1,0 +1,313 @@
+"""The Llama network (Llama 1, 2 and 3.1): pre-norm RMSNorm, SwiGLU, RoPE, grouped-query attention.
+
+    from model.config import get_config
+    from model.llama import Llama
+    model = Llama(get_config("debug_tiny"))
+    logits = model(tokens)                      # tokens: Long[batch, seq] -> Float[batch, seq, vocab]
+
+A block reads like the paper (and Meta's reference):
+
+    h   = x + attention(attention_norm(x))
+    out = h + feed_forward(ffn_norm(h))
+
+Departures from Meta's reference code, and why:
+- RoPE uses the *half-split* pairing (dimension i rotates with i + head_dim/2, as in HF transformers and
+  GPT-NeoX) instead of adjacent pairs. Meta and llama2.c checkpoints are permuted on import
+  (``model/checkpoints``), HF checkpoints load unchanged, and the rotation is two contiguous half-width
+  multiplies instead of strided complex views.
+- Attention runs through ``scaled_dot_product_attention`` with ``enable_gqa``: key/value heads are never
+  copied ``n_heads / n_kv_heads`` times.
+- Optional ``document_ids`` give the Llama 3 document mask for packed sequences: a token attends only to
+  earlier tokens of its own document.
+- All linear layers come from a ``LayerFactory`` (``model/layers.py``), so tensor parallelism swaps the
+  layers, not the math. Under TP the heads below are this rank's heads.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from model.config import LlamaConfig, RopeScaling
+from model.layers import LayerFactory, LocalLayers
+
+
+class RMSNorm(nn.Module):
+    """``x / sqrt(mean(x^2) + eps) * weight``, computed in fp32 like Meta's reference."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # The hand-written form measured faster than F.rms_norm on CPU (torch 2.13), and is bitwise the same.
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+# ---------------------------------------------------------------------------------------------------
+# Rotary position embedding
+# ---------------------------------------------------------------------------------------------------
+def rope_inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -> Tensor:
+    """``theta ** (-2i / head_dim)``, with Llama 3.1's frequency-dependent scaling when configured.
+
+    Llama 3.1 (``use_scaled_rope``): wavelengths shorter than ``original / high_freq_factor`` keep their
+    frequency, longer than ``original / low_freq_factor`` are divided by ``factor``, and those in between
+    are interpolated smoothly.
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    if scaling is None:
+        return inv_freq.float()
+    low_wavelen = scaling.original_max_position / scaling.low_freq_factor
+    high_wavelen = scaling.original_max_position / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (scaling.original_max_position / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    interpolated = (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / scaling.factor, interpolated)
+    scaled = torch.where(wavelen < high_wavelen, inv_freq, scaled)
+    return scaled.float()
+
+
+class RotaryEmbedding(nn.Module):
+    """Holds cos/sin tables (not parameters, not in the state dict), grown on demand per device."""
+
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        self.inv_freq_cpu = rope_inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        self._tables: dict[torch.device, tuple[Tensor, Tensor]] = {}
+
+    def _table(self, length: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        cached = self._tables.get(device)
+        if cached is None or cached[0].shape[0] < length:
+            size = max(length, 2 * cached[0].shape[0] if cached else 256)
+            # Angles in fp32 from fp64-exact positions, like HF's computation (position * inv_freq).
+            angles = torch.outer(torch.arange(size, dtype=torch.float32), self.inv_freq_cpu).to(device)
+            cached = (angles.cos(), angles.sin())
+            self._tables[device] = cached
+        return cached
+
+    def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """cos, sin of shape ``[batch or 1, seq, 1, head_dim/2]`` for integer ``positions [b or 1, seq]``."""
+        cos, sin = self._table(int(positions.max()) + 1, positions.device)
+        return cos[positions].unsqueeze(2), sin[positions].unsqueeze(2)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate ``x [b, s, heads, head_dim]``: dimension i pairs with i + head_dim/2 (half-split layout)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return rotated.type_as(x)
+
+
+# ---------------------------------------------------------------------------------------------------
+# KV cache and attention masks
+# ---------------------------------------------------------------------------------------------------
+@dataclass
+class KVCache:
+    """Preallocated keys/values for incremental decoding, ``[batch, local_kv_heads, max_len, head_dim]``.
+
+    ``key_valid [batch, max_len]`` marks real (non-padding) slots; prompts of different lengths are
+    left-padded so every row writes the same slot at every step.
+    """
+
+    keys: list[Tensor]
+    values: list[Tensor]
+    key_valid: Tensor
+    length: int = 0
+
+    @classmethod
+    def allocate(cls, model: Llama, *, batch: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
+        attention = model.layers[0].attention
+        param = next(model.parameters())
+        shape = (batch, attention.n_kv_heads, max_len, attention.head_dim)
+        dtype = dtype or param.dtype
+        keys = [torch.empty(shape, dtype=dtype, device=param.device) for _ in model.layers]
+        values = [torch.empty(shape, dtype=dtype, device=param.device) for _ in model.layers]
+        key_valid = torch.ones(batch, max_len, dtype=torch.bool, device=param.device)
+        return cls(keys=keys, values=values, key_valid=key_valid)
+
+
+def document_causal_mask(document_ids: Tensor) -> Tensor:
+    """Boolean ``[b, 1, s, s]`` mask: causal, and no attention across document boundaries (Llama 3)."""
+    seq = document_ids.shape[1]
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=document_ids.device).tril()
+    same_document = document_ids[:, :, None] == document_ids[:, None, :]
+    return (same_document & causal).unsqueeze(1)
+
+
+def cached_attention_mask(cache: KVCache, query_len: int) -> Tensor | None:
+    """Mask for ``query_len`` new tokens written at slots ``[cache.length, cache.length + query_len)``.
+
+    Returns ``None`` when plain causal attention is exact (no padding in the batch), so SDPA can use its
+    fused causal kernels.
+    """
+    start, end = cache.length, cache.length + query_len
+    valid = cache.key_valid[:, :end]
+    if bool(valid.all()) and (start == 0 or query_len == 1):
+        return None
+    query_slots = torch.arange(start, end, device=valid.device)
+    causal = torch.arange(end, device=valid.device)[None, :] <= query_slots[:, None]
+    return (causal[None] & valid[:, None, :]).unsqueeze(1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The block
+# ---------------------------------------------------------------------------------------------------
+class Attention(nn.Module):
+    """Grouped-query self-attention with RoPE. Heads are this tensor-parallel rank's heads."""
+
+    def __init__(self, cfg: LlamaConfig, layers: LayerFactory) -> None:
+        super().__init__()
+        self.head_dim = cfg.head_dim
+        self.n_heads = layers.local_heads(cfg.n_heads)
+        self.n_kv_heads = layers.local_kv_heads(cfg.kv_heads)
+        self.wq = layers.column(cfg.dim, cfg.n_heads * cfg.head_dim)
+        self.wk = layers.kv_projection(cfg.dim, n_kv_heads=cfg.kv_heads, head_dim=cfg.head_dim)
+        self.wv = layers.kv_projection(cfg.dim, n_kv_heads=cfg.kv_heads, head_dim=cfg.head_dim)
+        self.wo = layers.row(cfg.n_heads * cfg.head_dim, cfg.dim)
+
+    def forward(
+        self,
+        x: Tensor,
+        rope: tuple[Tensor, Tensor],
+        *,
+        mask: Tensor | None = None,
+        cache: KVCache | None = None,
+        layer_index: int = 0,
+    ) -> Tensor:
+        batch, seq, _ = x.shape
+        q = self.wq(x).view(batch, seq, self.n_heads, self.head_dim)
+        k = self.wk(x).view(batch, seq, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(batch, seq, self.n_kv_heads, self.head_dim)
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [b, heads, s, head_dim]
+
+        is_causal = mask is None
+        if cache is not None:
+            end = cache.length + seq
+            cache.keys[layer_index][:, :, cache.length : end] = k
+            cache.values[layer_index][:, :, cache.length : end] = v
+            k, v = cache.keys[layer_index][:, :, :end], cache.values[layer_index][:, :, :end]
+            # A single new token attends to every cached key: no causal mask needed.
+            is_causal = mask is None and cache.length == 0 and seq > 1
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=self.n_kv_heads != self.n_heads
+        )
+        return self.wo(out.transpose(1, 2).reshape(batch, seq, self.n_heads * self.head_dim))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: ``w2(silu(w1 x) * w3 x)``."""
+
+    def __init__(self, cfg: LlamaConfig, layers: LayerFactory) -> None:
+        super().__init__()
+        self.w1 = layers.column(cfg.dim, cfg.ffn_dim)
+        self.w3 = layers.column(cfg.dim, cfg.ffn_dim)
+        self.w2 = layers.row(cfg.ffn_dim, cfg.dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: LlamaConfig, layers: LayerFactory, layer_index: int) -> None:
+        super().__init__()
+        self.layer_index = layer_index
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg, layers)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg, layers)
+
+    def forward(
+        self, x: Tensor, rope: tuple[Tensor, Tensor], *, mask: Tensor | None = None, cache: KVCache | None = None
+    ) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), rope, mask=mask, cache=cache, layer_index=self.layer_index)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------------
+class Llama(nn.Module):
+    """Embedding -> ``n_layers`` blocks -> RMSNorm -> output head (untied unless ``tie_embeddings``)."""
+
+    def __init__(self, cfg: LlamaConfig, *, layers: LayerFactory | None = None) -> None:
+        super().__init__()
+        cfg.validate()
+        layers = layers or LocalLayers()
+        self.config = cfg
+        self.tok_embeddings = layers.embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(TransformerBlock(cfg, layers, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = layers.output_head(cfg.dim, cfg.vocab_size)
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.rotary = RotaryEmbedding(cfg)
+
+    def forward(
+        self,
+        tokens: Tensor,
+        *,
+        positions: Tensor | None = None,
+        document_ids: Tensor | None = None,
+        cache: KVCache | None = None,
+        return_hidden: bool = False,
+    ) -> Tensor:
+        """Logits ``[b, s, vocab]`` (or final-norm hidden states ``[b, s, dim]`` with ``return_hidden``).
+
+        positions: ``[b or 1, s]`` RoPE positions; default ``arange`` continuing after the cache.
+        document_ids: ``[b, s]``; tokens attend only within their own document (packed sequences).
+        cache: a ``KVCache``; new keys/values are written at ``cache.length`` and the length advanced.
+        """
+        h = self.tok_embeddings(tokens)
+        mask = None
+        if document_ids is not None:
+            mask = document_causal_mask(document_ids)
+        elif cache is not None:
+            mask = cached_attention_mask(cache, tokens.shape[1])
+        if positions is None:
+            start = cache.length if cache is not None else 0
+            positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)[None]
+        rope = self.rotary(positions)
+        for block in self.layers:
+            h = block(h, rope, mask=mask, cache=cache)
+        if cache is not None:
+            cache.length += tokens.shape[1]
+        h = self.norm(h)
+        return h if return_hidden else self.output(h)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def init_llama_weights(model: Llama, *, seed: int, std: float = 0.02) -> None:
+    """Initialise every weight from ``seed`` alone, independent of tensor-parallel layout.
+
+    Each parameter's *full* tensor is drawn from a generator seeded by ``(seed, parameter name)`` and then
+    cut to this rank's shard (``param.tp_shard`` set by the parallel layers; identity at TP=1), so TP=1 and
+    TP=8 start from the same model. Linear and embedding weights ~ N(0, std); the output projections of
+    each residual branch (``wo``, ``w2``) use ``std / sqrt(2 * n_layers)`` (GPT-2 / Megatron scaled init);
+    norms are ones.
+    """
+    import zlib
+
+    depth_std = std / math.sqrt(2 * model.config.n_layers)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+                continue
+            full_shape = getattr(param, "tp_full_shape", param.shape)
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+            scale = depth_std if name.endswith(("wo.weight", "w2.weight")) else std
+            full = torch.randn(full_shape, generator=generator) * scale
+            shard = getattr(param, "tp_shard", None)
+            param.copy_(shard(full) if shard is not None else full)
