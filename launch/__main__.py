@@ -1,0 +1,252 @@
+"""Command line of the launch package: plan a layout, write an sbatch script, print a node's torchrun command.
+
+    python -m launch plan --model llama3_1_405b --gpus 16384 --gpu-memory 80GiB --seq-len 8192 \
+        --global-batch-tokens 16777216 [--tp 8 --pp 16 --zero-stage 1 --micro-batch 1] [--json]
+    python -m launch slurm --config CONFIG --nodes N --gpus-per-node G [--partition P --time T --submit]
+    python -m launch torchrun --config CONFIG --nodes N --node-rank R --master ADDR:PORT [--run]
+
+Exit codes: 0 success, 2 bad input (unknown model, impossible layout; the message says what to change),
+1 nothing fits / submission failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import sys
+from collections.abc import Sequence
+
+from launch import planner, slurm, torchrun
+from model.config import get_config
+
+_UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 2**10, "mib": 2**20,
+          "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """'80GiB', '80GB', '85899345920' -> bytes."""
+    match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([A-Za-z]*)\s*", text)
+    if not match or match.group(2).lower() not in _UNITS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size; use e.g. 80GiB or 80GB")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def _plan_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plan", help="memory / FLOPs / step time of a layout, or the best layouts that fit")
+    p.add_argument("--model", required=True, help="registered config name (model/config.py)")
+    p.add_argument("--gpus", type=int, required=True)
+    p.add_argument("--gpu-memory", type=parse_bytes, default=planner.Hardware.memory_bytes)
+    p.add_argument("--gpus-per-node", type=int, default=planner.Hardware.gpus_per_node)
+    p.add_argument("--seq-len", type=int, required=True)
+    p.add_argument("--global-batch-tokens", type=int, required=True)
+    p.add_argument("--tp", type=int)
+    p.add_argument("--pp", type=int)
+    p.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3))
+    p.add_argument("--micro-batch", type=int)
+    p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="force full recomputation on/off (default: the least recomputation that fits)")
+    p.add_argument("--virtual-stages", type=int, help="pin interleaved chunks per stage")
+    p.add_argument("--max-virtual-stages", type=int, default=1,
+                   help="search interleaved 1F1B up to this many chunks (DeepSpeed runs 1; Megatron/Meta more)")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--all-variants", action="store_true", help="do not collapse variants of one TPxPPxDP")
+    p.add_argument("--peak-tflops", type=float, default=planner.Hardware.peak_tflops)
+    p.add_argument("--matmul-efficiency", type=float, default=planner.Hardware.matmul_efficiency)
+    p.add_argument("--ib-gbps", type=float, default=planner.Hardware.ib_gbps)
+    p.add_argument("--nvlink-gbps", type=float, default=planner.Hardware.nvlink_gbps)
+    p.add_argument("--reserved", type=parse_bytes, default=planner.Hardware.reserved_bytes,
+                   help="fixed CUDA context / NCCL / fragmentation allowance per GPU")
+    p.add_argument("--json", action="store_true", help="print the machine-readable plan")
+
+
+def _gib(value: float) -> str:
+    return f"{value / planner.GiB:7.2f} GiB"
+
+
+def _print_plan(cfg, plan: planner.Plan, args, hw: planner.Hardware) -> None:
+    mem, st = plan.memory, plan.step
+    flops = planner.model_flops_per_token(cfg, args.seq_len) * args.global_batch_tokens
+    print(f"{cfg.name}: {plan.layout.describe()} on {plan.layout.gpus} GPUs, {plan.microbatches} micro-batches")
+    print(f"per-GPU memory, worst pipeline stage {mem.stage} (1F1B in flight: {mem.in_flight_microbatches}):")
+    rows = [("weights (bf16)", mem.weights), ("grads (bf16)", mem.grads),
+            ("optimizer (fp32 master+m+v)", mem.optimizer_states), ("fp32 grad partition", mem.fp32_grads),
+            ("ZeRO-3 gathered layer", mem.zero3_gathered), ("activations", mem.activations),
+            ("logits + loss", mem.logits), ("comm buffers", mem.comm_buffers),
+            ("CUDA ctx/NCCL/fragmentation", mem.reserved), ("total", mem.total)]
+    for name, value in rows:
+        print(f"  {name:<30}{_gib(value)}")
+    print(f"  fits in {hw.memory_bytes / planner.GiB:.0f} GiB: {'yes' if plan.fits else 'NO'}")
+    print(f"model FLOPs/step {flops:.3e} (6N + 6*head + 12*L*d*s/2, causal); step {st.step_s:.2f} s "
+          f"(compute {st.compute_s:.2f}, TP {st.tp_comm_s:.2f}, p2p {st.pp_p2p_s:.2f}, bubble {st.bubble_s:.2f}, "
+          f"DP exposed {st.dp_exposed_s:.2f}, optimizer {st.optimizer_s:.3f}); MFU {st.mfu:.1%}")
+    for note in plan.notes:
+        print(f"  - {note}")
+
+
+def _print_table(cfg, plans: list[planner.Plan], hw: planner.Hardware) -> None:
+    print(f"hardware model: {hw.name} {hw.peak_tflops:.0f} TFLOP/s bf16 x {hw.matmul_efficiency:.0%} matmul "
+          f"efficiency, +{hw.nonmatmul_overhead:.0%} non-matmul time, NVLink {hw.nvlink_gbps:.0f} GB/s, "
+          f"IB {hw.ib_gbps:.0f} GB/s per GPU, {hw.gpus_per_node} GPUs/node, "
+          f"{hw.reserved_bytes / planner.GiB:.0f} GiB reserved")
+    print(f"{'#':>2} {'layout':<52} {'mem GiB':>8} {'step s':>7} {'bubble':>7} {'MFU':>6}")
+    for i, plan in enumerate(plans, 1):
+        print(f"{i:>2} {plan.layout.describe():<52} {plan.memory.total / planner.GiB:8.1f} "
+              f"{plan.step.step_s:7.2f} {plan.step.bubble_fraction:7.0%} {plan.step.mfu:6.1%}")
+    best = plans[0]
+    for i, plan in enumerate(plans, 1):
+        print(f"#{i} {plan.layout.describe()}:")
+        for note in plan.notes:
+            print(f"    {note}")
+        if i > 1:
+            print(f"    vs #1: {why_slower(plan, best)}")
+    print(f"#1 ranks first because it has the lowest estimated step time: {why_slower(best, None)}")
+
+
+def why_slower(plan: planner.Plan, best: planner.Plan | None) -> str:
+    """The step-time components in which ``plan`` loses to ``best`` (or its own largest costs)."""
+    parts = {"compute+recompute": plan.step.compute_s, "TP comm": plan.step.tp_comm_s,
+             "pipeline bubble": plan.step.bubble_s, "exposed DP comm": plan.step.dp_exposed_s,
+             "p2p": plan.step.pp_p2p_s}
+    if best is None:
+        return ", ".join(f"{k} {v:.2f} s" for k, v in parts.items() if v > 0.005)
+    ref = {"compute+recompute": best.step.compute_s, "TP comm": best.step.tp_comm_s,
+           "pipeline bubble": best.step.bubble_s, "exposed DP comm": best.step.dp_exposed_s,
+           "p2p": best.step.pp_p2p_s}
+    worse = sorted(((parts[k] - ref[k], k) for k in parts if parts[k] - ref[k] > 0.005), reverse=True)
+    extra = plan.step.step_s - best.step.step_s
+    return f"+{extra:.2f} s/step: " + (", ".join(f"{k} +{d:.2f} s" for d, k in worse) or "rounding")
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    cfg = get_config(args.model)
+    hw = dataclasses.replace(planner.Hardware(), memory_bytes=args.gpu_memory, gpus_per_node=args.gpus_per_node,
+                             peak_tflops=args.peak_tflops, matmul_efficiency=args.matmul_efficiency,
+                             ib_gbps=args.ib_gbps, nvlink_gbps=args.nvlink_gbps, reserved_bytes=args.reserved)
+    kw = dict(seq_len=args.seq_len, global_batch_tokens=args.global_batch_tokens, hardware=hw)
+    pinned = {k: getattr(args, k) for k in ("tp", "pp", "zero_stage", "micro_batch", "virtual_stages",
+                                            "activation_checkpointing") if getattr(args, k) is not None}
+    if args.global_batch_tokens % args.seq_len:
+        raise ValueError(f"--global-batch-tokens {args.global_batch_tokens} is not a multiple of --seq-len "
+                         f"{args.seq_len}")
+    if all(k in pinned for k in ("tp", "pp", "zero_stage", "micro_batch")):
+        if args.gpus % (args.tp * args.pp):
+            raise ValueError(f"--gpus {args.gpus} is not divisible by --tp {args.tp} x --pp {args.pp}")
+        layout = planner.Layout(tp=args.tp, pp=args.pp, dp=args.gpus // (args.tp * args.pp),
+                                zero_stage=args.zero_stage, micro_batch=args.micro_batch,
+                                virtual_stages=args.virtual_stages or 1)
+        plan = planner.fit_checkpointing(cfg, layout, buffers=planner.ZeroBuffers(),
+                                         checkpointing=args.activation_checkpointing, **kw)
+        if args.json:
+            print(json.dumps({"model": cfg.name, "hardware": dataclasses.asdict(hw), "plan": plan.to_dict(),
+                              "model_flops_per_token": planner.model_flops_per_token(cfg, args.seq_len)},
+                             indent=2))
+        else:
+            _print_plan(cfg, plan, args, hw)
+        return 0 if plan.fits else 1
+    plans = planner.search(cfg, gpus=args.gpus, fixed=pinned, max_virtual_stages=args.max_virtual_stages,
+                           top_k=args.top_k, distinct=not args.all_variants, **kw)
+    if args.json:
+        print(json.dumps({"model": cfg.name, "hardware": dataclasses.asdict(hw),
+                          "model_flops_per_token": planner.model_flops_per_token(cfg, args.seq_len),
+                          "plans": [p.to_dict() for p in plans]}, indent=2))
+    elif plans:
+        _print_table(cfg, plans, hw)
+    if not plans:
+        print(f"no layout of {cfg.name} fits {args.gpus} GPUs of {hw.memory_bytes / planner.GiB:.0f} GiB with "
+              f"{pinned or 'no pinned flags'}; add GPUs, shorten --seq-len or unpin flags", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _slurm_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("slurm", help="write (and --submit) the sbatch script")
+    p.add_argument("--config", required=True, help="training config passed to `-m train --config`")
+    p.add_argument("--nodes", type=int, required=True)
+    p.add_argument("--gpus-per-node", type=int, required=True, help="0 = CPU-only job")
+    p.add_argument("--nproc-per-node", type=int, help="processes per node (default: gpus-per-node, or 1)")
+    p.add_argument("--job-name", default="llama")
+    p.add_argument("--partition")
+    p.add_argument("--time", default="24:00:00")
+    p.add_argument("--account")
+    p.add_argument("--qos")
+    p.add_argument("--cpus-per-task", type=int)
+    p.add_argument("--mem")
+    p.add_argument("--exclusive", action="store_true")
+    p.add_argument("--signal-lead", type=int, default=300, help="seconds before the limit to checkpoint")
+    p.add_argument("--log-root", default="logs")
+    p.add_argument("--sbatch-arg", action="append", default=[], help="extra #SBATCH line, e.g. --constraint=h100")
+    p.add_argument("--env", action="append", default=[], help="KEY=VALUE exported in the script")
+    p.add_argument("--no-resume", action="store_true", help="do not pass --resume auto")
+    p.add_argument("--output", help="script path (default LOG_ROOT/JOB_NAME.sbatch)")
+    p.add_argument("--submit", action="store_true")
+    p.add_argument("overrides", nargs="*", help="--section.key=value passed to train (after `--`)")
+
+
+def cmd_slurm(args: argparse.Namespace) -> int:
+    env = {}
+    for item in args.env:
+        key, sep, value = item.partition("=")
+        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+            raise ValueError(f"--env {item!r} must be KEY=VALUE")
+        env[key] = value
+    job = slurm.SlurmJob(
+        config=args.config, nodes=args.nodes, gpus_per_node=args.gpus_per_node, nproc_per_node=args.nproc_per_node,
+        job_name=args.job_name, partition=args.partition, time=args.time, account=args.account, qos=args.qos,
+        cpus_per_task=args.cpus_per_task, mem=args.mem, exclusive=args.exclusive, signal_lead_s=args.signal_lead,
+        log_root=args.log_root, overrides=list(args.overrides), resume=None if args.no_resume else "auto",
+        extra_sbatch=args.sbatch_arg, env=env)
+    path = slurm.write_sbatch(job, args.output)
+    print(f"wrote {path}")
+    if args.submit:
+        try:
+            print(f"submitted job {slurm.submit(path)}")
+        except (RuntimeError, FileNotFoundError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+    return 0
+
+
+def _torchrun_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("torchrun", help="print (or --run) this node's torchrun command")
+    p.add_argument("--config", required=True)
+    p.add_argument("--nodes", type=int, help="default: from SLURM / OpenMPI, else 1")
+    p.add_argument("--node-rank", type=int, help="default: from SLURM / OpenMPI")
+    p.add_argument("--master", help="HOST:PORT of node 0 (default: MASTER_ADDR/PORT or the SLURM node list)")
+    p.add_argument("--nproc-per-node", type=int, default=1)
+    p.add_argument("--shutdown-timeout", type=int, default=240, help="seconds workers get to checkpoint")
+    p.add_argument("--no-resume", action="store_true")
+    p.add_argument("--run", action="store_true", help="exec the command instead of printing it")
+    p.add_argument("overrides", nargs="*")
+
+
+def cmd_torchrun(args: argparse.Namespace) -> int:
+    cmd = torchrun.node_command(config=args.config, nproc_per_node=args.nproc_per_node, nodes=args.nodes,
+                                node_rank=args.node_rank, master=args.master, overrides=args.overrides,
+                                resume=None if args.no_resume else "auto", shutdown_timeout=args.shutdown_timeout)
+    if args.run:
+        sys.stdout.flush()
+        os.execvp(cmd[0], cmd)
+    print(torchrun.format_command(cmd))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m launch", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    _plan_parser(sub)
+    _slurm_parser(sub)
+    _torchrun_parser(sub)
+    args = parser.parse_args(argv)
+    handler = {"plan": cmd_plan, "slurm": cmd_slurm, "torchrun": cmd_torchrun}[args.command]
+    try:
+        return handler(args)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
