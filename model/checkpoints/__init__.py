@@ -1,0 +1,153 @@
+"""Checkpoint interchange: one converter module per format, one entry point for all of them.
+
+    from model.checkpoints import from_pretrained, load_checkpoint, save_checkpoint, detect_format
+    model = from_pretrained("path/to/checkpoint")           # any format below; eval mode, fp32 on CPU
+    cfg, state_dict = load_checkpoint("stories260K.bin")     # (LlamaConfig, our parameter names)
+    save_checkpoint(state_dict, cfg, "out/hf", format="hf")  # or format="native"
+
+Formats (``detect_format`` tells them apart by their files):
+- ``native``  our directory: config.json (``"format": "llama-native"``) + model.safetensors  (``native.py``)
+- ``hf``      Hugging Face LlamaForCausalLM directory or hub repo id                       (``hf.py``)
+- ``meta``    Meta's consolidated.NN.pth + params.json                                      (``meta.py``)
+- ``llama2c`` llama2.c ``.bin`` (v0 legacy, v1 float32)                                      (``llama2c.py``)
+
+Every state dict returned uses our names and our (half-split) RoPE layout; pickled files are only ever
+read through ``safe_load.safe_torch_load`` (``weights_only=True``).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from model.checkpoints.hf import is_hf_dir, load_hf, save_hf
+from model.checkpoints.llama2c import load_llama2c, looks_like_llama2c
+from model.checkpoints.meta import is_meta_dir, load_meta
+from model.checkpoints.native import (
+    StateDict,
+    as_state_dict,
+    check_state_dict,
+    is_native_dir,
+    load_native,
+    save_native,
+)
+from model.checkpoints.safe_load import UnsafeCheckpointError, safe_torch_load
+from model.config import LlamaConfig
+from model.llama import Llama, RotaryEmbedding
+
+Format = Literal["native", "hf", "meta", "llama2c"]
+FORMATS: tuple[str, ...] = ("native", "hf", "meta", "llama2c")
+
+__all__ = [
+    "FORMATS",
+    "UnsafeCheckpointError",
+    "detect_format",
+    "from_pretrained",
+    "load_checkpoint",
+    "load_hf",
+    "load_llama2c",
+    "load_meta",
+    "load_native",
+    "safe_torch_load",
+    "save_checkpoint",
+    "save_hf",
+    "save_native",
+]
+
+
+def detect_format(path: str | Path) -> Format:
+    """Which format ``path`` holds; ValueError/FileNotFoundError saying what was looked for otherwise."""
+    p = Path(path)
+    if not p.exists():
+        if isinstance(path, str) and re.fullmatch(r"[\w.-]+/[\w.-]+", path):
+            return "hf"  # a hub repo id; load_hf fetches it (or says why it cannot)
+        raise FileNotFoundError(f"{path}: no such checkpoint file or directory")
+    if p.is_dir():
+        if is_native_dir(p):
+            return "native"
+        if is_hf_dir(p):
+            return "hf"
+        if is_meta_dir(p):
+            return "meta"
+        raise ValueError(
+            f"{p}: not a recognised checkpoint directory: expected config.json with \"format\": "
+            "\"llama-native\" (native), config.json with model_type (hf), or params.json + consolidated.NN.pth "
+            "(meta)"
+        )
+    if looks_like_llama2c(p):
+        return "llama2c"
+    raise ValueError(
+        f"{p}: not a recognised checkpoint file: only llama2.c .bin files are single-file checkpoints "
+        "(and this file's header/size do not match that format); pass the directory for other formats"
+    )
+
+
+def load_checkpoint(path: str | Path, *, format: Format | None = None) -> tuple[LlamaConfig, StateDict]:
+    """``(config, state_dict)`` from any supported format (detected unless given)."""
+    fmt = format or detect_format(path)
+    if fmt == "native":
+        return load_native(path)
+    if fmt == "hf":
+        return load_hf(path)
+    if fmt == "meta":
+        return load_meta(path)
+    if fmt == "llama2c":
+        return load_llama2c(path)
+    raise ValueError(f"unknown checkpoint format {fmt!r}; choose one of {', '.join(FORMATS)}")
+
+
+def save_checkpoint(
+    model_or_state_dict: nn.Module | Mapping[str, Tensor],
+    cfg: LlamaConfig,
+    out: str | Path,
+    *,
+    format: Literal["native", "hf"] = "native",
+    overwrite: bool = False,
+) -> Path:
+    """Write a checkpoint directory in ``format`` (atomically); returns its path."""
+    state_dict = as_state_dict(model_or_state_dict)
+    if format == "native":
+        return save_native(state_dict, cfg, out, overwrite=overwrite)
+    if format == "hf":
+        return save_hf(state_dict, cfg, out, overwrite=overwrite)
+    raise ValueError(f"cannot save format {format!r}; choose \"native\" or \"hf\"")
+
+
+def from_pretrained(
+    path: str | Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    format: Format | None = None,
+) -> Llama:
+    """Load any supported checkpoint as a ``Llama`` in eval mode.
+
+    The model is built on the meta device (no memory, no random init) and the loaded tensors are
+    assigned in place of its parameters, so the weights exist once, not twice.
+    """
+    cfg, state_dict = load_checkpoint(path, format=format)
+    check_state_dict(state_dict, cfg, source=path)
+    with torch.device("meta"):
+        model = Llama(cfg)
+    # RoPE tables are plain attributes computed in __init__: rebuild them off the meta device.
+    model.rotary = RotaryEmbedding(cfg)
+    converted: dict[str, Tensor] = {}
+    for name, tensor in state_dict.items():
+        if cfg.tie_embeddings and name == "output.weight":
+            continue
+        converted[name] = tensor.to(device=device, dtype=dtype)
+    if cfg.tie_embeddings:
+        converted["output.weight"] = converted["tok_embeddings.weight"]
+    model.load_state_dict(converted, strict=True, assign=True)
+    if cfg.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    left_on_meta = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if left_on_meta or model.rotary.inv_freq_cpu.is_meta:
+        raise RuntimeError(f"from_pretrained({path}): tensors left uninitialised on the meta device: "
+                           f"{left_on_meta or ['rotary.inv_freq_cpu']}")
+    return model.eval()
