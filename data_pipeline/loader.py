@@ -1,0 +1,232 @@
+"""The training loader: megatron GPTDataset/BlendedDataset splits and a DP-size-independent batch order.
+
+    from data_pipeline.loader import build_pretrain_datasets, PretrainLoader, check_tokenizer_matches
+    train, valid, test = build_pretrain_datasets(data_dir_or_blend="runs/data", seq_len=2048, seed=1234,
+                                                 num_samples=(n_train, n_valid, n_test),
+                                                 tokenizer_info=tok, cache_dir=None)
+    loader = PretrainLoader(train, global_batch_size=512, micro_batch_size=4, dp_rank=r, dp_size=dp,
+                            consumed_samples=ckpt.get("consumed_samples", 0))
+    for mb in loader: ...    # {"input_ids", "labels", "loss_mask", "document_ids"}, each [mb, seq_len]
+
+Order: global batch ``b`` is samples ``[c0 + b*G, c0 + (b+1)*G)`` of the (already shuffled, seeded) megatron
+dataset, ``c0`` the consumed count at start; rank ``r`` of ``dp`` takes the ``r``-th contiguous ``G/dp`` of
+it, then splits that into micro-batches. The sequence of global batches therefore does not depend on the DP
+size, and ``consumed_samples`` (global samples, advanced by ``G`` when a rank hands out the last micro-batch
+of a global batch, i.e. the state after that optimizer step) resumes exactly at any DP size.
+
+``document_ids[t]`` is the number of EOD tokens strictly before position ``t`` in the sample: the tokens of a
+document and its closing EOD share an id, for a block-diagonal (document) attention mask.
+
+Process groups: with ``cache_dir=None`` nothing needs ``torch.distributed``: megatron builds the indices on
+the calling process and caches the per-source GPTDataset indices next to the shards
+(``<prefix>/cache/GPTDataset_indices``, megatron's default). With ``cache_dir`` set, megatron's protocol is
+rank 0 builds and caches, barrier, the other ranks load; if no process group is initialised (one process),
+a private single-process gloo group is created for the build and destroyed afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections import OrderedDict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from data_pipeline.blend import MixtureSpec, read_manifest
+from data_pipeline.shard_io import mcore_datasets, validate_indexed
+
+
+class _MegatronTokenizerShim:
+    """What megatron's GPTDataset reads from a tokenizer: vocab_size, eod, pad, unique_identifiers."""
+
+    def __init__(self, vocab_size: int, eod: int) -> None:
+        self.vocab_size, self.eod, self.eos = int(vocab_size), int(eod), int(eod)
+        self.pad = -1  # megatron's own "never a real token" pad: padded positions get loss_mask 0
+        self.unique_identifiers = OrderedDict(cls="data_pipeline", vocab_size=self.vocab_size, eod=self.eod)
+
+
+def _tokenizer_shim(info: dict | Any) -> _MegatronTokenizerShim:
+    if isinstance(info, dict):
+        eod = info.get("eod", info.get("eos_id"))
+        if eod is None or "vocab_size" not in info:
+            raise ValueError(f"tokenizer_info {info!r}: needs 'vocab_size' and 'eod' (or 'eos_id')")
+        return _MegatronTokenizerShim(info["vocab_size"], eod)
+    eod = getattr(info, "eos_id", None)
+    if eod is None:
+        eod = info.eod
+    return _MegatronTokenizerShim(info.vocab_size, eod)
+
+
+def _resolve_spec(data_dir_or_blend: Any) -> MixtureSpec:
+    if isinstance(data_dir_or_blend, MixtureSpec):
+        return data_dir_or_blend
+    p = Path(data_dir_or_blend)
+    if p.is_dir():
+        return MixtureSpec.from_weights(p)
+    if p.is_file() and p.suffix == ".json":
+        return MixtureSpec.from_file(p)
+    raise ValueError(f"data_dir_or_blend={data_dir_or_blend!r}: expected a prepared directory (manifest.json), "
+                     "a mixture JSON file, or a MixtureSpec")
+
+
+def _check_sources(spec: MixtureSpec, shim: _MegatronTokenizerShim, split_matrix: list, sizes: list[int]) -> None:
+    """Refuse what megatron would not catch or would hang on: bad files, vocab mismatch, empty splits."""
+    for e in spec.entries:
+        stats = validate_indexed(e.prefix, expect_docs=e.documents, expect_tokens=e.tokens)
+        man = Path(e.prefix).parent / "manifest.json"
+        if man.is_file():
+            tok = json.loads(man.read_text())["tokenizer"]
+            if tok["vocab_size"] != shim.vocab_size or tok["eos_id"] != shim.eod:
+                raise ValueError(f"{man}: data tokenized with vocab {tok['vocab_size']} / eos {tok['eos_id']}, "
+                                 f"but tokenizer_info has vocab {shim.vocab_size} / eod {shim.eod}; "
+                                 "re-run prepare with the model's tokenizer")
+        n = stats["documents"]
+        for i, (name, rng) in enumerate(zip(("train", "valid", "test"), split_matrix)):
+            if rng is None or not sizes[i]:
+                continue
+            if int(round(rng[1] * n)) <= int(round(rng[0] * n)):
+                # megatron would loop forever computing epochs of an empty split
+                raise ValueError(f"{e.prefix}: {n} documents give the {name} split none; use more data, a "
+                                 f"coarser split, or num_samples[{i}]=0")
+
+
+@contextlib.contextmanager
+def _process_group_for_cache(cache_dir: Path | None) -> Iterator[None]:
+    import torch.distributed as dist
+
+    if cache_dir is None or dist.is_initialized():
+        yield
+        return
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def build_pretrain_datasets(*, data_dir_or_blend: Any, seq_len: int, seed: int, split: str = "98,1,1",
+                            num_samples: tuple[int, int, int], tokenizer_info: dict | Any,
+                            cache_dir: Path | None) -> tuple[Any, Any, Any]:
+    """(train, valid, test) megatron datasets (BlendedDataset for several sources, GPTDataset for one);
+    a split is None when its weight in ``split`` or its ``num_samples`` is 0."""
+    mc = mcore_datasets()
+    from megatron.core.datasets.blended_megatron_dataset_config import (
+        convert_split_vector_to_split_matrix,
+        parse_and_normalize_split,
+    )
+
+    spec = _resolve_spec(data_dir_or_blend)
+    shim = _tokenizer_shim(tokenizer_info)
+    parts = [float(x) for x in split.replace("/", ",").split(",")]
+    if len(parts) != 3:
+        raise ValueError(f"split {split!r}: expected three comma-separated weights, e.g. '98,1,1'")
+    parts = [p if num_samples[i] else 0.0 for i, p in enumerate(parts)]
+    split_str = ",".join(str(p) for p in parts)
+    split_matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split_str))
+    _check_sources(spec, shim, split_matrix, list(num_samples))
+    prefixes, weights = spec.megatron_blend()
+    cfg = mc.GPTDatasetConfig(
+        random_seed=seed, sequence_length=seq_len, blend=(prefixes, weights if len(prefixes) > 1 else None),
+        split=split_str, path_to_cache=str(cache_dir) if cache_dir is not None else None, tokenizer=shim,
+        reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False, create_attention_mask=False,
+        mid_level_dataset_surplus=0.005)
+    sizes = [int(n) for n in num_samples]
+    with _process_group_for_cache(cache_dir), _quiet_megatron():
+        built = mc.BlendedMegatronDatasetBuilder(mc.GPTDataset, sizes, lambda: True, cfg).build()
+    return tuple(d if (d is not None and num_samples[i]) else None for i, d in enumerate(built))
+
+
+@contextlib.contextmanager
+def _quiet_megatron() -> Iterator[None]:
+    import logging
+    import warnings
+
+    lg = logging.getLogger("megatron.core.datasets")
+    old = lg.level
+    lg.setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*pad token id.*")
+        try:
+            yield
+        finally:
+            lg.setLevel(old)
+
+
+def document_ids(tokens: torch.Tensor, eod: int) -> torch.Tensor:
+    """Number of EOD tokens strictly before each position (last dim)."""
+    is_eod = (tokens == eod).long()
+    return torch.cumsum(is_eod, dim=-1) - is_eod
+
+
+class PretrainLoader:
+    """Deterministic micro-batches for one DP rank; the global order is independent of the DP size."""
+
+    def __init__(self, dataset: Any, *, global_batch_size: int, micro_batch_size: int, dp_rank: int, dp_size: int,
+                 consumed_samples: int = 0, eod_id: int | None = None) -> None:
+        if global_batch_size % dp_size:
+            raise ValueError(f"global_batch_size {global_batch_size} is not divisible by dp_size {dp_size}")
+        if (global_batch_size // dp_size) % micro_batch_size:
+            raise ValueError(f"global_batch_size/dp_size = {global_batch_size // dp_size} is not divisible by "
+                             f"micro_batch_size {micro_batch_size}")
+        if not 0 <= dp_rank < dp_size:
+            raise ValueError(f"dp_rank {dp_rank} not in [0, {dp_size})")
+        self.dataset = dataset
+        self.global_batch_size, self.micro_batch_size = global_batch_size, micro_batch_size
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.consumed_samples = int(consumed_samples)
+        self.eod_id = eod_id if eod_id is not None else dataset.config.tokenizer.eod
+
+    def __len__(self) -> int:
+        """Micro-batches left for this rank."""
+        left = (len(self.dataset) - self.consumed_samples) // self.global_batch_size
+        return max(0, left) * (self.global_batch_size // self.dp_size // self.micro_batch_size)
+
+    def _collate(self, indices: range) -> dict[str, torch.Tensor]:
+        samples = [self.dataset[i] for i in indices]
+        tokens = torch.stack([s["tokens"] for s in samples]).long()
+        return {"input_ids": tokens, "labels": torch.stack([s["labels"] for s in samples]).long(),
+                "loss_mask": torch.stack([s["loss_mask"] for s in samples]).float(),
+                "document_ids": document_ids(tokens, self.eod_id)}
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        g, per_rank, mb = self.global_batch_size, self.global_batch_size // self.dp_size, self.micro_batch_size
+        start = self.consumed_samples
+        while start + g <= len(self.dataset):
+            base = start + self.dp_rank * per_rank
+            n_micro = per_rank // mb
+            for m in range(n_micro):
+                batch = self._collate(range(base + m * mb, base + (m + 1) * mb))
+                if m == n_micro - 1:
+                    self.consumed_samples = start + g  # the state after this global batch's step
+                yield batch
+            start += g
+
+    def state_dict(self) -> dict[str, int]:
+        return {"consumed_samples": self.consumed_samples}
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        self.consumed_samples = int(d["consumed_samples"])
+
+
+def check_tokenizer_matches(manifest_dir: str | Path, tokenizer: Any, model_vocab_size: int, *,
+                            allow_padded_vocab: bool = False) -> None:
+    """Refuse (ValueError naming the files and the fix) a tokenizer that does not match the data or model."""
+    m = read_manifest(manifest_dir)
+    man = Path(manifest_dir) / "manifest.json"
+    want = m["tokenizer"]
+    path = getattr(tokenizer, "path", "<tokenizer>")
+    if tokenizer.file_hash() != want["sha256"]:
+        raise ValueError(f"{path}: sha256 {tokenizer.file_hash()[:12]}... differs from the tokenizer the data in "
+                         f"{man} was prepared with ({want['path']}, {want['sha256'][:12]}...); use that tokenizer "
+                         "or re-run prepare with this one")
+    if tokenizer.vocab_size != want["vocab_size"] or tokenizer.eos_id != want["eos_id"]:
+        raise ValueError(f"{path}: vocab {tokenizer.vocab_size}/eos {tokenizer.eos_id} differs from {man} "
+                         f"({want['vocab_size']}/{want['eos_id']}); re-run prepare with this tokenizer")
+    ok = model_vocab_size == tokenizer.vocab_size or (allow_padded_vocab and model_vocab_size > tokenizer.vocab_size)
+    if not ok:
+        raise ValueError(f"{path}: tokenizer vocab {tokenizer.vocab_size} does not match the model config's "
+                         f"vocab_size {model_vocab_size} (data: {man}); pick the model config that goes with "
+                         "this tokenizer (e.g. llama2_* for the 32000-piece SentencePiece model)")
