@@ -1,0 +1,424 @@
+"""The typed run configuration of a pretraining run: TOML presets plus ``--section.key=value`` overrides.
+
+    from train.config import RunConfig
+    cfg = RunConfig.from_toml("configs/pretrain/tiny_cpu.toml", ["--train.steps=20", "--run.dir", "runs/x"])
+    cfg.validate(world_size=1)          # ValueError quoting the bad value and the fix
+    cfg.save_toml("runs/x/config.toml") # the resolved config; RunConfig.from_toml reads it back unchanged
+
+Every section is a frozen dataclass; every field has a docstring (the schema is ``docs/TRAIN_INTERFACES.md``).
+Overrides are coerced to the dataclass field's type; an unknown section or key is an error listing the valid
+ones. ``[model.overrides]`` is a free table of ``LlamaConfig`` fields (``--model.overrides.vocab_size=4096``),
+checked against ``LlamaConfig``. ``--resume X`` is a shortcut for ``--run.resume X``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+try:  # Python 3.11+
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover - Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    name: str = "debug_tiny"
+    """Registry name in ``model/config.py`` (``python -m model info NAME``)."""
+    overrides: dict[str, Any] = field(default_factory=dict)
+    """``LlamaConfig`` fields replaced on top of the registry entry (e.g. ``vocab_size`` to match a tokenizer)."""
+
+
+@dataclass(frozen=True)
+class DataSection:
+    path: str = ""
+    """A ``python -m data_pipeline prepare`` output directory (manifest.json) or a mixture JSON file."""
+    synthetic: bool = False
+    """Deterministic synthetic documents instead of ``path`` (tests and benchmarks without data)."""
+    tokenizer: str = ""
+    """tokenizer.model path; checked against the data manifest and the model's vocab_size when given."""
+    seq_len: int = 256
+    """Tokens per training sequence (packed documents)."""
+    split: str = "98,1,1"
+    """train,valid,test weights of the document split (megatron convention)."""
+
+
+@dataclass(frozen=True)
+class TrainSection:
+    steps: int = 100
+    """Optimizer steps of the whole run (the LR schedule ends here)."""
+    global_batch_size: int = 8
+    """Sequences per optimizer step over all data-parallel ranks (tokens = this x seq_len)."""
+    micro_batch_size: int = 2
+    """Sequences per forward/backward on one rank; accumulation = global / (micro x dp)."""
+    seed: int = 1234
+    """Seeds the weights, the data order and every RNG."""
+    dtype: str = "fp32"
+    """"fp32" or "bf16" (bf16 mixed precision with fp32 master weights)."""
+    eval_every: int = 50
+    """Validation every N steps (and at the end); 0 = never."""
+    eval_batches: int = 4
+    """Micro-batches per validation pass (the same held-out samples every time)."""
+    log_every: int = 1
+    """Console progress line every N steps (the JSONL log gets every step)."""
+    max_consecutive_nonfinite: int = 5
+    """Abort after this many NaN/Inf steps in a row (each one is skipped and counted)."""
+    collective_timeout_s: int = 600
+    """Seconds before a hung collective fails with the rank and the operation named."""
+    spike_factor: float = 3.0
+    """A loss above this many times its running mean is logged as a spike."""
+
+
+@dataclass(frozen=True)
+class OptimSection:
+    lr: float = 3e-4
+    """Peak learning rate (reached after warmup)."""
+    min_lr_ratio: float = 0.1
+    """Cosine decays to lr x this at the last step (Llama: 10%)."""
+    min_lr: float = -1.0
+    """Absolute final LR; overrides min_lr_ratio when >= 0 (Llama 3 405B: 8e-7)."""
+    warmup_steps: int = 2000
+    """Linear warmup from 0 to lr."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    eps: float = 1e-5
+    """AdamW epsilon."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay (matrices only: not norms)."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip; 0 = off."""
+
+
+@dataclass(frozen=True)
+class ParallelSection:
+    tp: int = 1
+    """Tensor-parallel size (megatron-core layers); divides n_heads, n_kv_heads and the GPUs per node."""
+    pp: int = 1
+    """Pipeline-parallel size (DeepSpeed PipelineModule); divides n_layers sensibly."""
+    activation_checkpoint_every: int = 0
+    """Recompute activations of every N-th block in backward; 0 = off."""
+
+
+@dataclass(frozen=True)
+class ZeroSection:
+    stage: int = 1
+    """DeepSpeed ZeRO stage 0-3 (only 0/1 with pp > 1)."""
+    offload: bool = False
+    """ZeRO-Offload of optimizer states to CPU memory."""
+
+
+@dataclass(frozen=True)
+class CheckpointSection:
+    every: int = 50
+    """Checkpoint every N steps (and on SIGTERM/SIGUSR1 and at the end); 0 = only those."""
+    keep_last: int = 3
+    """Keep the K newest published checkpoints; older ones are deleted after a new one is published."""
+
+
+@dataclass(frozen=True)
+class LoggingSection:
+    wandb: bool = True
+    """Log to Weights & Biases (offline unless you are logged in); the run id survives resumes."""
+    wandb_project: str = "llama-stack"
+    """wandb project name."""
+    wandb_mode: str = ""
+    """"" = auto (online if logged in, else offline), or "online" / "offline" / "disabled"."""
+    tensorboard: bool = False
+    """Also write TensorBoard event files to RUN_DIR/tensorboard (if tensorboard is installed)."""
+
+
+@dataclass(frozen=True)
+class RunSection:
+    dir: str = "runs/default"
+    """Run directory: checkpoints/, config.toml, metrics.jsonl, wandb/, report/."""
+    resume: str = "none"
+    """"none", "auto" (newest complete checkpoint in dir, else start fresh) or a checkpoint directory."""
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelSection, "data": DataSection, "train": TrainSection, "optim": OptimSection,
+    "parallel": ParallelSection, "zero": ZeroSection, "checkpoint": CheckpointSection,
+    "logging": LoggingSection, "run": RunSection,
+}
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def coerce(value: Any, typ: Any, *, where: str) -> Any:
+    """Convert a TOML value or a command-line string to ``typ`` (bool/int/float/str/Optional/dict)."""
+    origin = typing.get_origin(typ)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        return coerce(value, args[0], where=where)
+    if origin is dict or typ is dict:
+        if isinstance(value, dict):
+            return dict(value)
+        raise ValueError(f"{where}: expected a table, got {value!r}")
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise ValueError(f"{where}: expected true/false, got {value!r}")
+    if typ is int:
+        if isinstance(value, bool):
+            raise ValueError(f"{where}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        try:
+            as_float = float(str(value).replace("_", ""))
+        except ValueError:
+            raise ValueError(f"{where}: expected an integer, got {value!r}") from None
+        if not as_float.is_integer():
+            raise ValueError(f"{where}: expected an integer, got {value!r}")
+        return int(as_float)
+    if typ is float:
+        try:
+            return float(value) if not isinstance(value, bool) else _bad(where, "a number", value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{where}: expected a number, got {value!r}") from None
+    if typ is str:
+        return str(value)
+    return value
+
+
+def _bad(where: str, what: str, value: Any) -> Any:
+    raise ValueError(f"{where}: expected {what}, got {value!r}")
+
+
+def _llama_field_types() -> dict[str, Any]:
+    from model.config import LlamaConfig
+
+    return _field_types(LlamaConfig)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A whole run: one frozen section per TOML table."""
+
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    zero: ZeroSection = field(default_factory=ZeroSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+    run: RunSection = field(default_factory=RunSection)
+
+    # ---- construction ------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str = "<dict>") -> RunConfig:
+        unknown = sorted(set(data) - set(SECTIONS))
+        if unknown:
+            raise ValueError(f"{source}: unknown section(s) {unknown}; valid sections: {sorted(SECTIONS)}")
+        sections = {}
+        for name, section_cls in SECTIONS.items():
+            table = data.get(name, {})
+            if not isinstance(table, dict):
+                raise ValueError(f"{source}: [{name}] must be a table, got {table!r}")
+            types_ = _field_types(section_cls)
+            bad = sorted(set(table) - set(types_))
+            if bad:
+                raise ValueError(f"{source}: unknown key(s) {bad} in [{name}]; valid keys: {sorted(types_)}")
+            kwargs = {k: coerce(v, types_[k], where=f"{source}: {name}.{k}") for k, v in table.items()}
+            if name == "model" and "overrides" in kwargs:
+                kwargs["overrides"] = _coerce_model_overrides(kwargs["overrides"], source=source)
+            sections[name] = section_cls(**kwargs)
+        return cls(**sections)
+
+    @classmethod
+    def from_toml(cls, path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+        """Read a TOML preset (or start from the defaults with ``path=None``) and apply CLI overrides."""
+        data: dict[str, Any] = {}
+        source = "<defaults>"
+        if path is not None:
+            source = str(path)
+            try:
+                data = tomllib.loads(Path(path).read_text())
+            except FileNotFoundError:
+                raise ValueError(f"config file {path} does not exist; presets are in configs/pretrain/") from None
+            except tomllib.TOMLDecodeError as err:
+                raise ValueError(f"{path}: not valid TOML: {err}") from None
+        for key, value in parse_overrides(overrides or []):
+            _set_dotted(data, key, value)
+        return cls.from_dict(data, source=source + (" + overrides" if overrides else ""))
+
+    def replace(self, **sections: dict[str, Any]) -> RunConfig:
+        """``cfg.replace(train={"steps": 5})``: a copy with some fields of some sections changed."""
+        changes = {name: dataclasses.replace(getattr(self, name), **kw) for name, kw in sections.items()}
+        return dataclasses.replace(self, **changes)
+
+    # ---- derived -----------------------------------------------------------------------------------
+    def model_config(self) -> Any:
+        """The ``LlamaConfig``: the registry entry with ``[model.overrides]`` applied."""
+        from model.config import get_config
+
+        cfg = get_config(self.model.name)
+        return cfg.replace(**self.model.overrides) if self.model.overrides else cfg
+
+    def dp_size(self, world_size: int) -> int:
+        return world_size // (self.parallel.tp * self.parallel.pp)
+
+    def grad_accum(self, world_size: int) -> int:
+        return self.train.global_batch_size // (self.train.micro_batch_size * self.dp_size(world_size))
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.dir)
+
+    # ---- checks ------------------------------------------------------------------------------------
+    def validate(self, *, world_size: int | None = None) -> RunConfig:
+        """Raise ValueError quoting the offending value and how to fix it. Returns self."""
+        t, o, d = self.train, self.optim, self.data
+        model = self.model_config()
+        _check(t.dtype in ("fp32", "bf16"), f"train.dtype={t.dtype!r}: use \"fp32\" or \"bf16\"")
+        _check(t.steps > 0, f"train.steps={t.steps}: must be positive")
+        _check(t.micro_batch_size > 0 and t.global_batch_size > 0,
+               f"train.global_batch_size={t.global_batch_size}, micro_batch_size={t.micro_batch_size}: positive")
+        _check(t.global_batch_size % t.micro_batch_size == 0,
+               f"train.global_batch_size={t.global_batch_size} is not a multiple of "
+               f"train.micro_batch_size={t.micro_batch_size}; change one of them")
+        _check(d.seq_len <= model.max_seq_len,
+               f"data.seq_len={d.seq_len} exceeds model {model.name!r} max_seq_len={model.max_seq_len}; "
+               "lower data.seq_len or set model.overrides.max_seq_len")
+        _check(d.seq_len > 0, f"data.seq_len={d.seq_len}: must be positive")
+        _check(d.synthetic or d.path, "data.path is empty and data.synthetic=false: point --data.path at a "
+               "`python -m data_pipeline prepare` output directory or pass --data.synthetic=true")
+        _check(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio={o.min_lr_ratio}: must be in [0, 1]")
+        _check(o.lr > 0, f"optim.lr={o.lr}: must be positive")
+        _check(0 <= o.warmup_steps, f"optim.warmup_steps={o.warmup_steps}: must be >= 0")
+        _check(0 < o.beta1 < 1 and 0 < o.beta2 < 1, f"optim.beta1={o.beta1}, beta2={o.beta2}: must be in (0, 1)")
+        _check(o.grad_clip >= 0, f"optim.grad_clip={o.grad_clip}: must be >= 0 (0 = off)")
+        _check(self.zero.stage in (0, 1, 2, 3), f"zero.stage={self.zero.stage}: must be 0, 1, 2 or 3")
+        _check(not (self.parallel.pp > 1 and self.zero.stage > 1),
+               f"zero.stage={self.zero.stage} with parallel.pp={self.parallel.pp}: DeepSpeed allows only ZeRO 0/1 "
+               "with pipeline parallelism; set --zero.stage=1")
+        _check(self.parallel.tp >= 1 and self.parallel.pp >= 1,
+               f"parallel.tp={self.parallel.tp}, pp={self.parallel.pp}: must be >= 1")
+        _check(model.n_heads % self.parallel.tp == 0 and model.kv_heads % self.parallel.tp == 0,
+               f"parallel.tp={self.parallel.tp} does not divide n_heads={model.n_heads} / "
+               f"n_kv_heads={model.kv_heads} of {model.name!r}; pick a divisor")
+        _check(self.parallel.pp <= model.n_layers,
+               f"parallel.pp={self.parallel.pp} exceeds n_layers={model.n_layers}")
+        _check(self.checkpoint.keep_last >= 1, f"checkpoint.keep_last={self.checkpoint.keep_last}: must be >= 1")
+        _check(t.max_consecutive_nonfinite >= 1,
+               f"train.max_consecutive_nonfinite={t.max_consecutive_nonfinite}: must be >= 1")
+        _check(self.logging.wandb_mode in ("", "online", "offline", "disabled"),
+               f"logging.wandb_mode={self.logging.wandb_mode!r}: use \"\", \"online\", \"offline\" or \"disabled\"")
+        _check(self.run.resume in ("none", "auto") or Path(self.run.resume).exists(),
+               f"run.resume={self.run.resume!r}: use \"none\", \"auto\" or an existing checkpoint directory")
+        if world_size is not None:
+            mp = self.parallel.tp * self.parallel.pp
+            _check(world_size % mp == 0,
+                   f"world size {world_size} is not a multiple of tp x pp = {self.parallel.tp} x {self.parallel.pp}"
+                   f" = {mp}; launch a multiple of {mp} processes")
+            dp = world_size // mp
+            _check(t.global_batch_size % (t.micro_batch_size * dp) == 0,
+                   f"train.global_batch_size={t.global_batch_size} is not divisible by micro_batch_size x dp = "
+                   f"{t.micro_batch_size} x {dp}; use a global batch that is a multiple of "
+                   f"{t.micro_batch_size * dp}")
+        return self
+
+    # ---- (de)serialisation -------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_toml(self) -> str:
+        """Serialise (a small TOML writer for this schema: scalars and one nested table)."""
+        lines: list[str] = []
+        for name, table in self.to_dict().items():
+            nested = {k: v for k, v in table.items() if isinstance(v, dict)}
+            lines.append(f"[{name}]")
+            lines += [f"{k} = {_toml_value(v)}" for k, v in table.items() if not isinstance(v, dict)]
+            for sub, values in nested.items():
+                lines.append(f"[{name}.{sub}]")
+                lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+            lines.append("")
+        return "\n".join(lines)
+
+    def save_toml(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_toml())
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + "}"
+    return json.dumps(str(v))  # a JSON string is a valid TOML basic string
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(f"invalid run config: {message}")
+
+
+def _coerce_model_overrides(overrides: dict[str, Any], *, source: str) -> dict[str, Any]:
+    types_ = _llama_field_types()
+    bad = sorted(set(overrides) - set(types_) - {"name"})
+    if bad:
+        raise ValueError(f"{source}: unknown [model.overrides] key(s) {bad}; valid: {sorted(types_)}")
+    return {k: coerce(v, types_[k], where=f"{source}: model.overrides.{k}") for k, v in overrides.items()}
+
+
+def parse_overrides(argv: list[str]) -> list[tuple[str, Any]]:
+    """``["--a.b=1", "--c.d", "x", "--resume", "auto"]`` -> ``[("a.b", "1"), ("c.d", "x"), ("run.resume", "auto")]``."""
+    out: list[tuple[str, Any]] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ValueError(f"unexpected argument {arg!r}: overrides look like --section.key=value")
+        key, has_eq, value = arg[2:].partition("=")
+        if not has_eq:
+            if i + 1 >= len(argv) or (argv[i + 1].startswith("--") and not _is_number(argv[i + 1])):
+                raise ValueError(f"override {arg!r} has no value: write {arg}=VALUE or {arg} VALUE")
+            value = argv[i + 1]
+            i += 1
+        key = key.replace("-", "_") if "." not in key else key
+        if key == "resume":
+            key = "run.resume"
+        if "." not in key:
+            raise ValueError(f"override --{key}: write --section.key=value; sections: {sorted(SECTIONS)}")
+        out.append((key, value))
+        i += 1
+    return out
+
+
+def _is_number(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    section = parts[0]
+    if section not in SECTIONS:
+        raise ValueError(f"override --{key}: unknown section {section!r}; valid sections: {sorted(SECTIONS)}")
+    if len(parts) == 3 and parts[:2] == ["model", "overrides"]:
+        data.setdefault("model", {}).setdefault("overrides", {})[parts[2]] = value
+        return
+    if len(parts) != 2:
+        raise ValueError(f"override --{key}: expected --section.key (or --model.overrides.FIELD)")
+    valid = _field_types(SECTIONS[section])
+    if parts[1] not in valid:
+        raise ValueError(f"override --{key}: unknown key {parts[1]!r} in [{section}]; valid keys: {sorted(valid)}")
+    data.setdefault(section, {})[parts[1]] = value

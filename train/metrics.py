@@ -1,0 +1,235 @@
+"""Per-step training metrics: JSONL log, console progress line with ETA, wandb, optional TensorBoard; MFU.
+
+    from train.metrics import MetricsLogger, Throughput, peak_flops_per_device
+    tp = Throughput(flops_per_token=model_flops_per_token(cfg, seq_len), peak_flops=peak, devices=world)
+    logger = MetricsLogger(run_dir, total_steps=1000, wandb_cfg=..., config=cfg.to_dict(), enabled=rank == 0)
+    logger.log_step({"step": 1, "loss": 9.1, "lr": 3e-4, "grad_norm": 1.2, **tp.measure(tokens, seconds)})
+    logger.log_validation(step=50, loss=4.2)
+
+``RUN_DIR/metrics.jsonl``: one JSON object per optimizer step (``"type": "train"``: step, loss, lr, grad_norm,
+tokens, tokens_per_s, tflops_per_device, mfu, peak_flops, step_time_s, mem_gb, skipped, ...) and one per
+validation pass (``"type": "validation"``: step, val_loss, val_ppl). The console line and wandb show exactly
+the values of the JSONL record (the console rounds them for display). On resume the log is cut back to the
+checkpoint's step first, so each step appears once, with the values of the run that produced the weights.
+
+MFU = achieved model FLOP/s per device / peak FLOP/s per device. Model FLOPs per token come from
+``launch.planner.model_flops_per_token`` (the single source of truth): 6 x (non-embedding parameters + output
+head) + 12 x n_layers x dim x seq_len x 1/2 (causal attention: QK^T and PV forward+backward, half the square).
+Embedding lookups are not FLOPs; recomputation is not counted. Peak per device: 989 TFLOP/s on CUDA (H100/H200
+SXM dense BF16, the Llama 3 paper's basis; override with ``LLAMA_PEAK_FLOPS``), and on CPU a measured fp32
+matmul peak (``measure_cpu_matmul_peak``: the best of repeated 2048^3 matmuls for ~1 s), measured once per run
+directory and cached in ``RUN_DIR/peak_flops.json``. Only global rank 0 logs (``enabled``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+H100_BF16_PEAK = 989e12
+
+
+def measure_cpu_matmul_peak(*, seconds: float = 1.0, size: int = 2048) -> float:
+    """Best observed fp32 FLOP/s of a square matmul with this process's torch threads."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    out = torch.empty(size, size)
+    torch.mm(a, b, out=out)  # warm-up
+    best, start = 0.0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        t0 = time.perf_counter()
+        torch.mm(a, b, out=out)
+        best = max(best, 2.0 * size**3 / (time.perf_counter() - t0))
+    return best
+
+
+def peak_flops_per_device(run_dir: str | Path | None = None) -> tuple[float, str]:
+    """(peak FLOP/s, how it was obtained). CUDA: 989e12 (H100/H200 BF16); CPU: measured, cached per run."""
+    env = os.environ.get("LLAMA_PEAK_FLOPS")
+    if env:
+        return float(env), "LLAMA_PEAK_FLOPS"
+    if torch.cuda.is_available():
+        return H100_BF16_PEAK, f"{torch.cuda.get_device_name()}: H100/H200 dense BF16 989 TFLOP/s"
+    cache = Path(run_dir) / "peak_flops.json" if run_dir is not None else None
+    if cache is not None and cache.is_file():
+        data = json.loads(cache.read_text())
+        return float(data["peak_flops"]), data["source"]
+    peak = measure_cpu_matmul_peak()
+    source = f"measured fp32 matmul peak, {torch.get_num_threads()} threads"
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps({"peak_flops": peak, "source": source}) + "\n")
+    return peak, source
+
+
+class Throughput:
+    """tokens/s, TFLOP/s per device and MFU of one step."""
+
+    def __init__(self, *, flops_per_token: float, peak_flops: float, devices: int) -> None:
+        self.flops_per_token, self.peak_flops, self.devices = flops_per_token, peak_flops, devices
+
+    def measure(self, tokens: int, seconds: float) -> dict[str, float]:
+        tokens_per_s = tokens / max(seconds, 1e-9)
+        flops_per_device = self.flops_per_token * tokens_per_s / self.devices
+        return {"tokens_per_s": tokens_per_s, "tflops_per_device": flops_per_device / 1e12,
+                "mfu": flops_per_device / self.peak_flops, "step_time_s": seconds}
+
+
+def memory_gb() -> float:
+    """Peak memory of this process: CUDA max allocated, or the CPU max RSS."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss_kb / 2**20 if sys.platform != "darwin" else rss_kb / 2**30
+
+
+def format_eta(seconds: float) -> str:
+    if not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def console_line(rec: dict[str, Any], *, total_steps: int, eta_s: float) -> str:
+    """``step 12/100 | loss 5.1234 | lr 3.00e-04 | gnorm 1.234 | 12,345 tok/s | ... | ETA 0:01:23``."""
+    parts = [f"step {rec['step']}/{total_steps}", f"loss {rec['loss']:.4f}", f"lr {rec['lr']:.2e}",
+             f"gnorm {rec['grad_norm']:.3f}", f"{rec['tokens_per_s']:,.0f} tok/s",
+             f"{rec['tflops_per_device']:.3f} TFLOP/s/dev", f"MFU {100 * rec['mfu']:.1f}%",
+             f"{rec['step_time_s']:.2f} s/step", f"mem {rec['mem_gb']:.2f} GB", f"ETA {format_eta(eta_s)}"]
+    if rec.get("skipped"):
+        parts.append("SKIPPED (non-finite)")
+    if rec.get("spike"):
+        parts.append("SPIKE")
+    return " | ".join(parts)
+
+
+def truncate_jsonl(path: Path, *, after_step: int) -> None:
+    """Keep only records with ``step <= after_step`` (resume replays later steps); atomic rewrite."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a kill -9 mid-write
+        if rec.get("step", 0) <= after_step:
+            kept.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+
+
+def wandb_mode(configured: str) -> str:
+    """The explicit mode, else "online" when an API key or a `wandb login` netrc entry exists, else "offline"."""
+    if configured:
+        return configured
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        if "api.wandb.ai" in netrc.read_text():
+            return "online"
+    except OSError:
+        pass
+    return "offline"
+
+
+class MetricsLogger:
+    """Writes metrics.jsonl, prints the progress line, mirrors to wandb / TensorBoard. No-op unless enabled."""
+
+    def __init__(self, run_dir: str | Path, *, total_steps: int, config: dict[str, Any], enabled: bool = True,
+                 log_every: int = 1, wandb: bool = False, wandb_project: str = "llama-stack",
+                 wandb_mode_setting: str = "", wandb_id: str | None = None, tensorboard: bool = False,
+                 start_step: int = 0, print_fn: Any = print) -> None:
+        self.run_dir, self.total_steps, self.enabled = Path(run_dir), total_steps, enabled
+        self.log_every, self.print = max(1, log_every), print_fn
+        self.path = self.run_dir / "metrics.jsonl"
+        self.wandb_run: Any = None
+        self.wandb_id = wandb_id
+        self.tb: Any = None
+        self._start_step, self._start_time = start_step, time.perf_counter()
+        if not enabled:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        truncate_jsonl(self.path, after_step=start_step)
+        self._fh = open(self.path, "a")
+        if wandb:
+            self._init_wandb(project=wandb_project, mode=wandb_mode(wandb_mode_setting), config=config)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+            except ImportError:
+                self.print("tensorboard is not installed: TensorBoard logging skipped (pip install tensorboard)")
+
+    def _init_wandb(self, *, project: str, mode: str, config: dict[str, Any]) -> None:
+        if mode == "disabled":
+            return
+        import wandb  # lazy: ~1 s import, and only rank 0 needs it
+
+        self.wandb_id = self.wandb_id or wandb.util.generate_id()
+        self.wandb_run = wandb.init(project=project, dir=str(self.run_dir), id=self.wandb_id, resume="allow",
+                                    config=config, mode=mode, name=self.run_dir.name,
+                                    settings=wandb.Settings(console="off", x_disable_stats=True,
+                                                            silent=True))
+
+    def _write(self, rec: dict[str, Any]) -> None:
+        self._fh.write(json.dumps(rec) + "\n")
+        self._fh.flush()  # a kill -9 loses at most the line being written (cut lines are skipped on resume)
+
+    def log_step(self, rec: dict[str, Any]) -> dict[str, Any]:
+        """Complete and write one optimizer step's record; returns it (as written)."""
+        rec = {"type": "train", **rec, "mem_gb": memory_gb()}
+        if not self.enabled:
+            return rec
+        rec["elapsed_s"] = time.perf_counter() - self._start_time
+        self._write(rec)
+        done = rec["step"] - self._start_step
+        eta = rec["elapsed_s"] / max(done, 1) * (self.total_steps - rec["step"])
+        if rec["step"] % self.log_every == 0 or rec["step"] == self.total_steps or rec.get("skipped"):
+            self.print(console_line(rec, total_steps=self.total_steps, eta_s=eta), flush=True)
+        numeric = {k: v for k, v in rec.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if self.wandb_run is not None:
+            self.wandb_run.log({f"train/{k}": v for k, v in numeric.items() if k != "step"}, step=rec["step"])
+        if self.tb is not None:
+            for k, v in numeric.items():
+                if k != "step":
+                    self.tb.add_scalar(f"train/{k}", v, rec["step"])
+        return rec
+
+    def log_validation(self, *, step: int, loss: float) -> dict[str, Any]:
+        rec = {"type": "validation", "step": step, "val_loss": loss,
+               "val_ppl": math.exp(loss) if loss < 700 else float("inf")}
+        if not self.enabled:
+            return rec
+        self._write(rec)
+        self.print(f"validation step {step} | loss {loss:.4f} | perplexity {rec['val_ppl']:.2f}", flush=True)
+        if self.wandb_run is not None:
+            self.wandb_run.log({"val/loss": loss, "val/ppl": rec["val_ppl"]}, step=step)
+        if self.tb is not None:
+            self.tb.add_scalar("val/loss", loss, step)
+        return rec
+
+    def log_event(self, message: str) -> None:
+        if self.enabled:
+            self.print(message, flush=True)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self._fh.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+        if self.tb is not None:
+            self.tb.close()

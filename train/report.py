@@ -1,0 +1,157 @@
+"""Plots and a one-page summary of a run directory, from its metrics.jsonl.
+
+    python -m train.report RUN_DIR [--output RUN_DIR/report]
+
+Writes ``loss.png`` (training loss with validation loss on top), ``throughput.png`` (tokens/s and MFU),
+``lr.png``, ``grad_norm.png``, ``all_metrics.png`` (every numeric key present, one panel each, so other stages,
+e.g. PPO, get plots without code here) and ``summary.md`` (config, final/best losses, throughput, time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+SKIP_KEYS = {"step", "type", "skipped", "spike", "peak_flops", "tokens"}
+
+
+def read_metrics(run_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(train records, validation records); lines cut by a crash are skipped."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no metrics log; is {run_dir} a run directory (--run.dir)?")
+    train, valid = [], []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        (valid if rec.get("type") == "validation" else train).append(rec)
+    return train, valid
+
+
+def _series(recs: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    pts = [(r["step"], r[key]) for r in recs if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool)
+           and math.isfinite(r[key])]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def _plot(path: Path, title: str, panels: list[tuple[str, list[tuple[str, list[int], list[float]]]]],
+          *, log_keys: tuple[str, ...] = ()) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = min(3, len(panels))
+    rows = (len(panels) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.4 * rows), squeeze=False)
+    for ax, (ylabel, lines) in zip(axes.flat, panels):
+        for label, xs, ys in lines:
+            ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, ms=3, label=label)
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        if ylabel in log_keys:
+            ax.set_yscale("log")
+        if len(lines) > 1:
+            ax.legend()
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_report(run_dir: str | Path, output: str | Path | None = None) -> Path:
+    """Write the PNGs and summary.md; returns the output directory."""
+    run_dir = Path(run_dir)
+    out = Path(output) if output else run_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    train, valid = read_metrics(run_dir)
+    if not train:
+        raise ValueError(f"{run_dir}/metrics.jsonl holds no training records yet")
+    name = run_dir.name
+    loss_lines = [("train", *_series(train, "loss"))]
+    if valid:
+        loss_lines.append(("validation", *_series(valid, "val_loss")))
+    if "loss" in train[0]:
+        _plot(out / "loss.png", f"{name}: loss", [("loss (nats/token)", loss_lines)])
+    if "tokens_per_s" in train[0]:
+        _plot(out / "throughput.png", f"{name}: throughput",
+              [("tokens/s", [("", *_series(train, "tokens_per_s"))]), ("MFU", [("", *_series(train, "mfu"))])])
+    for key in ("lr", "grad_norm"):
+        if key in train[0]:
+            _plot(out / f"{key}.png", f"{name}: {key}", [(key, [("", *_series(train, key))])])
+    keys = sorted({k for r in train for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+                  - SKIP_KEYS)
+    panels = [(k, [("", *_series(train, k))]) for k in keys]
+    panels += [(k, [("", *_series(valid, k))]) for k in ("val_loss", "val_ppl") if valid]
+    _plot(out / "all_metrics.png", f"{name}: every logged metric", panels)
+    (out / "summary.md").write_text(summarize(run_dir, train, valid))
+    return out
+
+
+def summarize(run_dir: Path, train: list[dict[str, Any]], valid: list[dict[str, Any]]) -> str:
+    last = train[-1]
+    losses = [r["loss"] for r in train if isinstance(r.get("loss"), float) and math.isfinite(r["loss"])]
+    lines = [f"# Run summary: {run_dir}", ""]
+    if (run_dir / "config.toml").is_file():
+        from train.config import RunConfig
+
+        cfg = RunConfig.from_toml(run_dir / "config.toml")
+        m = cfg.model_config()
+        lines += [f"- model: {m.name} ({m.num_params() / 1e6:.2f}M parameters, dim {m.dim}, {m.n_layers} layers, "
+                  f"vocab {m.vocab_size})",
+                  f"- data: {'synthetic' if cfg.data.synthetic else cfg.data.path}, seq_len {cfg.data.seq_len}, "
+                  f"global batch {cfg.train.global_batch_size} sequences ({cfg.train.global_batch_size * cfg.data.seq_len:,}"
+                  f" tokens), micro-batch {cfg.train.micro_batch_size}",
+                  f"- optimizer: AdamW lr {cfg.optim.lr:g} (warmup {cfg.optim.warmup_steps}, cosine to "
+                  f"{cfg.optim.min_lr_ratio:g}x), wd {cfg.optim.weight_decay:g}, clip {cfg.optim.grad_clip:g}; "
+                  f"dtype {cfg.train.dtype}; tp {cfg.parallel.tp} pp {cfg.parallel.pp} ZeRO-{cfg.zero.stage}"]
+    lines += [f"- steps logged: {len(train)} (last step {last['step']})"]
+    if losses:
+        lines += [f"- training loss: first {losses[0]:.4f}, final {losses[-1]:.4f}, best {min(losses):.4f}"]
+    if valid:
+        best = min(valid, key=lambda r: r["val_loss"])
+        lines += [f"- validation loss: final {valid[-1]['val_loss']:.4f} (perplexity {valid[-1]['val_ppl']:.2f}) at "
+                  f"step {valid[-1]['step']}; best {best['val_loss']:.4f} at step {best['step']}"]
+    if "tokens_per_s" in last:
+        steady = train[1:] or train  # the first step pays warm-up costs
+        lines += [f"- throughput: median {statistics.median(r['tokens_per_s'] for r in steady):,.0f} tokens/s, "
+                  f"median MFU {100 * statistics.median(r['mfu'] for r in steady):.1f}% "
+                  f"(peak {last.get('peak_flops', float('nan')) / 1e12:.2f} TFLOP/s per device), "
+                  f"median step {statistics.median(r['step_time_s'] for r in steady):.3f} s"]
+    if "elapsed_s" in last:
+        lines += [f"- wall time of the last session: {last['elapsed_s']:.0f} s"]
+    skipped = sum(1 for r in train if r.get("skipped"))
+    spikes = sum(1 for r in train if r.get("spike"))
+    lines += [f"- health: {skipped} skipped (non-finite) steps, {spikes} loss spikes", "",
+              "Plots: loss.png, throughput.png, lr.png, grad_norm.png, all_metrics.png", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m train.report", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir")
+    parser.add_argument("--output", default=None, help="default: RUN_DIR/report")
+    args = parser.parse_args(argv)
+    try:
+        out = write_report(args.run_dir, args.output)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print((out / "summary.md").read_text())
+    print(f"report written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
