@@ -26,10 +26,12 @@ Departures from Meta's reference code, and why:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from model.config import LlamaConfig, RopeScaling
@@ -275,6 +277,8 @@ class Llama(nn.Module):
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self.rotary = RotaryEmbedding(cfg)
+        self.checkpoint_every = 0
+        """Activation checkpointing: keep only the inputs of segments of N blocks, recompute in backward; 0 = off."""
 
     def forward(
         self,
@@ -301,31 +305,53 @@ class Llama(nn.Module):
             start = cache.length if cache is not None else 0
             positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)[None]
         rope = self.rotary(positions)
-        for block in self.layers:
-            h = block(h, rope, mask=mask, cache=cache)
+        if self.checkpoint_every and self.training and cache is None:
+            h = self._checkpointed_blocks(h, rope, mask)
+        else:
+            for block in self.layers:
+                h = block(h, rope, mask=mask, cache=cache)
         if cache is not None:
             cache.length += tokens.shape[1]
         h = self.norm(h)
         return h if return_hidden else self.output(h)
 
+    def _checkpointed_blocks(self, h: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None) -> Tensor:
+        """Segments of ``checkpoint_every`` blocks under non-reentrant checkpointing (bitwise the same result)."""
+
+        def segment(x: Tensor, blocks: list[nn.Module]) -> Tensor:
+            for block in blocks:
+                x = block(x, rope, mask=mask)
+            return x
+
+        blocks = list(self.layers)
+        for start in range(0, len(blocks), self.checkpoint_every):
+            chunk = blocks[start : start + self.checkpoint_every]
+            h = torch.utils.checkpoint.checkpoint(segment, h, chunk, use_reentrant=False)
+        return h
+
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
 
-def init_llama_weights(model: Llama, *, seed: int, std: float = 0.02) -> None:
-    """Initialise every weight from ``seed`` alone, independent of tensor-parallel layout.
+def init_llama_weights(model: nn.Module, *, seed: int, std: float = 0.02, n_layers: int | None = None,
+                       native_name: Callable[[str], str] | None = None) -> None:
+    """Initialise every weight from ``seed`` alone, independent of tensor- and pipeline-parallel layout.
 
-    Each parameter's *full* tensor is drawn from a generator seeded by ``(seed, parameter name)`` and then
-    cut to this rank's shard (``param.tp_shard`` set by the parallel layers; identity at TP=1), so TP=1 and
-    TP=8 start from the same model. Linear and embedding weights ~ N(0, std); the output projections of
+    Each parameter's *full* tensor is drawn from a generator seeded by ``(seed, native parameter name)`` and
+    then cut to this rank's shard (``param.tp_shard`` set by the parallel layers; identity at TP=1), so TP=1
+    and TP=8 start from the same model. ``native_name`` maps a module's own parameter names to the names of
+    the plain ``Llama`` (pipeline stages call their blocks ``3.attention.wq.weight``, not
+    ``layers.2.attention.wq.weight``). Linear and embedding weights ~ N(0, std); the output projections of
     each residual branch (``wo``, ``w2``) use ``std / sqrt(2 * n_layers)`` (GPT-2 / Megatron scaled init);
     norms are ones.
     """
     import zlib
 
-    depth_std = std / math.sqrt(2 * model.config.n_layers)
+    depth = n_layers if n_layers is not None else model.config.n_layers
+    depth_std = std / math.sqrt(2 * depth)
     with torch.no_grad():
-        for name, param in model.named_parameters():
+        for own_name, param in model.named_parameters():
+            name = native_name(own_name) if native_name else own_name
             if name.endswith("norm.weight"):
                 param.fill_(1.0)
                 continue

@@ -104,13 +104,13 @@ class ParallelSection:
     pp: int = 1
     """Pipeline-parallel size (DeepSpeed PipelineModule); divides n_layers sensibly."""
     activation_checkpoint_every: int = 0
-    """Recompute activations of every N-th block in backward; 0 = off."""
+    """Activation checkpointing in segments of N blocks (recomputed in backward; DeepSpeed's interval); 0 = off."""
 
 
 @dataclass(frozen=True)
 class ZeroSection:
     stage: int = 1
-    """DeepSpeed ZeRO stage 0-3 (only 0/1 with pp > 1)."""
+    """DeepSpeed ZeRO stage 1-3 (only 1 with pp > 1: DeepSpeed refuses 2/3 with pipeline parallelism)."""
     offload: bool = False
     """ZeRO-Offload of optimizer states to CPU memory."""
 
@@ -302,17 +302,16 @@ class RunConfig:
         _check(0 <= o.warmup_steps, f"optim.warmup_steps={o.warmup_steps}: must be >= 0")
         _check(0 < o.beta1 < 1 and 0 < o.beta2 < 1, f"optim.beta1={o.beta1}, beta2={o.beta2}: must be in (0, 1)")
         _check(o.grad_clip >= 0, f"optim.grad_clip={o.grad_clip}: must be >= 0 (0 = off)")
-        _check(self.zero.stage in (0, 1, 2, 3), f"zero.stage={self.zero.stage}: must be 0, 1, 2 or 3")
+        _check(self.zero.stage in (1, 2, 3),
+               f"zero.stage={self.zero.stage}: use 1, 2 or 3 (stage 1 already shards optimizer states at no "
+               "extra communication over plain data parallelism)")
         _check(not (self.parallel.pp > 1 and self.zero.stage > 1),
                f"zero.stage={self.zero.stage} with parallel.pp={self.parallel.pp}: DeepSpeed allows only ZeRO 0/1 "
-               "with pipeline parallelism; set --zero.stage=1")
+               "with pipeline parallelism (it refuses to partition gradients across pipeline stages); set "
+               "--zero.stage=1")
         _check(self.parallel.tp >= 1 and self.parallel.pp >= 1,
                f"parallel.tp={self.parallel.tp}, pp={self.parallel.pp}: must be >= 1")
-        _check(model.n_heads % self.parallel.tp == 0 and model.kv_heads % self.parallel.tp == 0,
-               f"parallel.tp={self.parallel.tp} does not divide n_heads={model.n_heads} / "
-               f"n_kv_heads={model.kv_heads} of {model.name!r}; pick a divisor")
-        _check(self.parallel.pp <= model.n_layers,
-               f"parallel.pp={self.parallel.pp} exceeds n_layers={model.n_layers}")
+        self._validate_layout(model)
         _check(self.checkpoint.keep_last >= 1, f"checkpoint.keep_last={self.checkpoint.keep_last}: must be >= 1")
         _check(t.max_consecutive_nonfinite >= 1,
                f"train.max_consecutive_nonfinite={t.max_consecutive_nonfinite}: must be >= 1")
@@ -331,6 +330,25 @@ class RunConfig:
                    f"{t.micro_batch_size} x {dp}; use a global batch that is a multiple of "
                    f"{t.micro_batch_size * dp}")
         return self
+
+    def _validate_layout(self, model: Any) -> None:
+        """Model shape vs the tensor/pipeline layout (before any process group exists)."""
+        tp, pp = self.parallel.tp, self.parallel.pp
+        _check(model.n_heads % tp == 0,
+               f"parallel.tp={tp} does not divide n_heads={model.n_heads} of {model.name!r}; pick a divisor of "
+               f"{model.n_heads}")
+        _check(model.kv_heads % tp == 0 or tp % model.kv_heads == 0,
+               f"parallel.tp={tp} vs n_kv_heads={model.kv_heads} of {model.name!r}: kv heads are split when tp "
+               f"divides them and replicated when tp is a multiple of them; pick tp accordingly")
+        _check(model.vocab_size % tp == 0,
+               f"vocab_size={model.vocab_size} is not divisible by parallel.tp={tp} (vocab-parallel embedding "
+               f"and head); set --model.overrides.vocab_size={-(-model.vocab_size // tp) * tp}")
+        _check(pp <= model.n_layers + 2,
+               f"parallel.pp={pp} exceeds the {model.n_layers + 2} pipeline entries of {model.name!r} "
+               f"(embedding + {model.n_layers} blocks + head)")
+        _check(not (pp > 1 and model.tie_embeddings),
+               f"parallel.pp={pp} with tied embeddings ({model.name!r}): pipeline stages need an untied head; "
+               "set --model.overrides.tie_embeddings=false or --parallel.pp=1")
 
     # ---- (de)serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

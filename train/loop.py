@@ -212,17 +212,6 @@ def _default_engine(*, model_cfg: Any, run_cfg: RunConfig, topology: Any) -> Any
     return TrainEngine(model_cfg=model_cfg, run_cfg=run_cfg, topology=topology)
 
 
-def _check_layout(cfg: RunConfig, model_cfg: Any, world_size: int) -> None:
-    """The parallel helper's layout checks (train/validate_layout.py), when present."""
-    try:
-        from train import validate_layout as vl
-    except ImportError:
-        return
-    fn = getattr(vl, "validate_layout", None)
-    if fn is not None:
-        fn(model_cfg=model_cfg, run_cfg=cfg, world_size=world_size)
-
-
 # ---------------------------------------------------------------------------------------------------
 # The loop
 # ---------------------------------------------------------------------------------------------------
@@ -232,7 +221,6 @@ def train(cfg: RunConfig, *, engine_factory: Callable[..., Any] | None = None,
     world_env = int(os.environ.get("WORLD_SIZE", "1"))
     model_cfg = cfg.model_config()
     cfg.validate(world_size=world_env)
-    _check_layout(cfg, model_cfg, world_env)
     topo = (topology_factory or _default_topology)(cfg)
     rank, run_dir = topo.global_rank, cfg.run_dir
     if rank == 0:

@@ -28,7 +28,6 @@ import math
 import sys
 import sysconfig
 import time
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any

@@ -1,0 +1,413 @@
+"""The training engine: the only module that builds DeepSpeed engines (ZeRO 1-3, offload, bf16, pipeline).
+
+    engine = TrainEngine(model_cfg=model_cfg, run_cfg=run_cfg, topology=topo)
+    result = engine.train_step(micro_batches, lr)     # StepResult(loss, grad_norm, skipped, tokens)
+    engine.eval_loss(micro_batches, num_batches); engine.save(dir, client_state); engine.load(dir)
+    engine.consolidated_state_dict()                  # full native weights on global rank 0
+
+Composition (the Megatron-DeepSpeed way): megatron-core tensor-parallel layers inside our Llama
+(``model/parallel.py``), DeepSpeed ``PipelineModule`` over the flat stage list (``train/pipeline.py``) when
+``pp > 1``, DeepSpeed ZeRO over the data-parallel group. Without PP, DeepSpeed gets the TP group through the
+``mpu`` adapter (``train/topology.py``); with PP its pipeline grid orders ranks the same way.
+
+Loss normalisation: the step's loss is the mean over *all* loss tokens of the global batch (every micro-batch
+and every DP rank), not a mean of per-micro-batch means, so padding or masked SFT prompts weigh nothing.
+Each micro-batch's summed token loss is multiplied by ``gas * dp / global_tokens``; DeepSpeed divides by
+``gas`` in backward and averages over DP, which leaves exactly ``sum(loss) / global_tokens``.
+
+Checkpoints: ``save`` writes DeepSpeed's own sharded checkpoint (exact resume at the same layout) and a
+*portable* copy: per (TP, PP) rank, fp32 master weights and Adam moments keyed by the plain model's parameter
+names with their TP split dimension (``portable/tp00-pp00.safetensors``). ``load`` at a different layout
+(TP2 x PP2 -> TP1 x DP4) assembles the full tensors from the portable files and re-slices them;
+``python -m train.consolidate`` turns them into one native / Hugging Face checkpoint without a launcher.
+
+CPU vs GPU: the CPU path (gloo) never calls CUDA; on GPUs the engine uses bf16 (if configured), fused AdamW,
+flash SDPA (automatic for causal bf16 attention) and overlapped ZeRO communication.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import sys  # noqa: E402
+
+import deepspeed  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from deepspeed.pipe import LayerSpec, PipelineModule  # noqa: E402
+from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology  # noqa: E402
+from deepspeed.runtime.utils import partition_uniform  # noqa: E402
+from deepspeed.utils import (  # noqa: E402
+    safe_get_full_fp32_param,
+    safe_get_full_optimizer_state,
+    safe_set_full_fp32_param,
+    safe_set_full_optimizer_state,
+)
+from torch import Tensor, nn  # noqa: E402
+
+from model.config import LlamaConfig  # noqa: E402
+from model.layers import LayerFactory, LocalLayers  # noqa: E402
+from model.llama import Llama, init_llama_weights  # noqa: E402
+from train import pipeline as pipe  # noqa: E402
+from train.objective import decay_groups, masked_loss_sum  # noqa: E402
+
+# DeepSpeed's CPU accelerator JIT-compiles a shared-memory all-reduce (~80 s per fresh cache) when its
+# communication backend starts; it only serves inference all-reduce, so training never needs it.
+# (``import deepspeed.comm.torch as m`` would bind the real torch: deepspeed.comm re-exports it as ``torch``.)
+if not torch.cuda.is_available():
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+
+ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
+LAYOUT_FILE = "layout.json"
+
+
+@dataclass
+class StepResult:
+    loss: float
+    grad_norm: float
+    skipped: bool
+    tokens: int
+
+
+def layer_factory(topology: Any, *, dtype: torch.dtype = torch.float32) -> LayerFactory:
+    """Plain layers at TP 1 (no megatron import at all), megatron-core layers above."""
+    if topology.tp_size == 1:
+        return LocalLayers()
+    from model.parallel import MegatronLayers
+
+    return MegatronLayers(params_dtype=dtype)
+
+
+def pipeline_partition(model_cfg: LlamaConfig, pp: int) -> list[tuple[int, int]]:
+    """``[(first, last_exclusive)]`` per stage over the flat list (embedding, blocks, head), as DeepSpeed's
+    ``partition_method="uniform"`` cuts it: 405B = 128 entries over 16 stages -> embedding + 7 blocks first,
+    8 blocks in the middle, 7 blocks + head last (Llama 3's own balancing)."""
+    parts = partition_uniform(num_items=model_cfg.n_layers + 2, num_parts=pp)
+    return [(parts[i], parts[i + 1]) for i in range(pp)]
+
+
+class LossModule(nn.Module):
+    """The non-pipelined training module: Llama forward + token cross entropy, summed and scaled."""
+
+    def __init__(self, model: Llama, *, tp_size: int) -> None:
+        super().__init__()
+        self.model, self.tp_size = model, tp_size
+
+    def forward(self, input_ids: Tensor, labels: Tensor, loss_mask: Tensor, document_ids: Tensor,
+                scale: Tensor) -> Tensor:
+        logits = self.model(input_ids, document_ids=document_ids)
+        return masked_loss_sum(logits, labels, loss_mask, tp_size=self.tp_size) * scale
+
+
+def _pipe_loss(tp_size: int, logits: Tensor, targets: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+    labels, loss_mask, scale = targets
+    return masked_loss_sum(logits, labels, loss_mask, tp_size=tp_size) * scale
+
+
+def deepspeed_config(run_cfg: Any, *, dp: int, cuda: bool) -> dict[str, Any]:
+    """The DeepSpeed JSON config, from the typed run config alone."""
+    t, z = run_cfg.train, run_cfg.zero
+    gas = t.global_batch_size // (t.micro_batch_size * dp)
+    zero: dict[str, Any] = {"stage": z.stage, "overlap_comm": cuda, "contiguous_gradients": True,
+                            "reduce_bucket_size": 5e7, "allgather_bucket_size": 5e7}
+    if z.offload:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cuda}
+    if z.stage == 3:
+        zero.update({"stage3_prefetch_bucket_size": 5e7, "stage3_param_persistence_threshold": 1e4})
+    return {
+        "train_batch_size": t.global_batch_size,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": gas,
+        "gradient_clipping": run_cfg.optim.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": t.dtype == "bf16"},
+        "zero_allow_untested_optimizer": True,
+        # ZeRO-Offload with our torch AdamW (DeepSpeedCPUAdam would JIT-compile for minutes on CPU).
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+class TrainEngine:
+    """One model under TP x PP x ZeRO; see the module docstring. Every method is collective."""
+
+    def __init__(self, *, model_cfg: LlamaConfig, run_cfg: Any, topology: Any) -> None:
+        if run_cfg.zero.stage not in (1, 2, 3):
+            raise ValueError(f"zero.stage={run_cfg.zero.stage}: the engine runs ZeRO stages 1-3 (stage 1 costs "
+                             "nothing over plain data parallelism and shards the optimizer states)")
+        self.model_cfg, self.run_cfg, self.topo = model_cfg, run_cfg, topology
+        self.pipelined = topology.pp_size > 1
+        self.device = topology.device
+        self.gas = run_cfg.grad_accum(topology.world_size)
+        self.factory = layer_factory(topology)
+        # DeepSpeed's communication layer wraps the process group Topology made (PipelineModule needs it).
+        deepspeed.init_distributed(dist_backend=topology.backend, dist_init_required=False)
+        self.module = self._build_module()
+        init_llama_weights(self.module, seed=run_cfg.train.seed, n_layers=model_cfg.n_layers,
+                           native_name=self.native_name)
+        self.ds: Any = None  # built lazily so that a portable load can fill the weights first
+        self._nan_steps = {int(s) for s in os.environ.get("LLAMA_TEST_NAN_STEPS", "").split(",") if s}
+        self._steps_taken = 0
+
+    # ---- construction ------------------------------------------------------------------------------
+    def _build_module(self) -> nn.Module:
+        cfg, tp = self.model_cfg, self.topo.tp_size
+        if not self.pipelined:
+            model = Llama(cfg, layers=self.factory)
+            model.checkpoint_every = self.run_cfg.parallel.activation_checkpoint_every
+            return LossModule(model, tp_size=tp)
+        specs = [LayerSpec(cls, cfg, self.factory, *args) for cls, args in pipe.stage_builders(cfg)]
+        topology = PipeModelDataParallelTopology(num_pp=self.topo.pp_size, num_mp=tp, num_dp=self.topo.dp_size)
+        checkpoint_fn = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
+        return PipelineModule(layers=specs, topology=topology, loss_fn=functools.partial(_pipe_loss, tp),
+                              partition_method="uniform",
+                              activation_checkpoint_interval=self.run_cfg.parallel.activation_checkpoint_every,
+                              activation_checkpoint_func=checkpoint_fn, checkpointable_layers=["BlockStage"])
+
+    def native_name(self, name: str) -> str:
+        """The plain ``Llama`` parameter name of one of this module's parameters."""
+        if self.pipelined:
+            return pipe.native_name(name, n_layers=self.model_cfg.n_layers)
+        return name.removeprefix("module.").removeprefix("model.")
+
+    def _engine(self) -> Any:
+        if self.ds is None:
+            o = self.run_cfg.optim
+            fused = self.device.type == "cuda" and not self.run_cfg.zero.offload
+            optimizer = torch.optim.AdamW(decay_groups(self.module, o.weight_decay), lr=0.0,
+                                          betas=(o.beta1, o.beta2), eps=o.eps, fused=fused or None)
+            config = deepspeed_config(self.run_cfg, dp=self.topo.dp_size, cuda=self.device.type == "cuda")
+            mpu = None if self.pipelined else self.topo.deepspeed_mpu()
+            self.ds, _, _, _ = deepspeed.initialize(model=self.module, optimizer=optimizer, config=config, mpu=mpu,
+                                                    dist_init_required=False)
+        return self.ds
+
+    @property
+    def base_optimizer(self) -> torch.optim.Optimizer:
+        opt = self._engine().optimizer
+        return getattr(opt, "optimizer", opt)
+
+    # ---- steps -------------------------------------------------------------------------------------
+    def _global_tokens(self, batches: list[dict[str, Tensor]]) -> float:
+        local = torch.tensor([float(sum(float(mb["loss_mask"].sum()) for mb in batches))], device=self.device)
+        if self.topo.dp_size > 1:
+            dist.all_reduce(local, group=self.topo.dp_group)
+        return float(local.item())
+
+    def _set_lr(self, lr: float) -> None:
+        for group in self._engine().optimizer.param_groups:
+            group["lr"] = lr
+
+    def _to_device(self, mb: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {k: mb[k].to(self.device, non_blocking=True) for k in ("input_ids", "labels", "loss_mask",
+                                                                      "document_ids")}
+
+    def _pipe_batch(self, mb: dict[str, Tensor], scale: Tensor) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+        d = self._to_device(mb)
+        return (d["input_ids"], d["document_ids"]), (d["labels"], d["loss_mask"], scale)
+
+    def train_step(self, micro_batches: Any, lr: float) -> StepResult:
+        """One optimizer step over ``gas`` micro-batches of this DP rank (see the module docstring)."""
+        ds = self._engine()
+        self._steps_taken += 1
+        batches = [next(micro_batches) for _ in range(self.gas)]
+        global_tokens = self._global_tokens(batches)
+        factor = self.gas * self.topo.dp_size / max(global_tokens, 1.0)
+        if self._steps_taken in self._nan_steps:  # test hook: a poisoned step must be skipped, not applied
+            factor = float("nan")
+        scale = torch.tensor(factor, device=self.device)
+        self._set_lr(lr)
+        skipped_before = ds.skipped_steps
+        if self.pipelined:
+            loss = float(ds.train_batch(iter([self._pipe_batch(mb, scale) for mb in batches])))
+        else:
+            total = torch.zeros((), device=self.device)
+            for mb in batches:
+                step_loss = ds(**self._to_device(mb), scale=scale)
+                ds.backward(step_loss)
+                ds.step()
+                total += step_loss.detach().float()
+            if self.topo.dp_size > 1:
+                dist.all_reduce(total, group=self.topo.dp_group)
+            loss = float(total) / (self.gas * self.topo.dp_size)
+        norm = ds.get_global_grad_norm()
+        grad_norm = float(norm) if norm is not None else float("nan")
+        skipped = ds.skipped_steps > skipped_before or not math.isfinite(loss) or not math.isfinite(grad_norm)
+        tokens = int(global_tokens)
+        return StepResult(loss=loss, grad_norm=grad_norm, skipped=skipped, tokens=tokens)
+
+    @torch.no_grad()
+    def eval_loss(self, micro_batches: Any, num_batches: int) -> float:
+        """Mean token loss over ``num_batches`` micro-batches of every DP rank."""
+        ds = self._engine()
+        batches = [next(micro_batches) for _ in range(num_batches)]
+        if self.pipelined:
+            items = [self._pipe_batch(mb, torch.tensor(1.0 / max(float(mb["loss_mask"].sum()), 1.0),
+                                                       device=self.device)) for mb in batches]
+            loss = ds.eval_batch(iter(items), num_micro_batches=num_batches)
+            ds.module.train()
+            return float(loss)
+        ds.module.eval()
+        sums = torch.zeros(2, device=self.device)
+        for mb in batches:
+            d = self._to_device(mb)
+            sums[0] += ds(**d, scale=torch.tensor(1.0, device=self.device)).float()
+            sums[1] += d["loss_mask"].sum()
+        ds.module.train()
+        if self.topo.dp_size > 1:
+            dist.all_reduce(sums, group=self.topo.dp_group)
+        return float(sums[0] / sums[1].clamp(min=1))
+
+    # ---- checkpoints -------------------------------------------------------------------------------
+    def layout(self) -> dict[str, Any]:
+        return {"tp": self.topo.tp_size, "pp": self.topo.pp_size, "dp": self.topo.dp_size,
+                "zero_stage": self.run_cfg.zero.stage, "offload": self.run_cfg.zero.offload,
+                "dtype": self.run_cfg.train.dtype, "model": self.model_cfg.to_dict()}
+
+    def save(self, checkpoint_dir: Path, client_state: dict[str, Any]) -> None:
+        """DeepSpeed's sharded checkpoint + the portable copy, into ``checkpoint_dir`` (which rank 0 made)."""
+        from train import portable
+
+        ds = self._engine()
+        checkpoint_dir = Path(checkpoint_dir)
+        ds.save_checkpoint(str(checkpoint_dir), tag="deepspeed", client_state=client_state, save_latest=False)
+        tensors = self._local_master_state()
+        if self.topo.dp_rank == 0:
+            portable.write_rank_file(checkpoint_dir, tensors=tensors, tp_rank=self.topo.tp_rank,
+                                     pp_rank=self.topo.pp_rank, adam_step=self._adam_step(),
+                                     layout=self.layout())
+        if self.topo.global_rank == 0:
+            (checkpoint_dir / LAYOUT_FILE).write_text(json.dumps(self.layout(), indent=2) + "\n")
+
+    def load(self, checkpoint_dir: Path) -> dict[str, Any]:
+        """Resume: DeepSpeed's own files at the same layout, the portable copy at any other."""
+        from train import portable
+
+        checkpoint_dir = Path(checkpoint_dir)
+        saved = json.loads((checkpoint_dir / LAYOUT_FILE).read_text())
+        same = all(saved.get(k) == v for k, v in self.layout().items() if k != "model")
+        if same and os.environ.get("LLAMA_FORCE_PORTABLE_LOAD") != "1":
+            _, client_state = self._engine().load_checkpoint(str(checkpoint_dir), tag="deepspeed",
+                                                             load_lr_scheduler_states=False)
+            return dict(client_state or {})
+        if self.ds is not None:
+            raise RuntimeError("a portable (re-sharding) load must come before the first step")
+        reader = portable.PortableCheckpoint(checkpoint_dir)
+        with torch.no_grad():  # weights go into the plain module before DeepSpeed copies them
+            for name, param in self.module.named_parameters():
+                param.copy_(self._shard(param, reader.full(self.native_name(name), "param")))
+        ds = self._engine()
+        self._create_optimizer_state()
+        self._link_optimizer_state()
+        for name, param in self.module.named_parameters():
+            native = self.native_name(name)
+            safe_set_full_fp32_param(param, self._shard(param, reader.full(native, "param")).to(self.device))
+            for key in ADAM_MOMENTS:
+                value = self._shard(param, reader.full(native, key)).to(self.device)
+                safe_set_full_optimizer_state(param, value, key)
+        self._set_adam_step(reader.adam_step)
+        ds.global_steps = int(reader.meta.get("step", reader.adam_step))
+        return {}  # the loop's counters come from meta.json, which every checkpoint holds
+
+    @staticmethod
+    def _shard(param: Tensor, full: Tensor) -> Tensor:
+        shard = getattr(param, "tp_shard", None)
+        return shard(full) if shard is not None else full
+
+    def _create_optimizer_state(self) -> None:
+        """Materialise AdamW's lazily created state with a zero-gradient, zero-LR step (changes nothing)."""
+        base = self.base_optimizer
+        saved_lr = [g["lr"] for g in base.param_groups]
+        for group in base.param_groups:
+            group["lr"] = 0.0
+            for p in group["params"]:
+                p.grad = torch.zeros_like(p)
+        base.step()
+        for group, lr in zip(base.param_groups, saved_lr):
+            group["lr"] = lr
+            for p in group["params"]:
+                p.grad = None
+
+    def _link_optimizer_state(self) -> None:
+        """Point every parameter's ZeRO fragment at the current Adam moments.
+
+        DeepSpeed links them once, right after the *first* parameter group's first step, so groups stepped
+        after it (our no-decay group) stay unlinked and ``safe_get_full_optimizer_state`` fails for them.
+        Relinking is cheap (views into the flat partitions) and idempotent.
+        """
+        opt = self._engine().optimizer
+        if hasattr(opt, "_hp_optimizer_states_linked") and hasattr(opt, "_lazy_init_hp_params_optimizer_state"):
+            opt._hp_optimizer_states_linked = False
+            opt._lazy_init_hp_params_optimizer_state()
+
+    def _adam_step(self) -> int:
+        for state in self.base_optimizer.state.values():
+            if "step" in state:
+                return int(state["step"])
+        return 0
+
+    def _set_adam_step(self, step: int) -> None:
+        for state in self.base_optimizer.state.values():
+            if "step" in state:
+                state["step"].fill_(step) if torch.is_tensor(state["step"]) else state.update(step=step)
+
+    def _local_master_state(self) -> dict[str, dict[str, Tensor]]:
+        """This rank's fp32 master weights and Adam moments, whole over DP (collective over DP)."""
+        ds = self._engine()
+        out: dict[str, dict[str, Tensor]] = {}
+        has_state = self._adam_step() > 0
+        if has_state:
+            self._link_optimizer_state()
+        for name, param in ds.module.named_parameters():
+            entry = {"param": _full_fp32(param)}
+            for key in ADAM_MOMENTS:
+                value = safe_get_full_optimizer_state(param, key) if has_state else None
+                entry[key] = (value if value is not None else torch.zeros_like(entry["param"])).float().cpu()
+            entry["tp_dim"] = getattr(param, "tp_dim", None)  # type: ignore[assignment]
+            out[self.native_name(name)] = entry
+        return out
+
+    def consolidated_state_dict(self) -> dict[str, Tensor]:
+        """Full native fp32 weights on global rank 0 ({} elsewhere). Collective over every rank."""
+        local = self._local_master_state()
+        weights: dict[str, Tensor] = {}
+        for name, entry in local.items():
+            tensor, dim = entry["param"], entry["tp_dim"]
+            if dim is not None and self.topo.tp_size > 1:
+                on_device = tensor.to(self.device)  # NCCL gathers device tensors, gloo CPU ones
+                parts = [torch.empty_like(on_device) for _ in range(self.topo.tp_size)]
+                dist.all_gather(parts, on_device, group=self.topo.tp_group)
+                tensor = torch.cat(parts, dim=int(dim)).cpu()  # type: ignore[arg-type]
+            weights[name] = tensor
+        mine = weights if (self.topo.tp_rank == 0 and self.topo.dp_rank == 0) else {}
+        if self.topo.world_size == 1:
+            return mine
+        gathered: list[Any] = [None] * self.topo.world_size if self.topo.global_rank == 0 else None
+        dist.gather_object(mine, gathered, dst=0)
+        if self.topo.global_rank != 0:
+            return {}
+        full: dict[str, Tensor] = {}
+        for part in gathered:
+            full.update(part or {})
+        return full
+
+
+def _full_fp32(param: Tensor) -> Tensor:
+    """The fp32 master copy of a parameter, whole over ZeRO partitions (the parameter itself without one)."""
+    value = safe_get_full_fp32_param(param)
+    if value is None:
+        value = param.detach()
+    return value.float().cpu().clone()

@@ -1,0 +1,163 @@
+"""Process topology: one object owning the tensor-, data- and pipeline-parallel sizes, ranks and groups.
+
+    from train.topology import Topology
+    topo = Topology.initialize(tp=2, pp=2, timeout_s=600)   # under torchrun; or a plain process (world 1)
+    topo.tp_group, topo.dp_rank, topo.is_last_stage, topo.deepspeed_mpu()
+
+Rank layout is megatron-core's ``parallel_state`` order ``tp-cp-ep-dp-pp``: TP innermost (adjacent ranks,
+so a TP group stays inside one node's NVLink domain), then DP, then PP. DeepSpeed's pipeline topology
+(``PipeModelDataParallelTopology``: axes pipe, data, model) orders ranks the same way, so both libraries
+agree on who is whose peer.
+
+The default process group: NCCL when CUDA is available, otherwise gloo. A plain ``python`` process with no
+launcher gets a one-process gloo group on a free localhost port, so the same code path (DeepSpeed engine,
+megatron layers) runs everywhere. Every group carries ``timeout_s``: a collective that hangs fails with
+an error the loop turns into a message naming the rank and the operation.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def init_default_group(*, timeout_s: float) -> str:
+    """Initialise ``torch.distributed`` from the torchrun/SLURM environment, or as a world of one."""
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if dist.is_initialized():
+        return dist.get_backend()
+    if "WORLD_SIZE" not in os.environ:
+        # A plain process: a world of one on localhost, set in the environment DeepSpeed reads too.
+        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                           "MASTER_PORT": str(_free_port())})
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return backend
+
+
+@dataclass
+class Topology:
+    """Sizes, ranks and groups of this process (see the module docstring)."""
+
+    tp_size: int
+    pp_size: int
+    dp_size: int
+    tp_rank: int
+    pp_rank: int
+    dp_rank: int
+    global_rank: int
+    world_size: int
+    tp_group: Any
+    pp_group: Any
+    dp_group: Any
+    backend: str
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp_size - 1
+
+    @property
+    def device(self) -> torch.device:
+        if self.backend == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    @classmethod
+    def initialize(cls, *, tp: int = 1, pp: int = 1, timeout_s: float = 600) -> Topology:
+        """Create (or reuse) the default group and megatron-core's model-parallel groups."""
+        backend = init_default_group(timeout_s=timeout_s)
+        world = dist.get_world_size()
+        if world % (tp * pp):
+            raise ValueError(f"world size {world} is not a multiple of tp x pp = {tp} x {pp}; launch a multiple "
+                             f"of {tp * pp} processes (torchrun --nproc-per-node)")
+        if parallel_state.model_parallel_is_initialized():
+            if (parallel_state.get_tensor_model_parallel_world_size(),
+                    parallel_state.get_pipeline_model_parallel_world_size()) != (tp, pp):
+                parallel_state.destroy_model_parallel()
+        if not parallel_state.model_parallel_is_initialized():
+            parallel_state.initialize_model_parallel(
+                tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                distributed_timeout_minutes=max(1, int(timeout_s // 60)),
+                # With gloo as the default backend the extra gloo groups would only duplicate the others.
+                create_gloo_process_groups=backend != "gloo")
+        return cls(
+            tp_size=tp, pp_size=pp, dp_size=world // (tp * pp),
+            tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+            pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
+            dp_rank=parallel_state.get_data_parallel_rank(),
+            global_rank=dist.get_rank(), world_size=world,
+            tp_group=parallel_state.get_tensor_model_parallel_group(),
+            pp_group=parallel_state.get_pipeline_model_parallel_group(),
+            dp_group=parallel_state.get_data_parallel_group(),
+            backend=backend)
+
+    def deepspeed_mpu(self) -> DeepSpeedMPU:
+        return DeepSpeedMPU(self)
+
+    def describe(self) -> str:
+        return (f"rank {self.global_rank}/{self.world_size} (tp {self.tp_rank}/{self.tp_size}, "
+                f"pp {self.pp_rank}/{self.pp_size}, dp {self.dp_rank}/{self.dp_size})")
+
+
+class DeepSpeedMPU:
+    """The ``mpu`` object DeepSpeed asks for, mapped onto megatron-core's groups.
+
+    DeepSpeed calls the tensor-parallel group "model parallel"; passing ``parallel_state`` itself fails
+    (it has no ``get_model_parallel_world_size``). Used without pipeline parallelism; with PP, DeepSpeed's
+    ``PipelineModule`` builds its own grid over the same rank order.
+    """
+
+    def __init__(self, topo: Topology) -> None:
+        self.topo = topo
+
+    def get_model_parallel_rank(self) -> int:
+        return self.topo.tp_rank
+
+    def get_model_parallel_world_size(self) -> int:
+        return self.topo.tp_size
+
+    def get_model_parallel_group(self) -> Any:
+        return self.topo.tp_group
+
+    get_tensor_model_parallel_rank = get_model_parallel_rank
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+    get_tensor_model_parallel_group = get_model_parallel_group
+
+    def get_data_parallel_rank(self) -> int:
+        return self.topo.dp_rank
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.topo.dp_size
+
+    def get_data_parallel_group(self) -> Any:
+        return self.topo.dp_group
+
+    def get_data_parallel_group_ranks(self) -> list[int]:
+        return dist.get_process_group_ranks(self.topo.dp_group)
+
+    def get_pipeline_model_parallel_rank(self) -> int:
+        return self.topo.pp_rank
+
+    def get_pipeline_model_parallel_world_size(self) -> int:
+        return self.topo.pp_size
+
+    def get_pipeline_model_parallel_group(self) -> Any:
+        return self.topo.pp_group
