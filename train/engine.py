@@ -99,7 +99,7 @@ def pipeline_partition(model_cfg: LlamaConfig, pp: int) -> list[tuple[int, int]]
 
 
 class LossModule(nn.Module):
-    """The non-pipelined training module: Llama forward + token cross entropy, summed and scaled."""
+    """The non-pipelined language-model training module: Llama forward + token cross entropy, summed, scaled."""
 
     def __init__(self, model: Llama, *, tp_size: int) -> None:
         super().__init__()
@@ -109,6 +109,28 @@ class LossModule(nn.Module):
                 scale: Tensor) -> Tensor:
         logits = self.model(input_ids, document_ids=document_ids)
         return masked_loss_sum(logits, labels, loss_mask, tp_size=self.tp_size) * scale
+
+
+class LanguageModelObjective:
+    """Next-token prediction under a loss mask (pretraining, SFT, GAtt): the default objective.
+
+    An objective tells the engine what module to train and which batch fields feed it. Its module's
+    ``forward(**inputs, scale)`` returns the *sum* of per-item losses times ``scale``; ``weight_key`` names
+    the batch field whose sum counts the items (tokens here), so the engine can normalise by the global count.
+    Other objectives (the reward model's pairwise loss in ``rlhf/``) implement the same three members.
+    """
+
+    input_keys: tuple[str, ...] = ("input_ids", "labels", "loss_mask", "document_ids")
+    weight_key: str = "loss_mask"
+    supports_pipeline: bool = True
+
+    def build_module(self, model_cfg: LlamaConfig, factory: LayerFactory, run_cfg: Any) -> nn.Module:
+        model = Llama(model_cfg, layers=factory)
+        model.checkpoint_every = run_cfg.parallel.activation_checkpoint_every
+        return LossModule(model, tp_size=factory.tp_size)
+
+    def native_name(self, name: str) -> str:
+        return name.removeprefix("model.")
 
 
 def _pipe_loss(tp_size: int, logits: Tensor, targets: tuple[Tensor, Tensor, Tensor]) -> Tensor:
@@ -144,12 +166,20 @@ def deepspeed_config(run_cfg: Any, *, dp: int, cuda: bool) -> dict[str, Any]:
 class TrainEngine:
     """One model under TP x PP x ZeRO; see the module docstring. Every method is collective."""
 
-    def __init__(self, *, model_cfg: LlamaConfig, run_cfg: Any, topology: Any) -> None:
+    def __init__(self, *, model_cfg: LlamaConfig, run_cfg: Any, topology: Any, objective: Any = None,
+                 init_weights: dict[str, Tensor] | None = None) -> None:
+        """``objective``: what to train (default ``LanguageModelObjective``); ``init_weights``: full tensors by
+        native name (a pretrained / SFT checkpoint) copied over the seeded initialisation, each cut to this
+        rank's TP slice; names the checkpoint lacks (a new reward head) keep their seeded values."""
         if run_cfg.zero.stage not in (1, 2, 3):
             raise ValueError(f"zero.stage={run_cfg.zero.stage}: the engine runs ZeRO stages 1-3 (stage 1 costs "
                              "nothing over plain data parallelism and shards the optimizer states)")
         self.model_cfg, self.run_cfg, self.topo = model_cfg, run_cfg, topology
         self.pipelined = topology.pp_size > 1
+        self.objective = objective or LanguageModelObjective()
+        if self.pipelined and not self.objective.supports_pipeline:
+            raise ValueError(f"{type(self.objective).__name__} does not run under pipeline parallelism; "
+                             "use --parallel.pp=1 (tensor parallelism and ZeRO work)")
         self.device = topology.device
         self.gas = run_cfg.grad_accum(topology.world_size)
         self.factory = layer_factory(topology)
@@ -158,6 +188,8 @@ class TrainEngine:
         self.module = self._build_module()
         init_llama_weights(self.module, seed=run_cfg.train.seed, n_layers=model_cfg.n_layers,
                            native_name=self.native_name)
+        if init_weights is not None:
+            self.load_weights(init_weights)
         self.ds: Any = None  # built lazily so that a portable load can fill the weights first
         self._nan_steps = {int(s) for s in os.environ.get("LLAMA_TEST_NAN_STEPS", "").split(",") if s}
         self._steps_taken = 0
@@ -166,9 +198,7 @@ class TrainEngine:
     def _build_module(self) -> nn.Module:
         cfg, tp = self.model_cfg, self.topo.tp_size
         if not self.pipelined:
-            model = Llama(cfg, layers=self.factory)
-            model.checkpoint_every = self.run_cfg.parallel.activation_checkpoint_every
-            return LossModule(model, tp_size=tp)
+            return self.objective.build_module(cfg, self.factory, self.run_cfg)
         specs = [LayerSpec(cls, cfg, self.factory, *args) for cls, args in pipe.stage_builders(cfg)]
         topology = PipeModelDataParallelTopology(num_pp=self.topo.pp_size, num_mp=tp, num_dp=self.topo.dp_size)
         checkpoint_fn = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
@@ -181,7 +211,28 @@ class TrainEngine:
         """The plain ``Llama`` parameter name of one of this module's parameters."""
         if self.pipelined:
             return pipe.native_name(name, n_layers=self.model_cfg.n_layers)
-        return name.removeprefix("module.").removeprefix("model.")
+        return self.objective.native_name(name.removeprefix("module."))
+
+    @torch.no_grad()
+    def load_weights(self, weights: dict[str, Tensor], *, strict: bool = False) -> list[str]:
+        """Copy full native tensors into this rank's parameters (before DeepSpeed); returns names not found."""
+        if self.ds is not None:
+            raise RuntimeError("load_weights must come before the first step")
+        missing = []
+        for name, param in self.module.named_parameters():
+            native = self.native_name(name)
+            if native not in weights:
+                missing.append(native)
+                continue
+            full = weights[native]
+            expected = tuple(getattr(param, "tp_full_shape", param.shape))
+            if tuple(full.shape) != expected:
+                raise ValueError(f"initial weights: {native} has shape {tuple(full.shape)}, the model expects "
+                                 f"{expected}; the checkpoint is for another model config")
+            param.copy_(self._shard(param, full.to(param.dtype)))
+        if strict and missing:
+            raise KeyError(f"initial weights lack {missing[:5]}{'...' if len(missing) > 5 else ''}")
+        return missing
 
     def _engine(self) -> Any:
         if self.ds is None:
@@ -202,7 +253,8 @@ class TrainEngine:
 
     # ---- steps -------------------------------------------------------------------------------------
     def _global_tokens(self, batches: list[dict[str, Tensor]]) -> float:
-        local = torch.tensor([float(sum(float(mb["loss_mask"].sum()) for mb in batches))], device=self.device)
+        key = self.objective.weight_key
+        local = torch.tensor([float(sum(float(mb[key].sum()) for mb in batches))], device=self.device)
         if self.topo.dp_size > 1:
             dist.all_reduce(local, group=self.topo.dp_group)
         return float(local.item())
@@ -212,12 +264,15 @@ class TrainEngine:
             group["lr"] = lr
 
     def _to_device(self, mb: dict[str, Tensor]) -> dict[str, Tensor]:
-        return {k: mb[k].to(self.device, non_blocking=True) for k in ("input_ids", "labels", "loss_mask",
-                                                                      "document_ids")}
+        return {k: mb[k].to(self.device, non_blocking=True) for k in self.objective.input_keys}
 
     def _pipe_batch(self, mb: dict[str, Tensor], scale: Tensor) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
         d = self._to_device(mb)
         return (d["input_ids"], d["document_ids"]), (d["labels"], d["loss_mask"], scale)
+
+    def forward(self, **inputs: Tensor) -> Any:
+        """The training module's forward (no loss scaling) on this rank, e.g. reward scores for evaluation."""
+        return self._engine().module(**{k: v.to(self.device) for k, v in inputs.items()})
 
     def train_step(self, micro_batches: Any, lr: float) -> StepResult:
         """One optimizer step over ``gas`` micro-batches of this DP rank (see the module docstring)."""
@@ -265,7 +320,7 @@ class TrainEngine:
         for mb in batches:
             d = self._to_device(mb)
             sums[0] += ds(**d, scale=torch.tensor(1.0, device=self.device)).float()
-            sums[1] += d["loss_mask"].sum()
+            sums[1] += d[self.objective.weight_key].sum()
         ds.module.train()
         if self.topo.dp_size > 1:
             dist.all_reduce(sums, group=self.topo.dp_group)

@@ -90,6 +90,35 @@ class SyntheticDataset:
         return {"tokens": tokens[:-1], "labels": tokens[1:], "loss_mask": torch.ones(self.seq_len)}
 
 
+class PretrainTask:
+    """What the loop trains: data, batching, objective, initial weights, export. This one is pretraining.
+
+    Alignment stages (``rlhf/``) pass their own task with the same five members to ``train(cfg, task=...)``
+    and get the loop's checkpoints, resume, health checks, metrics and pre-emption handling unchanged.
+    """
+
+    name = "pretrain"
+
+    def build_datasets(self, cfg: RunConfig, model_cfg: Any, *, dp_size: int,
+                       run_dir: Path) -> tuple[Any, Any, int]:
+        return build_datasets(cfg, model_cfg, dp_size=dp_size, run_dir=run_dir)
+
+    def loader(self, dataset: Any, *, global_batch_size: int, micro_batch_size: int, dp_rank: int, dp_size: int,
+               consumed_samples: int, eod: int) -> Any:
+        """An iterable of micro-batch dicts with a ``consumed_samples`` attribute (global samples so far)."""
+        from data_pipeline.loader import PretrainLoader
+
+        return PretrainLoader(dataset, global_batch_size=global_batch_size, micro_batch_size=micro_batch_size,
+                              dp_rank=dp_rank, dp_size=dp_size, consumed_samples=consumed_samples, eod_id=eod)
+
+    def engine_kwargs(self, cfg: RunConfig, model_cfg: Any) -> dict[str, Any]:
+        """Extra ``TrainEngine`` arguments (``objective``, ``init_weights``); none for pretraining."""
+        return {}
+
+    def export(self, engine: Any, model_cfg: Any, out_dir: Path, *, rank: int) -> None:
+        export_final(engine, model_cfg, out_dir, rank=rank)
+
+
 def build_datasets(cfg: RunConfig, model_cfg: Any, *, dp_size: int, run_dir: Path) -> tuple[Any, Any, int]:
     """(train dataset, valid dataset or None, eod id) for the configured source."""
     t = cfg.train
@@ -204,20 +233,22 @@ def _default_topology(cfg: RunConfig) -> Any:
     return Topology.initialize(tp=cfg.parallel.tp, pp=cfg.parallel.pp, timeout_s=cfg.train.collective_timeout_s)
 
 
-def _default_engine(*, model_cfg: Any, run_cfg: RunConfig, topology: Any) -> Any:
+def _default_engine(*, model_cfg: Any, run_cfg: RunConfig, topology: Any, **kwargs: Any) -> Any:
     if os.environ.get("LLAMA_TRAIN_ENGINE"):  # test hook: "module:Class" with TrainEngine's interface
-        return _import(os.environ["LLAMA_TRAIN_ENGINE"])(model_cfg=model_cfg, run_cfg=run_cfg, topology=topology)
+        return _import(os.environ["LLAMA_TRAIN_ENGINE"])(model_cfg=model_cfg, run_cfg=run_cfg, topology=topology,
+                                                         **kwargs)
     from train.engine import TrainEngine
 
-    return TrainEngine(model_cfg=model_cfg, run_cfg=run_cfg, topology=topology)
+    return TrainEngine(model_cfg=model_cfg, run_cfg=run_cfg, topology=topology, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------------
 # The loop
 # ---------------------------------------------------------------------------------------------------
-def train(cfg: RunConfig, *, engine_factory: Callable[..., Any] | None = None,
+def train(cfg: RunConfig, *, task: Any = None, engine_factory: Callable[..., Any] | None = None,
           topology_factory: Callable[[RunConfig], Any] | None = None, print_fn: Any = print) -> RunResult:
-    """Run (or resume) the configured pretraining run; returns how it ended."""
+    """Run (or resume) the configured run of ``task`` (default: pretraining); returns how it ended."""
+    task = task or PretrainTask()
     world_env = int(os.environ.get("WORLD_SIZE", "1"))
     model_cfg = cfg.model_config()
     cfg.validate(world_size=world_env)
@@ -228,8 +259,9 @@ def train(cfg: RunConfig, *, engine_factory: Callable[..., Any] | None = None,
         cfg.save_toml(run_dir / "config.toml")
     barrier()
     seed_everything(cfg.train.seed)
-    train_ds, valid_ds, eod = build_datasets(cfg, model_cfg, dp_size=topo.dp_size, run_dir=run_dir)
-    engine = (engine_factory or _default_engine)(model_cfg=model_cfg, run_cfg=cfg, topology=topo)
+    train_ds, valid_ds, eod = task.build_datasets(cfg, model_cfg, dp_size=topo.dp_size, run_dir=run_dir)
+    engine = (engine_factory or _default_engine)(model_cfg=model_cfg, run_cfg=cfg, topology=topo,
+                                                 **task.engine_kwargs(cfg, model_cfg))
 
     ckpt = CheckpointManager(run_dir, rank=rank, world_size=topo.world_size, keep_last=cfg.checkpoint.keep_last,
                              barrier=barrier, broadcast=broadcast_object)
@@ -246,11 +278,9 @@ def train(cfg: RunConfig, *, engine_factory: Callable[..., Any] | None = None,
     if state["health"]:
         health.load_state_dict(state["health"])
 
-    from data_pipeline.loader import PretrainLoader
-
-    loader = PretrainLoader(train_ds, global_batch_size=cfg.train.global_batch_size,
-                            micro_batch_size=cfg.train.micro_batch_size, dp_rank=topo.dp_rank,
-                            dp_size=topo.dp_size, consumed_samples=state["consumed_samples"], eod_id=eod)
+    loader = task.loader(train_ds, global_batch_size=cfg.train.global_batch_size,
+                         micro_batch_size=cfg.train.micro_batch_size, dp_rank=topo.dp_rank, dp_size=topo.dp_size,
+                         consumed_samples=state["consumed_samples"], eod=eod)
     from launch.planner import model_flops_per_token
 
     peak, peak_source = peak_flops_per_device(run_dir if rank == 0 else None)
@@ -301,7 +331,7 @@ def train(cfg: RunConfig, *, engine_factory: Callable[..., Any] | None = None,
                              "spike": event == "spike"})
             if valid_ds is not None and cfg.train.eval_every and (
                     step % cfg.train.eval_every == 0 or step == cfg.train.steps):
-                last_val = evaluate(cfg, engine, valid_ds, topo, eod)
+                last_val = evaluate(cfg, engine, valid_ds, topo, eod, task=task)
                 logger.log_validation(step=step, loss=last_val)
             stop = any_rank(preempt.signum is not None)
             if stop or step == cfg.train.steps or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
@@ -313,7 +343,7 @@ def train(cfg: RunConfig, *, engine_factory: Callable[..., Any] | None = None,
                                  "continue with --resume auto")
                 break
         if reason == "completed":
-            export_final(engine, model_cfg, run_dir / "final_model", rank=rank)
+            task.export(engine, model_cfg, run_dir / "final_model", rank=rank)
     finally:
         preempt.restore()
         logger.close()
@@ -322,13 +352,12 @@ def train(cfg: RunConfig, *, engine_factory: Callable[..., Any] | None = None,
                      last_loss=last_loss, last_val_loss=last_val, skipped_steps=health.skipped_total)
 
 
-def evaluate(cfg: RunConfig, engine: Any, valid_ds: Any, topo: Any, eod: int) -> float:
+def evaluate(cfg: RunConfig, engine: Any, valid_ds: Any, topo: Any, eod: int, *, task: Any = None) -> float:
     """Mean validation loss over the same ``eval_batches`` held-out micro-batches every time."""
-    from data_pipeline.loader import PretrainLoader
-
     mb = cfg.train.micro_batch_size
-    loader = PretrainLoader(valid_ds, global_batch_size=mb * topo.dp_size, micro_batch_size=mb,
-                            dp_rank=topo.dp_rank, dp_size=topo.dp_size, consumed_samples=0, eod_id=eod)
+    loader = (task or PretrainTask()).loader(valid_ds, global_batch_size=mb * topo.dp_size, micro_batch_size=mb,
+                                             dp_rank=topo.dp_rank, dp_size=topo.dp_size, consumed_samples=0,
+                                             eod=eod)
     loss = _guard("eval_loss", lambda: engine.eval_loss(iter(loader), cfg.train.eval_batches),
                   rank=topo.global_rank, timeout_s=cfg.train.collective_timeout_s)
     return float(loss)
