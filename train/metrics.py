@@ -178,7 +178,9 @@ class MetricsLogger:
             return
         import wandb  # lazy: ~1 s import, and only rank 0 needs it
 
-        self.wandb_id = self.wandb_id or wandb.util.generate_id()
+        from wandb.sdk.lib.runid import generate_id
+
+        self.wandb_id = self.wandb_id or generate_id()
         self.wandb_run = wandb.init(project=project, dir=str(self.run_dir), id=self.wandb_id, resume="allow",
                                     config=config, mode=mode, name=self.run_dir.name,
                                     settings=wandb.Settings(console="off", x_disable_stats=True,

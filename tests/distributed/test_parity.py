@@ -76,7 +76,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _metrics(run: Path) -> dict[int, dict]:
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r for r in records if r.get("kind", "train") == "train"}
+    return {r["step"]: r for r in records if r.get("type") == "train"}
 
 
 def _max_weight_diff(a: Path, b: Path) -> float:
