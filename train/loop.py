@@ -212,6 +212,13 @@ def _guard(op: str, fn: Callable[[], Any], *, rank: int, timeout_s: float) -> An
         raise
 
 
+def _test_hang(rank: int, step: int) -> None:
+    """Test hook ``LLAMA_TEST_HANG=RANK:STEP``: that rank stops answering collectives at that step."""
+    spec = os.environ.get("LLAMA_TEST_HANG", "")
+    if spec and tuple(int(x) for x in spec.split(":")) == (rank, step):
+        time.sleep(3600)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -333,7 +340,9 @@ def train(cfg: RunConfig, *, task: Any = None, engine_factory: Callable[..., Any
                     step % cfg.train.eval_every == 0 or step == cfg.train.steps):
                 last_val = evaluate(cfg, engine, valid_ds, topo, eod, task=task)
                 logger.log_validation(step=step, loss=last_val)
-            stop = any_rank(preempt.signum is not None)
+            _test_hang(rank, step)
+            stop = _guard("all_reduce (pre-emption check)", lambda: any_rank(preempt.signum is not None), rank=rank,
+                          timeout_s=cfg.train.collective_timeout_s)
             if stop or step == cfg.train.steps or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
                 save(step)
             if stop:
