@@ -202,3 +202,26 @@ def test_wandb_offline_and_console_show_the_jsonl_values(tmp_path: Path) -> None
     assert len(pngs) >= 3 and all(p.stat().st_size > 5000 for p in pngs), pngs
     summary = (run / "report" / "summary.md").read_text()
     assert f"{train[6]['loss']:.4f}" in summary
+
+
+@pytest.mark.timeout(300)
+def test_nonfinite_step_is_skipped_by_the_engine_then_repeated_ones_abort(tmp_path: Path) -> None:
+    run = tmp_path / "nan"
+    proc = subprocess.run(_cmd(run, "--train.steps=5", "--checkpoint.every=1", "--checkpoint.keep_last=5"),
+                          cwd=REPO_ROOT, env=_env(LLAMA_TEST_NAN_STEPS="3"), capture_output=True, text=True,
+                          timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = {r["step"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+               if r["type"] == "train"}
+    assert records[3]["skipped"] and records[3]["skipped_total"] == 1
+    assert all(not records[s]["skipped"] for s in (1, 2, 4, 5)) and records[5]["skipped_total"] == 1
+    before, after = (PortableCheckpoint(run / "checkpoints" / f"step_{s:08d}") for s in (2, 3))
+    assert after.adam_step == before.adam_step == 2, "the poisoned step must not reach the optimizer"
+    assert all(bool((before.full(n) == after.full(n)).all()) for n in before.names())
+    assert "SKIPPED (non-finite)" in proc.stdout
+
+    abort = subprocess.run(_cmd(tmp_path / "abort", "--train.steps=8", "--train.max_consecutive_nonfinite=3"),
+                           cwd=REPO_ROOT, env=_env(LLAMA_TEST_NAN_STEPS="2,3,4"), capture_output=True, text=True,
+                           timeout=240)
+    assert abort.returncode == 3, abort.stderr[-2000:]
+    assert "3 consecutive steps with a non-finite loss or gradient norm" in abort.stderr
