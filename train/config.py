@@ -47,6 +47,9 @@ class DataSection:
     """Tokens per training sequence (packed documents)."""
     split: str = "98,1,1"
     """train,valid,test weights of the document split (megatron convention)."""
+    document_mask: bool = True
+    """Llama 3's document mask: packed documents never attend to each other. false = plain causal attention
+    over the whole sequence (Llama 1/2's practice), which lets SDPA use its fused causal (flash) kernels."""
 
 
 @dataclass(frozen=True)

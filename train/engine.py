@@ -27,6 +27,7 @@ flash SDPA (automatic for causal bf16 attention) and overlapped ZeRO communicati
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -101,13 +102,13 @@ def pipeline_partition(model_cfg: LlamaConfig, pp: int) -> list[tuple[int, int]]
 class LossModule(nn.Module):
     """The non-pipelined language-model training module: Llama forward + token cross entropy, summed, scaled."""
 
-    def __init__(self, model: Llama, *, tp_size: int) -> None:
+    def __init__(self, model: Llama, *, tp_size: int, document_mask: bool = True) -> None:
         super().__init__()
-        self.model, self.tp_size = model, tp_size
+        self.model, self.tp_size, self.document_mask = model, tp_size, document_mask
 
     def forward(self, input_ids: Tensor, labels: Tensor, loss_mask: Tensor, document_ids: Tensor,
                 scale: Tensor) -> Tensor:
-        logits = self.model(input_ids, document_ids=document_ids)
+        logits = self.model(input_ids, document_ids=document_ids if self.document_mask else None)
         return masked_loss_sum(logits, labels, loss_mask, tp_size=self.tp_size) * scale
 
 
@@ -127,7 +128,7 @@ class LanguageModelObjective:
     def build_module(self, model_cfg: LlamaConfig, factory: LayerFactory, run_cfg: Any) -> nn.Module:
         model = Llama(model_cfg, layers=factory)
         model.checkpoint_every = run_cfg.parallel.activation_checkpoint_every
-        return LossModule(model, tp_size=factory.tp_size)
+        return LossModule(model, tp_size=factory.tp_size, document_mask=run_cfg.data.document_mask)
 
     def native_name(self, name: str) -> str:
         return name.removeprefix("model.")
@@ -186,11 +187,11 @@ class TrainEngine:
         # DeepSpeed's communication layer wraps the process group Topology made (PipelineModule needs it).
         deepspeed.init_distributed(dist_backend=topology.backend, dist_init_required=False)
         self.module = self._build_module()
+        self.ds: Any = None  # built lazily so that a portable load can fill the weights first
         init_llama_weights(self.module, seed=run_cfg.train.seed, n_layers=model_cfg.n_layers,
                            native_name=self.native_name)
         if init_weights is not None:
             self.load_weights(init_weights)
-        self.ds: Any = None  # built lazily so that a portable load can fill the weights first
         self._nan_steps = {int(s) for s in os.environ.get("LLAMA_TEST_NAN_STEPS", "").split(",") if s}
         self._steps_taken = 0
 
@@ -199,7 +200,8 @@ class TrainEngine:
         cfg, tp = self.model_cfg, self.topo.tp_size
         if not self.pipelined:
             return self.objective.build_module(cfg, self.factory, self.run_cfg)
-        specs = [LayerSpec(cls, cfg, self.factory, *args) for cls, args in pipe.stage_builders(cfg)]
+        specs = [LayerSpec(cls, cfg, self.factory, *args)
+                 for cls, args in pipe.stage_builders(cfg, document_mask=self.run_cfg.data.document_mask)]
         topology = PipeModelDataParallelTopology(num_pp=self.topo.pp_size, num_mp=tp, num_dp=self.topo.dp_size)
         checkpoint_fn = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
         return PipelineModule(layers=specs, topology=topology, loss_fn=functools.partial(_pipe_loss, tp),
@@ -247,6 +249,11 @@ class TrainEngine:
         return self.ds
 
     @property
+    def trained_module(self) -> nn.Module:
+        """The objective's module that DeepSpeed wraps (builds the DeepSpeed engine on first use)."""
+        return self._engine().module
+
+    @property
     def base_optimizer(self) -> torch.optim.Optimizer:
         opt = self._engine().optimizer
         return getattr(opt, "optimizer", opt)
@@ -270,9 +277,25 @@ class TrainEngine:
         d = self._to_device(mb)
         return (d["input_ids"], d["document_ids"]), (d["labels"], d["loss_mask"], scale)
 
-    def forward(self, **inputs: Tensor) -> Any:
-        """The training module's forward (no loss scaling) on this rank, e.g. reward scores for evaluation."""
-        return self._engine().module(**{k: v.to(self.device) for k, v in inputs.items()})
+    def forward(self, **inputs: Any) -> Any:
+        """The training module's forward (no loss scaling) on this rank, e.g. reward scores for evaluation.
+
+        Tensors move to the device; other values (a KV cache) pass as they are. Without PP the call goes through
+        the DeepSpeed engine, whose prologue lets ZeRO-3 gather parameters a parent module reads from its
+        children (the fused q/k/v and gate/up projections); ``module(...)`` directly would see them empty.
+        """
+        ds = self._engine()
+        moved = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in inputs.items()}
+        return ds.module(**moved) if self.pipelined else ds(**moved)
+
+    def gathered_parameters(self) -> Any:
+        """A context in which every parameter of this rank is whole (its TP shard), e.g. to copy the weights
+        for generation: under ZeRO-3 one gather of all partitions on entry, released on exit (read-only);
+        a no-op at stages 1-2, where parameters are never partitioned."""
+        ds = self._engine()
+        if self.run_cfg.zero.stage != 3:
+            return contextlib.nullcontext()
+        return deepspeed.zero.GatheredParameters(list(ds.module.parameters()), modifier_rank=None)
 
     def train_step(self, micro_batches: Any, lr: float) -> StepResult:
         """One optimizer step over ``gas`` micro-batches of this DP rank (see the module docstring)."""

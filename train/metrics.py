@@ -177,7 +177,6 @@ class MetricsLogger:
         if mode == "disabled":
             return
         import wandb  # lazy: ~1 s import, and only rank 0 needs it
-
         from wandb.sdk.lib.runid import generate_id
 
         self.wandb_id = self.wandb_id or generate_id()

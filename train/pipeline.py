@@ -41,14 +41,15 @@ class EmbeddingStage(nn.Module):
 class BlockStage(TransformerBlock):
     """One transformer block that builds its own RoPE tables and document mask from the activation tuple."""
 
-    def __init__(self, cfg: LlamaConfig, layers: LayerFactory, layer_index: int) -> None:
+    def __init__(self, cfg: LlamaConfig, layers: LayerFactory, layer_index: int, document_mask: bool = True) -> None:
         super().__init__(cfg, layers, layer_index)
         self.rotary = RotaryEmbedding(cfg)  # tables only, no parameters
+        self.document_mask = document_mask
 
     def forward(self, inputs: Activation) -> Activation:  # type: ignore[override]
         h, document_ids = inputs
         positions = torch.arange(h.shape[1], device=h.device)[None]
-        mask = document_causal_mask(document_ids)
+        mask = document_causal_mask(document_ids) if self.document_mask else None
         return super().forward(h, self.rotary(positions), mask=mask), document_ids
 
 
@@ -65,17 +66,17 @@ class HeadStage(nn.Module):
         return self.output(self.norm(h))
 
 
-def stage_builders(cfg: LlamaConfig) -> list[tuple[type[nn.Module], tuple]]:
+def stage_builders(cfg: LlamaConfig, *, document_mask: bool = True) -> list[tuple[type[nn.Module], tuple]]:
     """``(class, args after the LayerFactory)`` for each entry of the flat list, in order."""
     if cfg.tie_embeddings:
         raise ValueError(f"model {cfg.name!r} ties embedding and head; pipeline parallelism needs them untied "
                          "(set --model.overrides.tie_embeddings=false or --parallel.pp=1)")
-    return ([(EmbeddingStage, ())] + [(BlockStage, (i,)) for i in range(cfg.n_layers)] + [(HeadStage, ())])
+    return ([(EmbeddingStage, ())] + [(BlockStage, (i, document_mask)) for i in range(cfg.n_layers)] + [(HeadStage, ())])
 
 
-def pipeline_layers(cfg: LlamaConfig, layers: LayerFactory) -> list[nn.Module]:
+def pipeline_layers(cfg: LlamaConfig, layers: LayerFactory, *, document_mask: bool = True) -> list[nn.Module]:
     """The whole flat list, built in this process (tests and single-process references)."""
-    return [cls(cfg, layers, *args) for cls, args in stage_builders(cfg)]
+    return [cls(cfg, layers, *args) for cls, args in stage_builders(cfg, document_mask=document_mask)]
 
 
 def native_name(pipe_name: str, *, n_layers: int) -> str:

@@ -44,9 +44,10 @@ class ReferenceEngine:
                                            betas=(o.beta1, o.beta2), eps=o.eps)
         self.gas = run_cfg.train.global_batch_size // run_cfg.train.micro_batch_size
         self.clip = o.grad_clip
+        self.document_mask = run_cfg.data.document_mask
 
     def _loss_sum(self, mb: dict[str, Tensor]) -> Tensor:
-        logits = self.model(mb["input_ids"], document_ids=mb["document_ids"])
+        logits = self.model(mb["input_ids"], document_ids=mb["document_ids"] if self.document_mask else None)
         return masked_loss_sum(logits, mb["labels"], mb["loss_mask"], tp_size=1)
 
     def train_step(self, micro_batches: Any, lr: float) -> SimpleNamespace:

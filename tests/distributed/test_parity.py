@@ -44,9 +44,10 @@ TWO_PROCESS = {
     "dp2_zero3": ["--zero.stage=3"],
     "dp2_zero2_offload": ["--zero.stage=2", "--zero.offload=true"],
     "pp2_activation_checkpointing": ["--parallel.pp=2", "--parallel.activation_checkpoint_every=1"],
+    "pp2_causal_no_document_mask": ["--parallel.pp=2", "--data.document_mask=false"],
     "tp2_one_kv_head": ["--parallel.tp=2", "--model.overrides.n_kv_heads=1"],
 }
-REFERENCE_OF = {"tp2_one_kv_head": "reference_kv1"}
+REFERENCE_OF = {"tp2_one_kv_head": "reference_kv1", "pp2_causal_no_document_mask": "reference_causal"}
 RESUME = "resume_tp1_dp2_from_tp2_pp2"
 
 
@@ -67,6 +68,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     train(parity_config([f"--run.dir={out / 'reference'}"]), engine_factory=ReferenceEngine,
           topology_factory=single_process_topology, **quiet)
     train(parity_config([f"--run.dir={out / 'reference_kv1'}", "--model.overrides.n_kv_heads=1"]),
+          engine_factory=ReferenceEngine, topology_factory=single_process_topology, **quiet)
+    train(parity_config([f"--run.dir={out / 'reference_causal'}", "--data.document_mask=false"]),
           engine_factory=ReferenceEngine, topology_factory=single_process_topology, **quiet)
     _launch(out, 4, FOUR_PROCESS)
     resume_from = out / "tp2_pp2" / "checkpoints" / "step_00000003"

@@ -68,6 +68,13 @@ def test_bad_overrides_are_named(override: list[str], match: str) -> None:
     (["--data.seq_len=4096"], 1, "exceeds model 'debug_tiny' max_seq_len=256"),
     (["--train.dtype=fp16"], 1, "use \"fp32\" or \"bf16\""),
     (["--data.synthetic=false"], 1, "data.path is empty"),
+    (["--parallel.tp=2"], 3, "not a multiple of tp x pp = 2 x 1"),
+    (["--model.overrides.dim=96", "--model.overrides.n_heads=6", "--model.overrides.n_kv_heads=3",
+      "--parallel.tp=2"], 2, "kv heads are split when tp divides them and replicated"),
+    (["--model.overrides.vocab_size=510", "--parallel.tp=4"], 4, "set --model.overrides.vocab_size=512"),
+    (["--zero.stage=0"], 1, "use 1, 2 or 3"),
+    (["--parallel.pp=2", "--model.overrides.tie_embeddings=true"], 2, "pipeline stages need an untied head"),
+    (["--parallel.pp=5"], 5, "exceeds the 4 pipeline entries"),
 ])
 def test_validate_quotes_value_and_fix(override: list[str], world: int, match: str) -> None:
     cfg = RunConfig.from_toml("configs/pretrain/tiny_cpu.toml", override)
