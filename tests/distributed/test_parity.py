@@ -47,6 +47,7 @@ TWO_PROCESS = {
     "pp2_causal_no_document_mask": ["--parallel.pp=2", "--data.document_mask=false"],
     "tp2_one_kv_head": ["--parallel.tp=2", "--model.overrides.n_kv_heads=1"],
 }
+BF16 = {"dp2_zero2_bf16": ["--zero.stage=2", "--train.dtype=bf16"]}
 REFERENCE_OF = {"tp2_one_kv_head": "reference_kv1", "pp2_causal_no_document_mask": "reference_causal"}
 RESUME = "resume_tp1_dp2_from_tp2_pp2"
 
@@ -73,7 +74,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
           engine_factory=ReferenceEngine, topology_factory=single_process_topology, **quiet)
     _launch(out, 4, FOUR_PROCESS)
     resume_from = out / "tp2_pp2" / "checkpoints" / "step_00000003"
-    _launch(out, 2, {**TWO_PROCESS, RESUME: [f"--run.resume={resume_from}"]})
+    _launch(out, 2, {**TWO_PROCESS, **BF16, RESUME: [f"--run.resume={resume_from}"]})
     return out
 
 
@@ -99,6 +100,16 @@ def test_layout_matches_single_process(runs: Path, layout: str) -> None:
     # Clipping (0.3) is active at every step, so the TP/PP-aware norm is part of what is checked.
     assert min(r["grad_norm"] for r in ref.values()) > 0.3
     assert _max_weight_diff(runs / layout, ref_dir) <= TOL
+
+
+def test_bf16_mixed_precision_tracks_fp32(runs: Path) -> None:
+    """bf16 compute with fp32 master weights: close to the fp32 run (not exact), master weights in fp32."""
+    ours, ref = _metrics(runs / "dp2_zero2_bf16"), _metrics(runs / "reference")
+    assert sorted(ours) == [1, 2, 3, 4, 5]
+    assert max(abs(ours[s]["loss"] - ref[s]["loss"]) for s in ours) < 0.02
+    assert _max_weight_diff(runs / "dp2_zero2_bf16", runs / "reference") < 0.01
+    weights = load_file(runs / "dp2_zero2_bf16" / "final_model" / "model.safetensors")
+    assert {str(t.dtype) for t in weights.values()} == {"torch.float32"}
 
 
 def test_resume_at_another_layout_continues_the_run(runs: Path) -> None:
