@@ -79,13 +79,17 @@ def margin_for(ratings: Sequence[str | None], table: str) -> Tensor:
     return torch.tensor(out, dtype=torch.float32)
 
 
-def ranking_loss(chosen_rewards: Tensor, rejected_rewards: Tensor, margins: Tensor | None = None) -> Tensor:
-    """Llama 2 binary ranking loss, averaged over the batch.
+def ranking_loss(chosen_rewards: Tensor, rejected_rewards: Tensor, margins: Tensor | None = None, *,
+                 reduction: str = "mean") -> Tensor:
+    """Llama 2 binary ranking loss, averaged over the batch (``reduction="none"``: the ``[b]`` per-pair terms,
+    which the reward-model trainer sums and normalises by the global number of pairs).
 
     ``L = mean_i -log(sigmoid(r_c[i] - r_r[i] - m[i]))``, with ``m = 0`` when ``margins`` is None.
     Computed as ``-logsigmoid(.)``, which stays finite for large negative differences (``log(sigmoid(x))``
     would underflow to ``log(0) = -inf`` below x ~ -100 in float32).
     """
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"reduction={reduction!r}: use \"mean\" or \"none\"")
     if chosen_rewards.shape != rejected_rewards.shape:
         raise ValueError(
             f"chosen {tuple(chosen_rewards.shape)} and rejected {tuple(rejected_rewards.shape)} "
@@ -94,7 +98,8 @@ def ranking_loss(chosen_rewards: Tensor, rejected_rewards: Tensor, margins: Tens
     diff = chosen_rewards - rejected_rewards
     if margins is not None:
         diff = diff - margins.to(diff)
-    return -F.logsigmoid(diff).mean()
+    terms = -F.logsigmoid(diff)
+    return terms if reduction == "none" else terms.mean()
 
 
 # ------------------------------------------------------------------------------------------ masked statistics
