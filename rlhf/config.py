@@ -1,0 +1,297 @@
+"""Typed root configs of the alignment stages SFT and reward modelling: the pretraining ``RunConfig`` sections
+plus one section of their own, TOML presets under ``configs/rlhf/`` and ``--section.key=value`` overrides.
+
+    from rlhf.config import SFTConfig, RewardConfig
+    cfg = SFTConfig.from_toml("configs/rlhf/sft_llama2.toml", ["--sft.init_checkpoint=runs/tiny/final_model"])
+    cfg = RewardConfig.from_toml("configs/rlhf/rm_safety_llama2.toml", ["--rm.margin=small"])
+    cfg.validate(world_size=2)       # ValueError quoting the bad value and the fix
+
+``SFTConfig`` / ``RewardConfig`` *are* ``RunConfig`` s (subclasses), so ``train.loop.train`` and
+``train.engine.TrainEngine`` take them unchanged; their extra section is ``[sft]`` resp. ``[rm]``.
+Differences from pretraining, all resolved before the loop starts (``rlhf.sft`` / ``rlhf.reward``):
+
+- ``train.steps = 0`` (the default here) means "from the data": ``epochs x sequences (or pairs) / global batch``;
+- ``[sft]/[rm] warmup_fraction`` sets ``optim.warmup_steps`` (Llama 2 RM: 3% of the steps, at least 5);
+- with ``init_checkpoint`` set, the model's shape comes from that checkpoint (``model.name`` is ignored);
+- file paths may start with ``{data_dir}``: ``$LLAMA_DATA_DIR``, else ``../shared/data`` beside the repo.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from train.config import (
+    RunConfig,
+    _check,
+    _coerce_model_overrides,
+    coerce,
+    parse_overrides,
+    tomllib,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TEMPLATES = ("llama2", "llama3")
+MIXTURES = ("helpfulness", "safety", "all")
+
+
+def data_dir() -> Path:
+    """``$LLAMA_DATA_DIR`` or ``../shared/data`` next to the repository (the tests' convention)."""
+    return Path(os.environ.get("LLAMA_DATA_DIR", REPO_ROOT.parent / "shared" / "data"))
+
+
+def resolve_path(path: str) -> Path:
+    """Expand a leading ``{data_dir}`` placeholder; other paths are used as given."""
+    return Path(path.replace("{data_dir}", str(data_dir()))) if "{data_dir}" in path else Path(path)
+
+
+def file_list(value: str) -> list[Path]:
+    """A comma-separated list of paths (``{data_dir}`` expanded), empty entries ignored."""
+    return [resolve_path(p.strip()) for p in value.split(",") if p.strip()]
+
+
+@dataclass(frozen=True)
+class StageSection:
+    """Fields every alignment stage shares."""
+
+    init_checkpoint: str = ""
+    """Pretrained / SFT model to start from (native dir, HF dir, llama2.c file, or a run dir holding
+    final_model/); "" = seeded random init of ``model.name``."""
+    template: str = "llama2"
+    """Chat format: "llama2" (``[INST] ... [/INST]``) or "llama3" (header tokens; needs a Llama 3 tokenizer)."""
+    epochs: int = 1
+    """Passes over the training data when ``train.steps = 0``."""
+    valid_fraction: float = 0.1
+    """Share of prompts held out (deterministic sha1 of the prompt: ``rlhf.data.split_by_hash``)."""
+    split_seed: str = "llama-rlhf-split-v1"
+    """Salt of the hash split; every stage must use the same one so held-out prompts stay unseen."""
+    max_records_per_file: int = 0
+    """Read only the first N records of each file (quick runs and tests); 0 = all."""
+    warmup_fraction: float = 0.0
+    """``optim.warmup_steps = max(min_warmup_steps, round(fraction x steps))`` when > 0."""
+    min_warmup_steps: int = 0
+    """Lower bound of the derived warmup (Llama 2 reward models: 5)."""
+
+
+@dataclass(frozen=True)
+class SFTSection(StageSection):
+    files: str = ""
+    """Comma-separated dialogue files: JSONL ``{"messages": [...]}`` or HH-RLHF (its chosen dialogues)."""
+    epochs: int = 2
+    """Passes over the training dialogues (Llama 2 SFT: 2)."""
+
+
+@dataclass(frozen=True)
+class RewardSection(StageSection):
+    helpful_files: str = ""
+    """Comma-separated helpfulness preference files: JSONL ``{"prompt", "chosen", "rejected", "rating"?}`` or
+    HH-RLHF ``{"chosen", "rejected"}`` transcripts (e.g. helpful-base)."""
+    safety_files: str = ""
+    """Comma-separated safety preference files (e.g. HH-RLHF harmless-base); pairs are tagged is_safety."""
+    mixture: str = "helpfulness"
+    """"helpfulness": all helpful pairs + as many sampled from safety; "safety": all safety pairs mixed
+    ``safety_fraction`` / rest with helpful pairs; "all": every pair of both (no resampling)."""
+    safety_fraction: float = 0.9
+    """Share of safety pairs in the "safety" mixture (Llama 2: 90/10)."""
+    margin: str = "none"
+    """Margin table m(rating) in the ranking loss: "none", "small" or "large" (``rlhf.losses.MARGIN_TABLES``)."""
+    warmup_fraction: float = 0.03
+    """Llama 2 reward models: warmup over 3% of the steps ..."""
+    min_warmup_steps: int = 5
+    """... but at least 5 steps."""
+
+
+def _sections(cls: type) -> dict[str, type]:
+    """Section name -> section dataclass of a root config (its dataclass fields, class variables excluded)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _from_dict(cls: type, data: dict[str, Any], *, source: str) -> Any:
+    """Build ``cls`` (a RunConfig subclass) from nested tables, every value coerced to its field type."""
+    sections = _sections(cls)
+    unknown = sorted(set(data) - set(sections))
+    if unknown:
+        raise ValueError(f"{source}: unknown section(s) {unknown}; valid sections: {sorted(sections)}")
+    built = {}
+    for name, section_cls in sections.items():
+        table = data.get(name, {})
+        if not isinstance(table, dict):
+            raise ValueError(f"{source}: [{name}] must be a table, got {table!r}")
+        types_ = typing.get_type_hints(section_cls)
+        bad = sorted(set(table) - set(types_))
+        if bad:
+            raise ValueError(f"{source}: unknown key(s) {bad} in [{name}]; valid keys: {sorted(types_)}")
+        kwargs = {k: coerce(v, types_[k], where=f"{source}: {name}.{k}") for k, v in table.items()}
+        if name == "model" and "overrides" in kwargs:
+            kwargs["overrides"] = _coerce_model_overrides(kwargs["overrides"], source=source)
+        built[name] = section_cls(**kwargs)
+    return cls(**built)
+
+
+def _set_dotted(cls: type, data: dict[str, Any], key: str, value: Any) -> None:
+    sections = _sections(cls)
+    parts = key.split(".")
+    if parts[0] not in sections:
+        raise ValueError(f"override --{key}: unknown section {parts[0]!r}; valid sections: {sorted(sections)}")
+    if len(parts) == 3 and parts[:2] == ["model", "overrides"]:
+        data.setdefault("model", {}).setdefault("overrides", {})[parts[2]] = value
+        return
+    if len(parts) != 2:
+        raise ValueError(f"override --{key}: expected --section.key (or --model.overrides.FIELD)")
+    valid = typing.get_type_hints(sections[parts[0]])
+    if parts[1] not in valid:
+        raise ValueError(f"override --{key}: unknown key {parts[1]!r} in [{parts[0]}]; valid keys: {sorted(valid)}")
+    data.setdefault(parts[0], {})[parts[1]] = value
+
+
+def checkpoint_dir(path: str | Path) -> Path:
+    """A run directory means its ``final_model/``; anything else is returned as given."""
+    p = Path(path)
+    return p / "final_model" if (p / "final_model").is_dir() and not (p / "config.json").is_file() else p
+
+
+def checkpoint_model_config(path: str | Path) -> Any:
+    """The ``LlamaConfig`` of a checkpoint without loading its weights where the format allows it."""
+    from model.checkpoints import detect_format, load_checkpoint
+    from model.config import LlamaConfig
+
+    p = checkpoint_dir(path)
+    if not p.exists():
+        raise ValueError(f"init_checkpoint {path}: no such file or directory; point it at a pretraining or SFT "
+                         "run's final_model/ (or the run directory)")
+    if detect_format(p) == "native":
+        import json
+
+        data = json.loads((p / "config.json").read_text())
+        return LlamaConfig.from_dict({k: v for k, v in data.items() if k not in ("format", "format_version")})
+    return load_checkpoint(p)[0]
+
+
+class _StageConfig(RunConfig):
+    """Shared behaviour of the stage configs (not a dataclass itself: the subclasses add their section)."""
+
+    STAGE: typing.ClassVar[str] = ""
+    PRESETS: typing.ClassVar[str] = "configs/rlhf/"
+
+    @property
+    def stage(self) -> StageSection:
+        return getattr(self, self.STAGE)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str = "<dict>") -> Any:
+        """As ``RunConfig.from_dict``; ``train.steps`` defaults to 0 (= from the data) instead of 100."""
+        train = data.get("train", {})
+        if isinstance(train, dict) and "steps" not in train:
+            data = {**data, "train": {**train, "steps": 0}}
+        return _from_dict(cls, data, source=source)
+
+    @classmethod
+    def from_toml(cls, path: str | Path | None, overrides: list[str] | None = None) -> Any:
+        data: dict[str, Any] = {}
+        source = "<defaults>"
+        if path is not None:
+            source = str(path)
+            try:
+                data = tomllib.loads(Path(path).read_text())
+            except FileNotFoundError:
+                raise ValueError(f"config file {path} does not exist; presets are in {cls.PRESETS}") from None
+            except tomllib.TOMLDecodeError as err:
+                raise ValueError(f"{path}: not valid TOML: {err}") from None
+        for key, value in parse_overrides(overrides or []):
+            _set_dotted(cls, data, key, value)
+        return cls.from_dict(data, source=source + (" + overrides" if overrides else ""))
+
+    def model_config(self) -> Any:
+        """The init checkpoint's config when there is one (plus ``[model.overrides]``), else the registry's."""
+        if not self.stage.init_checkpoint:
+            return super().model_config()
+        cfg = checkpoint_model_config(resolve_path(self.stage.init_checkpoint))
+        return cfg.replace(**self.model.overrides) if self.model.overrides else cfg
+
+    def validate(self, *, world_size: int | None = None) -> Any:
+        s, name = self.stage, self.STAGE
+        _check(not self.data.synthetic, f"data.synthetic=true: {name} reads the files of [{name}]; set it false")
+        # The base checks, with the pretraining-only "data.path" requirement satisfied by our own files.
+        RunConfig.validate(dataclasses.replace(self, data=dataclasses.replace(self.data, path=f"[{name}]")),
+                           world_size=world_size)
+        _check(bool(self.data.tokenizer), f"data.tokenizer is empty: set --data.tokenizer=PATH to the tokenizer "
+               f"the model was trained with ({name} encodes chat text itself)")
+        _check(resolve_path(self.data.tokenizer).is_file(),
+               f"data.tokenizer={self.data.tokenizer!r}: file not found")
+        _check(s.template in TEMPLATES, f"{name}.template={s.template!r}: use one of {list(TEMPLATES)}")
+        _check(s.epochs >= 1, f"{name}.epochs={s.epochs}: must be >= 1")
+        _check(0.0 <= s.valid_fraction < 1.0, f"{name}.valid_fraction={s.valid_fraction}: must be in [0, 1)")
+        _check(0.0 <= s.warmup_fraction <= 1.0, f"{name}.warmup_fraction={s.warmup_fraction}: must be in [0, 1]")
+        _check(s.max_records_per_file >= 0, f"{name}.max_records_per_file={s.max_records_per_file}: must be >= 0")
+        self._validate_files(world_size=world_size)
+        return self
+
+    def _validate_files(self, *, world_size: int | None) -> None:
+        raise NotImplementedError
+
+    def with_schedule(self, *, num_samples: int) -> Any:
+        """Steps from the data when ``train.steps == 0``, warmup from ``warmup_fraction``.
+
+        ``num_samples``: training samples (packed sequences or pairs) over all ``epochs``."""
+        s, t = self.stage, self.train
+        steps = t.steps
+        available = num_samples // t.global_batch_size
+        if steps == 0:
+            steps = available
+            _check(steps >= 1, f"{self.STAGE}: {num_samples} training samples ({s.epochs} epoch(s)) do not fill one "
+                   f"global batch of {t.global_batch_size}; lower train.global_batch_size or add data")
+        _check(steps <= available, f"train.steps={steps} needs {steps * t.global_batch_size} samples but the data "
+               f"gives {num_samples} ({s.epochs} epoch(s)); set train.steps=0 (from the data), lower it to "
+               f"{available}, or raise {self.STAGE}.epochs")
+        warmup = self.optim.warmup_steps
+        if s.warmup_fraction > 0:
+            warmup = max(s.min_warmup_steps, round(s.warmup_fraction * steps))
+        return self.replace(train={"steps": steps}, optim={"warmup_steps": min(warmup, steps)})
+
+
+def _check_files(paths: list[Path], where: str) -> None:
+    for p in paths:
+        _check(p.is_file(), f"{where}: {p} does not exist (a leading {{data_dir}} expands to {data_dir()}; set "
+               "LLAMA_DATA_DIR to move it)")
+
+
+@dataclass(frozen=True)
+class SFTConfig(_StageConfig):
+    """Supervised fine-tuning: every RunConfig section plus ``[sft]``."""
+
+    sft: SFTSection = field(default_factory=SFTSection)
+    STAGE: typing.ClassVar[str] = "sft"
+
+    def _validate_files(self, *, world_size: int | None) -> None:
+        files = file_list(self.sft.files)
+        _check(bool(files), "sft.files is empty: give dialogue JSONL or HH-RLHF files, comma-separated")
+        _check_files(files, "sft.files")
+
+
+@dataclass(frozen=True)
+class RewardConfig(_StageConfig):
+    """Reward-model training: every RunConfig section plus ``[rm]``."""
+
+    rm: RewardSection = field(default_factory=RewardSection)
+    STAGE: typing.ClassVar[str] = "rm"
+
+    def _validate_files(self, *, world_size: int | None) -> None:
+        from rlhf.losses import MARGIN_TABLES
+
+        r = self.rm
+        _check(r.mixture in MIXTURES, f"rm.mixture={r.mixture!r}: use one of {list(MIXTURES)}")
+        _check(r.margin in MARGIN_TABLES, f"rm.margin={r.margin!r}: use one of {sorted(MARGIN_TABLES)}")
+        _check(0.0 < r.safety_fraction <= 1.0, f"rm.safety_fraction={r.safety_fraction}: must be in (0, 1]")
+        helpful, safety = file_list(r.helpful_files), file_list(r.safety_files)
+        _check(bool(helpful or safety), "rm.helpful_files and rm.safety_files are both empty")
+        if r.mixture == "helpfulness":
+            _check(bool(helpful), "rm.mixture=\"helpfulness\" needs rm.helpful_files")
+        if r.mixture == "safety":
+            _check(bool(safety), "rm.mixture=\"safety\" needs rm.safety_files")
+        _check_files(helpful, "rm.helpful_files")
+        _check_files(safety, "rm.safety_files")

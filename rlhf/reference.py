@@ -1,0 +1,103 @@
+"""The exactness reference for the alignment stages: a plain PyTorch loop for any engine *objective*.
+
+    from rlhf.reference import ObjectiveReferenceEngine
+    from train.reference import single_process_topology
+    train(cfg, task=task, engine_factory=ObjectiveReferenceEngine, topology_factory=single_process_topology)
+
+``train.reference.ReferenceEngine`` is the language-model-only reference of the pretraining parity tests; this
+one takes the same ``objective`` and ``init_weights`` arguments as ``train.engine.TrainEngine`` (SFT's
+language-model objective, the reward model's pairwise objective) and nothing else: the objective's module
+with plain layers, the layout-independent seeded init (``init_llama_weights`` by native name), the initial
+weights copied over it, ``torch.optim.AdamW`` with the same parameter groups, the step's loss as the sum of
+per-item losses over the global count of ``batch[objective.weight_key]``, ``clip_grad_norm_``. No DeepSpeed,
+no process group. TP / ZeRO runs of SFT and the reward model are compared to it
+(``tests/distributed/test_rlhf_parity.py``). It is also fast enough for in-process end-to-end tests.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from model.config import LlamaConfig
+from model.layers import LocalLayers
+from model.llama import init_llama_weights
+from train.engine import LanguageModelObjective
+from train.objective import decay_groups
+
+
+class ObjectiveReferenceEngine:
+    """``TrainEngine``'s interface (train_step, eval_loss, save/load, consolidated_state_dict) in one process."""
+
+    def __init__(self, *, model_cfg: LlamaConfig, run_cfg: Any, topology: Any = None, objective: Any = None,
+                 init_weights: dict[str, Tensor] | None = None) -> None:
+        self.objective = objective or LanguageModelObjective()
+        self.module = self.objective.build_module(model_cfg, LocalLayers(), run_cfg)
+        init_llama_weights(self.module, seed=run_cfg.train.seed, n_layers=model_cfg.n_layers,
+                           native_name=self.objective.native_name)
+        if init_weights is not None:
+            with torch.no_grad():
+                for name, param in self.module.named_parameters():
+                    native = self.objective.native_name(name)
+                    if native in init_weights:
+                        param.copy_(init_weights[native].to(param.dtype))
+        o = run_cfg.optim
+        self.optimizer = torch.optim.AdamW(decay_groups(self.module, o.weight_decay), lr=0.0,
+                                           betas=(o.beta1, o.beta2), eps=o.eps)
+        self.gas = run_cfg.train.global_batch_size // run_cfg.train.micro_batch_size
+        self.clip = o.grad_clip
+
+    def _inputs(self, mb: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {k: mb[k] for k in self.objective.input_keys}
+
+    def train_step(self, micro_batches: Any, lr: float) -> SimpleNamespace:
+        batches = [next(micro_batches) for _ in range(self.gas)]
+        key = self.objective.weight_key
+        count = max(float(sum(float(mb[key].sum()) for mb in batches)), 1.0)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        total = 0.0
+        scale = torch.tensor(1.0 / count)
+        for mb in batches:
+            loss = self.module(**self._inputs(mb), scale=scale)
+            loss.backward()
+            total += float(loss.detach())
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        if self.clip > 0:
+            norm = float(torch.nn.utils.clip_grad_norm_(params, self.clip))
+        else:
+            norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
+        skipped = not (math.isfinite(total) and math.isfinite(norm))
+        if not skipped:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return SimpleNamespace(loss=total, grad_norm=norm, skipped=skipped, tokens=int(count))
+
+    @torch.no_grad()
+    def eval_loss(self, micro_batches: Any, num_batches: int) -> float:
+        self.module.eval()
+        total, count = 0.0, 0.0
+        for _ in range(num_batches):
+            mb = next(micro_batches)
+            total += float(self.module(**self._inputs(mb), scale=torch.tensor(1.0)))
+            count += float(mb[self.objective.weight_key].sum())
+        self.module.train()
+        return total / max(count, 1.0)
+
+    def save(self, path: Path, client_state: dict[str, Any]) -> None:
+        torch.save({"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                    "client": client_state}, Path(path) / "reference.pt")
+
+    def load(self, path: Path) -> dict[str, Any]:
+        state = torch.load(Path(path) / "reference.pt", weights_only=True)
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        return dict(state["client"])
+
+    def consolidated_state_dict(self) -> dict[str, Tensor]:
+        return {self.objective.native_name(k): v.detach().clone() for k, v in self.module.named_parameters()}

@@ -1,0 +1,204 @@
+"""Alignment data files -> train / held-out records: format sniffing, the shared hash split, prompts.
+
+    from rlhf.sources import load_pairs, load_dialogues, load_prompts
+    split = load_pairs(path, is_safety=True, valid_fraction=0.1, seed="llama-rlhf-split-v1")
+    split.train, split.valid, split.report          # PreferencePair lists and the reader's ReadReport
+
+Three file formats, told apart by the first JSON object of the file (``sniff_format``):
+
+- ``dialogues``: ``{"messages": [{"role", "content"}, ...], "system"?, "date"?}`` (``rlhf.data``);
+- ``preferences``: ``{"prompt", "chosen", "rejected", "rating"?, "is_safety"?}``;
+- ``hh``: Anthropic HH-RLHF ``{"chosen", "rejected"}`` transcripts.
+
+Every stage splits with the same key, so a prompt held out from the reward models is also held out from SFT
+and from rejection sampling: for a preference pair (either format) the key is its whole prompt
+(``rlhf.data.prompt_text``), and an SFT dialogue made from a pair (prompt + chosen answer) is split as that
+pair. Dialogue files are split on their opening (system + first user turn), ``rlhf.data``'s convention.
+Nothing is dropped silently: the readers' ``ReadReport`` s travel with the records.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+from rlhf.data import (
+    Dialogue,
+    PreferencePair,
+    ReadReport,
+    prompt_text,
+    read_dialogues_jsonl,
+    read_hh_rlhf,
+    read_preferences_jsonl,
+    split_by_hash,
+)
+
+FORMATS = ("dialogues", "preferences", "hh")
+T = TypeVar("T")
+
+
+@dataclass
+class Prompt:
+    """A prompt to answer: the turns so far (ending with a user turn) and whether it is safety-tagged."""
+
+    turns: list[dict[str, str]]
+    system: str | None
+    is_safety: bool
+    source: str
+    id: str
+    """Stable over runs: a hash of the prompt text (rejection-sampling rounds are matched on it)."""
+
+
+@dataclass
+class Split(Generic[T]):
+    """The two sides of one file, and what its reader did."""
+
+    path: Path
+    train: list[T]
+    valid: list[T]
+    report: ReadReport
+    format: str
+    capped_from: int | None = None
+    """Records the file had before ``max_records`` kept only the first ones (None when not capped)."""
+    notes: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        cap = f" (first {len(self.train) + len(self.valid)} of {self.capped_from} records)" if self.capped_from else ""
+        return (f"{self.path} [{self.format}]: {len(self.train)} train / {len(self.valid)} held out{cap}; "
+                f"reader: {self.report}")
+
+
+def dataset_name(path: str | Path) -> str:
+    """A short name for a data file: its directory for ``test.*`` / ``train.*`` files (HH-RLHF's
+    ``helpful-base/test.jsonl.gz`` -> "helpful-base"), else the file name without its extensions."""
+    p = Path(path)
+    stem = p.name.split(".")[0]
+    return p.parent.name if stem in ("test", "train", "valid", "data") and p.parent.name else stem
+
+
+def unique_names(paths: Sequence[str | Path]) -> list[str]:
+    """``dataset_name`` of each path, with "-2", "-3", ... appended to repeats."""
+    seen: dict[str, int] = {}
+    out = []
+    for path in paths:
+        name = dataset_name(path)
+        seen[name] = seen.get(name, 0) + 1
+        out.append(name if seen[name] == 1 else f"{name}-{seen[name]}")
+    return out
+
+
+def sniff_format(path: str | Path) -> str:
+    """The format of a JSONL(.gz) file from its first JSON object (see the module docstring)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file not found: {path}")
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8", errors="replace") as fh:
+        for lineno, line in enumerate(fh, 1):
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if not isinstance(obj, dict):
+                continue
+            if "messages" in obj:
+                return "dialogues"
+            if "prompt" in obj and "chosen" in obj:
+                return "preferences"
+            if "chosen" in obj and "rejected" in obj:
+                return "hh"
+            raise ValueError(f"{path}:{lineno}: cannot tell the format from fields {sorted(obj)}; expected "
+                             "\"messages\" (dialogues), \"prompt\"+\"chosen\"+\"rejected\" (preference pairs) or "
+                             "\"chosen\"+\"rejected\" HH-RLHF transcripts")
+            if lineno > 1000:
+                break
+    raise ValueError(f"{path}: no JSON object in its first lines; expected JSONL records")
+
+
+def _cap(records: list[T], max_records: int) -> tuple[list[T], int | None]:
+    if max_records and len(records) > max_records:
+        return records[:max_records], len(records)
+    return records, None
+
+
+def read_pairs(path: str | Path, *, is_safety: bool) -> tuple[list[PreferencePair], ReadReport, str]:
+    """Preference pairs of a ``preferences`` or ``hh`` file (a dialogue file is refused, naming the fix)."""
+    fmt = sniff_format(path)
+    if fmt == "hh":
+        pairs, report = read_hh_rlhf(path, is_safety=is_safety)
+    elif fmt == "preferences":
+        pairs, report = read_preferences_jsonl(path, default_is_safety=is_safety)
+    else:
+        raise ValueError(f"{path}: holds dialogues (\"messages\"), not preference pairs; reward models need "
+                         "{\"prompt\", \"chosen\", \"rejected\"} records or HH-RLHF transcripts")
+    return pairs, report, fmt
+
+
+def load_pairs(path: str | Path, *, is_safety: bool, valid_fraction: float, seed: str,
+               max_records: int = 0) -> Split[PreferencePair]:
+    """Pairs of one file, split by the hash of their prompt."""
+    pairs, report, fmt = read_pairs(path, is_safety=is_safety)
+    pairs, capped = _cap(pairs, max_records)
+    train, valid = split_by_hash(pairs, key=prompt_text, valid_fraction=valid_fraction, seed=seed)
+    return Split(Path(path), train, valid, report, fmt, capped)
+
+
+def pair_to_dialogue(pair: PreferencePair) -> Dialogue:
+    """The chosen dialogue of a pair (prompt turns + the chosen answer): SFT data from preference data."""
+    return Dialogue(messages=[*pair.prompt, {"role": "assistant", "content": pair.chosen}], system=None,
+                    date=None, source=pair.source, id=pair.id)
+
+
+def load_dialogues(path: str | Path, *, valid_fraction: float, seed: str,
+                   max_records: int = 0) -> Split[Dialogue]:
+    """SFT dialogues of one file: dialogue records as they are, preference records as their chosen dialogue."""
+    fmt = sniff_format(path)
+    if fmt == "dialogues":
+        dialogues, report = read_dialogues_jsonl(path)
+        dialogues, capped = _cap(dialogues, max_records)
+        train, valid = split_by_hash(dialogues, key=prompt_text, valid_fraction=valid_fraction, seed=seed)
+        return Split(Path(path), train, valid, report, fmt, capped)
+    pairs = load_pairs(path, is_safety=False, valid_fraction=valid_fraction, seed=seed, max_records=max_records)
+    return Split(Path(path), [pair_to_dialogue(p) for p in pairs.train], [pair_to_dialogue(p) for p in pairs.valid],
+                 pairs.report, fmt, pairs.capped_from, ["dialogues = prompt + chosen answer of each pair"])
+
+
+def prompt_id(turns: Sequence[dict[str, str]], system: str | None = None) -> str:
+    text = (system or "") + "\0" + "\n".join(f"{t['role']}: {t['content']}" for t in turns)
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+def load_prompts(path: str | Path, *, side: str, valid_fraction: float, seed: str, is_safety: bool = False,
+                 max_records: int = 0) -> tuple[list[Prompt], ReadReport]:
+    """Prompts of one file's ``side`` ("train", "valid" or "all"): a pair's prompt, or a dialogue up to (not
+    including) its last assistant turn. Duplicate prompts (several pairs per prompt) are kept once."""
+    if side not in ("train", "valid", "all"):
+        raise ValueError(f"side={side!r}: use \"train\", \"valid\" or \"all\"")
+    fmt = sniff_format(path)
+    prompts: list[Prompt] = []
+    if fmt == "dialogues":
+        dialogues, report = read_dialogues_jsonl(path, require_final_assistant=False)
+        dialogues, _ = _cap(dialogues, max_records)
+        chosen = _side(split_by_hash(dialogues, key=prompt_text, valid_fraction=valid_fraction, seed=seed),
+                       dialogues, side)
+        for d in chosen:
+            turns = d.messages[:-1] if d.messages[-1]["role"] == "assistant" else d.messages
+            prompts.append(Prompt(turns, d.system, is_safety, d.source, prompt_id(turns, d.system)))
+    else:
+        pairs, report, _ = read_pairs(path, is_safety=is_safety)
+        pairs, _ = _cap(pairs, max_records)
+        chosen_pairs = _side(split_by_hash(pairs, key=prompt_text, valid_fraction=valid_fraction, seed=seed),
+                             pairs, side)
+        prompts = [Prompt(p.prompt, None, p.is_safety, p.source, prompt_id(p.prompt)) for p in chosen_pairs]
+    seen: set[str] = set()
+    unique = [p for p in prompts if not (p.id in seen or seen.add(p.id))]  # type: ignore[func-returns-value]
+    return unique, report
+
+
+def _side(split: tuple[list[Any], list[Any]], everything: list[Any], side: str) -> list[Any]:
+    return everything if side == "all" else split[0] if side == "train" else split[1]
