@@ -1,0 +1,160 @@
+"""Supervised fine-tuning (Llama 2 sec. 3.1): loss on the assistant's tokens only, dialogues packed per sequence.
+
+    python -m rlhf.sft --config configs/rlhf/sft_hh_tiny.toml --sft.init_checkpoint runs/tiny_real \\
+        --data.tokenizer runs/tiny_real/tokenizer/tok8192.model --run.dir runs/sft
+    torchrun --standalone --nproc-per-node 2 -m rlhf.sft --config configs/rlhf/sft_llama2.toml --parallel.tp 2 ...
+
+Data: ``[sft] files`` (dialogue JSONL, or HH-RLHF / preference files whose chosen dialogues are used), split by
+the hash of the prompt (``rlhf.sources``; held-out prompts are never trained on), encoded with the chat format
+(``model.chat``: loss mask on the answers and their end token), packed first-fit into rows of ``data.seq_len``
+with the document mask (``rlhf.batching``). Llama 2 defaults (``configs/rlhf/sft_llama2.toml``): 2 epochs,
+LR 2e-5 cosine, weight decay 0.1, batch 64 x 4096 tokens. ``train.steps = 0`` = epochs x rows / batch.
+
+Training is ``train.loop.train`` with the language-model objective of the engine (DeepSpeed ZeRO x megatron
+TP), so checkpoints, ``--resume auto``, metrics.jsonl, wandb and pre-emption are pretraining's. Outputs in
+``run.dir``: ``final_model/`` (a native checkpoint + ``rlhf.json``: tokenizer and chat template),
+``data_report.json`` (files, records kept/skipped, truncations, packing), ``sft_eval.json`` (held-out
+assistant-token loss of the initial and of the final model).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from model.llama import Llama, init_llama_weights
+from rlhf.batching import pack_sft_rows, sft_example, stack_rows
+from rlhf.config import SFTConfig, file_list
+from rlhf.sources import load_dialogues
+from rlhf.stage import StageTask, parse_cli, rank, run_stage, world_size
+
+SIDECAR = "rlhf.json"
+
+
+class SFTTask(StageTask):
+    """Dialogue files -> packed rows (all epochs) and held-out rows; the engine's language-model objective."""
+
+    name = "sft"
+
+    def build(self) -> None:
+        s, seq_len = self.cfg.sft, self.cfg.data.seq_len
+        splits = [load_dialogues(f, valid_fraction=s.valid_fraction, seed=s.split_seed,
+                                 max_records=s.max_records_per_file) for f in file_list(s.files)]
+        stats: Counter[str] = Counter()
+
+        def encode(dialogues: Sequence[Any]) -> list[Any]:
+            out = [sft_example(self.tokenizer, d, template=s.template, seq_len=seq_len, stats=stats)
+                   for d in dialogues]
+            return [e for e in out if e is not None]
+
+        train_examples = encode([d for sp in splits for d in sp.train])
+        train_stats = dict(stats)
+        stats.clear()
+        valid_examples = encode([d for sp in splits for d in sp.valid])
+        pad = int(self.tokenizer.eos_id)
+        rows: list[dict[str, Tensor]] = []
+        pack: Counter[str] = Counter()
+        for epoch in range(s.epochs):  # a fresh seeded order per epoch, then packing in that order
+            order = list(range(len(train_examples)))
+            random.Random(self.cfg.train.seed * 1000 + epoch).shuffle(order)
+            epoch_rows, epoch_pack = pack_sft_rows([train_examples[i] for i in order], seq_len=seq_len, pad_id=pad)
+            rows += epoch_rows
+            pack.update(epoch_pack)
+        self.train_set = rows
+        self.valid_set, valid_pack = pack_sft_rows(valid_examples, seq_len=seq_len, pad_id=pad)
+        fill = pack["tokens"] / max(1, pack["tokens"] + pack["padding"])
+        self.report = {
+            "files": [sp.describe() for sp in splits],
+            "train_encoding": train_stats, "valid_encoding": dict(stats),
+            "train_packing": dict(pack), "valid_packing": dict(valid_pack),
+            "summary": [sp.describe() for sp in splits] + [
+                f"train: {len(train_examples)} dialogues x {s.epochs} epochs -> {len(rows)} rows of {seq_len} "
+                f"({100 * fill:.0f}% filled, {pack['loss_tokens']} answer tokens); truncated "
+                f"{train_stats.get('truncated', 0)}, skipped (no answer within seq_len) "
+                f"{train_stats.get('skipped_no_answer_tokens_within_seq_len', 0)}",
+                f"held out: {len(valid_examples)} dialogues -> {len(self.valid_set)} rows"],
+        }
+
+    def collate(self, samples: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
+        return stack_rows(samples)
+
+    def export(self, engine: Any, model_cfg: Any, out_dir: Path, *, rank: int) -> None:
+        from train.loop import export_final
+
+        export_final(engine, model_cfg, out_dir, rank=rank)
+        if rank == 0:
+            (Path(out_dir) / SIDECAR).write_text(json.dumps({"stage": "sft", **self.sidecar()}, indent=2) + "\n")
+
+
+def initial_model(cfg: Any, task: StageTask) -> Llama:
+    """The model the run started from (seeded init of the same names, then the init checkpoint over it)."""
+    model_cfg = cfg.model_config()
+    model = Llama(model_cfg)
+    init_llama_weights(model, seed=cfg.train.seed, n_layers=model_cfg.n_layers)
+    weights = task.init_weights()
+    if weights:
+        model.load_state_dict({k: v for k, v in weights.items() if k in model.state_dict()}, strict=False)
+    return model.eval()
+
+
+@torch.no_grad()
+def heldout_loss(model: Llama, rows: Sequence[dict[str, Tensor]], *, batch_size: int = 8) -> dict[str, float]:
+    """Mean cross-entropy over the answer tokens of packed held-out rows (document mask on)."""
+    total, count = 0.0, 0.0
+    for i in range(0, len(rows), batch_size):
+        b = stack_rows(rows[i : i + batch_size])
+        logits = model(b["input_ids"], document_ids=b["document_ids"])
+        ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), b["labels"].flatten(), reduction="none")
+        total += float((ce * b["loss_mask"].flatten()).sum())
+        count += float(b["loss_mask"].sum())
+    return {"loss": total / max(count, 1.0), "tokens": count}
+
+
+def evaluate_sft(cfg: Any, task: SFTTask) -> dict[str, Any]:
+    """Held-out answer-token loss before (initial model) and after (final_model) fine-tuning."""
+    from model.checkpoints import from_pretrained
+
+    before = heldout_loss(initial_model(cfg, task), task.valid_set)
+    after = heldout_loss(from_pretrained(cfg.run_dir / "final_model"), task.valid_set)
+    result = {"heldout_loss_before": before["loss"], "heldout_loss_after": after["loss"],
+              "heldout_answer_tokens": after["tokens"], "heldout_rows": len(task.valid_set)}
+    (cfg.run_dir / "sft_eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def run_sft(cfg: SFTConfig, *, task: SFTTask | None = None, **loop_kwargs: Any) -> tuple[Any, dict[str, Any] | None]:
+    """Train, then (rank 0, completed runs with held-out data) evaluate; ``(RunResult, eval or None)``."""
+    task = task or SFTTask(cfg)
+    result = run_stage(cfg, task, **loop_kwargs)
+    evaluation = None
+    if rank() == 0 and result.reason == "completed" and task.valid_set:
+        evaluation = evaluate_sft(task.cfg, task)
+        loop_kwargs.get("print_fn", print)(
+            f"[sft] held-out answer-token loss {evaluation['heldout_loss_before']:.4f} -> "
+            f"{evaluation['heldout_loss_after']:.4f} ({int(evaluation['heldout_answer_tokens'])} tokens)")
+    return result, evaluation
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config, overrides = parse_cli(argv, prog="python -m rlhf.sft", doc=__doc__)
+    try:  # configuration and data errors: one clear line, no traceback
+        cfg = SFTConfig.from_toml(config, overrides)
+        task = SFTTask(cfg)
+        task.resolve(world_size=world_size())
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    result, _ = run_sft(task.cfg, task=task)
+    return result.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
