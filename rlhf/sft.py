@@ -87,11 +87,18 @@ class SFTTask(StageTask):
         return stack_rows(samples)
 
     def export(self, engine: Any, model_cfg: Any, out_dir: Path, *, rank: int) -> None:
-        from train.loop import export_final
+        """``train.loop.export_final`` plus the sidecar; a tied head (llama2.c models) is re-added first: the
+        engine lists shared parameters once, and ``save_native`` wants both names (it stores one)."""
+        from model.checkpoints.native import save_native
+        from train.loop import barrier
 
-        export_final(engine, model_cfg, out_dir, rank=rank)
-        if rank == 0:
+        state_dict = engine.consolidated_state_dict()  # collective: every rank calls it
+        if rank == 0 and state_dict:
+            if model_cfg.tie_embeddings and "output.weight" not in state_dict:
+                state_dict["output.weight"] = state_dict["tok_embeddings.weight"]
+            save_native(state_dict, model_cfg, out_dir, overwrite=True)
             (Path(out_dir) / SIDECAR).write_text(json.dumps({"stage": "sft", **self.sidecar()}, indent=2) + "\n")
+        barrier()
 
 
 def initial_model(cfg: Any, task: StageTask) -> Llama:
