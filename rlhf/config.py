@@ -216,6 +216,7 @@ class _StageConfig(RunConfig):
     def validate(self, *, world_size: int | None = None) -> Any:
         s, name = self.stage, self.STAGE
         _check(not self.data.synthetic, f"data.synthetic=true: {name} reads the files of [{name}]; set it false")
+        self._validate_stage(world_size=world_size)
         # The base checks, with the pretraining-only "data.path" requirement satisfied by our own files.
         RunConfig.validate(dataclasses.replace(self, data=dataclasses.replace(self.data, path=f"[{name}]")),
                            world_size=world_size)
@@ -228,10 +229,9 @@ class _StageConfig(RunConfig):
         _check(0.0 <= s.valid_fraction < 1.0, f"{name}.valid_fraction={s.valid_fraction}: must be in [0, 1)")
         _check(0.0 <= s.warmup_fraction <= 1.0, f"{name}.warmup_fraction={s.warmup_fraction}: must be in [0, 1]")
         _check(s.max_records_per_file >= 0, f"{name}.max_records_per_file={s.max_records_per_file}: must be >= 0")
-        self._validate_files(world_size=world_size)
         return self
 
-    def _validate_files(self, *, world_size: int | None) -> None:
+    def _validate_stage(self, *, world_size: int | None) -> None:
         raise NotImplementedError
 
     def with_schedule(self, *, num_samples: int) -> Any:
@@ -267,7 +267,7 @@ class SFTConfig(_StageConfig):
     sft: SFTSection = field(default_factory=SFTSection)
     STAGE: typing.ClassVar[str] = "sft"
 
-    def _validate_files(self, *, world_size: int | None) -> None:
+    def _validate_stage(self, *, world_size: int | None) -> None:
         files = file_list(self.sft.files)
         _check(bool(files), "sft.files is empty: give dialogue JSONL or HH-RLHF files, comma-separated")
         _check_files(files, "sft.files")
@@ -280,10 +280,13 @@ class RewardConfig(_StageConfig):
     rm: RewardSection = field(default_factory=RewardSection)
     STAGE: typing.ClassVar[str] = "rm"
 
-    def _validate_files(self, *, world_size: int | None) -> None:
+    def _validate_stage(self, *, world_size: int | None) -> None:
         from rlhf.losses import MARGIN_TABLES
 
         r = self.rm
+        _check(self.parallel.pp == 1, f"parallel.pp={self.parallel.pp}: the reward model runs under tensor "
+               "parallelism and ZeRO 1-3 but not pipeline parallelism (its head reads hidden states the pipeline's "
+               "last stage turns into logits); use --parallel.pp=1 and --parallel.tp / --zero.stage instead")
         _check(r.mixture in MIXTURES, f"rm.mixture={r.mixture!r}: use one of {list(MIXTURES)}")
         _check(r.margin in MARGIN_TABLES, f"rm.margin={r.margin!r}: use one of {sorted(MARGIN_TABLES)}")
         _check(0.0 < r.safety_fraction <= 1.0, f"rm.safety_fraction={r.safety_fraction}: must be in (0, 1]")

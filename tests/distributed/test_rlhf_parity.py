@@ -1,8 +1,9 @@
 """SFT and reward-model training under TP2 and ZeRO-3 equal one plain PyTorch process (CPU/gloo, fp32).
 
-One ``torchrun`` launch of 2 processes runs all four layouts (``run_rlhf_layouts.py``: the real
-``rlhf.sft`` / ``rlhf.reward`` code with the DeepSpeed engine and megatron-core layers): SFT at TP2 and at
-DP2 x ZeRO-3, the reward model at TP2 and at DP2 x ZeRO-3. Both start from a saved checkpoint, so the initial
+One ``torchrun`` launch of 2 processes runs all five layouts (``run_rlhf_layouts.py``: the real
+``rlhf.sft`` / ``rlhf.reward`` code with the DeepSpeed engine and megatron-core layers): SFT at TP2, at
+DP2 x ZeRO-3 and at PP2 (DeepSpeed's 1F1B pipeline), the reward model at TP2 and at DP2 x ZeRO-3 (its objective
+refuses pipeline parallelism with a message). Both start from a saved checkpoint, so the initial
 weights go through the engine's ``init_weights`` TP slicing. The reference is ``rlhf.reference
 .ObjectiveReferenceEngine`` through the same loop in this process.
 
@@ -28,6 +29,7 @@ from tests.distributed.rlhf_parity_config import STAGE, make_parity_data, rlhf_p
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 TOL = 1e-5
 LAYOUTS = {"sft_tp2": ("sft", "--parallel.tp=2"), "sft_zero3": ("sft", "--zero.stage=3"),
+           "sft_pp2": ("sft", "--parallel.pp=2"),
            "rm_tp2": ("rm", "--parallel.tp=2"), "rm_zero3": ("rm", "--zero.stage=3")}
 WEIGHTS = {"sft": "model.safetensors", "rm": "reward_model.safetensors"}
 

@@ -69,6 +69,7 @@ def test_validation_names_the_field_and_the_fix(tmp_path: Path) -> None:
         "--rm.valid_fraction=1.5": r"rm.valid_fraction=1.5: must be in \[0, 1\)",
         "--data.synthetic=true": "data.synthetic=true: rm reads the files of \\[rm\\]",
         "--parallel.tp=3": "parallel.tp=3 does not divide n_heads=4",
+        "--parallel.pp=2": "parallel.pp=2: the reward model runs under tensor parallelism and ZeRO 1-3 but not",
     }
     for override, message in cases.items():
         with pytest.raises(ValueError, match=message):
