@@ -5,8 +5,9 @@
     train(cfg, task=task, engine_factory=ObjectiveReferenceEngine, topology_factory=single_process_topology)
 
 ``train.reference.ReferenceEngine`` is the language-model-only reference of the pretraining parity tests; this
-one takes the same ``objective`` and ``init_weights`` arguments as ``train.engine.TrainEngine`` (SFT's
-language-model objective, the reward model's pairwise objective) and nothing else: the objective's module
+one takes the same ``objective`` and ``init_weights`` arguments as ``train.engine.TrainEngine`` (default: the
+language-model objective of SFT, re-stated here so that nothing imports DeepSpeed; the reward model's pairwise
+objective) and nothing else: the objective's module
 with plain layers, the layout-independent seeded init (``init_llama_weights`` by native name), the initial
 weights copied over it, ``torch.optim.AdamW`` with the same parameter groups, the step's loss as the sum of
 per-item losses over the global count of ``batch[objective.weight_key]``, ``clip_grad_norm_``. No DeepSpeed,
@@ -26,9 +27,36 @@ from torch import Tensor
 
 from model.config import LlamaConfig
 from model.layers import LocalLayers
-from model.llama import init_llama_weights
-from train.engine import LanguageModelObjective
-from train.objective import decay_groups
+from model.llama import Llama, init_llama_weights
+from train.objective import decay_groups, masked_loss_sum
+
+
+class _LanguageModelLoss(torch.nn.Module):
+    def __init__(self, model: Llama) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: Tensor, labels: Tensor, loss_mask: Tensor, document_ids: Tensor,
+                scale: Tensor) -> Tensor:
+        logits = self.model(input_ids, document_ids=document_ids)
+        return masked_loss_sum(logits, labels, loss_mask, tp_size=1) * scale
+
+
+class LanguageModelObjective:
+    """``train.engine.LanguageModelObjective`` without importing the engine (and DeepSpeed) it is checked against:
+    the same batch fields, the same module names, token cross entropy under the loss mask."""
+
+    input_keys: tuple[str, ...] = ("input_ids", "labels", "loss_mask", "document_ids")
+    weight_key: str = "loss_mask"
+    supports_pipeline: bool = False
+
+    def build_module(self, model_cfg: LlamaConfig, factory: Any, run_cfg: Any) -> torch.nn.Module:
+        model = Llama(model_cfg, layers=factory)
+        model.checkpoint_every = run_cfg.parallel.activation_checkpoint_every
+        return _LanguageModelLoss(model)
+
+    def native_name(self, name: str) -> str:
+        return name.removeprefix("model.")
 
 
 class ObjectiveReferenceEngine:
