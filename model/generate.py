@@ -8,11 +8,17 @@ Prompts of different lengths are left-padded so every row writes the same cache 
 slots are masked out of attention and each row's RoPE positions start at 0 at its first real token, so a
 row's output does not depend on what it is batched with (up to float rounding).
 The whole prompt is one prefill forward; each new token is one forward of length 1 over the cache.
+
+``row_seeds`` gives every row its own sampling generator, so a row's tokens depend only on its prompt and its
+seed, not on the batch it is in or on the process that generates it (PPO rollouts split over data-parallel
+ranks reproduce a single-process run). ``logits_fn`` maps final hidden states to full-vocabulary logits
+(default ``model.output``; under tensor parallelism it gathers the vocab-parallel slices, see
+``rlhf/rollout.py``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -21,11 +27,21 @@ from model.llama import KVCache, Llama
 
 
 def sample_next_token(
-    logits: Tensor, *, temperature: float, top_p: float = 1.0, generator: torch.Generator | None = None
+    logits: Tensor,
+    *,
+    temperature: float,
+    top_p: float = 1.0,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
 ) -> Tensor:
-    """Pick one token per row of ``logits [b, vocab]``: argmax at temperature 0, else nucleus sampling."""
+    """Pick one token per row of ``logits [b, vocab]``: argmax at temperature 0, else nucleus sampling.
+
+    ``generator`` may be one generator for the batch or a sequence of one generator per row.
+    """
     if temperature <= 0:
         return logits.argmax(dim=-1)
+    if isinstance(generator, (list, tuple)):
+        return torch.cat([sample_next_token(logits[i : i + 1], temperature=temperature, top_p=top_p, generator=g)
+                          for i, g in enumerate(generator)])
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     if top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
@@ -48,8 +64,14 @@ def generate(
     stop_ids: Sequence[int] = (),
     seed: int | None = None,
     pad_id: int = 0,
+    row_seeds: Sequence[int] | None = None,
+    logits_fn: Callable[[Tensor], Tensor] | None = None,
 ) -> list[list[int]]:
-    """Continue each prompt; returns the new tokens per prompt, ending before the first stop token."""
+    """Continue each prompt; returns the new tokens per prompt, ending before the first stop token.
+
+    ``row_seeds`` (one int per prompt, instead of ``seed``): per-row generators, see the module docstring.
+    ``logits_fn``: final hidden states ``[b, dim]`` -> full-vocabulary logits (default ``model.output``).
+    """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate: every prompt needs at least one token (e.g. the BOS id)")
     device = next(model.parameters()).device
@@ -60,9 +82,15 @@ def generate(
             f"generate: prompt length {prompt_len} + max_new_tokens {max_new_tokens} = {total} exceeds the "
             f"model context max_seq_len={model.config.max_seq_len}; shorten the prompt or max_new_tokens"
         )
-    generator = None
-    if seed is not None:
+    generator: torch.Generator | list[torch.Generator] | None = None
+    if row_seeds is not None:
+        if len(row_seeds) != len(prompts) or seed is not None:
+            raise ValueError(f"generate: row_seeds needs one seed per prompt ({len(row_seeds)} for {len(prompts)} "
+                             "prompts) and no seed=")
+        generator = [torch.Generator(device=device).manual_seed(int(s)) for s in row_seeds]
+    elif seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
+    head = logits_fn if logits_fn is not None else model.output
 
     pad_lengths = torch.tensor([prompt_len - len(p) for p in prompts], device=device)
     tokens = torch.full((batch, prompt_len), pad_id, dtype=torch.long, device=device)
@@ -74,7 +102,7 @@ def generate(
     positions = (slots[None, :] - pad_lengths[:, None]).clamp(min=0)
 
     hidden = model(tokens, positions=positions, cache=cache, return_hidden=True)
-    logits = model.output(hidden[:, -1])
+    logits = head(hidden[:, -1])
     stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     next_positions = positions[:, -1:] + 1
@@ -87,7 +115,7 @@ def generate(
         if bool(finished.all()) or len(outputs) == max_new_tokens:
             break
         hidden = model(next_token[:, None], positions=next_positions, cache=cache, return_hidden=True)
-        logits = model.output(hidden[:, -1])
+        logits = head(hidden[:, -1])
         next_positions = next_positions + 1
 
     generated = torch.stack(outputs, dim=1).tolist() if outputs else [[] for _ in prompts]
