@@ -249,15 +249,18 @@ def _last_index(mask: Tensor) -> Tensor:
     return torch.where(present, positions, -1).max(dim=1).values
 
 
-def kl_penalized_rewards(score: Tensor, logp: Tensor, ref_logp: Tensor, mask: Tensor, beta: float) -> Tensor:
+def kl_penalized_rewards(
+    score: Tensor, logp: Tensor, ref_logp: Tensor, mask: Tensor, beta: float, *, kind: str = "k1"
+) -> Tensor:
     """Per-token PPO rewards ``[b, t]``: ``-beta * (logp - ref_logp)`` on every response token, plus the
     sequence score ``score[i]`` added at the last response token of row ``i`` (InstructGPT / Llama 2).
 
     ``mask`` marks response tokens (rows may have different lengths; prompt or padding positions are 0 and get
     reward 0). The k1 estimator is used because its sum over a sequence is the sequence's log-ratio, so the
-    return of a sequence is exactly ``score - beta * log(pi(g|p) / pi_0(g|p))``.
+    return of a sequence is exactly ``score - beta * log(pi(g|p) / pi_0(g|p))``. ``kind="k2"``/``"k3"`` use
+    the always-positive estimators as the per-token penalty instead (lower variance, biased as a penalty).
     """
-    rewards = -beta * kl_estimate(logp, ref_logp, kind="k1")
+    rewards = -beta * kl_estimate(logp, ref_logp, kind=kind)
     rewards = rewards.masked_fill(mask == 0, 0)
     last = _last_index(mask)
     rows = torch.arange(rewards.shape[0], device=rewards.device)
