@@ -1,0 +1,409 @@
+"""PPO with the Llama 2 combined reward (sec. 3.2.3): policy, frozen reference, value model and two reward models,
+each under tensor parallelism x ZeRO, rollouts with the KV-cache generator.
+
+    python -m rlhf.ppo --config configs/rlhf/ppo_tiny.toml --run.dir runs/ppo_tiny              # one process
+    torchrun --standalone --nproc-per-node 2 -m rlhf.ppo --config configs/rlhf/ppo_tiny.toml \\
+        --parallel.tp=2 --run.dir runs/ppo_tp2
+    torchrun --standalone --nproc-per-node 2 -m rlhf.ppo --config configs/rlhf/ppo_tiny.toml \\
+        --parallel.zero_stage=3 --rollout.gather=once --run.dir runs/ppo_zero3
+    python -m train.report runs/ppo_tiny                                                       # curves
+
+One iteration (``PPOTrainer.iteration``)::
+
+    prompts   = this rank's share of the iteration's prompts            (rlhf/ppo_data.py)
+    samples   = sample answers with the policy                           (rlhf/rollout.py; ZeRO-3: one gather)
+    logp, ref = log-probs of the answers under the policy and the reference; values from the value model
+    R         = WHITEN(LOGIT(Rs if is_safety(p) or Rs < 0.15 else Rh))  (rlhf/ppo_rewards.py)
+    r_t       = -beta * (logp_t - ref_t), plus R on the last answer token (rlhf/losses.py)
+    A, G      = GAE(r, V; gamma, lam); A whitened over all ranks
+    for each minibatch: one policy step (clipped surrogate), one value step (clipped value loss)
+
+Every held-out evaluation samples the held-out prompts with fixed seeds; the best held-out policy is exported
+to ``RUN_DIR/best_policy`` and the run stops early after ``eval.patience`` evaluations without a gain.
+Guards (KL / reward trend alarms, non-finite iterations) are in ``rlhf/ppo_guards.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from rlhf import rollout as ro
+from rlhf.losses import gae, kl_estimate, kl_penalized_rewards, logit
+from rlhf.ppo_config import PPOConfig
+from rlhf.ppo_data import iteration_prompts, load_prompts, shard, split_heldout
+from rlhf.ppo_guards import EarlyStopping, NonFinitePPO, PPOGuards
+from rlhf.ppo_metrics import PPOMetricsLogger
+from rlhf.ppo_models import (
+    PolicyObjective,
+    ScalarHeadObjective,
+    load_scalar_model,
+    save_scalar_model,
+    zero_head,
+)
+from rlhf.ppo_rewards import RewardModelScorer, RewardResult, RewardStage, build_scorer, global_masked_whiten
+
+
+@dataclass
+class Experience:
+    """One rank's rollouts with everything PPO needs, in answer space (one vector per sample)."""
+
+    samples: list[ro.Sample]
+    old_logp: list[Tensor]
+    ref_logp: list[Tensor]
+    values: list[Tensor]
+    advantages: list[Tensor]
+    returns: list[Tensor]
+    reward: RewardResult
+
+
+@dataclass
+class PPOResult:
+    run_dir: Path
+    iterations: int
+    reason: str
+    """"completed", "early_stop" or "alarm"."""
+    best_iteration: int
+    best_heldout: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _initial_weights(cfg: PPOConfig, model_cfg: Any) -> dict[str, Tensor]:
+    """The policy's starting weights: the SFT checkpoint, or the seeded init (identical on every rank)."""
+    if cfg.policy.init:
+        from model.checkpoints import load_checkpoint
+
+        ckpt_cfg, weights = load_checkpoint(cfg.policy.init)
+        if ckpt_cfg.dim != model_cfg.dim or ckpt_cfg.n_layers != model_cfg.n_layers:
+            raise ValueError(f"policy.init={cfg.policy.init!r} is a {ckpt_cfg.name} (dim {ckpt_cfg.dim}, "
+                             f"{ckpt_cfg.n_layers} layers) but policy.model={cfg.policy.model!r}; make them agree")
+        return weights
+    from model.llama import Llama, init_llama_weights
+
+    model = Llama(model_cfg)
+    init_llama_weights(model, seed=cfg.run.seed)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+class PPOTrainer:
+    """Builds the five roles and runs PPO iterations; every method is collective over all ranks."""
+
+    def __init__(self, cfg: PPOConfig, *, topology: Any = None, reward_stage: RewardStage | None = None,
+                 print_fn: Any = print) -> None:
+        from train.engine import TrainEngine
+        from train.topology import Topology
+
+        self.topo = topology or Topology.initialize(tp=cfg.parallel.tp, timeout_s=cfg.parallel.collective_timeout_s)
+        self.cfg = cfg.validate(world_size=self.topo.world_size)
+        self.print = print_fn if self.topo.global_rank == 0 else (lambda *a, **k: None)
+        self.model_cfg = cfg.model_config()
+        self.tokenizer = None
+        if cfg.data.tokenizer:
+            from model.tokenizer import load_tokenizer
+
+            self.tokenizer = load_tokenizer(cfg.data.tokenizer)
+        self.pad_id = self.tokenizer.pad_id if self.tokenizer else 0
+        self.stop_ids = tuple(self.tokenizer.stop_ids) if self.tokenizer else (2,)
+        self._engine_cls = TrainEngine
+        weights = _initial_weights(cfg, self.model_cfg)
+        objective = PolicyObjective(clip=cfg.ppo.clip, temperature=cfg.rollout.temperature)
+        self.policy = self._engine("policy", objective, self.model_cfg, weights)
+        self.reference = self._engine("frozen", objective, self.model_cfg, weights)
+        self.rewards = reward_stage or self._reward_stage()
+        self.value = self._value_engine(weights)
+        prompts = load_prompts(cfg.data, tokenizer=self.tokenizer, vocab_size=self.model_cfg.vocab_size,
+                               seed=cfg.run.seed, print_fn=self.print)
+        self.train_prompts, self.heldout = split_heldout(prompts, n=cfg.data.heldout_prompts)
+        self.guards = PPOGuards(cfg.guards)
+        self.stopper = EarlyStopping(patience=cfg.eval.patience, min_delta=cfg.eval.min_delta)
+
+    # ---- construction ----------------------------------------------------------------------------------
+    def _engine(self, role: str, objective: Any, model_cfg: Any, weights: dict[str, Tensor] | None) -> Any:
+        engine = self._engine_cls(model_cfg=model_cfg, run_cfg=self.cfg.engine_run_config(role=role),
+                                  topology=self.topo, objective=objective, init_weights=weights)
+        if role == "frozen":
+            engine.trained_module.eval()
+        return engine
+
+    def _value_engine(self, policy_weights: dict[str, Tensor]) -> Any:
+        """Llama 2 initialises the value model from the (helpfulness) reward model; "policy" and "" are for
+        runs without one."""
+        init, objective = self.cfg.value.init, ScalarHeadObjective(clip=self.cfg.ppo.value_clip)
+        if init == "policy":
+            return self._engine("value", objective, self.model_cfg, zero_head(policy_weights, dim=self.model_cfg.dim))
+        if init == "":
+            return self._engine("value", objective, self.model_cfg, None)
+        model_cfg, weights, _ = load_scalar_model(self.cfg.reward.helpful if init == "helpful_rm" else init)
+        return self._engine("value", objective, model_cfg, weights)
+
+    def _scorer(self, spec: str) -> Any:
+        if not Path(spec).is_dir():
+            return build_scorer(spec, tokenizer=self.tokenizer, vocab_size=self.model_cfg.vocab_size)
+        from rlhf.reward import RewardObjective
+
+        model_cfg, weights, meta = load_scalar_model(spec)  # a reward model: a frozen engine under TP x ZeRO
+        self._check_same_tokens(spec, meta)
+        engine = self._engine("frozen", RewardObjective(), model_cfg, weights)
+        return RewardModelScorer(engine, micro_batch_size=self.cfg.ppo.micro_batch_size, pad_id=self.pad_id,
+                                 end_id=self.stop_ids[0], max_len=int(meta.get("max_len", model_cfg.max_seq_len)))
+
+    def _check_same_tokens(self, spec: str, meta: dict[str, Any]) -> None:
+        """The reward model must read the policy's token ids: same tokenizer file and chat template."""
+        if self.tokenizer is None:
+            raise ValueError(f"reward model {spec} scores token ids of a tokenizer: set data.tokenizer")
+        theirs = meta.get("tokenizer")
+        if theirs and Path(theirs).is_file():
+            from model.tokenizer import load_tokenizer
+
+            same = load_tokenizer(theirs).file_hash() == self.tokenizer.file_hash()
+        else:
+            same = True  # the RM's tokenizer file is not on this machine: trust data.tokenizer
+        if not same:
+            raise ValueError(f"reward model {spec} was trained with another tokenizer ({meta.get('tokenizer')}) than "
+                             f"data.tokenizer={self.cfg.data.tokenizer}")
+        if meta.get("template", self.cfg.data.template) != self.cfg.data.template:
+            raise ValueError(f"reward model {spec} uses the {meta['template']!r} chat format but data.template="
+                             f"{self.cfg.data.template!r}")
+
+    def _reward_stage(self) -> RewardStage:
+        r = self.cfg.reward
+        return RewardStage(helpful=self._scorer(r.helpful), safety=self._scorer(r.safety) if r.safety else None,
+                           kind=r.kind, threshold=r.safety_threshold, whiten=r.whiten, group=self.topo.dp_group)
+
+    # ---- one iteration ---------------------------------------------------------------------------------
+    def _rollout(self, prompts: list[ro.Prompt], seeds: list[int], *, temperature: float) -> tuple[list, float]:
+        r = self.cfg.rollout
+        return ro.rollout(self.policy, prompts, seeds=seeds, mode=r.gather, max_new_tokens=r.max_new_tokens,
+                          temperature=temperature, top_p=r.top_p, stop_ids=self.stop_ids, pad_id=self.pad_id,
+                          batch_size=r.batch_size)
+
+    def make_experience(self, samples: list[ro.Sample]) -> Experience:
+        """Score the rollouts with every role and turn the rewards into advantages and value targets."""
+        c, micro = self.cfg, self.cfg.ppo.micro_batch_size
+        old_logp = ro.score_tokens(self.policy, samples, micro_batch_size=micro, pad_id=self.pad_id)
+        ref_logp = ro.score_tokens(self.reference, samples, micro_batch_size=micro, pad_id=self.pad_id)
+        values = ro.score_tokens(self.value, samples, micro_batch_size=micro, pad_id=self.pad_id, value=True)
+        reward = self.rewards(samples)
+        logp_t, mask = ro.padded(old_logp)
+        ref_t, _ = ro.padded(ref_logp)
+        values_t, _ = ro.padded(values)
+        token_rewards = kl_penalized_rewards(reward.score, logp_t, ref_t, mask, c.beta, kind=c.reward.kl_penalty)
+        adv, ret = gae(token_rewards, values_t, mask, gamma=c.ppo.gamma, lam=c.ppo.lam)
+        if c.ppo.whiten_advantages:
+            adv = global_masked_whiten(adv, mask, group=self.topo.dp_group)
+        lengths = [len(s.answer) for s in samples]
+        return Experience(samples=samples, old_logp=old_logp, ref_logp=ref_logp, values=values,
+                          advantages=ro.unpadded(adv, lengths), returns=ro.unpadded(ret, lengths), reward=reward)
+
+    def update(self, exp: Experience) -> dict[str, float]:
+        """One gradient step of the policy and one of the value model per minibatch (``ppo.epochs`` passes)."""
+        c, dp = self.cfg, self.topo.dp_size
+        local_minibatch, micro = c.ppo.minibatch_size // dp, c.ppo.micro_batch_size
+        value_lr = c.optim.value_lr if c.optim.value_lr > 0 else c.optim.lr
+        norms: dict[str, list[float]] = {"policy_grad_norm": [], "value_grad_norm": [], "skipped_steps": []}
+        for _ in range(c.ppo.epochs):
+            for start in range(0, len(exp.samples), local_minibatch):
+                idx = range(start, start + local_minibatch)
+                pieces = [list(idx[i : i + micro]) for i in range(0, local_minibatch, micro)]
+                policy_mbs = [ro.collate([exp.samples[i] for i in p], pad_id=self.pad_id, per_token={
+                    "old_logp": [exp.old_logp[i] for i in p], "advantages": [exp.advantages[i] for i in p]})
+                    for p in pieces]
+                value_mbs = [ro.collate([exp.samples[i] for i in p], pad_id=self.pad_id, per_token={
+                    "old_values": [exp.values[i] for i in p], "returns": [exp.returns[i] for i in p]})
+                    for p in pieces]
+                step = self.policy.train_step(iter(policy_mbs), c.optim.lr)
+                vstep = self.value.train_step(iter(value_mbs), value_lr)
+                norms["policy_grad_norm"].append(step.grad_norm)
+                norms["value_grad_norm"].append(vstep.grad_norm)
+                norms["skipped_steps"].append(float(step.skipped) + float(vstep.skipped))
+        stats = self._reduce_stats(self.policy.trained_module.stats.pop())
+        stats.update(self._reduce_stats(self.value.trained_module.stats.pop()))
+        stats.update({k: (sum(v) if k == "skipped_steps" else sum(v) / max(len(v), 1)) for k, v in norms.items()})
+        return stats
+
+    def _reduce_stats(self, sums: dict[str, float]) -> dict[str, float]:
+        keys = sorted(sums)
+        t = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
+        if self.topo.dp_size > 1:
+            dist.all_reduce(t, group=self.topo.dp_group)
+        total = dict(zip(keys, t.tolist()))
+        n = max(total.pop("tokens", 1.0), 1.0)
+        return {k: v / n for k, v in total.items()}
+
+    def _finite(self, exp: Experience) -> bool:
+        """True on every rank iff no rank has a NaN/Inf reward, log-prob or value."""
+        bad = any(not bool(torch.isfinite(t).all()) for t in [exp.reward.score, *exp.old_logp, *exp.ref_logp,
+                                                              *exp.values, *exp.advantages])
+        flag = torch.tensor([1.0 if bad else 0.0])
+        if self.topo.world_size > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return flag.item() == 0.0
+
+    def rollout_metrics(self, exp: Experience, *, prefix: str = "") -> dict[str, float]:
+        """Reward, KL and length statistics over every rank's samples (global means)."""
+        g, r = self.topo.dp_group, exp.reward
+        seq_k1 = torch.stack([(a - b).sum() for a, b in zip(exp.old_logp, exp.ref_logp)])
+        k3 = torch.cat([kl_estimate(a, b, kind="k3") for a, b in zip(exp.old_logp, exp.ref_logp)])
+        is_safety = torch.tensor([s.prompt.is_safety for s in exp.samples])
+        sums = torch.tensor([
+            float(r.helpful.sum()), float(r.safety.sum()), float(r.combined.sum()), float(logit(r.combined).sum()),
+            float(r.used_safety.float().sum()), float(seq_k1.sum()), float(k3.sum()), float(k3.numel()),
+            float(sum(len(s.answer) for s in exp.samples)), float(sum(s.truncated for s in exp.samples)),
+            float(r.safety[is_safety].sum()), float(is_safety.sum()), float(len(exp.samples))], dtype=torch.float64)
+        if self.topo.dp_size > 1:
+            dist.all_reduce(sums, group=g)
+        s = sums.tolist()
+        n = max(s[12], 1.0)
+        return {f"{prefix}reward/helpful": s[0] / n, f"{prefix}reward/safety": s[1] / n,
+                f"{prefix}reward/combined": s[2] / n, f"{prefix}reward/logit_combined": s[3] / n,
+                f"{prefix}reward/used_safety": s[4] / n, f"{prefix}kl": s[5] / n,
+                f"{prefix}kl_k3": s[6] / max(s[7], 1.0), f"{prefix}response_length": s[8] / n,
+                f"{prefix}truncated": s[9] / n,
+                f"{prefix}reward/safety_on_safety_prompts": s[10] / s[11] if s[11] else float("nan")}
+
+    def collect(self, it: int) -> tuple[Experience, dict[str, Any]]:
+        """Rollouts of iteration ``it`` (0-based) on this rank's prompts, scored: ``(experience, metrics)``."""
+        c = self.cfg
+        batch = iteration_prompts(self.train_prompts, iteration=it, n=c.ppo.prompts_per_iteration, seed=c.run.seed)
+        local = shard(batch, dp_rank=self.topo.dp_rank, dp_size=self.topo.dp_size)
+        seeds = [ro.answer_seed(c.run.seed, it, p.index) for p in local]
+        samples, gen_s = self._rollout(local, seeds, temperature=c.rollout.temperature)
+        t0 = time.perf_counter()
+        exp = self.make_experience(samples)
+        record: dict[str, Any] = {"step": it + 1, "gen_time_s": gen_s, "score_time_s": time.perf_counter() - t0}
+        record.update(self.rollout_metrics(exp))
+        record["rollout_tokens_per_s"] = record["response_length"] * c.ppo.prompts_per_iteration / max(gen_s, 1e-9)
+        return exp, record
+
+    def iteration(self, it: int) -> dict[str, Any]:
+        """Rollout, experience and update of iteration ``it`` (0-based); returns its metrics."""
+        exp, record = self.collect(it)
+        if not self._finite(exp):
+            record.update(skipped=True, event=self.guards.nonfinite(it + 1, what="rewards / log-probs / values"))
+            return record
+        t0 = time.perf_counter()
+        record.update(self.update(exp))
+        record["train_time_s"] = time.perf_counter() - t0
+        if not (math.isfinite(record["policy_loss"]) and math.isfinite(record["value_loss"])):
+            record.update(skipped=True, event=self.guards.nonfinite(it + 1, what="losses"))
+            return record
+        alarms = self.guards.observe(it + 1, kl=record["kl"], k1_mean=record["kl"],
+                                     reward=record["reward/logit_combined"])
+        record.update(skipped=False, alarms=alarms, alarms_total=self.guards.alarms_total)
+        return record
+
+    # ---- evaluation and export -------------------------------------------------------------------------
+    def evaluate(self) -> dict[str, float]:
+        """Held-out prompts, fixed seeds: rewards (unwhitened), KL and length; ``heldout/`` keys."""
+        c = self.cfg
+        local = shard(self.heldout, dp_rank=self.topo.dp_rank, dp_size=self.topo.dp_size)
+        seeds = [ro.answer_seed(c.run.seed + 1, 0, p.index) for p in local]
+        temperature = c.eval.temperature if c.eval.temperature > 0 else c.rollout.temperature
+        samples, _ = self._rollout(local, seeds, temperature=temperature)
+        micro = c.ppo.micro_batch_size
+        logp = ro.score_tokens(self.policy, samples, micro_batch_size=micro, pad_id=self.pad_id)
+        ref = ro.score_tokens(self.reference, samples, micro_batch_size=micro, pad_id=self.pad_id)
+        reward = self.rewards(samples, whiten=False)
+        exp = Experience(samples=samples, old_logp=logp, ref_logp=ref, values=[], advantages=[], returns=[],
+                         reward=reward)
+        return self.rollout_metrics(exp, prefix="heldout/")
+
+    def export(self, name: str, *, value: bool = False) -> Path:
+        """Consolidated weights of the policy (native format) or value model into ``RUN_DIR/name``."""
+        out = Path(self.cfg.run.dir) / name
+        engine = self.value if value else self.policy
+        weights = engine.consolidated_state_dict()
+        if self.topo.global_rank == 0:
+            if value:
+                save_scalar_model(weights, engine.model_cfg, out, meta={
+                    "role": "ppo value model", "tokenizer": self.cfg.data.tokenizer,
+                    "template": self.cfg.data.template, "max_len": engine.model_cfg.max_seq_len})
+            else:
+                from model.checkpoints.native import save_native
+
+                save_native(weights, self.model_cfg, out, overwrite=True)
+        if self.topo.world_size > 1:
+            dist.barrier()
+        return out
+
+    # ---- the run ---------------------------------------------------------------------------------------
+    def _evaluate_and_track(self, it: int, record: dict[str, Any], log: PPOMetricsLogger) -> None:
+        held = self.evaluate()
+        record.update(held)
+        if self.stopper.update(held["heldout/reward/logit_combined"], iteration=it):
+            self.export("best_policy")
+            log.event(f"iteration {it}: best held-out LOGIT(Rc) {held['heldout/reward/logit_combined']:.4f} "
+                      f"-> {self.cfg.run.dir}/best_policy")
+
+    def run(self) -> PPOResult:
+        c, run_dir = self.cfg, Path(self.cfg.run.dir)
+        if self.topo.global_rank == 0:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "ppo_config.toml").write_text(c.to_toml())
+        log = PPOMetricsLogger(run_dir, config=dataclasses.asdict(c),
+                               enabled=self.topo.global_rank == 0, wandb=c.logging.wandb,
+                               wandb_project=c.logging.wandb_project, wandb_mode_setting=c.logging.wandb_mode,
+                               print_fn=self.print)
+        log.event(f"PPO {self.model_cfg.name} ({self.model_cfg.num_params() / 1e6:.2f}M), world "
+                  f"{self.topo.world_size} (tp {self.topo.tp_size}, dp {self.topo.dp_size}), ZeRO "
+                  f"{c.parallel.zero_stage}/{c.frozen_stage}, beta {c.beta}, {len(self.train_prompts)} train / "
+                  f"{len(self.heldout)} held-out prompts")
+        history, reason, it = [], "completed", 0
+        try:
+            if c.eval.every:
+                start = {"step": 0}
+                self._evaluate_and_track(0, start, log)
+                history.append(log.log(start))
+            for it in range(1, c.ppo.iterations + 1):
+                record = self.iteration(it - 1)
+                if c.eval.every and (it % c.eval.every == 0 or it == c.ppo.iterations):
+                    self._evaluate_and_track(it, record, log)
+                history.append(log.log(record))
+                for alarm in record.get("alarms", []):
+                    log.event(f"ALARM {alarm}")
+                if record.get("alarms") and c.guards.stop_on_alarm:
+                    reason = "alarm"
+                    break
+                if self.stopper.should_stop:
+                    reason = "early_stop"
+                    log.event(f"early stop at iteration {it}: no held-out gain for {c.eval.patience} evaluations "
+                              f"(best {self.stopper.best:.4f} at iteration {self.stopper.best_iteration})")
+                    break
+            self.export("final_policy")
+            self.export("final_value", value=True)
+        finally:
+            log.close()
+        return PPOResult(run_dir=run_dir, iterations=it, reason=reason, best_iteration=self.stopper.best_iteration,
+                         best_heldout=self.stopper.best, history=history)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m rlhf.ppo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=None, help="TOML preset (configs/rlhf/ppo*.toml)")
+    args, overrides = parser.parse_known_args(argv)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    try:
+        cfg = PPOConfig.from_toml(args.config, overrides)
+        result = PPOTrainer(cfg).run()
+    except (ValueError, NonFinitePPO) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"PPO {result.reason} after {result.iterations} iterations; best held-out LOGIT(Rc) "
+          f"{result.best_heldout:.4f} at iteration {result.best_iteration}; run dir {result.run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,215 @@
+"""PPO's roles as training-engine objectives: the policy (log-probs, clipped surrogate) and a scalar-head model
+(the value model, and the reward-model adapter), each trainable or frozen under TP x ZeRO.
+
+    policy = TrainEngine(model_cfg=m, run_cfg=cfg.engine_run_config(role="policy"), topology=topo,
+                         objective=PolicyObjective(clip=0.2, temperature=1.0), init_weights=sft_weights)
+    logp = policy.forward(input_ids=ids, labels=labels)                 # [b, t] log pi(label | prefix)
+    value = TrainEngine(..., objective=ScalarHeadObjective(clip=0.2))
+    v = value.forward(input_ids=ids)                                    # [b, t] V(prefix)
+
+Both modules follow the engine's objective contract: ``forward(**batch, scale)`` returns the SUM of per-token
+losses times ``scale`` (the engine divides by the global count of ``response_mask`` tokens, so a step's loss is
+the token-level mean over the whole minibatch on every data-parallel rank); without ``scale`` they score.
+The per-micro-batch diagnostics (clip fraction, approximate KL, entropy) are summed in ``module.stats``.
+
+Tensor parallelism: the head's logits are vocab-parallel; log-probs come from megatron-core's
+``vocab_parallel_cross_entropy`` and the entropy from three all-reduces (``vocab_parallel_entropy``), so the
+full ``[b, t, V]`` logits are never gathered. The scalar head is a replicated ``Linear(dim, 1)``: its input
+(the final norm's output) is identical on every TP rank, so are its gradients.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from model.config import LlamaConfig
+from model.llama import Llama
+from rlhf.losses import logprobs_from_logits, policy_loss, value_loss
+
+
+def token_logprobs(logits: Tensor, labels: Tensor, *, tp_size: int) -> Tensor:
+    """``log softmax(logits)[label]`` per token, fp32 ``[b, t]``; ``logits`` vocab-parallel when ``tp_size > 1``
+    (then fp32 ``logits`` are overwritten: megatron's ``vocab_parallel_cross_entropy`` works in place)."""
+    if tp_size == 1:
+        return logprobs_from_logits(logits, labels)
+    from model.parallel import token_cross_entropy
+
+    return -token_cross_entropy(logits, labels, tp_size=tp_size)
+
+
+@torch.no_grad()
+def vocab_parallel_entropy(logits: Tensor, *, tp_size: int, group: Any = None) -> Tensor:
+    """Per-token entropy ``logsumexp(z) - sum softmax(z) z`` (nats, ``[b, t]``) of full or vocab-parallel logits."""
+    z = logits.float()
+    m = z.max(dim=-1).values
+    if tp_size > 1:
+        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+    e = torch.exp(z - m.unsqueeze(-1))
+    s, ez = e.sum(-1), (e * z).sum(-1)
+    if tp_size > 1:
+        both = torch.stack([s, ez])
+        dist.all_reduce(both, group=group)
+        s, ez = both[0], both[1]
+    return m + torch.log(s) - ez / s
+
+
+class _Stats:
+    """Sums of per-micro-batch diagnostics, weighted by their token counts (read and reset per iteration)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = defaultdict(float)
+
+    def add(self, n: float, **values: float) -> None:
+        self.sums["tokens"] += n
+        for k, v in values.items():
+            self.sums[k] += float(v) * n
+
+    def pop(self) -> dict[str, float]:
+        out, self.sums = dict(self.sums), defaultdict(float)
+        return out
+
+
+class PolicyModule(nn.Module):
+    """A Llama whose forward scores (log-probs), trains (clipped surrogate) or takes one generation step."""
+
+    def __init__(self, model: Llama, *, tp_size: int, tp_group: Any, clip: float, temperature: float) -> None:
+        super().__init__()
+        self.model, self.tp_size, self.tp_group = model, tp_size, tp_group
+        self.clip, self.temperature = clip, temperature
+        self.stats = _Stats()
+
+    def forward(self, input_ids: Tensor, labels: Tensor | None = None, response_mask: Tensor | None = None,
+                old_logp: Tensor | None = None, advantages: Tensor | None = None, scale: Tensor | None = None,
+                *, positions: Tensor | None = None, cache: Any = None) -> Tensor:
+        if cache is not None:  # one generate() step through the engine (ZeRO-3 per-token mode)
+            hidden = self.model(input_ids, positions=positions, cache=cache, return_hidden=True)
+            return self.model.output(hidden[:, -1:])
+        logits = self.model(input_ids)
+        if self.temperature != 1.0:  # PPO's log-probs are those of the sampling distribution
+            logits = logits / self.temperature
+        if scale is None:
+            return token_logprobs(logits, labels, tp_size=self.tp_size)
+        # Before the log-probs: megatron's vocab-parallel cross entropy rewrites its fp32 input in place.
+        entropy = vocab_parallel_entropy(logits.detach(), tp_size=self.tp_size, group=self.tp_group)
+        logp = token_logprobs(logits, labels, tp_size=self.tp_size)
+        loss, clip_fraction, approx_kl = policy_loss(logp, old_logp, advantages, response_mask, clip=self.clip)
+        n = response_mask.float().sum()
+        m = response_mask.float()
+        self.stats.add(float(n), policy_loss=float(loss.detach()), clip_fraction=float(clip_fraction),
+                       approx_kl=float(approx_kl),
+                       entropy=float((entropy * m).sum() / n.clamp(min=1)))
+        return loss * n * scale
+
+
+class PolicyObjective:
+    """The policy (and the frozen reference policy): next-token log-probs and the PPO clipped surrogate."""
+
+    input_keys: tuple[str, ...] = ("input_ids", "labels", "response_mask", "old_logp", "advantages")
+    weight_key: str = "response_mask"
+    supports_pipeline: bool = False
+
+    def __init__(self, *, clip: float = 0.2, temperature: float = 1.0) -> None:
+        self.clip, self.temperature = clip, temperature
+
+    def build_module(self, model_cfg: LlamaConfig, factory: Any, run_cfg: Any) -> nn.Module:
+        model = Llama(model_cfg, layers=factory)
+        model.checkpoint_every = run_cfg.parallel.activation_checkpoint_every
+        return PolicyModule(model, tp_size=factory.tp_size, tp_group=getattr(factory, "group", None),
+                            clip=self.clip, temperature=self.temperature)
+
+    def native_name(self, name: str) -> str:
+        return name.removeprefix("model.")
+
+
+SCALAR_HEAD = "reward_head.weight"
+"""Native name of the scalar head: the reward model's (``rlhf/reward.py``), so a value model starts from a
+helpfulness RM (Llama 2) and exports in the same format."""
+
+
+class ScalarHeadModule(nn.Module):
+    """Llama backbone (no LM head) + ``Linear(dim, 1)``: values ``[b, t]``, or the clipped value loss."""
+
+    def __init__(self, model: Llama, *, clip: float) -> None:
+        super().__init__()
+        model.output = nn.Identity()  # the backbone's LM head is never used: no parameters, no gradients
+        self.model, self.clip = model, clip
+        self.value_head = nn.Linear(model.config.dim, 1, bias=False)
+        self.stats = _Stats()
+
+    def forward(self, input_ids: Tensor, response_mask: Tensor | None = None, old_values: Tensor | None = None,
+                returns: Tensor | None = None, scale: Tensor | None = None) -> Tensor:
+        hidden = self.model(input_ids, return_hidden=True)
+        values = self.value_head(hidden).squeeze(-1).float()
+        if scale is None:
+            return values
+        loss = value_loss(values, old_values, returns, response_mask, clip=self.clip)
+        n = response_mask.float().sum()
+        self.stats.add(float(n), value_loss=float(loss.detach()))
+        return loss * n * scale
+
+
+class ScalarHeadObjective:
+    """The value model (trained with the clipped value loss) and, frozen, a scalar reward model."""
+
+    input_keys: tuple[str, ...] = ("input_ids", "response_mask", "old_values", "returns")
+    weight_key: str = "response_mask"
+    supports_pipeline: bool = False
+
+    def __init__(self, *, clip: float = 0.2) -> None:
+        self.clip = clip
+
+    def build_module(self, model_cfg: LlamaConfig, factory: Any, run_cfg: Any) -> nn.Module:
+        model = Llama(model_cfg, layers=factory)
+        model.checkpoint_every = run_cfg.parallel.activation_checkpoint_every
+        return ScalarHeadModule(model, clip=self.clip)
+
+    def native_name(self, name: str) -> str:
+        return SCALAR_HEAD if name == "value_head.weight" else name.removeprefix("model.")
+
+
+def zero_head(weights: dict[str, Tensor], *, dim: int) -> dict[str, Tensor]:
+    """Policy weights as a value-model init: the LM head dropped, a zero scalar head added (V = 0 at start)."""
+    out = {k: v for k, v in weights.items() if k != "output.weight"}
+    out.setdefault(SCALAR_HEAD, torch.zeros(1, dim))
+    return out
+
+
+# ------------------------------------------------------------------------------------ scalar-head checkpoints
+
+
+def save_scalar_model(state_dict: dict[str, Tensor], config: LlamaConfig, out_dir: str | Path, *,
+                      meta: dict[str, Any]) -> Path:
+    """A value model in the reward-model format of ``rlhf/reward.py`` (``reward_model.safetensors`` with the head
+    as ``reward_head.weight`` + ``reward_model.json``), so value models and reward models load the same way."""
+    from rlhf.reward import save_reward_model
+
+    return save_reward_model(state_dict, config, out_dir, meta=meta)
+
+
+def load_scalar_model(path: str | Path) -> tuple[LlamaConfig, dict[str, Tensor], dict[str, Any]]:
+    """``(backbone config, native weights incl. reward_head.weight, reward_model.json)`` of a reward model
+    exported by ``python -m rlhf.reward`` (or a PPO ``final_value/``), or of its run directory."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from rlhf.config import checkpoint_dir
+    from rlhf.reward import FORMAT, META, WEIGHTS
+
+    p = checkpoint_dir(path)
+    if not (p / META).is_file():
+        raise ValueError(f"{path}: no {META}; expected a reward model exported by `python -m rlhf.reward` "
+                         "(RUN_DIR/final_model or the run directory)")
+    meta = json.loads((p / META).read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{p / META}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    weights = load_file(str(p / WEIGHTS))
+    if SCALAR_HEAD not in weights:
+        raise ValueError(f"{p / WEIGHTS}: no {SCALAR_HEAD!r}")
+    return LlamaConfig.from_dict(meta["model"]), weights, meta

@@ -1,0 +1,73 @@
+"""Worker for the PPO parity test: one PPO iteration per layout, everything it computed written to JSON.
+
+    python tests/distributed/run_ppo_layouts.py OUT_DIR single=                          # the reference
+    torchrun --standalone --nproc-per-node 2 tests/distributed/run_ppo_layouts.py OUT_DIR \\
+        tp2=--parallel.tp=2 dp2_zero3_once=--parallel.zero_stage=3,--rollout.gather=once ...
+
+Each ``NAME=--a.b=1,--c.d=2`` builds a ``PPOTrainer`` on the tiny parity config with those overrides, runs one
+iteration (rollout, scoring, rewards, GAE, one policy and one value step per minibatch) and writes
+``OUT_DIR/NAME/result.json``: the iteration's metrics and, per global prompt index, the sampled answer, the
+sequence reward, and the log-probs / values / advantages; plus the consolidated policy and value weights.
+Process groups are rebuilt between layouts whose TP size differs (``Topology.initialize``).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from pathlib import Path
+
+warnings.filterwarnings("ignore")
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+import torch.distributed as dist  # noqa: E402
+
+from rlhf.ppo import PPOTrainer  # noqa: E402
+from rlhf.ppo_config import PPOConfig  # noqa: E402
+
+BASE = [
+    "--policy.model=debug_tiny", "--reward.helpful=target_tokens:40,41,42,43,44,45,46,47",
+    "--reward.safety=avoid_tokens:60,61", "--reward.beta=0.05", "--data.synthetic_prompts=48",
+    "--data.synthetic_safety_fraction=0.25", "--data.heldout_prompts=8", "--data.max_prompt_tokens=16",
+    "--rollout.max_new_tokens=8", "--rollout.batch_size=8", "--ppo.iterations=1", "--ppo.prompts_per_iteration=16",
+    "--ppo.minibatch_size=8", "--ppo.micro_batch_size=4", "--optim.lr=3e-3", "--optim.value_lr=3e-3",
+    "--optim.grad_clip=0.5", "--eval.every=0", "--run.seed=11",
+]
+
+
+def run_layout(out: Path, name: str, overrides: list[str]) -> None:
+    cfg = PPOConfig.from_toml(None, BASE + overrides + [f"--run.dir={out / name}"])
+    trainer = PPOTrainer(cfg, print_fn=lambda *a, **k: None)
+    topo = trainer.topo
+    exp, record = trainer.collect(0)
+    record.update(trainer.update(exp))
+    record = {k: v for k, v in record.items() if not k.endswith("_time_s") and k != "rollout_tokens_per_s"}
+    mine = {str(s.prompt.index): {"answer": s.answer, "score": float(exp.reward.score[i]),
+                                  "old_logp": exp.old_logp[i].tolist(), "ref_logp": exp.ref_logp[i].tolist(),
+                                  "values": exp.values[i].tolist(), "advantages": exp.advantages[i].tolist()}
+            for i, s in enumerate(exp.samples)}
+    parts: list = [None] * topo.world_size
+    if topo.world_size > 1:
+        dist.all_gather_object(parts, mine)
+    else:
+        parts = [mine]
+    per_prompt: dict = {}
+    for part in parts:
+        per_prompt.update(part)
+    trainer.export("final_policy")
+    trainer.export("final_value", value=True)
+    if topo.global_rank == 0:
+        (out / name / "result.json").write_text(json.dumps({"metrics": record, "prompts": per_prompt}))
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    for spec in sys.argv[2:]:
+        name, _, overrides = spec.partition("=")
+        run_layout(out, name, [o for o in overrides.split(",") if o])
+
+
+if __name__ == "__main__":
+    main()
