@@ -4,7 +4,8 @@
 
 Writes ``loss.png`` (training loss with validation loss on top), ``throughput.png`` (tokens/s and MFU),
 ``lr.png``, ``grad_norm.png``, ``all_metrics.png`` (every numeric key present, one panel each, so other stages,
-e.g. PPO, get plots without code here) and ``summary.md`` (config, final/best losses, throughput, time).
+e.g. PPO, get plots without code here), for PPO runs ``ppo.png`` (rewards, held-out reward, KL, entropy, clip
+fraction, value loss, length, time per iteration) and ``summary.md`` (config, final/best losses, throughput, time).
 """
 
 from __future__ import annotations
@@ -94,8 +95,27 @@ def write_report(run_dir: str | Path, output: str | Path | None = None) -> Path:
     panels = [(k, [("", *_series(train, k))]) for k in keys]
     panels += [(k, [("", *_series(valid, k))]) for k in ("val_loss", "val_ppl") if valid]
     _plot(out / "all_metrics.png", f"{name}: every logged metric", panels)
+    if any(r.get("type") == "ppo" for r in train):
+        _plot(out / "ppo.png", f"{name}: PPO", [(label, [(k.replace("reward/", "") if len(keys) > 1 else "",
+                                                          *_series(train, k)) for k in keys])
+                                               for label, keys in PPO_PANELS])
     (out / "summary.md").write_text(summarize(run_dir, train, valid))
     return out
+
+
+# The curves of a PPO run (rlhf/ppo_metrics.py): one panel per entry, a line per key.
+PPO_PANELS: list[tuple[str, list[str]]] = [
+    ("reward (probability)", ["reward/helpful", "reward/safety", "reward/combined"]),
+    ("held-out LOGIT(Rc)", ["heldout/reward/logit_combined"]),
+    ("held-out reward", ["heldout/reward/helpful", "heldout/reward/safety",
+                         "heldout/reward/safety_on_safety_prompts"]),
+    ("KL to reference (nats/seq)", ["kl", "heldout/kl"]),
+    ("entropy (nats/token)", ["entropy"]),
+    ("clip fraction", ["clip_fraction"]),
+    ("value loss", ["value_loss"]),
+    ("response length", ["response_length"]),
+    ("seconds", ["gen_time_s", "score_time_s", "train_time_s"]),
+]
 
 
 def summarize(run_dir: Path, train: list[dict[str, Any]], valid: list[dict[str, Any]]) -> str:
