@@ -57,6 +57,31 @@ def _hh_files(root: Path) -> list[tuple[Path, bool]]:
     return files
 
 
+def _prompt_records(path: Path, *, print_fn: Any) -> list[tuple[list[dict[str, str]], bool, bool]]:
+    """``(prompt turns, is_safety, on the held-out side)`` of every record. Preference pairs are split with
+    ``rlhf.data.split_by_hash`` and its defaults, the split the reward models trained on (``rlhf/sources.py``),
+    so held-out PPO prompts were never seen by the reward models."""
+    from rlhf.data import read_dialogues_jsonl, read_hh_rlhf, read_preferences_jsonl, split_by_hash
+
+    pairs = []
+    if path.is_dir():
+        for file, is_safety in _hh_files(path):
+            found, report = read_hh_rlhf(file, is_safety=is_safety)
+            print_fn(f"prompts: {file}: {report}")
+            pairs += found
+    else:
+        pairs, report = read_preferences_jsonl(path)
+        if report.kept == 0:  # not preference pairs: dialogues (prompt = all but a final assistant turn)
+            dialogues, report = read_dialogues_jsonl(path, require_final_assistant=False)
+            print_fn(f"prompts: {path}: {report}")
+            return [(d.messages[:-1] if d.messages[-1]["role"] == "assistant" else d.messages, False, True)
+                    for d in dialogues]
+        print_fn(f"prompts: {path}: {report}")
+    _, valid = split_by_hash(pairs)
+    held = {id(p) for p in valid}
+    return [(p.prompt, p.is_safety, id(p) in held) for p in pairs]
+
+
 def load_prompts(data: Any, *, tokenizer: Any, vocab_size: int, seed: int,
                  print_fn: Any = print) -> list[Prompt]:
     """The configured prompt set (``data`` is ``PPOConfig.data``), deduplicated, too-long ones dropped and counted."""
@@ -67,28 +92,10 @@ def load_prompts(data: Any, *, tokenizer: Any, vocab_size: int, seed: int,
                                  bos_id=tokenizer.bos_id if tokenizer is not None else 1)
     if tokenizer is None:
         raise ValueError(f"data.prompts={data.prompts!r} needs data.tokenizer (the policy's tokenizer.model)")
-    from rlhf.data import read_dialogues_jsonl, read_hh_rlhf, read_preferences_jsonl
-
-    path = Path(data.prompts)
-    records: list[tuple[list[dict[str, str]], bool]] = []
-    if path.is_dir():
-        for file, is_safety in _hh_files(path):
-            pairs, report = read_hh_rlhf(file, is_safety=is_safety)
-            print_fn(f"prompts: {file}: {report}")
-            records += [(p.prompt, p.is_safety) for p in pairs]
-    else:
-        pairs, report = read_preferences_jsonl(path)
-        if report.kept == 0:  # not preference pairs: dialogues (prompt = all but a final assistant turn)
-            dialogues, report = read_dialogues_jsonl(path, require_final_assistant=False)
-            records = [(d.messages[:-1] if d.messages[-1]["role"] == "assistant" else d.messages, False)
-                       for d in dialogues]
-        else:
-            records = [(p.prompt, p.is_safety) for p in pairs]
-        print_fn(f"prompts: {path}: {report}")
-    seen: set[tuple[int, ...]] = set()
     out: list[Prompt] = []
+    seen: set[tuple[int, ...]] = set()
     too_long = 0
-    for messages, is_safety in records:
+    for messages, is_safety, heldout_side in _prompt_records(Path(data.prompts), print_fn=print_fn):
         ids = tuple(_encode(tokenizer, messages, data.template))
         if len(ids) > data.max_prompt_tokens:
             too_long += 1
@@ -96,7 +103,8 @@ def load_prompts(data: Any, *, tokenizer: Any, vocab_size: int, seed: int,
         if ids in seen:
             continue
         seen.add(ids)
-        out.append(Prompt(index=len(out), ids=ids, is_safety=is_safety, text=messages[-1]["content"]))
+        out.append(Prompt(index=len(out), ids=ids, is_safety=is_safety, text=messages[-1]["content"],
+                          heldout_side=heldout_side))
     print_fn(f"prompts: {len(out)} unique prompts ({sum(p.is_safety for p in out)} safety-flagged); "
              f"{too_long} longer than data.max_prompt_tokens={data.max_prompt_tokens} dropped")
     return out
@@ -107,10 +115,13 @@ def _rank_key(prompt: Prompt) -> bytes:
 
 
 def split_heldout(prompts: Sequence[Prompt], *, n: int) -> tuple[list[Prompt], list[Prompt]]:
-    """``(train, heldout)``: the ``n`` prompts with the smallest hash are held out (stable, exact size)."""
-    if n >= len(prompts):
-        raise ValueError(f"data.heldout_prompts={n} leaves no training prompts out of {len(prompts)}")
-    ranked = sorted(prompts, key=_rank_key)
+    """``(train, heldout)``: of the prompts on the held-out side, the ``n`` with the smallest hash are held out
+    (stable, exact size); every other prompt trains."""
+    candidates = [p for p in prompts if p.heldout_side]
+    if n >= len(prompts) or n > len(candidates):
+        raise ValueError(f"data.heldout_prompts={n}: only {len(candidates)} of the {len(prompts)} prompts may be "
+                         "held out (the reward models' held-out side); lower it")
+    ranked = sorted(candidates, key=_rank_key)
     held = {p.index for p in ranked[:n]}
     return [p for p in prompts if p.index not in held], [p for p in prompts if p.index in held]
 

@@ -49,6 +49,8 @@ class Prompt:
     is_safety: bool = False
     """Llama 2's IS_SAFETY(p): the prompt is tagged as possibly eliciting unsafe answers."""
     text: str = ""
+    heldout_side: bool = True
+    """May be held out for evaluation (real prompts: on the reward models' held-out side of the hash split)."""
 
 
 @dataclass

@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import math
 import statistics
+from pathlib import Path
 
 import pytest
 import torch
@@ -322,3 +323,29 @@ def test_early_stopping() -> None:
     assert s.update(1.2, iteration=10) and s.best_iteration == 10
     assert not s.update(1.0, iteration=15) and not s.update(1.1, iteration=20) and s.should_stop
     assert not EarlyStopping(patience=0).should_stop
+
+
+def test_hh_rlhf_prompts_flag_safety_and_hold_out_the_rm_split(shared_data: Path) -> None:
+    from types import SimpleNamespace
+
+    from model.tokenizer import load_tokenizer
+    from rlhf.data import read_hh_rlhf, split_by_hash
+    from rlhf.ppo_data import load_prompts
+    from tests.conftest import require_file
+
+    root = shared_data / "preferences" / "hh-rlhf"
+    harmless = require_file(root / "harmless-base" / "test.jsonl.gz")
+    tok = load_tokenizer(require_file(shared_data / "tokenizers" / "llama2" / "tokenizer.model"))
+    data = SimpleNamespace(prompts=str(root), template="llama2", max_prompt_tokens=64)
+    prompts = load_prompts(data, tokenizer=tok, vocab_size=32000, seed=0, print_fn=lambda *a, **k: None)
+    assert 500 < len(prompts) and all(len(p.ids) <= 64 and p.ids[0] == tok.bos_id for p in prompts)
+    safety_texts = {p.prompt[-1]["content"] for p in read_hh_rlhf(harmless, is_safety=True)[0]}
+    flagged = [p for p in prompts if p.is_safety]
+    assert flagged and all(p.text in safety_texts for p in flagged[:50])
+    held_side = [p for p in prompts if p.heldout_side]
+    assert 0.05 < len(held_side) / len(prompts) < 0.15  # the 10% hash split of rlhf.data
+    pairs, _ = read_hh_rlhf(harmless, is_safety=True)
+    valid_texts = {p.prompt[-1]["content"] for p in split_by_hash(pairs)[1]}
+    assert all(p.text in valid_texts for p in held_side if p.is_safety)
+    train, held = split_heldout(prompts, n=16)
+    assert all(p.heldout_side for p in held) and len(train) == len(prompts) - 16
