@@ -19,7 +19,7 @@ import re
 import sys
 from collections.abc import Sequence
 
-from launch import planner, slurm, torchrun
+from launch import cpu_plan, planner, slurm, torchrun
 from model.config import get_config
 
 _UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 2**10, "mib": 2**20,
@@ -59,6 +59,10 @@ def _plan_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--nvlink-gbps", type=float, default=planner.Hardware.nvlink_gbps)
     p.add_argument("--reserved", type=parse_bytes, default=planner.Hardware.reserved_bytes,
                    help="fixed CUDA context / NCCL / fragmentation allowance per GPU")
+    p.add_argument("--device", choices=("gpu", "cpu"), default="gpu",
+                   help="cpu: host memory of one fp32 CPU process (--gpus = processes; launch/cpu_plan.py)")
+    p.add_argument("--runtime-overhead", type=parse_bytes,
+                   help="cpu: the runtime's fixed resident memory (default: measured now, ~10 s)")
     p.add_argument("--json", action="store_true", help="print the machine-readable plan")
 
 
@@ -120,7 +124,38 @@ def why_slower(plan: planner.Plan, best: planner.Plan | None) -> str:
     return f"+{extra:.2f} s/step: " + (", ".join(f"{k} +{d:.2f} s" for d, k in worse) or "rounding")
 
 
+def cmd_plan_cpu(args: argparse.Namespace) -> int:
+    """``plan --device cpu``: the peak resident memory of each CPU training process, item by item."""
+    cfg = get_config(args.model)
+    if (args.tp or 1) != 1 or (args.pp or 1) != 1 or args.activation_checkpointing:
+        raise ValueError("--device cpu plans --tp 1 --pp 1 without activation checkpointing (what the CPU "
+                         "engine runs here); drop --tp/--pp/--activation-checkpointing")
+    mb, zero = args.micro_batch or 1, 1 if args.zero_stage is None else args.zero_stage
+    seqs, rest = divmod(args.global_batch_tokens, args.seq_len)
+    if rest or seqs % (args.gpus * mb):
+        raise ValueError(f"--global-batch-tokens {args.global_batch_tokens} must be a multiple of --seq-len "
+                         f"{args.seq_len} x --gpus {args.gpus} x --micro-batch {mb}")
+    measured = args.runtime_overhead is None
+    overhead = cpu_plan.measure_runtime_overhead(zero_stage=zero) if measured else args.runtime_overhead
+    plan = cpu_plan.plan_cpu_process(cfg, seq_len=args.seq_len, micro_batch=mb, grad_accum=seqs // (args.gpus * mb),
+                                     zero_stage=zero, dp=args.gpus, runtime_overhead=overhead)
+    if args.json:
+        print(json.dumps({"model": cfg.name, "device": "cpu", "plan": plan.to_dict()}, indent=2))
+        return 0
+    print(f"{cfg.name} on CPU: {args.gpus} process(es), ZeRO-{zero}, micro-batch {mb} x {args.seq_len}, "
+          f"{seqs // (args.gpus * mb)} micro-batch(es)/step, fp32; peak in the {plan.phase}")
+    for name, value in plan.rows():
+        print(f"  {name:<34}{value / 2**20:9.0f} MiB")
+    source = ("measured now: python+torch+deepspeed+megatron runtime after 2 steps of debug_tiny" if measured
+              else "given with --runtime-overhead")
+    print(f"  runtime overhead {source}; the rest is live tensors (RSS equals them with "
+          "MALLOC_MMAP_THRESHOLD_=131072, see launch/cpu_plan.py)")
+    return 0
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
+    if args.device == "cpu":
+        return cmd_plan_cpu(args)
     cfg = get_config(args.model)
     hw = dataclasses.replace(planner.Hardware(), memory_bytes=args.gpu_memory, gpus_per_node=args.gpus_per_node,
                              peak_tflops=args.peak_tflops, matmul_efficiency=args.matmul_efficiency,
@@ -213,23 +248,32 @@ def _torchrun_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("torchrun", help="print (or --run) this node's torchrun command")
     p.add_argument("--config", required=True)
     p.add_argument("--nodes", type=int, help="default: from SLURM / OpenMPI, else 1")
-    p.add_argument("--node-rank", type=int, help="default: from SLURM / OpenMPI")
+    p.add_argument("--node-rank", type=int, help="default: from SLURM / OpenMPI; rank 0 hosts the rendezvous")
     p.add_argument("--master", help="HOST:PORT of node 0 (default: MASTER_ADDR/PORT or the SLURM node list)")
     p.add_argument("--nproc-per-node", type=int, default=1)
+    p.add_argument("--rdzv", choices=torchrun.RENDEZVOUS, default="c10d",
+                   help="c10d (default; store on node 0), static (fixed node order) or standalone (one node)")
+    p.add_argument("--rdzv-id", help="rendezvous id, the same on every node (default: SLURM_JOB_ID or llama)")
+    p.add_argument("--max-restarts", type=int, default=0,
+                   help="restart all workers this often after a failure (they resume: --resume auto)")
     p.add_argument("--shutdown-timeout", type=int, default=240, help="seconds workers get to checkpoint")
     p.add_argument("--no-resume", action="store_true")
     p.add_argument("--run", action="store_true", help="exec the command instead of printing it")
-    p.add_argument("overrides", nargs="*")
+    p.add_argument("overrides", nargs="*", help="--section.key=value passed to train (after `--`)")
 
 
 def cmd_torchrun(args: argparse.Namespace) -> int:
     cmd = torchrun.node_command(config=args.config, nproc_per_node=args.nproc_per_node, nodes=args.nodes,
                                 node_rank=args.node_rank, master=args.master, overrides=args.overrides,
-                                resume=None if args.no_resume else "auto", shutdown_timeout=args.shutdown_timeout)
+                                resume=None if args.no_resume else "auto", shutdown_timeout=args.shutdown_timeout,
+                                rdzv=args.rdzv, rdzv_id=args.rdzv_id, max_restarts=args.max_restarts)
+    env = torchrun.command_env(max_restarts=args.max_restarts)
     if args.run:
-        sys.stdout.flush()
-        os.execvp(cmd[0], cmd)
-    print(torchrun.format_command(cmd))
+        print(f"[launch] {torchrun.format_command(cmd, env)}", flush=True)
+        os.environ.update(env)
+        argv = torchrun.executable_command(cmd)
+        os.execv(argv[0], argv)
+    print(torchrun.format_command(cmd, env))
     return 0
 
 

@@ -30,10 +30,14 @@ NCCL/torch environment (why each):
    until the time limit (the "multi-node hang with no message" pain).
  * TORCH_NCCL_BLOCKING_WAIT is left unset (0): blocking wait makes every ``wait()`` spin on the CPU and
    serialises communication with compute; async error handling gives the same hang protection for free.
- * TORCH_NCCL_DUMP_ON_TIMEOUT=1 + TORCH_NCCL_TRACE_BUFFER_SIZE: the flight recorder dumps which collective
-   each rank was in when a timeout fires (files under the job's log folder), so a hang leaves a trace.
+ * TORCH_NCCL_DUMP_ON_TIMEOUT=1 + TORCH_FR_BUFFER_SIZE (the current name; TORCH_NCCL_TRACE_BUFFER_SIZE only
+   warns in torch 2.13): the flight recorder dumps which collective each rank was in when a timeout fires
+   (files under the job's log folder), so a hang leaves a trace.
  * OMP_NUM_THREADS = cpus-per-task / processes per node (at least 1), computed at run time.
  * CUDA_DEVICE_MAX_CONNECTIONS=1 (GPU jobs): Megatron needs it to order TP communication before compute.
+CPU jobs (``--gpus-per-node 0 --nproc-per-node P``) export none of the NCCL/CUDA variables: training picks gloo
+itself when CUDA is absent (``train/topology.py``), and a hung gloo collective fails after
+``--train.collective_timeout_s``. Checked end to end on a real one-node Slurm 22.05 (tests/e2e/test_slurm.py).
 """
 
 from __future__ import annotations
@@ -140,11 +144,11 @@ def render_sbatch(job: SlurmJob) -> str:
         nnodes="$SLURM_NNODES", nproc_per_node="$NPROC_PER_NODE", config=job.config, rdzv="c10d",
         master_addr="$MASTER_ADDR", master_port="$MASTER_PORT", rdzv_id="$SLURM_JOB_ID",
         overrides=job.overrides, resume=job.resume, shutdown_timeout=max(30, job.signal_lead_s - 60))
-    env = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1", "NCCL_ASYNC_ERROR_HANDLING": "1",
-           "TORCH_NCCL_DUMP_ON_TIMEOUT": "1", "TORCH_NCCL_TRACE_BUFFER_SIZE": "2000",
-           "NCCL_DEBUG": "WARN", "PYTHONUNBUFFERED": "1"}
-    if job.gpus_per_node > 0:
-        env["CUDA_DEVICE_MAX_CONNECTIONS"] = "1"
+    env = {"PYTHONUNBUFFERED": "1"}
+    if job.gpus_per_node > 0:  # CPU jobs run gloo (train/topology.py picks it without CUDA): no NCCL/CUDA env
+        env.update({"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1", "NCCL_ASYNC_ERROR_HANDLING": "1",
+                    "TORCH_NCCL_DUMP_ON_TIMEOUT": "1", "TORCH_FR_BUFFER_SIZE": "2000", "NCCL_DEBUG": "WARN",
+                    "CUDA_DEVICE_MAX_CONNECTIONS": "1"})
     env.update(job.env)
     srun = ["srun", "--kill-on-bad-exit=1", "--nodes=$SLURM_NNODES", "--ntasks-per-node=1",
             "--output=$LOG_DIR/node%n.out", "--open-mode=append"]

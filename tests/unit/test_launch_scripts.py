@@ -8,13 +8,14 @@ from __future__ import annotations
 import shlex
 import shutil
 import subprocess
+import sys
 
 import pytest
 
 from launch.__main__ import main
 from launch.env import expand_nodelist, first_host, read_dist_env
 from launch.slurm import SlurmJob, render_sbatch, time_to_seconds
-from launch.torchrun import node_command
+from launch.torchrun import executable_command, node_command
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -47,6 +48,7 @@ def test_sbatch_script_content(tmp_path):
     assert 'LOG_DIR="logs/${SLURM_JOB_NAME}-${SLURM_JOB_ID}"' in text
     assert 'MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)"' in text
     assert "export TORCH_NCCL_ASYNC_ERROR_HANDLING=1" in text and "OMP_NUM_THREADS=" in text
+    assert "export TORCH_FR_BUFFER_SIZE=2000" in text and "TORCH_NCCL_TRACE_BUFFER_SIZE" not in text
     assert "TORCH_NCCL_BLOCKING_WAIT" not in text.split("#SBATCH")[-1].split("\n", 1)[1]
     words = _srun_words(text)
     assert words[0] == "srun" and "--ntasks-per-node=1" in words
@@ -67,7 +69,7 @@ def test_sbatch_cpu_only_and_bash_syntax(tmp_path):
                    signal_lead_s=120)
     text = render_sbatch(job)
     assert "--gpus-per-node" not in text and "NPROC_PER_NODE=2" in text
-    assert "CUDA_DEVICE_MAX_CONNECTIONS" not in text
+    assert "CUDA_DEVICE_MAX_CONNECTIONS" not in text and "NCCL" not in text  # gloo: no CUDA/NCCL env
     bash = shutil.which("bash")
     if bash is None:
         pytest.skip("bash not installed")
@@ -103,30 +105,49 @@ def test_torchrun_node_commands():
     cmds = [node_command(config="c.toml", nproc_per_node=8, nodes=2, node_rank=r, master="10.0.0.1:29500",
                          environ={}) for r in (0, 1)]
     for rank, cmd in enumerate(cmds):
-        assert cmd[0] == "torchrun" and "--nnodes=2" in cmd and f"--node-rank={rank}" in cmd
-        assert "--master-addr=10.0.0.1" in cmd and "--master-port=29500" in cmd and "--nproc-per-node=8" in cmd
+        assert cmd[0] == "torchrun" and "--nnodes=2" in cmd and "--nproc-per-node=8" in cmd
+        assert "--rdzv-backend=c10d" in cmd and "--rdzv-endpoint=10.0.0.1:29500" in cmd
+        assert "--rdzv-id=llama" in cmd and f"--rdzv-conf=is_host={int(rank == 0)}" in cmd
+        assert not any(w.startswith("--node-rank") for w in cmd)  # torchrun ignores it under c10d
+        assert "--max-restarts=0" in cmd
         assert cmd[-6:] == ["-m", "train", "--config", "c.toml", "--resume", "auto"]
+    static = node_command(config="c.toml", nproc_per_node=8, nodes=2, node_rank=1, master="10.0.0.1:29500",
+                          rdzv="static", max_restarts=3, environ={})
+    assert "--node-rank=1" in static and "--master-addr=10.0.0.1" in static and "--master-port=29500" in static
+    assert "--max-restarts=3" in static and not any("rdzv" in w for w in static)
+    single = node_command(config="c.toml", nproc_per_node=2, environ={})
+    assert "--standalone" in single and "--nnodes=1" in single and not any("rdzv" in w for w in single)
     slurm_env = {"SLURM_PROCID": "1", "SLURM_NTASKS": "3", "SLURM_NNODES": "3", "SLURM_NODEID": "1",
-                 "SLURM_LOCALID": "0", "SLURM_JOB_NODELIST": "gpu[017-019]"}
+                 "SLURM_LOCALID": "0", "SLURM_JOB_NODELIST": "gpu[017-019]", "SLURM_JOB_ID": "4242"}
     cmd = node_command(config="c.toml", nproc_per_node=4, environ=slurm_env)
-    assert "--nnodes=3" in cmd and "--node-rank=1" in cmd and "--master-addr=gpu017" in cmd
+    assert "--nnodes=3" in cmd and "--rdzv-conf=is_host=0" in cmd and "--rdzv-endpoint=gpu017:29500" in cmd
+    assert "--rdzv-id=4242" in cmd
     mpi_env = {"OMPI_COMM_WORLD_RANK": "2", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_RANK": "0",
                "OMPI_COMM_WORLD_LOCAL_SIZE": "1", "MASTER_ADDR": "head", "MASTER_PORT": "1234"}
-    cmd = node_command(config="c.toml", nproc_per_node=8, environ=mpi_env)
+    cmd = node_command(config="c.toml", nproc_per_node=8, environ=mpi_env, rdzv="static")
     assert "--nnodes=4" in cmd and "--node-rank=2" in cmd and "--master-port=1234" in cmd
+    assert "--rdzv-endpoint=head:1234" in node_command(config="c.toml", nproc_per_node=8, environ=mpi_env)
     with pytest.raises(ValueError, match="node-rank"):
         node_command(config="c.toml", nproc_per_node=1, nodes=2, environ={})
     with pytest.raises(ValueError, match="HOST:PORT"):
         node_command(config="c.toml", nproc_per_node=1, nodes=2, node_rank=0, master="nohost", environ={})
+    with pytest.raises(ValueError, match="max-restarts"):
+        node_command(config="c.toml", nproc_per_node=1, max_restarts=-1, environ={})
+    assert executable_command(cmds[0])[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    assert executable_command(cmds[0])[3:] == cmds[0][1:]
 
 
 def test_torchrun_cli(capsys):
     assert main(["torchrun", "--config", "c.toml", "--nodes", "2", "--node-rank", "1",
-                 "--master", "10.1.2.3:29400", "--nproc-per-node", "8"]) == 0
+                 "--master", "10.1.2.3:29400", "--nproc-per-node", "8", "--max-restarts", "2", "--",
+                 "--zero.stage=2"]) == 0
     words = shlex.split(capsys.readouterr().out)
-    assert words[0] == "torchrun" and "--node-rank=1" in words and "--master-addr=10.1.2.3" in words
+    assert words[1] == "torchrun" and "--rdzv-endpoint=10.1.2.3:29400" in words
+    assert "--rdzv-conf=is_host=0" in words and "--max-restarts=2" in words and "--zero.stage=2" in words
+    assert words[0] == "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"  # restarts need one rendezvous store per attempt
     assert main(["torchrun", "--config", "c.toml", "--nodes", "2", "--node-rank", "5",
                  "--master", "h:1"]) == 2
+    assert main(["torchrun", "--config", "c.toml", "--", "zero.stage=2"]) == 2  # not --section.key=value
 
 
 def test_nodelist_parsing():

@@ -112,3 +112,54 @@ def test_cli_plan_json_and_errors(capsys):
                  "--global-batch-tokens", "4194305"]) == 2
     assert main(["plan", "--model", "llama2_70b", "--gpus", "1", "--gpu-memory", "24GiB", "--seq-len", "4096",
                  "--global-batch-tokens", "4194304"]) == 1
+
+
+def test_cpu_plan_terms_by_hand():
+    """debug_tiny (h 64, k 32, f 192, 4 heads, vocab 512): every term of the CPU plan recomputed by hand."""
+    from launch.cpu_plan import activation_bytes_per_token, fused_weight_copy_bytes, plan_cpu_process
+
+    cfg = get_config("debug_tiny")
+    h, k, f = cfg.dim, cfg.kv_heads * cfg.head_dim, cfg.ffn_dim
+    assert (h, k, cfg.n_heads, cfg.n_layers) == (64, 32, 4, 2)
+    per_block = 4 * (10 * h + 3 * k + 4 * f + cfg.n_heads + 2)
+    assert activation_bytes_per_token(cfg, 128) == 2 * per_block + 4 * (3 * h + 512 + 1) + 128
+    assert fused_weight_copy_bytes(cfg) == 2 * 4 * (h + 2 * k + 2 * f) * h
+    p = cfg.num_params()
+    one = plan_cpu_process(cfg, seq_len=128, micro_batch=4, grad_accum=1, zero_stage=1, runtime_overhead=1e8)
+    assert one.weights == one.master_weights == 4 * p and one.adam_states == 8 * p
+    assert one.step_peak == 16 * p + 4 * p + 12 * p  # states + grads + flat grads + AdamW temporaries
+    tokens = 4 * 128
+    assert one.backward_peak == pytest.approx(16 * p + activation_bytes_per_token(cfg, 128) * tokens
+                                              + fused_weight_copy_bytes(cfg) + 2 * 4 * tokens * 512)
+    assert one.phase == "backward" and one.grads_at_peak == 0  # one micro-batch: no gradients yet
+    accum = plan_cpu_process(cfg, seq_len=128, micro_batch=4, grad_accum=2, zero_stage=1, runtime_overhead=1e8)
+    assert accum.backward_peak - one.backward_peak == 4 * p  # the accumulated gradients
+    assert accum.total == accum.runtime_overhead + accum.model_bytes
+    dp2 = plan_cpu_process(cfg, seq_len=128, micro_batch=4, grad_accum=1, zero_stage=2, dp=2, runtime_overhead=0)
+    assert dp2.master_weights == 2 * p and dp2.adam_states == 4 * p and dp2.weights == 4 * p
+    rows = dict(one.rows())
+    assert rows["total"] == one.total and rows["runtime overhead (python+torch+DS)"] == 1e8
+    with pytest.raises(ValueError, match="zero-stage 3"):
+        plan_cpu_process(cfg, seq_len=128, micro_batch=4, grad_accum=1, zero_stage=3, runtime_overhead=0)
+
+
+def test_cpu_plan_peak_moves_to_the_optimizer_step_for_small_batches():
+    from launch.cpu_plan import plan_cpu_process
+
+    cfg = get_config("bench_25m")
+    small = plan_cpu_process(cfg, seq_len=256, micro_batch=1, grad_accum=8, zero_stage=1, runtime_overhead=0)
+    large = plan_cpu_process(cfg, seq_len=256, micro_batch=16, grad_accum=1, zero_stage=1, runtime_overhead=0)
+    assert small.phase == "optimizer step" and large.phase == "backward"
+    assert large.total > small.total
+
+
+def test_cli_plan_cpu_errors(capsys):
+    base = ["plan", "--device", "cpu", "--model", "bench_25m", "--gpus", "1", "--seq-len", "256",
+            "--runtime-overhead", "400MiB"]
+    assert main([*base, "--global-batch-tokens", "2048", "--micro-batch", "8", "--tp", "2"]) == 2
+    assert "--tp 1 --pp 1" in capsys.readouterr().err
+    assert main([*base, "--global-batch-tokens", "2000"]) == 2
+    assert main([*base, "--global-batch-tokens", "2048", "--zero-stage", "3"]) == 2
+    assert main([*base, "--global-batch-tokens", "2048", "--micro-batch", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "4 micro-batch(es)/step" in out and "peak in the optimizer step" in out and "400 MiB" in out
