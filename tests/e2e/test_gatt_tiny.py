@@ -1,0 +1,45 @@
+"""Ghost Attention end to end on the real stories260K model (``benchmarks/gatt_tiny.py`` at a small size):
+``python -m rlhf.gatt train`` (multi-turn SFT baseline), ``build``, ``train`` (GAtt), ``eval``.
+
+The instruction "end every answer with the word X." is learnable by this tiny model; given only in the first
+user message, the baseline follows it at turn 1 and forgets it after, and GAtt makes it hold at turn >= 4.
+The full-size run and its table are in ``benchmarks/RESULTS.md``. Skips without the shared data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO_ROOT, require_file
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+
+def test_gatt_makes_the_first_turn_instruction_last(shared_data: Path, tmp_path: Path) -> None:
+    require_file(shared_data / "checkpoints" / "stories260K" / "stories260K.bin")
+    require_file(shared_data / "checkpoints" / "stories260K" / "tok512.model")
+    out = tmp_path / "result.json"
+    cmd = [sys.executable, "benchmarks/gatt_tiny.py", "--work", str(tmp_path / "work"), "--base-steps", "40",
+           "--gatt-steps", "60", "--base-dialogues", "300", "--gatt-dialogues", "160", "--eval-dialogues", "12",
+           "--turns", "5", "--output", str(out)]
+    env = {**os.environ, "LLAMA_DATA_DIR": str(shared_data), "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=560)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    models = json.loads(out.read_text())["adherence"]["models"]
+    before = [r["rate"] for r in models["before GAtt"]["adherence"]]
+    after = [r["rate"] for r in models["after GAtt"]["adherence"]]
+    assert before[0] >= 0.75, before  # the baseline follows an instruction in the current message
+    assert statistics.mean(before[3:]) <= 0.25, before  # ... and forgets one given only in the first
+    assert statistics.mean(after[3:]) >= statistics.mean(before[3:]) + 0.5, (before, after)
+    built = [json.loads(line) for line in (tmp_path / "work" / "gatt.jsonl").read_text().splitlines()]
+    first_users = [d["messages"][0]["content"] for d in built]
+    assert all(u.startswith(("end every answer", "word:")) for u in first_users)
+    later = [m["content"] for d in built for m in d["messages"][2::2]]
+    assert later and not any(u.startswith(("end every answer", "word:")) for u in later)
