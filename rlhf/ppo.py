@@ -40,6 +40,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from rlhf import rollout as ro
+from rlhf.config import checkpoint_dir, resolve_path
 from rlhf.losses import gae, kl_estimate, kl_penalized_rewards, logit
 from rlhf.ppo_config import PPOConfig
 from rlhf.ppo_data import iteration_prompts, load_prompts, shard, split_heldout
@@ -84,7 +85,7 @@ def _initial_weights(cfg: PPOConfig, model_cfg: Any) -> dict[str, Tensor]:
     if cfg.policy.init:
         from model.checkpoints import load_checkpoint
 
-        ckpt_cfg, weights = load_checkpoint(cfg.policy.init)
+        ckpt_cfg, weights = load_checkpoint(checkpoint_dir(resolve_path(cfg.policy.init)))
         if ckpt_cfg.dim != model_cfg.dim or ckpt_cfg.n_layers != model_cfg.n_layers:
             raise ValueError(f"policy.init={cfg.policy.init!r} is a {ckpt_cfg.name} (dim {ckpt_cfg.dim}, "
                              f"{ckpt_cfg.n_layers} layers) but policy.model={cfg.policy.model!r}; make them agree")
@@ -112,7 +113,7 @@ class PPOTrainer:
         if cfg.data.tokenizer:
             from model.tokenizer import load_tokenizer
 
-            self.tokenizer = load_tokenizer(cfg.data.tokenizer)
+            self.tokenizer = load_tokenizer(resolve_path(cfg.data.tokenizer))
         self.pad_id = self.tokenizer.pad_id if self.tokenizer else 0
         self.stop_ids = tuple(self.tokenizer.stop_ids) if self.tokenizer else (2,)
         self._engine_cls = TrainEngine
@@ -144,15 +145,16 @@ class PPOTrainer:
             return self._engine("value", objective, self.model_cfg, zero_head(policy_weights, dim=self.model_cfg.dim))
         if init == "":
             return self._engine("value", objective, self.model_cfg, None)
-        model_cfg, weights, _ = load_scalar_model(self.cfg.reward.helpful if init == "helpful_rm" else init)
+        model_cfg, weights, _ = load_scalar_model(resolve_path(self.cfg.reward.helpful if init == "helpful_rm"
+                                                               else init))
         return self._engine("value", objective, model_cfg, weights)
 
     def _scorer(self, spec: str) -> Any:
-        if not Path(spec).is_dir():
+        if not resolve_path(spec).is_dir():
             return build_scorer(spec, tokenizer=self.tokenizer, vocab_size=self.model_cfg.vocab_size)
         from rlhf.reward import RewardObjective
 
-        model_cfg, weights, meta = load_scalar_model(spec)  # a reward model: a frozen engine under TP x ZeRO
+        model_cfg, weights, meta = load_scalar_model(resolve_path(spec))  # a reward model: a frozen engine under TP x ZeRO
         self._check_same_tokens(spec, meta)
         engine = self._engine("frozen", RewardObjective(), model_cfg, weights)
         return RewardModelScorer(engine, micro_batch_size=self.cfg.ppo.micro_batch_size, pad_id=self.pad_id,
@@ -332,6 +334,8 @@ class PPOTrainer:
             else:
                 from model.checkpoints.native import save_native
 
+                if self.model_cfg.tie_embeddings and "output.weight" not in weights:  # listed once by the engine
+                    weights["output.weight"] = weights["tok_embeddings.weight"]
                 save_native(weights, self.model_cfg, out, overwrite=True)
         if self.topo.world_size > 1:
             dist.barrier()

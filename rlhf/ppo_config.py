@@ -40,8 +40,8 @@ class PolicySection:
     overrides: dict[str, Any] = field(default_factory=dict)
     """``LlamaConfig`` fields replaced on top of the registry entry (e.g. ``vocab_size`` of a tokenizer)."""
     init: str = ""
-    """SFT / rejection-sampling checkpoint (native or HF directory); "" = seeded random init (tests only).
-    The frozen reference policy starts from the same weights."""
+    """SFT / rejection-sampling checkpoint (native or HF directory, or its run directory; ``{data_dir}``
+    expands to the shared data); "" = seeded random init (tests only). The reference starts from the same."""
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ class RewardSection:
     """"llama2": ``Rc = Rs if is_safety(p) or Rs < threshold else Rh``, then WHITEN(LOGIT(Rc)); "single": the
     helpfulness scorer alone, LOGIT then WHITEN."""
     helpful: str = ""
-    """Helpfulness scorer: a reward-model checkpoint directory, ``target_tokens:ID,ID,...``,
+    """Helpfulness scorer: a reward-model directory (``python -m rlhf.reward`` output), ``target_tokens:ID,ID,...``,
     ``keyword:WORD`` (needs data.tokenizer), or ``module:callable`` returning a scorer."""
     safety: str = ""
     """Safety scorer, same forms as ``helpful``; "" with kind=llama2 means a constant 1.0 (no gating)."""

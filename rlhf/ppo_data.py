@@ -95,7 +95,9 @@ def load_prompts(data: Any, *, tokenizer: Any, vocab_size: int, seed: int,
     out: list[Prompt] = []
     seen: set[tuple[int, ...]] = set()
     too_long = 0
-    for messages, is_safety, heldout_side in _prompt_records(Path(data.prompts), print_fn=print_fn):
+    from rlhf.config import resolve_path
+
+    for messages, is_safety, heldout_side in _prompt_records(resolve_path(data.prompts), print_fn=print_fn):
         ids = tuple(_encode(tokenizer, messages, data.template))
         if len(ids) > data.max_prompt_tokens:
             too_long += 1
