@@ -4,10 +4,11 @@
     torchrun --standalone --nproc-per-node 2 tests/distributed/run_ppo_layouts.py OUT_DIR \\
         tp2=--parallel.tp=2 dp2_zero3_once=--parallel.zero_stage=3,--rollout.gather=once ...
 
-Each ``NAME=--a.b=1,--c.d=2`` builds a ``PPOTrainer`` on the tiny parity config with those overrides, runs one
-iteration (rollout, scoring, rewards, GAE, one policy and one value step per minibatch) and writes
-``OUT_DIR/NAME/result.json``: the iteration's metrics and, per global prompt index, the sampled answer, the
-sequence reward, and the log-probs / values / advantages; plus the consolidated policy and value weights.
+Each ``NAME=--a.b=1,--c.d=2`` builds a ``PPOTrainer`` on the tiny parity config with those overrides, runs two
+iterations (rollout, scoring, rewards, GAE, one policy and one value step per minibatch; in the second the
+policy differs from the reference, so the KL penalty is active) and writes ``OUT_DIR/NAME/result.json``: each
+iteration's metrics and, per global prompt index of the last one, the sampled answer, the sequence reward,
+and the log-probs / values / advantages; plus the consolidated policy and value weights.
 Process groups are rebuilt between layouts whose TP size differs (``Topology.initialize``).
 """
 
@@ -35,15 +36,18 @@ BASE = [
     "--ppo.minibatch_size=8", "--ppo.micro_batch_size=4", "--optim.lr=3e-3", "--optim.value_lr=3e-3",
     "--optim.grad_clip=0.5", "--eval.every=0", "--run.seed=11",
 ]
+ITERATIONS = 2
 
 
 def run_layout(out: Path, name: str, overrides: list[str]) -> None:
     cfg = PPOConfig.from_toml(None, BASE + overrides + [f"--run.dir={out / name}"])
     trainer = PPOTrainer(cfg, print_fn=lambda *a, **k: None)
     topo = trainer.topo
-    exp, record = trainer.collect(0)
-    record.update(trainer.update(exp))
-    record = {k: v for k, v in record.items() if not k.endswith("_time_s") and k != "rollout_tokens_per_s"}
+    records = []
+    for it in range(ITERATIONS):  # the second one has a policy != reference: the KL penalty is active
+        exp, record = trainer.collect(it)
+        record.update(trainer.update(exp))
+        records.append({k: v for k, v in record.items() if not k.endswith("_time_s") and k != "rollout_tokens_per_s"})
     mine = {str(s.prompt.index): {"answer": s.answer, "score": float(exp.reward.score[i]),
                                   "old_logp": exp.old_logp[i].tolist(), "ref_logp": exp.ref_logp[i].tolist(),
                                   "values": exp.values[i].tolist(), "advantages": exp.advantages[i].tolist()}
@@ -59,7 +63,7 @@ def run_layout(out: Path, name: str, overrides: list[str]) -> None:
     trainer.export("final_policy")
     trainer.export("final_value", value=True)
     if topo.global_rank == 0:
-        (out / name / "result.json").write_text(json.dumps({"metrics": record, "prompts": per_prompt}))
+        (out / name / "result.json").write_text(json.dumps({"metrics": records, "prompts": per_prompt}))
 
 
 def main() -> None:

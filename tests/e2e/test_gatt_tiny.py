@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -26,9 +25,9 @@ def test_gatt_makes_the_first_turn_instruction_last(shared_data: Path, tmp_path:
     require_file(shared_data / "checkpoints" / "stories260K" / "stories260K.bin")
     require_file(shared_data / "checkpoints" / "stories260K" / "tok512.model")
     out = tmp_path / "result.json"
-    cmd = [sys.executable, "benchmarks/gatt_tiny.py", "--work", str(tmp_path / "work"), "--base-steps", "40",
-           "--gatt-steps", "60", "--base-dialogues", "300", "--gatt-dialogues", "160", "--eval-dialogues", "12",
-           "--turns", "5", "--output", str(out)]
+    cmd = [sys.executable, "benchmarks/gatt_tiny.py", "--work", str(tmp_path / "work"), "--base-steps", "35",
+           "--gatt-steps", "50", "--base-dialogues", "300", "--gatt-dialogues", "128", "--eval-dialogues", "12",
+           "--turns", "4", "--seq-len", "192", "--output", str(out)]
     env = {**os.environ, "LLAMA_DATA_DIR": str(shared_data), "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=560)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -36,8 +35,8 @@ def test_gatt_makes_the_first_turn_instruction_last(shared_data: Path, tmp_path:
     before = [r["rate"] for r in models["before GAtt"]["adherence"]]
     after = [r["rate"] for r in models["after GAtt"]["adherence"]]
     assert before[0] >= 0.75, before  # the baseline follows an instruction in the current message
-    assert statistics.mean(before[3:]) <= 0.25, before  # ... and forgets one given only in the first
-    assert statistics.mean(after[3:]) >= statistics.mean(before[3:]) + 0.5, (before, after)
+    assert before[3] <= 0.25, before  # ... and forgets one given only in the first message
+    assert after[3] >= before[3] + 0.5, (before, after)  # turn 4
     built = [json.loads(line) for line in (tmp_path / "work" / "gatt.jsonl").read_text().splitlines()]
     first_users = [d["messages"][0]["content"] for d in built]
     assert all(u.startswith(("end every answer", "word:")) for u in first_users)
