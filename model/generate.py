@@ -90,13 +90,14 @@ def generate(
         generator = [torch.Generator(device=device).manual_seed(int(s)) for s in row_seeds]
     elif seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
-    head = logits_fn if logits_fn is not None else model.output
 
     pad_lengths = torch.tensor([prompt_len - len(p) for p in prompts], device=device)
     tokens = torch.full((batch, prompt_len), pad_id, dtype=torch.long, device=device)
     for row, prompt in enumerate(prompts):
         tokens[row, prompt_len - len(prompt) :] = torch.tensor(list(prompt), dtype=torch.long)
     cache = KVCache.allocate(model, batch=batch, max_len=total)
+    # On CPU the cache may carry the weights prepacked for decode GEMMs (model/prepack.py), the head's too.
+    head = logits_fn if logits_fn is not None else (cache.packed.output_logits if cache.packed else model.output)
     slots = torch.arange(prompt_len, device=device)
     cache.key_valid[:, :prompt_len] = slots[None, :] >= pad_lengths[:, None]
     positions = (slots[None, :] - pad_lengths[:, None]).clamp(min=0)

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
+from model import prepack
 from model.config import LlamaConfig, RopeScaling
 from model.layers import LayerFactory, LocalLayers
 
@@ -117,16 +118,21 @@ class KVCache:
     """Preallocated keys/values for incremental decoding, ``[batch, local_kv_heads, max_len, head_dim]``.
 
     ``key_valid [batch, max_len]`` marks real (non-padding) slots; prompts of different lengths are
-    left-padded so every row writes the same slot at every step.
+    left-padded so every row writes the same slot at every step. ``packed``: the model's weights prepacked
+    for single-token decode steps on CPU (``model/prepack.py``), or None.
     """
 
     keys: list[Tensor]
     values: list[Tensor]
     key_valid: Tensor
     length: int = 0
+    packed: prepack.PackedWeights | None = None
 
     @classmethod
-    def allocate(cls, model: Llama, *, batch: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
+    def allocate(cls, model: Llama, *, batch: int, max_len: int, dtype: torch.dtype | None = None,
+                 prepack_weights: bool = True) -> KVCache:
+        """Empty cache for ``batch`` rows of up to ``max_len`` tokens. ``prepack_weights``: pack the weights
+        for the decode steps when the model is eligible (``model.prepack.pack_for_decode``)."""
         attention = model.layers[0].attention
         param = next(model.parameters())
         shape = (batch, attention.n_kv_heads, max_len, attention.head_dim)
@@ -134,7 +140,14 @@ class KVCache:
         keys = [torch.empty(shape, dtype=dtype, device=param.device) for _ in model.layers]
         values = [torch.empty(shape, dtype=dtype, device=param.device) for _ in model.layers]
         key_valid = torch.ones(batch, max_len, dtype=torch.bool, device=param.device)
-        return cls(keys=keys, values=values, key_valid=key_valid)
+        packed = prepack.pack_for_decode(model, batch=batch) if prepack_weights else None
+        return cls(keys=keys, values=values, key_valid=key_valid, packed=packed)
+
+    def packed_block(self, layer_index: int, seq: int) -> prepack.BlockWeights | None:
+        """A block's packed weights when this forward is a no-grad single-token decode step, else None."""
+        if self.packed is None or seq != 1 or torch.is_grad_enabled():
+            return None
+        return self.packed.blocks[layer_index]
 
 
 def document_causal_mask(document_ids: Tensor) -> Tensor:
@@ -202,7 +215,11 @@ class Attention(nn.Module):
         layer_index: int = 0,
     ) -> Tensor:
         batch, seq, _ = x.shape
-        if seq > 1 and _all_plain_linear(self.wq, self.wk, self.wv):
+        packed = cache.packed_block(layer_index, seq) if cache is not None else None
+        if packed is not None:  # decode step on CPU: one GEMM over the packed [wq; wk; wv]
+            kv_width = self.n_kv_heads * self.head_dim
+            q, k, v = prepack.linear(x, packed.qkv).split([self.n_heads * self.head_dim, kv_width, kv_width], -1)
+        elif seq > 1 and _all_plain_linear(self.wq, self.wk, self.wv):
             q, k, v = fused_linear(x, self.wq, self.wk, self.wv)
         else:
             q, k, v = self.wq(x), self.wk(x), self.wv(x)
@@ -223,7 +240,8 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=self.n_kv_heads != self.n_heads
         )
-        return self.wo(out.transpose(1, 2).reshape(batch, seq, self.n_heads * self.head_dim))
+        out = out.transpose(1, 2).reshape(batch, seq, self.n_heads * self.head_dim)
+        return prepack.linear(out, packed.wo) if packed is not None else self.wo(out)
 
 
 class FeedForward(nn.Module):
@@ -235,7 +253,11 @@ class FeedForward(nn.Module):
         self.w3 = layers.column(cfg.dim, cfg.ffn_dim)
         self.w2 = layers.row(cfg.ffn_dim, cfg.dim)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, *, packed: prepack.BlockWeights | None = None) -> Tensor:
+        """``packed``: this block's prepacked weights during a CPU decode step (``KVCache.packed_block``)."""
+        if packed is not None:
+            gate, up = prepack.linear(x, packed.gate_up).chunk(2, dim=-1)
+            return prepack.linear(F.silu(gate) * up, packed.w2)
         if x.shape[1] > 1 and _all_plain_linear(self.w1, self.w3):
             gate, up = fused_linear(x, self.w1, self.w3)
         else:
@@ -256,7 +278,8 @@ class TransformerBlock(nn.Module):
         self, x: Tensor, rope: tuple[Tensor, Tensor], *, mask: Tensor | None = None, cache: KVCache | None = None
     ) -> Tensor:
         h = x + self.attention(self.attention_norm(x), rope, mask=mask, cache=cache, layer_index=self.layer_index)
-        return h + self.feed_forward(self.ffn_norm(h))
+        packed = cache.packed_block(self.layer_index, x.shape[1]) if cache is not None else None
+        return h + self.feed_forward(self.ffn_norm(h), packed=packed)
 
 
 # ---------------------------------------------------------------------------------------------------
