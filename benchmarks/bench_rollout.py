@@ -39,7 +39,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", default="debug_15m", help="model registry name")
     p.add_argument("--batch", type=int, default=8, help="prompts per rank per rollout")
     p.add_argument("--prompt-len", type=int, default=32)
-    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "bench_rollout.json"))
     return p.parse_args(argv)
@@ -59,6 +59,7 @@ def _worker(args: argparse.Namespace) -> None:
     from rlhf.ppo_config import PPOConfig
     from rlhf.ppo_data import shard, synthetic_prompts
     from rlhf.ppo_models import PolicyObjective
+    from rlhf.ppo_rewards import all_reduce
     from rlhf.rollout import answer_seed, rollout
     from train.engine import TrainEngine
     from train.topology import Topology
@@ -89,8 +90,7 @@ def _worker(args: argparse.Namespace) -> None:
     for _ in range(args.repeats):
         for mode in times:
             times[mode].append(run(mode)[1])
-    same = torch.tensor([1.0 if outputs["once"] == outputs["per_token"] else 0.0])
-    dist.all_reduce(same, op=dist.ReduceOp.MIN)
+    same = all_reduce(torch.tensor([1.0 if outputs["once"] == outputs["per_token"] else 0.0]), op=dist.ReduceOp.MIN)
     tokens = args.batch * args.new_tokens * topo.world_size
     if topo.global_rank == 0:
         rate = {m: tokens / statistics.median(t) for m, t in times.items()}
@@ -99,7 +99,7 @@ def _worker(args: argparse.Namespace) -> None:
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "hardware": f"{platform.machine()} CPU, {os.cpu_count()} cores, {topo.world_size} processes "
                         f"x {torch.get_num_threads()} threads, gloo",
-            "torch": torch.__version__, "model": args.model, "params": model_cfg.num_params(),
+            "load_average": os.getloadavg()[0], "torch": torch.__version__, "model": args.model, "params": model_cfg.num_params(),
             "zero_stage": 3, "data_parallel": topo.world_size, "batch_per_rank": args.batch,
             "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats,
             "outputs_identical": bool(same.item() == 1.0),

@@ -53,7 +53,14 @@ from rlhf.ppo_models import (
     save_scalar_model,
     zero_head,
 )
-from rlhf.ppo_rewards import RewardModelScorer, RewardResult, RewardStage, build_scorer, global_masked_whiten
+from rlhf.ppo_rewards import (
+    RewardModelScorer,
+    RewardResult,
+    RewardStage,
+    all_reduce,
+    build_scorer,
+    global_masked_whiten,
+)
 
 
 @dataclass
@@ -238,7 +245,7 @@ class PPOTrainer:
         keys = sorted(sums)
         t = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
         if self.topo.dp_size > 1:
-            dist.all_reduce(t, group=self.topo.dp_group)
+            t = all_reduce(t, group=self.topo.dp_group)
         total = dict(zip(keys, t.tolist()))
         n = max(total.pop("tokens", 1.0), 1.0)
         return {k: v / n for k, v in total.items()}
@@ -247,9 +254,7 @@ class PPOTrainer:
         """True on every rank iff no rank has a NaN/Inf reward, log-prob or value."""
         bad = any(not bool(torch.isfinite(t).all()) for t in [exp.reward.score, *exp.old_logp, *exp.ref_logp,
                                                               *exp.values, *exp.advantages])
-        flag = torch.tensor([1.0 if bad else 0.0])
-        if self.topo.world_size > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        flag = all_reduce(torch.tensor([1.0 if bad else 0.0]), op=dist.ReduceOp.MAX)
         return flag.item() == 0.0
 
     def rollout_metrics(self, exp: Experience, *, prefix: str = "") -> dict[str, float]:
@@ -264,7 +269,7 @@ class PPOTrainer:
             float(sum(len(s.answer) for s in exp.samples)), float(sum(s.truncated for s in exp.samples)),
             float(r.safety[is_safety].sum()), float(is_safety.sum()), float(len(exp.samples))], dtype=torch.float64)
         if self.topo.dp_size > 1:
-            dist.all_reduce(sums, group=g)
+            sums = all_reduce(sums, group=g)
         s = sums.tolist()
         n = max(s[12], 1.0)
         return {f"{prefix}reward/helpful": s[0] / n, f"{prefix}reward/safety": s[1] / n,
@@ -404,8 +409,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, NonFinitePPO) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"PPO {result.reason} after {result.iterations} iterations; best held-out LOGIT(Rc) "
-          f"{result.best_heldout:.4f} at iteration {result.best_iteration}; run dir {result.run_dir}")
+    best = (f"best held-out LOGIT(Rc) {result.best_heldout:.4f} at iteration {result.best_iteration}"
+            if result.best_iteration >= 0 else "no held-out evaluation (eval.every=0)")
+    print(f"PPO {result.reason} after {result.iterations} iterations; {best}; run dir {result.run_dir}")
     return 0
 
 

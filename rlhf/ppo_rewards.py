@@ -39,10 +39,25 @@ class Scorer(Protocol):
 # ------------------------------------------------------------------------------------------ global moments
 
 
-def _all_reduce(t: Tensor, group: Any) -> Tensor:
-    if group is not None and dist.is_initialized() and dist.get_world_size(group) > 1:
-        dist.all_reduce(t, group=group)
+def all_reduce(t: Tensor, *, group: Any = None, op: Any = None) -> Tensor:
+    """``t`` (a statistic on the CPU) reduced over ``group`` (``None`` = every rank), returned on the CPU.
+
+    NCCL reduces CUDA tensors only: the statistic makes a round trip through the current device there. A no-op
+    without a process group or with one rank.
+    """
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return t
+    op = dist.ReduceOp.SUM if op is None else op
+    if dist.get_backend(group) == "nccl":
+        on_device = t.cuda()
+        dist.all_reduce(on_device, op=op, group=group)
+        return on_device.cpu()
+    dist.all_reduce(t, op=op, group=group)
     return t
+
+
+def _all_reduce(t: Tensor, group: Any) -> Tensor:
+    return t if group is None else all_reduce(t, group=group)
 
 
 def global_masked_whiten(x: Tensor, mask: Tensor | None = None, *, group: Any = None, eps: float = 1e-8) -> Tensor:
