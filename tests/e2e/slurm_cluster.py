@@ -1,7 +1,8 @@
 """A real one-node SLURM cluster on localhost for end-to-end tests: munged + slurmctld + slurmd under a temp dir.
 
     from tests.e2e.slurm_cluster import SlurmCluster, SlurmUnavailable
-    with SlurmCluster.start() as cluster:          # SlurmUnavailable (with the reason) if it cannot run here
+    with SlurmCluster.start() as cluster:          # SlurmUnavailable (with the reason) if it cannot run here,
+                                                   # SlurmStartError (with the daemon logs) if they fail
         job = cluster.sbatch(script, cwd=repo)     # job id
         cluster.wait_state(job, {"COMPLETED"}, timeout_s=120)
 
@@ -36,7 +37,11 @@ INSTALL_HINT = "install with launch/ci/install_slurm.sh (as root: apt-get instal
 
 
 class SlurmUnavailable(RuntimeError):
-    """This machine cannot run the test cluster; the message says why (the test skips with it)."""
+    """This machine cannot run the test cluster (binaries missing, not root); the test skips with the reason."""
+
+
+class SlurmStartError(RuntimeError):
+    """The daemons were there but did not come up: a failure (with their logs), never a skip."""
 
 
 def _which(name: str) -> str | None:
@@ -139,7 +144,8 @@ MpiDefault=none
 ReturnToService=2
 SchedulerType=sched/backfill
 FirstJobId={first_job}
-KillWait=15
+# SIGTERM -> SIGKILL grace: a requeued run checkpoints within it (60 s leaves room on a loaded machine)
+KillWait=60
 MinJobAge=600
 JobCompType=jobcomp/none
 JobAcctGatherType=jobacct_gather/none
@@ -168,7 +174,7 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         detail = "\n".join(f"--- {p.name}:\n{_tail(p)}" for p in (*logs, *(self.root / "log" / f"{n}.stdout"
                                                                        for n in dead)))
         state = f"exited: {', '.join(dead)}" if dead else f"not ready after {timeout_s:.0f} s"
-        raise SlurmUnavailable(f"could not start {what} ({state}); logs under {self.root}:\n{detail}")
+        raise SlurmStartError(f"could not start {what} ({state}); logs under {self.root}:\n{detail}")
 
     def _node_idle(self) -> bool:
         out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, env=self.env,
