@@ -60,14 +60,14 @@ def write_instructions(path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def base_sft_dialogues(n: int, rng: random.Random) -> list[dict]:
-    """Dialogues of 1-4 turns; an instruction on a random subset of user messages, obeyed only there."""
+def base_sft_dialogues(n: int, rng: random.Random, *, max_turns: int = 4) -> list[dict]:
+    """Dialogues of 1..max_turns turns; an instruction on a random subset of user messages, obeyed only there."""
     out = []
     for _ in range(n):
         word = rng.choice(WORDS)
         instruction = rng.choice(instruction_forms(word))
         messages = []
-        for q, a in rng.sample(QA, rng.randint(1, 4)):
+        for q, a in rng.sample(QA, rng.randint(1, max_turns)):
             if rng.random() < 0.5:
                 messages += [{"role": "user", "content": f"{instruction} {q}"},
                              {"role": "assistant", "content": f"{a} {word}."}]
@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     rng = random.Random(args.seed)
     write_instructions(work / "instructions.jsonl")
-    _write_jsonl(work / "base_sft.jsonl", base_sft_dialogues(args.base_dialogues, rng))
+    _write_jsonl(work / "base_sft.jsonl", base_sft_dialogues(args.base_dialogues, rng, max_turns=args.base_turns))
     _write_jsonl(work / "gatt_users.jsonl", user_dialogues(args.gatt_dialogues, (2, args.turns), rng))
     _write_jsonl(work / "eval.jsonl", user_dialogues(args.eval_dialogues, (args.turns, args.turns), rng))
     common = ["--config", "configs/rlhf/gatt_tiny.toml", f"--data.tokenizer={tok}", "--logging.wandb=false",
@@ -124,6 +124,7 @@ def run(args: argparse.Namespace) -> dict:
           "--output", str(work / "gatt.jsonl")], work / "build.log")
     _run(["rlhf.gatt", "train", *common, f"--data.path={work / 'gatt.jsonl'}",
           f"--gatt.init={work / 'base' / 'final_model'}", f"--train.steps={args.gatt_steps}",
+          f"--optim.lr={args.gatt_lr}",
           f"--run.dir={work / 'gatt'}"], work / "gatt.log")
     _run(["rlhf.gatt", "eval", "--checkpoint", str(work / "base" / "final_model"), "--label", "before GAtt",
           "--checkpoint", str(work / "gatt" / "final_model"), "--label", "after GAtt", *gen,
@@ -143,7 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base-steps", type=int, default=60)
     p.add_argument("--base-lr", type=float, default=2e-3)
     p.add_argument("--gatt-steps", type=int, default=150)
+    p.add_argument("--gatt-lr", type=float, default=5e-4, help="GAtt fine-tuning LR (the recorded run: 5e-4)")
     p.add_argument("--base-dialogues", type=int, default=600)
+    p.add_argument("--base-turns", type=int, default=4, help="longest baseline SFT dialogue (turns)")
     p.add_argument("--gatt-dialogues", type=int, default=300)
     p.add_argument("--eval-dialogues", type=int, default=24)
     p.add_argument("--turns", type=int, default=5)

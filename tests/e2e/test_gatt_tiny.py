@@ -25,9 +25,9 @@ def test_gatt_makes_the_first_turn_instruction_last(shared_data: Path, tmp_path:
     require_file(shared_data / "checkpoints" / "stories260K" / "stories260K.bin")
     require_file(shared_data / "checkpoints" / "stories260K" / "tok512.model")
     out = tmp_path / "result.json"
-    cmd = [sys.executable, "benchmarks/gatt_tiny.py", "--work", str(tmp_path / "work"), "--base-steps", "35",
-           "--gatt-steps", "50", "--base-dialogues", "300", "--gatt-dialogues", "128", "--eval-dialogues", "12",
-           "--turns", "4", "--seq-len", "192", "--output", str(out)]
+    cmd = [sys.executable, "benchmarks/gatt_tiny.py", "--work", str(tmp_path / "work"), "--base-steps", "90",
+           "--gatt-steps", "80", "--gatt-lr", "1e-3", "--base-dialogues", "300", "--gatt-dialogues", "128",
+           "--eval-dialogues", "12", "--turns", "4", "--seq-len", "192", "--output", str(out)]
     env = {**os.environ, "LLAMA_DATA_DIR": str(shared_data), "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=560)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
