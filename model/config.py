@@ -195,6 +195,9 @@ _register(LlamaConfig(name="debug_15m", dim=384, n_layers=6, n_heads=6, n_kv_hea
 # ~25M parameters (dim 512, 8 layers, GQA): the CPU benchmark size.
 _register(LlamaConfig(name="bench_25m", dim=512, n_layers=8, n_heads=8, n_kv_heads=4, vocab_size=4096,
                       multiple_of=128, max_seq_len=2048))
+# ~1.5B parameters, Llama 3 style (Llama 3.2 1B's shape, untied head): the single-GPU MFU benchmark size.
+_register(LlamaConfig(name="bench_1p5b", dim=2048, n_layers=16, n_heads=32, multiple_of=256,
+                      ffn_dim_multiplier=1.5, **{**_LLAMA31, "max_seq_len": 8192}))
 
 
 def known_configs() -> list[str]:
