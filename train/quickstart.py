@@ -180,6 +180,18 @@ def unigram_entropy(data_dir: Path, cfg: Any) -> tuple[float, float]:
     return entropy, float(-np.log(p[held]).mean())
 
 
+def logged_losses(metrics: Path) -> tuple[float | None, float]:
+    """(last validation loss, last training loss) recorded in a run's ``metrics.jsonl``."""
+    val, loss = None, float("nan")
+    for line in metrics.read_text().splitlines():
+        rec = json.loads(line)
+        if rec.get("type") == "validation":
+            val = float(rec["val_loss"])
+        elif rec.get("type") == "train":
+            loss = float(rec["loss"])
+    return val, loss
+
+
 def sample(run_dir: Path, tok_path: Path, *, prompts: list[str], max_new_tokens: int = 40) -> list[str]:
     from model import from_pretrained
     from model.generate import generate
@@ -215,18 +227,23 @@ def main(argv: list[str] | None = None) -> int:
     from train.report import write_report
 
     result = train(cfg)
+    val_loss, train_loss = result.last_val_loss, result.last_loss
+    if result.last_step == result.start_step:  # run-dir held a finished run: resumed at its end, nothing to train
+        print(f"[quickstart] {run_dir} already holds a finished run of {result.last_step} steps (pass --run-dir "
+              "DIR for a new one); its logged losses are reported", flush=True)
+        val_loss, train_loss = logged_losses(run_dir / "metrics.jsonl")
     report = write_report(run_dir)
     entropy, held_unigram = unigram_entropy(data, cfg)
-    print(f"[quickstart] held-out loss {result.last_val_loss:.4f} nats/token vs unigram entropy {entropy:.4f} "
+    print(f"[quickstart] held-out loss {val_loss:.4f} nats/token vs unigram entropy {entropy:.4f} "
           f"(held-out tokens under the unigram model: {held_unigram:.4f}); report {report}/summary.md")
     (run_dir / "quickstart.json").write_text(json.dumps({
-        "val_loss": result.last_val_loss, "unigram_entropy": entropy, "heldout_unigram_ce": held_unigram,
-        "train_loss": result.last_loss, "steps": result.last_step, "seconds": time.perf_counter() - start}) + "\n")
+        "val_loss": val_loss, "unigram_entropy": entropy, "heldout_unigram_ce": held_unigram,
+        "train_loss": train_loss, "steps": result.last_step, "seconds": time.perf_counter() - start}) + "\n")
     prompts = (["The ", "In 2019, "] if args.data else ["Return the ", "This module ", "Raise ValueError if "])
     print("[quickstart] samples from", run_dir / "final_model")
     for text in sample(run_dir, tok, prompts=prompts):
         print("   ", text.replace("\n", " ")[:200])
-    ok = result.last_val_loss is not None and math.isfinite(result.last_val_loss)
+    ok = val_loss is not None and math.isfinite(val_loss)
     print(f"[quickstart] done in {time.perf_counter() - start:.0f} s")
     return 0 if ok else 1
 
