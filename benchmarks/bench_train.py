@@ -115,7 +115,7 @@ def build_contenders(run_cfg: RunConfig) -> tuple[dict[str, Any], Any]:
     plain = ReferenceEngine(model_cfg=model_cfg, run_cfg=run_cfg)
     plain_fused = ReferenceEngine(model_cfg=model_cfg, run_cfg=run_cfg)
     o = run_cfg.optim
-    plain_fused.optimizer = torch.optim.AdamW(decay_groups(plain_fused.model, o.weight_decay), lr=0.0,
+    plain_fused.optimizer = torch.optim.AdamW(decay_groups(plain_fused.module, o.weight_decay), lr=0.0,
                                               betas=(o.beta1, o.beta2), eps=o.eps, fused=True)
     hf = HFLoop(weights=plain.model.state_dict(), model_cfg=model_cfg, run_cfg=run_cfg)
     return {"ours": ours, "plain": plain, "plain_fused": plain_fused, "hf": hf}, model_cfg

@@ -82,7 +82,7 @@ class RewardModel(nn.Module):
 
 
 class RewardObjective:
-    """The engine objective of reward-model training (see ``train.engine.LanguageModelObjective``)."""
+    """The engine objective of reward-model training (see ``train.objective.LanguageModelObjective``)."""
 
     input_keys: tuple[str, ...] = ("input_ids", "score_index", "margin", "pair_weight")
     weight_key: str = "pair_weight"

@@ -61,9 +61,9 @@ from torch import Tensor, nn  # noqa: E402
 
 from model.config import LlamaConfig  # noqa: E402
 from model.layers import LayerFactory, LocalLayers  # noqa: E402
-from model.llama import Llama, init_llama_weights  # noqa: E402
+from model.llama import init_llama_weights  # noqa: E402
 from train import pipeline as pipe  # noqa: E402
-from train.objective import decay_groups, masked_loss_sum  # noqa: E402
+from train.objective import LanguageModelObjective, decay_groups, masked_loss_sum  # noqa: E402
 
 # DeepSpeed's CPU accelerator JIT-compiles a shared-memory all-reduce (~80 s per fresh cache) when its
 # communication backend starts; it only serves inference all-reduce, so training never needs it.
@@ -99,41 +99,6 @@ def pipeline_partition(model_cfg: LlamaConfig, pp: int) -> list[tuple[int, int]]
     8 blocks in the middle, 7 blocks + head last (Llama 3's own balancing)."""
     parts = partition_uniform(num_items=model_cfg.n_layers + 2, num_parts=pp)
     return [(parts[i], parts[i + 1]) for i in range(pp)]
-
-
-class LossModule(nn.Module):
-    """The non-pipelined language-model training module: Llama forward + token cross entropy, summed, scaled."""
-
-    def __init__(self, model: Llama, *, tp_size: int, document_mask: bool = True) -> None:
-        super().__init__()
-        self.model, self.tp_size, self.document_mask = model, tp_size, document_mask
-
-    def forward(self, input_ids: Tensor, labels: Tensor, loss_mask: Tensor, document_ids: Tensor,
-                scale: Tensor) -> Tensor:
-        logits = self.model(input_ids, document_ids=document_ids if self.document_mask else None)
-        return masked_loss_sum(logits, labels, loss_mask, tp_size=self.tp_size) * scale
-
-
-class LanguageModelObjective:
-    """Next-token prediction under a loss mask (pretraining, SFT, GAtt): the default objective.
-
-    An objective tells the engine what module to train and which batch fields feed it. Its module's
-    ``forward(**inputs, scale)`` returns the *sum* of per-item losses times ``scale``; ``weight_key`` names
-    the batch field whose sum counts the items (tokens here), so the engine can normalise by the global count.
-    Other objectives (the reward model's pairwise loss in ``rlhf/``) implement the same three members.
-    """
-
-    input_keys: tuple[str, ...] = ("input_ids", "labels", "loss_mask", "document_ids")
-    weight_key: str = "loss_mask"
-    supports_pipeline: bool = True
-
-    def build_module(self, model_cfg: LlamaConfig, factory: LayerFactory, run_cfg: Any) -> nn.Module:
-        model = Llama(model_cfg, layers=factory)
-        model.checkpoint_every = run_cfg.parallel.activation_checkpoint_every
-        return LossModule(model, tp_size=factory.tp_size, document_mask=run_cfg.data.document_mask)
-
-    def native_name(self, name: str) -> str:
-        return name.removeprefix("model.")
 
 
 def _pipe_loss(tp_size: int, logits: Tensor, targets: tuple[Tensor, Tensor, Tensor]) -> Tensor:

@@ -1,14 +1,19 @@
-"""The exactness reference: a plain PyTorch training loop, no DeepSpeed, no process group.
+"""The exactness reference: a plain PyTorch training loop for any engine objective, no DeepSpeed, no process group.
 
-    from train.reference import ReferenceEngine
+    from train.reference import ReferenceEngine, single_process_topology
     result = train(cfg, engine_factory=ReferenceEngine, topology_factory=single_process_topology)
+    engine = ReferenceEngine(model_cfg=m, run_cfg=cfg, objective=RewardObjective())   # reward-model training
 
-Same model (``Llama`` with ``LocalLayers``), same layout-independent initialisation, same data order (the
-loader hands one process the whole global batch), same objective (sum of token losses / global loss
-tokens), ``torch.optim.AdamW`` with the same parameter groups, ``clip_grad_norm_``, the same LR schedule
-(set by the loop). Every distributed layout is compared against it: per-step losses and final weights within
-1e-5 in fp32 (``tests/distributed``). It has ``TrainEngine``'s interface, so the real loop drives it; it is
-also the "plain PyTorch loop" peer of the overhead benchmark.
+It takes the same ``objective`` and ``init_weights`` arguments as ``train.engine.TrainEngine`` (default: the
+language-model objective of pretraining, SFT and GAtt, ``train.objective.LanguageModelObjective``) and does
+the same thing in the plainest way: the objective's module with plain layers, the layout-independent seeded
+initialisation (``init_llama_weights`` by native name), the initial weights copied over it, the same data order
+(the loader hands one process the whole global batch), the step's loss as the sum of per-item losses over the
+global count of ``batch[objective.weight_key]``, ``torch.optim.AdamW`` with the same parameter groups,
+``clip_grad_norm_``, the LR schedule set by the loop. Every distributed layout of pretraining, SFT and the
+reward model is compared against it: per-step losses and final weights within 1e-5 in fp32
+(``tests/distributed``). It has ``TrainEngine``'s interface, so the real loop drives it; it is also the "plain
+PyTorch loop" peer of the overhead benchmark and fast enough for in-process end-to-end tests.
 """
 
 from __future__ import annotations
@@ -22,8 +27,9 @@ import torch
 from torch import Tensor
 
 from model.config import LlamaConfig
-from model.llama import Llama, init_llama_weights
-from train.objective import decay_groups, masked_loss_sum
+from model.layers import LocalLayers
+from model.llama import init_llama_weights
+from train.objective import LanguageModelObjective, decay_groups
 
 
 def single_process_topology(cfg: Any = None) -> SimpleNamespace:
@@ -33,34 +39,47 @@ def single_process_topology(cfg: Any = None) -> SimpleNamespace:
 
 
 class ReferenceEngine:
-    """``TrainEngine``'s interface over one plain model and ``torch.optim.AdamW``."""
+    """``TrainEngine``'s interface (train_step, eval_loss, save/load, consolidated_state_dict) in one process."""
 
-    def __init__(self, *, model_cfg: LlamaConfig, run_cfg: Any, topology: Any = None) -> None:
-        self.model = Llama(model_cfg)
-        init_llama_weights(self.model, seed=run_cfg.train.seed)
-        self.model.checkpoint_every = run_cfg.parallel.activation_checkpoint_every
+    def __init__(self, *, model_cfg: LlamaConfig, run_cfg: Any, topology: Any = None, objective: Any = None,
+                 init_weights: dict[str, Tensor] | None = None) -> None:
+        self.objective = objective or LanguageModelObjective()
+        self.module = self.objective.build_module(model_cfg, LocalLayers(), run_cfg)
+        init_llama_weights(self.module, seed=run_cfg.train.seed, n_layers=model_cfg.n_layers,
+                           native_name=self.objective.native_name)
+        if init_weights is not None:
+            with torch.no_grad():
+                for name, param in self.module.named_parameters():
+                    native = self.objective.native_name(name)
+                    if native in init_weights:
+                        param.copy_(init_weights[native].to(param.dtype))
         o = run_cfg.optim
-        self.optimizer = torch.optim.AdamW(decay_groups(self.model, o.weight_decay), lr=0.0,
+        self.optimizer = torch.optim.AdamW(decay_groups(self.module, o.weight_decay), lr=0.0,
                                            betas=(o.beta1, o.beta2), eps=o.eps)
         self.gas = run_cfg.train.global_batch_size // run_cfg.train.micro_batch_size
         self.clip = o.grad_clip
-        self.document_mask = run_cfg.data.document_mask
 
-    def _loss_sum(self, mb: dict[str, Tensor]) -> Tensor:
-        logits = self.model(mb["input_ids"], document_ids=mb["document_ids"] if self.document_mask else None)
-        return masked_loss_sum(logits, mb["labels"], mb["loss_mask"], tp_size=1)
+    @property
+    def model(self) -> torch.nn.Module:
+        """The Llama inside the objective's module (the module itself when it is the model)."""
+        return getattr(self.module, "model", self.module)
+
+    def _inputs(self, mb: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {k: mb[k] for k in self.objective.input_keys}
 
     def train_step(self, micro_batches: Any, lr: float) -> SimpleNamespace:
         batches = [next(micro_batches) for _ in range(self.gas)]
-        tokens = max(float(sum(float(mb["loss_mask"].sum()) for mb in batches)), 1.0)
+        key = self.objective.weight_key
+        count = max(float(sum(float(mb[key].sum()) for mb in batches)), 1.0)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         total = 0.0
+        scale = torch.tensor(1.0 / count)
         for mb in batches:
-            loss = self._loss_sum(mb) / tokens
+            loss = self.module(**self._inputs(mb), scale=scale)
             loss.backward()
             total += float(loss.detach())
-        params = [p for p in self.model.parameters() if p.grad is not None]
+        params = [p for p in self.module.parameters() if p.grad is not None]
         if self.clip > 0:
             norm = float(torch.nn.utils.clip_grad_norm_(params, self.clip))
         else:
@@ -69,28 +88,28 @@ class ReferenceEngine:
         if not skipped:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return SimpleNamespace(loss=total, grad_norm=norm, skipped=skipped, tokens=int(tokens))
+        return SimpleNamespace(loss=total, grad_norm=norm, skipped=skipped, tokens=int(count))
 
     @torch.no_grad()
     def eval_loss(self, micro_batches: Any, num_batches: int) -> float:
-        self.model.eval()
+        self.module.eval()
         total, count = 0.0, 0.0
         for _ in range(num_batches):
             mb = next(micro_batches)
-            total += float(self._loss_sum(mb))
-            count += float(mb["loss_mask"].sum())
-        self.model.train()
+            total += float(self.module(**self._inputs(mb), scale=torch.tensor(1.0)))
+            count += float(mb[self.objective.weight_key].sum())
+        self.module.train()
         return total / max(count, 1.0)
 
     def save(self, path: Path, client_state: dict[str, Any]) -> None:
-        torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+        torch.save({"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
                     "client": client_state}, Path(path) / "reference.pt")
 
     def load(self, path: Path) -> dict[str, Any]:
         state = torch.load(Path(path) / "reference.pt", weights_only=True)
-        self.model.load_state_dict(state["model"])
+        self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         return dict(state["client"])
 
     def consolidated_state_dict(self) -> dict[str, Tensor]:
-        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        return {self.objective.native_name(k): v.detach().clone() for k, v in self.module.named_parameters()}

@@ -4,8 +4,8 @@ One ``torchrun`` launch of 2 processes runs all five layouts (``run_rlhf_layouts
 ``rlhf.sft`` / ``rlhf.reward`` code with the DeepSpeed engine and megatron-core layers): SFT at TP2, at
 DP2 x ZeRO-3 and at PP2 (DeepSpeed's 1F1B pipeline), the reward model at TP2 and at DP2 x ZeRO-3 (its objective
 refuses pipeline parallelism with a message). Both start from a saved checkpoint, so the initial
-weights go through the engine's ``init_weights`` TP slicing. The reference is ``rlhf.reference
-.ObjectiveReferenceEngine`` through the same loop in this process.
+weights go through the engine's ``init_weights`` TP slicing. The reference is ``train.reference
+.ReferenceEngine`` through the same loop in this process.
 
 Acceptance (issue "Alignment I"): per-step losses and final weights within 1e-5 for 3 steps; gradient norms
 (clipped below their value at every step, so the TP-aware norm is checked too) within 1e-5 relative.
@@ -36,14 +36,13 @@ WEIGHTS = {"sft": "model.safetensors", "rm": "reward_model.safetensors"}
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from rlhf.reference import ObjectiveReferenceEngine
-    from train.reference import single_process_topology
+    from train.reference import ReferenceEngine, single_process_topology
 
     out = tmp_path_factory.mktemp("rlhf_parity")
     data = make_parity_data(out / "data")
     for stage in STAGE:
         cfg = rlhf_parity_config(stage, data, [f"--run.dir={out / ('reference_' + stage)}"])
-        run_stage_config(stage, cfg, engine_factory=ObjectiveReferenceEngine, topology_factory=single_process_topology)
+        run_stage_config(stage, cfg, engine_factory=ReferenceEngine, topology_factory=single_process_topology)
     specs = [f"{name}={stage}:{override}" for name, (stage, override) in LAYOUTS.items()]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
            str(REPO_ROOT / "tests" / "distributed" / "run_rlhf_layouts.py"), str(out), str(data), *specs]

@@ -70,9 +70,8 @@ def test_sft_lowers_heldout_answer_loss(sft_run: Path) -> None:
 @pytest.fixture(scope="module")
 def reward_runs(real: dict[str, Path], sft_run: Path) -> dict[str, Path]:
     from rlhf.config import RewardConfig
-    from rlhf.reference import ObjectiveReferenceEngine
     from rlhf.reward import run_reward
-    from train.reference import single_process_topology
+    from train.reference import ReferenceEngine, single_process_topology
 
     runs = {}
     for kind in ("helpfulness", "safety"):
@@ -81,7 +80,7 @@ def reward_runs(real: dict[str, Path], sft_run: Path) -> dict[str, Path]:
             f"--rm.helpful_files={real['helpful']}", f"--rm.safety_files={real['harmless']}",
             f"--rm.max_records_per_file={N}", f"--data.seq_len={SEQ}", "--optim.lr=1e-3", "--train.eval_every=0",
             f"--run.dir={sft_run.parent / ('rm_' + kind)}"])
-        result, _ = run_reward(cfg, engine_factory=ObjectiveReferenceEngine, topology_factory=single_process_topology,
+        result, _ = run_reward(cfg, engine_factory=ReferenceEngine, topology_factory=single_process_topology,
                                print_fn=lambda *a, **k: None)
         assert result.reason == "completed"
         runs[kind] = cfg.run_dir

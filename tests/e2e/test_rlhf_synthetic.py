@@ -76,17 +76,16 @@ def test_reward_model_learns_the_property_and_grades_its_gaps(reward_run: Path, 
 
 def test_sft_then_best_of_k_beats_a_single_sample(reward_run: Path, data: Path) -> None:
     from rlhf.config import SFTConfig
-    from rlhf.reference import ObjectiveReferenceEngine
     from rlhf.rejection_sampling import main as rejection_sampling
     from rlhf.sft import run_sft
-    from train.reference import single_process_topology
+    from train.reference import ReferenceEngine, single_process_topology
 
     cfg = SFTConfig.from_toml(None, [
         "--model.name=debug_tiny", f"--data.tokenizer={data / 'tok.model'}", "--data.seq_len=128",
         f"--sft.files={data / 'prefs.jsonl'}", "--sft.epochs=1", "--train.global_batch_size=8",
         "--train.micro_batch_size=8", "--train.eval_every=0", "--optim.lr=3e-3", "--optim.warmup_steps=5",
         "--checkpoint.every=0", "--logging.wandb=false", f"--run.dir={data / 'sft'}"])
-    _, evaluation = run_sft(cfg, engine_factory=ObjectiveReferenceEngine, topology_factory=single_process_topology,
+    _, evaluation = run_sft(cfg, engine_factory=ReferenceEngine, topology_factory=single_process_topology,
                             print_fn=lambda *a, **k: None)
     assert evaluation["heldout_loss_after"] < 0.5 * evaluation["heldout_loss_before"], evaluation
     common = ["--policy", str(data / "sft"), "--reward-model", str(reward_run), "--prompts",

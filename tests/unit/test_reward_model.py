@@ -161,11 +161,11 @@ def test_rejection_sampling_keeps_the_best_over_rounds(tmp_path: Path) -> None:
 
 def test_reference_engine_normalises_by_the_global_number_of_pairs() -> None:
     from rlhf.config import RewardConfig
-    from rlhf.reference import ObjectiveReferenceEngine
+    from train.reference import ReferenceEngine
 
     cfg = RewardConfig.from_toml(None, ["--train.global_batch_size=4", "--train.micro_batch_size=2",
                                         "--optim.grad_clip=0"])
-    engine = ObjectiveReferenceEngine(model_cfg=CFG, run_cfg=cfg, objective=RewardObjective())
+    engine = ReferenceEngine(model_cfg=CFG, run_cfg=cfg, objective=RewardObjective())
     g = torch.Generator().manual_seed(1)
     batches = [{"input_ids": torch.randint(3, 300, (4, 8), generator=g), "score_index": torch.tensor([7, 5, 6, 7]),
                 "margin": torch.tensor([0.0, 1.0]), "pair_weight": torch.ones(2)} for _ in range(2)]

@@ -21,11 +21,10 @@ def _losses(run: Path) -> dict[int, float]:
 
 @pytest.mark.parametrize("stage", ["sft", "rm"])
 def test_resume_from_a_checkpoint_repeats_the_run(stage: str, tmp_path: Path) -> None:
-    from rlhf.reference import ObjectiveReferenceEngine
-    from train.reference import single_process_topology
+    from train.reference import ReferenceEngine, single_process_topology
 
     data = make_parity_data(tmp_path / "data")
-    kw = {"engine_factory": ObjectiveReferenceEngine, "topology_factory": single_process_topology}
+    kw = {"engine_factory": ReferenceEngine, "topology_factory": single_process_topology}
     common = ["--train.steps=6", "--checkpoint.every=3", "--checkpoint.keep_last=3"]
     run_stage_config(stage, rlhf_parity_config(stage, data, [*common, f"--run.dir={tmp_path / 'full'}"]), **kw)
     ckpt = tmp_path / "full" / "checkpoints" / "step_00000003"
