@@ -18,6 +18,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -59,7 +60,12 @@ def _segments(node_log: str) -> list[tuple[int, list[int]]]:
 
 
 def _wait_requeued(cluster: SlurmCluster, job: str, restarts: int, *, timeout_s: float = 240) -> None:
-    """Wait until the job runs again after its ``restarts``-th requeue, lifting SLURM's ~2 min requeue hold."""
+    """Wait until the job runs again after its ``restarts``-th requeue, lifting SLURM's ~2 min requeue hold.
+
+    The hold is lifted only after the job has been pending for a few seconds: slurmd revokes the job's launch
+    credential when the old run is killed, with one-second resolution, and refuses ("Job N already killed, do
+    not launch batch job") a relaunch whose credential is from the same second, which fails the job."""
+    pending_since: list[float] = []
 
     def running_again() -> bool:
         info = cluster.job_info(job)
@@ -68,7 +74,9 @@ def _wait_requeued(cluster: SlurmCluster, job: str, restarts: int, *, timeout_s:
         if int(info.get("Restarts", 0)) < restarts:
             return False
         if info.get("JobState") == "PENDING":
-            cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)
+            pending_since[:] = pending_since or [time.monotonic()]
+            if time.monotonic() - pending_since[0] >= 3.0:
+                cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)
         return info.get("JobState") == "RUNNING"
 
     wait_for(running_again, timeout_s=timeout_s, poll_s=0.5, what=f"job {job} running after requeue {restarts}")
