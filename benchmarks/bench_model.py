@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -31,6 +30,7 @@ from model.checkpoints.hf import hf_config_from_llama, to_hf_state_dict
 from model.config import get_config
 from model.generate import generate
 from model.llama import Llama, init_llama_weights
+from train.metrics import cpu_name
 
 
 def build_pair(name: str, *, seed: int) -> tuple[Llama, torch.nn.Module]:
@@ -128,7 +128,7 @@ def main() -> None:
     result = {
         "benchmark": "model_vs_transformers",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "hardware": f"{_cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads",
+        "hardware": f"{cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads",
         "torch": torch.__version__, "transformers": transformers.__version__,
         "config": args.config, "params": ours.num_params(), "dtype": "fp32",
         "train_step": bench_train_step(ours, hf, batch=4, seq=512, repeats=args.repeats),
@@ -144,16 +144,6 @@ def main() -> None:
     print(f"generation: ours {g['ours_tokens_per_s']:.1f} tok/s, HF {g['hf_tokens_per_s']:.1f} tok/s, "
           f"ours/HF {g['speedup_ours_over_hf']:.2f}x (goal >= 1.2: {'met' if g['goal_met'] else 'NOT met'})")
 
-
-def _cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo (Linux), else what ``platform`` knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ from launch.planner import model_flops_per_token
 from model.checkpoints.hf import hf_config_from_llama, to_hf_state_dict
 from train.config import RunConfig
 from train.engine import TrainEngine
-from train.metrics import measure_cpu_matmul_peaks
+from train.metrics import cpu_name, measure_cpu_matmul_peaks
 from train.objective import decay_groups
 from train.reference import ReferenceEngine
 from train.topology import Topology
@@ -185,7 +185,7 @@ def main() -> None:
     result = {
         "benchmark": "train_step_full_stack",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "hardware": f"{_cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads",
+        "hardware": f"{cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads",
         "torch": torch.__version__, "deepspeed": deepspeed.__version__, "transformers": transformers.__version__,
         "model": {"name": "bench_56m", "params": model_cfg.num_params(), **model_cfg.to_dict()},
         "tokens_per_step": BATCH * SEQ, "dtype": "fp32", "zero_stage": 1, "processes": 1,
@@ -225,15 +225,6 @@ def _print_summary(result: dict[str, Any]) -> None:
     for goal, met in result["goals"].items():
         print(f"goal {goal}: {'met' if met else 'NOT met'}")
 
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return os.uname().machine
 
 
 if __name__ == "__main__":

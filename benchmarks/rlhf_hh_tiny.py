@@ -24,7 +24,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -46,11 +45,11 @@ def _run(cmd: list[str], *, log: Path) -> float:
 
 
 def _hardware() -> dict[str, Any]:
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
     import torch
 
-    return {"cpu": model, "cores": os.cpu_count(), "torch": torch.__version__, "threads": os.environ.get(
+    from train.metrics import cpu_name
+
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__, "threads": os.environ.get(
         "OMP_NUM_THREADS", "default"), "load_average_at_start": os.getloadavg()[0]}
 
 

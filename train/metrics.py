@@ -38,6 +38,19 @@ import torch
 H100_BF16_PEAK = 989e12
 
 
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo (Linux), else what ``platform`` knows: for benchmark records."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def measure_cpu_matmul_peaks(*, seconds: float = 1.0, sizes: tuple[int, ...] = (1024, 2048)) -> dict[str, float]:
     """Best observed fp32 FLOP/s of square ``n x n`` matmuls with this process's torch threads, per library and n.
 
