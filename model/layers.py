@@ -7,8 +7,9 @@ and "the output head", exactly the four roles of Megatron's tensor-parallel tran
     column:  Y = X A,  A split along its output dim  A = [A_1 ... A_p]   (q, gate, up; head over vocab)
     row:     Y = X A,  A split along its input dim, partial sums all-reduced  (o, down)
 
-``LocalLayers`` (this module) is TP = 1: plain ``nn.Linear`` / ``nn.Embedding`` in an ordinary Python
-process with no process group and no launcher, so ``from_pretrained(DIR)(tokens)`` just works.
+``LocalLayers`` (this module) is TP = 1: ``nn.Linear`` (the ``Linear`` subclass below, whose fp32 CPU GEMMs
+run through oneDNN) / ``nn.Embedding`` in an ordinary Python process with no process group and no launcher,
+so ``from_pretrained(DIR)(tokens)`` just works.
 ``model/parallel.py`` provides the megatron-core implementation of the same factory for TP > 1, so the
 forward math is written once.
 
@@ -20,7 +21,9 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from torch import nn
+from torch import Tensor, nn
+
+from model import kernels
 
 
 class LayerFactory(Protocol):
@@ -43,25 +46,37 @@ class LayerFactory(Protocol):
     def local_kv_heads(self, n_kv_heads: int) -> int: ...
 
 
+class Linear(nn.Linear):
+    """``nn.Linear`` without bias whose fp32 CPU GEMMs go through ``model.kernels.linear`` (oneDNN)."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if kernels.applies(x, self.weight):
+            return kernels.linear(x, self.weight)
+        return super().forward(x)
+
+
 class LocalLayers:
     """Tensor parallel size 1: ordinary PyTorch layers, usable with no process group at all."""
 
     tp_size = 1
 
     def column(self, in_features: int, out_features: int) -> nn.Module:
-        return nn.Linear(in_features, out_features, bias=False)
+        return Linear(in_features, out_features)
 
     def row(self, in_features: int, out_features: int) -> nn.Module:
-        return nn.Linear(in_features, out_features, bias=False)
+        return Linear(in_features, out_features)
 
     def kv_projection(self, in_features: int, *, n_kv_heads: int, head_dim: int) -> nn.Module:
-        return nn.Linear(in_features, n_kv_heads * head_dim, bias=False)
+        return Linear(in_features, n_kv_heads * head_dim)
 
     def embedding(self, vocab_size: int, dim: int) -> nn.Module:
         return nn.Embedding(vocab_size, dim)
 
     def output_head(self, dim: int, vocab_size: int) -> nn.Module:
-        return nn.Linear(dim, vocab_size, bias=False)
+        return Linear(dim, vocab_size)
 
     def local_heads(self, n_heads: int) -> int:
         return n_heads

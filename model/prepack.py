@@ -76,7 +76,7 @@ class PackedWeights:
 
 
 def _plain(*modules: nn.Module) -> bool:
-    return all(type(m) is nn.Linear and m.bias is None and m.weight.shape == (m.out_features, m.in_features)
+    return all(isinstance(m, nn.Linear) and m.bias is None and m.weight.shape == (m.out_features, m.in_features)
                for m in modules)
 
 
