@@ -91,21 +91,38 @@ class CpuProcessPlan:
         return {**asdict(self), "model_bytes": self.model_bytes, "total": self.total}
 
 
-def activation_bytes_per_token(cfg: LlamaConfig, seq_len: int) -> float:
-    """Bytes autograd keeps per token of one micro-batch (fp32, eager RMSNorm, SDPA with a document mask).
+def activation_bytes_per_token(cfg: LlamaConfig, seq_len: int, *, fused: bool | None = None) -> float:
+    """Bytes autograd keeps per token of one micro-batch (fp32, document mask).
 
-    Per block (h = dim, k = kv_heads x head_dim, f = ffn_dim, a = heads), tensor by tensor:
-      attention: norm input h, normalised h, norm output h (input of the fused qkv matmul), qkv output
-                 h + 2k, rotated q h, rotated k k, SDPA output h + logsumexp a, the ``wo`` input (the
-                 transposed copy) h  -> 7h + 3k + a;
+    ``fused``: whether the model runs the fused CPU path of ``model/kernels`` (default: whether it is enabled
+    in this process). Per block (h = dim, k = kv_heads x head_dim, f = ffn_dim, a = heads), tensor by tensor:
+
+    fused path (``model/kernels``):
+      attention: norm input h + rstd, norm output h (input of the q/k/v GEMM), the attention's copies of k
+                 and v 2k and of q h, its output h (also the ``wo`` input), and the probabilities of the
+                 computed key blocks, a x ``attention_keys_per_query(seq)`` (``causal_attention``, up to
+                 1024 tokens; beyond, SDPA: the logsumexp a)  -> 4h + 2k + 1 + a x keys;
+      ffn:       norm input h + rstd, norm output h, [gate | up] 2f, silu(gate) * up f  -> 2h + 3f + 1;
+    eager path:
+      attention: norm input h, normalised h, norm output h, qkv output h + 2k, rotated q h, rotated k k,
+                 SDPA output h + logsumexp a, the ``wo`` input (the transposed copy) h  -> 7h + 3k + a;
       ffn:       norm input h, normalised h, norm output h, [gate | up] 2f, silu(gate) f, silu * up f
-                 -> 3h + 4f;
-      the two rstd values. After the blocks: the final norm (3h), the log-probabilities (vocab) and the
-    per-token loss; and once per token the boolean document mask (seq_len bytes).
+                 -> 3h + 4f;  and the two rstd values.
+    After the blocks: the final norm (3h), the log-probabilities (vocab) and the per-token loss; and once per
+    token the boolean document mask (seq_len bytes).
     """
+    from model import kernels
+
     h, f, a = cfg.dim, cfg.ffn_dim, cfg.n_heads
     k = cfg.kv_heads * cfg.head_dim
-    block = FP32 * (10 * h + 3 * k + 4 * f + a + 2)
+    if fused is None:
+        fused = kernels.enabled()
+    if fused:
+        explicit = 1 < seq_len <= kernels.EXPLICIT_ATTENTION_MAX_SEQ
+        probs = a * kernels.attention_keys_per_query(seq_len) if explicit else a
+        block = FP32 * (6 * h + 2 * k + 3 * f + 2 + probs)
+    else:
+        block = FP32 * (10 * h + 3 * k + 4 * f + a + 2)
     return cfg.n_layers * block + FP32 * (3 * h + cfg.vocab_size + 1) + seq_len
 
 

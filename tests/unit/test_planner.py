@@ -121,8 +121,14 @@ def test_cpu_plan_terms_by_hand():
     cfg = get_config("debug_tiny")
     h, k, f = cfg.dim, cfg.kv_heads * cfg.head_dim, cfg.ffn_dim
     assert (h, k, cfg.n_heads, cfg.n_layers) == (64, 32, 4, 2)
-    per_block = 4 * (10 * h + 3 * k + 4 * f + cfg.n_heads + 2)
-    assert activation_bytes_per_token(cfg, 128) == 2 * per_block + 4 * (3 * h + 512 + 1) + 128
+    eager_block = 4 * (10 * h + 3 * k + 4 * f + cfg.n_heads + 2)
+    assert activation_bytes_per_token(cfg, 128, fused=False) == 2 * eager_block + 4 * (3 * h + 512 + 1) + 128
+    # Fused CPU path: blocks of 64 query rows keep 64, 128, ... probabilities per head (mean 96 at 128 tokens,
+    # 288 at 512); past 1024 tokens SDPA keeps one logsumexp per head.
+    fused_block = {seq: 4 * (6 * h + 2 * k + 3 * f + 2 + cfg.n_heads * keys)
+                   for seq, keys in [(128, 96), (512, 288), (2048, 1)]}
+    for seq, block in fused_block.items():
+        assert activation_bytes_per_token(cfg, seq, fused=True) == 2 * block + 4 * (3 * h + 512 + 1) + seq
     assert fused_weight_copy_bytes(cfg) == 2 * 4 * (h + 2 * k + 2 * f) * h
     p = cfg.num_params()
     one = plan_cpu_process(cfg, seq_len=128, micro_batch=4, grad_accum=1, zero_stage=1, runtime_overhead=1e8)
