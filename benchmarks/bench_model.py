@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from model import kernels
 from model.checkpoints.hf import hf_config_from_llama, to_hf_state_dict
 from model.config import get_config
 from model.generate import generate
@@ -129,6 +130,7 @@ def main() -> None:
         "benchmark": "model_vs_transformers",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "hardware": f"{cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads",
+        "fused_cpu_kernels": kernels.enabled(),
         "torch": torch.__version__, "transformers": transformers.__version__,
         "config": args.config, "params": ours.num_params(), "dtype": "fp32",
         "train_step": bench_train_step(ours, hf, batch=4, seq=512, repeats=args.repeats),
