@@ -225,7 +225,7 @@ class Attention(nn.Module):
         packed = cache.packed_block(layer_index, seq) if cache is not None else None
         # Multi-token inputs only: a decode step calls the three modules (or their packed copy), and reading a
         # child's weight directly is what ZeRO-3 must gather outside that child's own forward.
-        fused = seq > 1 and packed is None and _all_plain_linear(self.wq, self.wk, self.wv)
+        fused = seq > 1 and _all_plain_linear(self.wq, self.wk, self.wv)  # (packed is None when seq > 1)
         weights = (self.wq.weight, self.wk.weight, self.wv.weight) if fused else ()
         if fused and kernels.applies(x, *weights):
             cos, sin = (t.squeeze(2) for t in rope)
@@ -236,7 +236,7 @@ class Attention(nn.Module):
                 kv_width = self.n_kv_heads * self.head_dim
                 q, k, v = prepack.linear(x, packed.qkv).split([self.n_heads * self.head_dim, kv_width, kv_width],
                                                               -1)
-            elif seq > 1 and _all_plain_linear(self.wq, self.wk, self.wv):
+            elif fused:
                 q, k, v = fused_linear(x, self.wq, self.wk, self.wv)
             else:
                 q, k, v = self.wq(x), self.wk(x), self.wv(x)
@@ -279,10 +279,9 @@ class FeedForward(nn.Module):
         if packed is not None:
             gate, up = prepack.linear(x, packed.gate_up).chunk(2, dim=-1)
             return prepack.linear(F.silu(gate) * up, packed.w2)
-        if x.shape[1] > 1 and _all_plain_linear(self.w1, self.w3) and kernels.applies(x, self.w1.weight,
-                                                                                    self.w3.weight):
-            return self.w2(kernels.gate_up_silu(x, self.w1.weight, self.w3.weight))
         if x.shape[1] > 1 and _all_plain_linear(self.w1, self.w3):
+            if kernels.applies(x, self.w1.weight, self.w3.weight):
+                return self.w2(kernels.gate_up_silu(x, self.w1.weight, self.w3.weight))
             gate, up = fused_linear(x, self.w1, self.w3)
         else:
             gate, up = self.w1(x), self.w3(x)

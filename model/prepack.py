@@ -25,6 +25,7 @@ Anything else gets ``None`` and the ordinary ``F.linear`` path.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,8 +36,10 @@ MAX_PACKED_BYTES = 2 * 2**30
 """Largest total size of linear weights that is duplicated in packed form (2 GiB: ~500M fp32 parameters)."""
 
 
+@functools.cache
 def available() -> bool:
-    """Whether this torch build has oneDNN and the two ops used here."""
+    """Whether this torch build has oneDNN and the two ops used here (asked once per process: the fused CPU
+    path checks it before every block's GEMMs)."""
     ops = torch.ops.mkldnn
     return (torch.backends.mkldnn.is_available() and hasattr(ops, "_reorder_linear_weight")
             and hasattr(ops, "_linear_pointwise"))

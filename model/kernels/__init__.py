@@ -19,11 +19,12 @@ What runs where (fp32 tensors on the CPU only; everything else keeps the eager f
 - ``causal_attention``: block-causal attention for up to ``EXPLICIT_ATTENTION_MAX_SEQ`` tokens: query rows in
   blocks of ``ATTENTION_BLOCK``, each block's scores as one batched GEMM against only the keys it can see,
   softmax and its backward in one pass each (C), the probabilities kept for backward. SDPA's CPU flash kernel
-  recomputes them in backward through small GEMMs: 77 ms vs 50 ms forward+backward per layer at 4 x 512.
+  recomputes them in backward through small GEMMs: 77 ms vs 50 ms forward+backward per layer at 4 x 512
+  tokens, 12 heads / 4 kv heads, d 64.
 
 Measured (``benchmarks/bench_model.py``, RESULTS.md): forward+backward of the 25M benchmark model went from
 HF's time (ours/HF 1.03) to ours/HF ~0.85; the non-GEMM, non-attention work per block fell from ~29 ms to
-~4 ms.
+~8 ms (profiled, 2 threads).
 
 The Functions save what eager autograd would save (the GEMM inputs, the gate/up output), except that
 ``causal_attention`` keeps its probabilities (``launch/cpu_plan.py`` counts them), and they go through ``ctx.save_for_backward`` so activation checkpointing recomputes
@@ -298,6 +299,12 @@ def _by_kv_head(x: Tensor, kv_heads: int) -> Tensor:
     return x.view(b, n, kv_heads, group, d).permute(0, 2, 3, 1, 4).reshape(b * kv_heads, group * n, d)
 
 
+def _from_kv_head(x: Tensor, *, b: int, kv_heads: int, group: int) -> Tensor:
+    """The inverse of ``_by_kv_head``: ``[b * kv_heads, group * n, d]`` -> ``[b, n, kv_heads * group, d]``."""
+    n, d = x.shape[1] // group, x.shape[2]
+    return x.view(b, kv_heads, group, n, d).permute(0, 3, 1, 2, 4).reshape(b, n, kv_heads * group, d)
+
+
 class _CausalAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
@@ -317,7 +324,7 @@ class _CausalAttention(torch.autograd.Function):
             p = torch.bmm(q_block, keys[:, :row1].transpose(1, 2))
             lib.causal_softmax_forward(_ptr(p), b * heads, n, row1, row0, scale, _ptr(mask_bytes), heads, s, threads)
             o = torch.bmm(p, values[:, :row1])
-            out[:, row0:row1] = o.view(b, kv_heads, group, n, d).permute(0, 3, 1, 2, 4).reshape(b, n, heads, d)
+            out[:, row0:row1] = _from_kv_head(o, b=b, kv_heads=kv_heads, group=group)
             queries.append(q_block)
             probs.append(p)
         _save(ctx, keys, values, out, *queries, *probs)
@@ -334,16 +341,18 @@ class _CausalAttention(torch.autograd.Function):
         grad_k = torch.zeros(b * kv_heads, s, d)
         grad_v = torch.zeros(b * kv_heads, s, d)
         lib, threads = _lib(), _threads()
+        # rowsum(dO * O) once for all rows, [b, s, heads, 1] -> per block in the rows' [kv head, group, row] order
+        delta_all = (grad_out * out).sum(-1, keepdim=True)
         for i, (row0, row1) in enumerate(attention_blocks(s)):
             n = row1 - row0
             q_block, p = queries[i], probs[i]
             go = _by_kv_head(grad_out[:, row0:row1], kv_heads)
-            delta = (go * _by_kv_head(out[:, row0:row1], kv_heads)).sum(-1)
+            delta = _by_kv_head(delta_all[:, row0:row1], kv_heads)
             grad_v[:, :row1] += torch.bmm(p.transpose(1, 2), go)
             dp = torch.bmm(go, values[:, :row1].transpose(1, 2))
             lib.causal_softmax_backward(_ptr(dp), _ptr(p), _ptr(delta), b * heads, n, row1, row0, scale, threads)
             dq = torch.bmm(dp, keys[:, :row1])
-            grad_q[:, row0:row1] = dq.view(b, kv_heads, group, n, d).permute(0, 3, 1, 2, 4).reshape(b, n, heads, d)
+            grad_q[:, row0:row1] = _from_kv_head(dq, b=b, kv_heads=kv_heads, group=group)
             grad_k[:, :row1] += torch.bmm(dp.transpose(1, 2), q_block)
         as_bshd = lambda t: t.view(b, kv_heads, s, d).permute(0, 2, 1, 3)  # noqa: E731
         return grad_q, as_bshd(grad_k), as_bshd(grad_v), None
