@@ -1,7 +1,8 @@
 """Command line of the launch package: plan a layout, write an sbatch script, print a node's torchrun command.
 
-    python -m launch plan --model llama3_1_405b --gpus 16384 --gpu-memory 80GiB --seq-len 8192 \
+    python -m launch plan --model llama3_1_405b --gpus 16384 --gpu h100-sxm --seq-len 8192 \
         --global-batch-tokens 16777216 [--tp 8 --pp 16 --zero-stage 1 --micro-batch 1] [--json]
+    python -m launch devices [--match "NVIDIA A100-SXM4-80GB"] [--json]
     python -m launch slurm --config CONFIG --nodes N --gpus-per-node G [--partition P --time T --submit]
     python -m launch torchrun --config CONFIG --nodes N --node-rank R --master ADDR:PORT [--run]
 
@@ -19,7 +20,7 @@ import re
 import sys
 from collections.abc import Sequence
 
-from launch import cpu_plan, planner, slurm, torchrun
+from launch import cpu_plan, devices, planner, slurm, torchrun
 from model.config import get_config
 
 _UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 2**10, "mib": 2**20,
@@ -38,7 +39,10 @@ def _plan_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plan", help="memory / FLOPs / step time of a layout, or the best layouts that fit")
     p.add_argument("--model", required=True, help="registered config name (model/config.py)")
     p.add_argument("--gpus", type=int, required=True)
-    p.add_argument("--gpu-memory", type=parse_bytes, default=planner.Hardware.memory_bytes)
+    p.add_argument("--gpu", default="h100-sxm", type=_device_key,
+                   help="device whose datasheet figures (bf16 peak, memory, HBM and NVLink bandwidth) the plan "
+                        "uses: a key of `python -m launch devices` or a name as CUDA reports it (default h100-sxm)")
+    p.add_argument("--gpu-memory", type=parse_bytes, help="override the device's memory (e.g. 80GiB)")
     p.add_argument("--gpus-per-node", type=int, default=planner.Hardware.gpus_per_node)
     p.add_argument("--seq-len", type=int, required=True)
     p.add_argument("--global-batch-tokens", type=int, required=True)
@@ -53,10 +57,11 @@ def _plan_parser(sub: argparse._SubParsersAction) -> None:
                    help="search interleaved 1F1B up to this many chunks (DeepSpeed runs 1; Megatron/Meta more)")
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--all-variants", action="store_true", help="do not collapse variants of one TPxPPxDP")
-    p.add_argument("--peak-tflops", type=float, default=planner.Hardware.peak_tflops)
+    p.add_argument("--peak-tflops", type=float,
+                   help="override the device's dense bf16 peak that MFU is measured against")
     p.add_argument("--matmul-efficiency", type=float, default=planner.Hardware.matmul_efficiency)
     p.add_argument("--ib-gbps", type=float, default=planner.Hardware.ib_gbps)
-    p.add_argument("--nvlink-gbps", type=float, default=planner.Hardware.nvlink_gbps)
+    p.add_argument("--nvlink-gbps", type=float, help="override the device's intra-node per-direction GB/s")
     p.add_argument("--reserved", type=parse_bytes, default=planner.Hardware.reserved_bytes,
                    help="fixed CUDA context / NCCL / fragmentation allowance per GPU")
     p.add_argument("--device", choices=("gpu", "cpu"), default="gpu",
@@ -157,9 +162,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.device == "cpu":
         return cmd_plan_cpu(args)
     cfg = get_config(args.model)
-    hw = dataclasses.replace(planner.Hardware(), memory_bytes=args.gpu_memory, gpus_per_node=args.gpus_per_node,
-                             peak_tflops=args.peak_tflops, matmul_efficiency=args.matmul_efficiency,
-                             ib_gbps=args.ib_gbps, nvlink_gbps=args.nvlink_gbps, reserved_bytes=args.reserved)
+    hw = planner.hardware_for(args.gpu, memory_bytes=args.gpu_memory, gpus_per_node=args.gpus_per_node,
+                              peak_tflops=args.peak_tflops, matmul_efficiency=args.matmul_efficiency,
+                              ib_gbps=args.ib_gbps, nvlink_gbps=args.nvlink_gbps, reserved_bytes=args.reserved)
     kw = dict(seq_len=args.seq_len, global_batch_tokens=args.global_batch_tokens, hardware=hw)
     pinned = {k: getattr(args, k) for k in ("tp", "pp", "zero_stage", "micro_batch", "virtual_stages",
                                             "activation_checkpointing") if getattr(args, k) is not None}
@@ -193,6 +198,40 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(f"no layout of {cfg.name} fits {args.gpus} GPUs of {hw.memory_bytes / planner.GiB:.0f} GiB with "
               f"{pinned or 'no pinned flags'}; add GPUs, shorten --seq-len or unpin flags", file=sys.stderr)
         return 1
+    return 0
+
+
+def _device_key(text: str) -> str:
+    try:
+        return devices.device_spec(text).key
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _devices_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("devices", help="the datasheet table MFU and the planner use (dense peaks per precision)")
+    p.add_argument("--match", help="show the row a reported device name (torch.cuda.get_device_name()) matches")
+    p.add_argument("--json", action="store_true")
+
+
+def cmd_devices(args: argparse.Namespace) -> int:
+    rows = list(devices.DEVICES.values())
+    if args.match is not None:
+        spec = devices.match_device(args.match)
+        if spec is None:
+            print(f"{args.match!r} matches no row of launch/devices.py; pass the peak explicitly "
+                  "(--peak-tflops / logging.peak_tflops)", file=sys.stderr)
+            return 1
+        rows = [spec]
+    if args.json:
+        print(json.dumps([dataclasses.asdict(r) for r in rows], indent=2))
+        return 0
+    print("dense peaks in TFLOP/s (no 2:4 sparsity); memory GB; bandwidths GB/s (link: per direction, in a node)")
+    print(f"{'key':<15}{'device':<32}{'bf16':>8}{'fp8':>8}{'tf32':>8}{'fp32':>7}{'GB':>6}{'HBM':>7}{'link':>6}")
+    for r in rows:
+        fp8 = f"{r.fp8_tflops:8.0f}" if r.fp8_tflops else f"{'-':>8}"
+        print(f"{r.key:<15}{r.label:<32}{r.bf16_tflops:8.0f}{fp8}{r.tf32_tflops:8.0f}{r.fp32_tflops:7.1f}"
+              f"{r.memory_gb:6.0f}{r.hbm_gbps:7.0f}{r.link_gbps:6.0f}")
     return 0
 
 
@@ -281,10 +320,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m launch", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _plan_parser(sub)
+    _devices_parser(sub)
     _slurm_parser(sub)
     _torchrun_parser(sub)
     args = parser.parse_args(argv)
-    handler = {"plan": cmd_plan, "slurm": cmd_slurm, "torchrun": cmd_torchrun}[args.command]
+    handler = {"plan": cmd_plan, "devices": cmd_devices, "slurm": cmd_slurm,
+               "torchrun": cmd_torchrun}[args.command]
     try:
         return handler(args)
     except ValueError as err:

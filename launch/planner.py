@@ -1,6 +1,6 @@
 """Parallel-layout planner: per-GPU memory, FLOPs, step time and MFU for a Llama config on a GPU cluster.
 
-    python -m launch plan --model llama3_1_405b --gpus 16384 --gpu-memory 80GiB --seq-len 8192 \
+    python -m launch plan --model llama3_1_405b --gpus 16384 --gpu h100-sxm --seq-len 8192 \
         --global-batch-tokens 16777216            # search: ranked layouts that fit
     python -m launch plan --model llama2_7b --gpus 8 --tp 1 --pp 1 --zero-stage 3 --json   # one layout
 
@@ -29,25 +29,31 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from launch.devices import DEVICES, device_spec
 from model.config import LlamaConfig
 
 GiB = 1024**3
 BF16, FP32 = 2, 4
 
 
+_H100 = DEVICES["h100-sxm"]
+
+
 @dataclass(frozen=True)
 class Hardware:
-    """The hardware model every time estimate derives from (defaults: H100 SXM 80 GB, 8 per node, 400G IB)."""
+    """The hardware model every time estimate derives from (defaults: H100 SXM 80 GB, 8 per node, 400G IB).
 
-    name: str = "H100-SXM"
-    peak_tflops: float = 989.0
+    ``hardware_for("a100-sxm-80gb")`` fills the device's figures from ``launch/devices.py``."""
+
+    name: str = _H100.label
+    peak_tflops: float = _H100.bf16_tflops
     """Dense bf16 tensor-core peak per GPU; MFU is measured against it."""
     matmul_efficiency: float = 0.70
     """Fraction of peak large bf16 GEMMs and flash attention reach (H100: 650-750 TFLOP/s in practice)."""
     nonmatmul_overhead: float = 0.10
     """Time added on top of matmul time for memory-bound kernels (norms, RoPE, SiLU, residuals, loss)."""
-    hbm_gbps: float = 3350.0
-    nvlink_gbps: float = 450.0
+    hbm_gbps: float = _H100.hbm_gbps
+    nvlink_gbps: float = _H100.link_gbps
     """NVLink 4 bandwidth per direction per GPU, used by collectives inside a node."""
     ib_gbps: float = 50.0
     """Inter-node bandwidth per GPU (one 400 Gb/s NIC per GPU), used as soon as a group spans nodes."""
@@ -55,11 +61,21 @@ class Hardware:
     ib_latency_us: float = 5.0
     """Per ring step latency; a ring over n ranks pays (n - 1) of them per collective."""
     gpus_per_node: int = 8
-    memory_bytes: int = 80 * GiB
+    memory_bytes: int = _H100.memory_bytes
+    """Memory per GPU (the 3 GiB ``reserved_bytes`` cover what the driver and CUDA context take of it)."""
     reserved_bytes: int = 3 * GiB
     """Fixed allowance: CUDA context, NCCL buffers, allocator fragmentation (see module docstring)."""
     dp_overlap: float = 0.8
     """Fraction of the available compute window that hides data-parallel collectives (bucketed, prefetched)."""
+
+
+def hardware_for(device: str, **overrides: object) -> Hardware:
+    """The hardware model of a ``launch/devices.py`` row (key or reported name), with ``overrides`` on top."""
+    spec = device_spec(device)
+    fields = dict(name=spec.label, peak_tflops=spec.bf16_tflops, hbm_gbps=spec.hbm_gbps,
+                  nvlink_gbps=spec.link_gbps, memory_bytes=spec.memory_bytes)
+    fields.update({k: v for k, v in overrides.items() if v is not None})
+    return Hardware(**fields)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)

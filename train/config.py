@@ -136,6 +136,12 @@ class LoggingSection:
     """"" = auto (online if logged in, else offline), or "online" / "offline" / "disabled"."""
     tensorboard: bool = False
     """Also write TensorBoard event files to RUN_DIR/tensorboard (if tensorboard is installed)."""
+    peak_tflops: float = 0.0
+    """Peak TFLOP/s per device that MFU is measured against; 0 = the dense datasheet figure of the GPU
+    (``launch/devices.py``, matched on the name CUDA reports), or a measured matmul peak on CPU / unknown GPUs."""
+    gpu: str = ""
+    """A ``launch/devices.py`` key (``python -m launch devices``) whose figures MFU uses instead of the row
+    matched from the reported name (a renamed cloud part); "" = match the name."""
 
 
 @dataclass(frozen=True)
@@ -320,6 +326,7 @@ class RunConfig:
                f"train.max_consecutive_nonfinite={t.max_consecutive_nonfinite}: must be >= 1")
         _check(self.logging.wandb_mode in ("", "online", "offline", "disabled"),
                f"logging.wandb_mode={self.logging.wandb_mode!r}: use \"\", \"online\", \"offline\" or \"disabled\"")
+        self._validate_device()
         _check(self.run.resume in ("none", "auto") or Path(self.run.resume).exists(),
                f"run.resume={self.run.resume!r}: use \"none\", \"auto\" or an existing checkpoint directory")
         if world_size is not None:
@@ -333,6 +340,17 @@ class RunConfig:
                    f"{t.micro_batch_size} x {dp}; use a global batch that is a multiple of "
                    f"{t.micro_batch_size * dp}")
         return self
+
+    def _validate_device(self) -> None:
+        """MFU's basis: a positive override, a known device key."""
+        _check(self.logging.peak_tflops >= 0,
+               f"logging.peak_tflops={self.logging.peak_tflops}: must be >= 0 (0 = from the device table)")
+        if self.logging.gpu:
+            from launch.devices import DEVICES
+
+            _check(self.logging.gpu.lower() in DEVICES,
+                   f"logging.gpu={self.logging.gpu!r} is not in launch/devices.py; known: {', '.join(DEVICES)} "
+                   "(or set logging.peak_tflops)")
 
     def _validate_layout(self, model: Any) -> None:
         """Model shape vs the tensor/pipeline layout (before any process group exists)."""

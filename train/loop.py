@@ -290,7 +290,10 @@ def train(cfg: RunConfig, *, task: Any = None, engine_factory: Callable[..., Any
                          consumed_samples=state["consumed_samples"], eod=eod)
     from launch.planner import model_flops_per_token
 
-    peak, peak_source = peak_flops_per_device(run_dir if rank == 0 else None)
+    # Rank 0 alone finds the peak (a measurement on the other ranks would compete with its own for the cores).
+    peak, peak_source = peak_flops_per_device(run_dir, dtype=cfg.train.dtype,
+                                              override_tflops=cfg.logging.peak_tflops,
+                                              device_key=cfg.logging.gpu) if rank == 0 else (0.0, "")
     peak = broadcast_object(peak)
     throughput = Throughput(flops_per_token=model_flops_per_token(model_cfg, cfg.data.seq_len),
                             peak_flops=peak, devices=topo.world_size)

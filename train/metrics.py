@@ -15,11 +15,14 @@ checkpoint's step first, so each step appears once, with the values of the run t
 MFU = achieved model FLOP/s per device / peak FLOP/s per device. Model FLOPs per token come from
 ``launch.planner.model_flops_per_token`` (the single source of truth): 6 x (non-embedding parameters + output
 head) + 12 x n_layers x dim x seq_len x 1/2 (causal attention: QK^T and PV forward+backward, half the square).
-Embedding lookups are not FLOPs; recomputation is not counted. Peak per device: 989 TFLOP/s on CUDA (H100/H200
-SXM dense BF16, the Llama 3 paper's basis; override with ``LLAMA_PEAK_FLOPS``), and on CPU a measured fp32
-matmul peak (``measure_cpu_matmul_peak``: the best of repeated 1024^3 and 2048^3 matmuls through both GEMM
-libraries torch ships, MKL and oneDNN, for ~1 s), measured once per run directory and cached in
-``RUN_DIR/peak_flops.json``. Only global rank 0 logs (``enabled``).
+Embedding lookups are not FLOPs; recomputation is not counted. Peak per device (``peak_flops_per_device``),
+first that applies: ``logging.peak_tflops`` (config), ``LLAMA_PEAK_FLOPS`` (environment); on a GPU the dense
+datasheet peak of the precision the matmuls run in (bf16 for ``train.dtype = "bf16"``, TF32 or FP32 for fp32
+by ``torch.get_float32_matmul_precision()``) from ``launch.devices``, matched on ``torch.cuda.get_device_name()``
+(or the row ``logging.gpu`` names) and scaled down for MIG slices by their SM count; an unknown GPU and the CPU
+get a measured matmul peak (CPU: ``measure_cpu_matmul_peak``, the best of repeated 1024^3 and 2048^3 fp32
+matmuls through both GEMM libraries torch ships, MKL and oneDNN, for ~1 s), measured once per run directory
+and cached in ``RUN_DIR/peak_flops.json``. Only global rank 0 logs (``enabled``).
 """
 
 from __future__ import annotations
@@ -34,8 +37,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-H100_BF16_PEAK = 989e12
 
 
 def cpu_name() -> str:
@@ -87,19 +88,76 @@ def measure_cpu_matmul_peak(*, seconds: float = 1.0) -> float:
     return max(measure_cpu_matmul_peaks(seconds=seconds).values())
 
 
-def peak_flops_per_device(run_dir: str | Path | None = None) -> tuple[float, str]:
-    """(peak FLOP/s, how it was obtained). CUDA: 989e12 (H100/H200 BF16); CPU: measured, cached per run."""
+def matmul_precision(dtype: str) -> str:
+    """The tensor-core precision the matmuls of a ``train.dtype`` run use on a GPU (a ``launch.devices`` key)."""
+    if dtype == "bf16":
+        return "bf16"
+    return "fp32" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
+def datasheet_peak(name: str, *, precision: str, sm_count: int | None = None,
+                   device_key: str = "") -> tuple[float, str] | None:
+    """(dense peak FLOP/s, source) for a reported GPU name, or None when the table does not know it.
+
+    ``device_key`` (``logging.gpu``) picks the row instead of the name; ``sm_count`` below the full part's
+    scales the peak (a MIG slice)."""
+    from launch.devices import device_spec, match_device
+
+    spec = device_spec(device_key) if device_key else match_device(name)
+    if spec is None:
+        return None
+    peak = spec.peak_flops(precision, sm_count=sm_count)
+    source = f"{name}: {spec.label} dense {precision} {peak / 1e12:.1f} TFLOP/s (launch/devices.py)"
+    if spec.sms and sm_count is not None and 0 < sm_count < spec.sms:
+        source += f", scaled to {sm_count} of {spec.sms} SMs"
+    return peak, source
+
+
+def measure_gpu_matmul_peak(*, dtype: torch.dtype, seconds: float = 1.0, n: int = 8192) -> float:
+    """Best observed FLOP/s of ``n^3`` matmuls in ``dtype`` on the current GPU (for GPUs not in the table)."""
+    a = torch.randn(n, n, device="cuda", dtype=dtype)
+    b = torch.randn(n, n, device="cuda", dtype=dtype)
+    torch.mm(a, b)
+    torch.cuda.synchronize()
+    best, start = 0.0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        torch.cuda.synchronize()
+        best = max(best, 2.0 * n**3 / (time.perf_counter() - t0))
+    return best
+
+
+def _measured_peak(dtype: str) -> tuple[float, str]:
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+        return (measure_gpu_matmul_peak(dtype=torch_dtype),
+                f"{name} is not in launch/devices.py: measured {dtype} matmul peak (a lower bound of the "
+                "datasheet figure, so MFU reads high; set logging.peak_tflops to the datasheet's dense figure)")
+    return (measure_cpu_matmul_peak(),
+            f"measured fp32 matmul peak (best of torch.mm and oneDNN), {torch.get_num_threads()} threads")
+
+
+def peak_flops_per_device(run_dir: str | Path | None = None, *, dtype: str = "fp32", override_tflops: float = 0.0,
+                          device_key: str = "") -> tuple[float, str]:
+    """(peak FLOP/s per device, how it was obtained): the basis of MFU (the module docstring gives the order)."""
+    if override_tflops > 0:
+        return override_tflops * 1e12, "logging.peak_tflops"
     env = os.environ.get("LLAMA_PEAK_FLOPS")
     if env:
         return float(env), "LLAMA_PEAK_FLOPS"
     if torch.cuda.is_available():
-        return H100_BF16_PEAK, f"{torch.cuda.get_device_name()}: H100/H200 dense BF16 989 TFLOP/s"
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        found = datasheet_peak(props.name, precision=matmul_precision(dtype), sm_count=props.multi_processor_count,
+                               device_key=device_key)
+        if found is not None:
+            return found
     cache = Path(run_dir) / "peak_flops.json" if run_dir is not None else None
     if cache is not None and cache.is_file():
         data = json.loads(cache.read_text())
         return float(data["peak_flops"]), data["source"]
-    peak = measure_cpu_matmul_peak()
-    source = f"measured fp32 matmul peak (best of torch.mm and oneDNN), {torch.get_num_threads()} threads"
+    peak, source = _measured_peak(dtype)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps({"peak_flops": peak, "source": source}) + "\n")
