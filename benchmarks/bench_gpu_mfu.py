@@ -14,7 +14,7 @@ over the steps after ``--warmup``.
 MFU = model FLOP/s per device / peak: model FLOPs per token from ``launch.planner.model_flops_per_token``
 (``6 x (non-embedding params + head) + 6 x n_layers x dim x seq``: the causal half of attention's square,
 embedding lookups excluded, recomputation not counted), peak = the GPU's dense BF16 datasheet figure from
-``launch/devices.py`` matched on its reported name (989.4 TFLOP/s on H100/H200 SXM; the JSON states it). Goal: >= 50% (Megatron reports 47% at scale,
+``train/devices.py`` matched on its reported name (989.4 TFLOP/s on H100/H200 SXM; the JSON states it). Goal: >= 50% (Megatron reports 47% at scale,
 torchtitan 33-39% for 8B without float8). On CPU the loop's peak is the measured fp32 matmul peak, and the
 run is only a check that the script works (the test suite runs it that way).
 """

@@ -20,8 +20,9 @@ import re
 import sys
 from collections.abc import Sequence
 
-from launch import cpu_plan, devices, planner, slurm, torchrun
+from launch import cpu_plan, planner, slurm, torchrun
 from model.config import get_config
+from train import devices
 
 _UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 2**10, "mib": 2**20,
           "gib": 2**30, "tib": 2**40}
@@ -219,7 +220,7 @@ def cmd_devices(args: argparse.Namespace) -> int:
     if args.match is not None:
         spec = devices.match_device(args.match)
         if spec is None:
-            print(f"{args.match!r} matches no row of launch/devices.py; pass the peak explicitly "
+            print(f"{args.match!r} matches no row of train/devices.py; pass the peak explicitly "
                   "(--peak-tflops / logging.peak_tflops)", file=sys.stderr)
             return 1
         rows = [spec]

@@ -29,8 +29,8 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from launch.devices import DEVICES, device_spec
 from model.config import LlamaConfig
+from train.devices import DEVICES, device_spec
 
 GiB = 1024**3
 BF16, FP32 = 2, 4
@@ -43,7 +43,7 @@ _H100 = DEVICES["h100-sxm"]
 class Hardware:
     """The hardware model every time estimate derives from (defaults: H100 SXM 80 GB, 8 per node, 400G IB).
 
-    ``hardware_for("a100-sxm-80gb")`` fills the device's figures from ``launch/devices.py``."""
+    ``hardware_for("a100-sxm-80gb")`` fills the device's figures from ``train/devices.py``."""
 
     name: str = _H100.label
     peak_tflops: float = _H100.bf16_tflops
@@ -70,7 +70,7 @@ class Hardware:
 
 
 def hardware_for(device: str, **overrides: object) -> Hardware:
-    """The hardware model of a ``launch/devices.py`` row (key or reported name), with ``overrides`` on top."""
+    """The hardware model of a ``train/devices.py`` row (key or reported name), with ``overrides`` on top."""
     spec = device_spec(device)
     fields = dict(name=spec.label, peak_tflops=spec.bf16_tflops, hbm_gbps=spec.hbm_gbps,
                   nvlink_gbps=spec.link_gbps, memory_bytes=spec.memory_bytes)

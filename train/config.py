@@ -138,9 +138,9 @@ class LoggingSection:
     """Also write TensorBoard event files to RUN_DIR/tensorboard (if tensorboard is installed)."""
     peak_tflops: float = 0.0
     """Peak TFLOP/s per device that MFU is measured against; 0 = the dense datasheet figure of the GPU
-    (``launch/devices.py``, matched on the name CUDA reports), or a measured matmul peak on CPU / unknown GPUs."""
+    (``train/devices.py``, matched on the name CUDA reports), or a measured matmul peak on CPU / unknown GPUs."""
     gpu: str = ""
-    """A ``launch/devices.py`` key (``python -m launch devices``) whose figures MFU uses instead of the row
+    """A ``train/devices.py`` key (``python -m launch devices``) whose figures MFU uses instead of the row
     matched from the reported name (a renamed cloud part); "" = match the name."""
 
 
@@ -346,10 +346,10 @@ class RunConfig:
         _check(self.logging.peak_tflops >= 0,
                f"logging.peak_tflops={self.logging.peak_tflops}: must be >= 0 (0 = from the device table)")
         if self.logging.gpu:
-            from launch.devices import DEVICES
+            from train.devices import DEVICES
 
             _check(self.logging.gpu.lower() in DEVICES,
-                   f"logging.gpu={self.logging.gpu!r} is not in launch/devices.py; known: {', '.join(DEVICES)} "
+                   f"logging.gpu={self.logging.gpu!r} is not in train/devices.py; known: {', '.join(DEVICES)} "
                    "(or set logging.peak_tflops)")
 
     def _validate_layout(self, model: Any) -> None:

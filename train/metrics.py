@@ -18,7 +18,7 @@ head) + 12 x n_layers x dim x seq_len x 1/2 (causal attention: QK^T and PV forwa
 Embedding lookups are not FLOPs; recomputation is not counted. Peak per device (``peak_flops_per_device``),
 first that applies: ``logging.peak_tflops`` (config), ``LLAMA_PEAK_FLOPS`` (environment); on a GPU the dense
 datasheet peak of the precision the matmuls run in (bf16 for ``train.dtype = "bf16"``, TF32 or FP32 for fp32
-by ``torch.get_float32_matmul_precision()``) from ``launch.devices``, matched on ``torch.cuda.get_device_name()``
+by ``torch.get_float32_matmul_precision()``) from ``train.devices``, matched on ``torch.cuda.get_device_name()``
 (or the row ``logging.gpu`` names) and scaled down for MIG slices by their SM count; an unknown GPU and the CPU
 get a measured matmul peak (CPU: ``measure_cpu_matmul_peak``, the best of repeated 1024^3 and 2048^3 fp32
 matmuls through both GEMM libraries torch ships, MKL and oneDNN, for ~1 s), measured once per run directory
@@ -89,7 +89,7 @@ def measure_cpu_matmul_peak(*, seconds: float = 1.0) -> float:
 
 
 def matmul_precision(dtype: str) -> str:
-    """The tensor-core precision the matmuls of a ``train.dtype`` run use on a GPU (a ``launch.devices`` key)."""
+    """The tensor-core precision the matmuls of a ``train.dtype`` run use on a GPU (a ``train.devices`` key)."""
     if dtype == "bf16":
         return "bf16"
     return "fp32" if torch.get_float32_matmul_precision() == "highest" else "tf32"
@@ -101,13 +101,13 @@ def datasheet_peak(name: str, *, precision: str, sm_count: int | None = None,
 
     ``device_key`` (``logging.gpu``) picks the row instead of the name; ``sm_count`` below the full part's
     scales the peak (a MIG slice)."""
-    from launch.devices import device_spec, match_device
+    from train.devices import device_spec, match_device
 
     spec = device_spec(device_key) if device_key else match_device(name)
     if spec is None:
         return None
     peak = spec.peak_flops(precision, sm_count=sm_count)
-    source = f"{name}: {spec.label} dense {precision} {peak / 1e12:.1f} TFLOP/s (launch/devices.py)"
+    source = f"{name}: {spec.label} dense {precision} {peak / 1e12:.1f} TFLOP/s (train/devices.py)"
     if spec.sms and sm_count is not None and 0 < sm_count < spec.sms:
         source += f", scaled to {sm_count} of {spec.sms} SMs"
     return peak, source
@@ -133,7 +133,7 @@ def _measured_peak(dtype: str) -> tuple[float, str]:
         name = torch.cuda.get_device_name()
         torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
         return (measure_gpu_matmul_peak(dtype=torch_dtype),
-                f"{name} is not in launch/devices.py: measured {dtype} matmul peak (a lower bound of the "
+                f"{name} is not in train/devices.py: measured {dtype} matmul peak (a lower bound of the "
                 "datasheet figure, so MFU reads high; set logging.peak_tflops to the datasheet's dense figure)")
     return (measure_cpu_matmul_peak(),
             f"measured fp32 matmul peak (best of torch.mm and oneDNN), {torch.get_num_threads()} threads")

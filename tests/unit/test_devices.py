@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from launch import devices, planner
+from launch import planner
 from launch.__main__ import main as launch_main
-from train import metrics
+from train import devices, metrics
 from train.config import RunConfig
 
 pytestmark = pytest.mark.timeout(60)

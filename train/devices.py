@@ -3,7 +3,7 @@
     python -m launch devices                          # the table
     python -m launch devices --match "NVIDIA H100 PCIe"
 
-    from launch.devices import DEVICES, match_device, device_spec
+    from train.devices import DEVICES, match_device, device_spec
     spec = match_device(torch.cuda.get_device_name())  # None for a device the table does not know
     spec.peak_flops("bf16")                            # FLOP/s, dense (no 2:4 sparsity)
 
