@@ -2,6 +2,7 @@
 
     python -m model info llama3_1_405b --json
     python -m model convert --from llama2c --to native --input stories260K.bin --output ckpt/stories
+    python -m model convert --from hf --to meta --input hf_dir --output meta_dir   # loads in Meta's Llama.build
     python -m model generate --checkpoint ckpt/stories --tokenizer tok512.model --bos-only \
         --max-new-tokens 200 --temperature 0
     echo "Hello world" | python -m model tokenize --tokenizer tokenizer.model --bos
@@ -55,10 +56,16 @@ def describe_config(cfg: LlamaConfig) -> dict[str, object]:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from model.checkpoints import load_checkpoint, save_checkpoint
+    """Streams: native/HF inputs are read one tensor at a time, and every output is written that way."""
+    import torch
 
-    cfg, state_dict = load_checkpoint(args.input, format=args.from_format)
-    save_checkpoint(state_dict, cfg, args.output, format=args.to_format)
+    from model.checkpoints import open_checkpoint, write_checkpoint
+
+    reader = open_checkpoint(args.input, format=args.from_format)
+    cfg = reader.cfg
+    dtype = None if args.dtype is None else getattr(torch, args.dtype)
+    write_checkpoint(reader, cfg, args.output, format=args.to_format, max_shard_bytes=args.max_shard_size,
+                     dtype=dtype, overwrite=args.overwrite)
     print(f"converted {args.input} ({args.from_format}) -> {args.output} ({args.to_format}): "
           f"{cfg.num_params():,} parameters, {cfg.n_layers} layers")
     return 0
@@ -120,9 +127,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     convert = sub.add_parser("convert", help="convert a checkpoint between formats")
     convert.add_argument("--from", dest="from_format", required=True, choices=["hf", "meta", "llama2c", "native"])
-    convert.add_argument("--to", dest="to_format", required=True, choices=["hf", "native"])
+    convert.add_argument("--to", dest="to_format", required=True, choices=["hf", "native", "meta"])
     convert.add_argument("--input", required=True, type=Path)
     convert.add_argument("--output", required=True, type=Path)
+    convert.add_argument("--max-shard-size", default="5GB",
+                         help="hf/native: split weights into files of at most this size (Hugging Face's \"5GB\")")
+    convert.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                         help="cast every tensor (default: keep the input's dtypes)")
+    convert.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     convert.set_defaults(func=_convert)
 
     gen = sub.add_parser("generate", help="complete a prompt with the KV-cache generator")

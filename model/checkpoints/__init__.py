@@ -3,7 +3,9 @@
     from model.checkpoints import from_pretrained, load_checkpoint, save_checkpoint, detect_format
     model = from_pretrained("path/to/checkpoint")           # any format below; eval mode, fp32 on CPU
     cfg, state_dict = load_checkpoint("stories260K.bin")     # (LlamaConfig, our parameter names)
-    save_checkpoint(state_dict, cfg, "out/hf", format="hf")  # or format="native"
+    save_checkpoint(state_dict, cfg, "out/hf", format="hf")  # or format="native" / "meta"
+    reader = open_checkpoint("out/hf")                       # lazy, slice-wise (reader.py)
+    write_checkpoint(reader, cfg, "out/meta", format="meta") # streamed: one tensor in memory at a time
 
 Formats (``detect_format`` tells them apart by their files):
 - ``native``  our directory: config.json (``"format": "llama-native"``) + model.safetensors  (``native.py``)
@@ -25,23 +27,28 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from model.checkpoints.hf import is_hf_dir, load_hf, save_hf
+from model.checkpoints.hf import is_hf_dir, load_hf, save_hf, write_hf
 from model.checkpoints.llama2c import load_llama2c, looks_like_llama2c
-from model.checkpoints.meta import is_meta_dir, load_meta
+from model.checkpoints.meta import is_meta_dir, load_meta, write_meta
 from model.checkpoints.native import (
+    DEFAULT_MAX_SHARD_BYTES,
     StateDict,
+    TensorSource,
     as_state_dict,
     check_state_dict,
     is_native_dir,
     load_native,
     save_native,
+    write_native,
 )
+from model.checkpoints.reader import MemoryReader, WeightReader, open_checkpoint
 from model.checkpoints.safe_load import UnsafeCheckpointError, safe_torch_load
 from model.config import LlamaConfig
 from model.llama import Llama, RotaryEmbedding
 
 Format = Literal["native", "hf", "meta", "llama2c"]
 FORMATS: tuple[str, ...] = ("native", "hf", "meta", "llama2c")
+WRITABLE: tuple[str, ...] = ("native", "hf", "meta")
 
 __all__ = [
     "FORMATS",
@@ -53,10 +60,13 @@ __all__ = [
     "load_llama2c",
     "load_meta",
     "load_native",
+    "open_checkpoint",
     "safe_torch_load",
     "save_checkpoint",
     "save_hf",
     "save_native",
+    "write_checkpoint",
+    "WeightReader",
 ]
 
 
@@ -106,16 +116,37 @@ def save_checkpoint(
     cfg: LlamaConfig,
     out: str | Path,
     *,
-    format: Literal["native", "hf"] = "native",
+    format: Literal["native", "hf", "meta"] = "native",
     overwrite: bool = False,
 ) -> Path:
     """Write a checkpoint directory in ``format`` (atomically); returns its path."""
     state_dict = as_state_dict(model_or_state_dict)
+    check_state_dict(state_dict, cfg, source="save_checkpoint(state_dict)")
+    return write_checkpoint(MemoryReader(cfg, state_dict, source="save_checkpoint(state_dict)"), cfg, out,
+                            format=format, overwrite=overwrite)
+
+
+def write_checkpoint(
+    source: TensorSource,
+    cfg: LlamaConfig,
+    out: str | Path,
+    *,
+    format: Literal["native", "hf", "meta"] = "native",
+    overwrite: bool = False,
+    max_shard_bytes: int | str = DEFAULT_MAX_SHARD_BYTES,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Stream ``source`` (a reader, a portable training checkpoint) into ``format``, one tensor at a time."""
+    from model.checkpoints.streaming import parse_size
+
     if format == "native":
-        return save_native(state_dict, cfg, out, overwrite=overwrite)
+        return write_native(source, cfg, out, overwrite=overwrite, max_shard_bytes=parse_size(max_shard_bytes),
+                            dtype=dtype)
     if format == "hf":
-        return save_hf(state_dict, cfg, out, overwrite=overwrite)
-    raise ValueError(f"cannot save format {format!r}; choose \"native\" or \"hf\"")
+        return write_hf(source, cfg, out, overwrite=overwrite, max_shard_bytes=max_shard_bytes, dtype=dtype)
+    if format == "meta":
+        return write_meta(source, cfg, out, overwrite=overwrite, dtype=dtype)
+    raise ValueError(f"cannot write format {format!r}; choose one of {', '.join(WRITABLE)}")
 
 
 def from_pretrained(

@@ -2,6 +2,7 @@
 
     from model.checkpoints.hf import save_hf, load_hf
     save_hf(state_dict, cfg, "out/hf")            # then transformers.LlamaForCausalLM.from_pretrained("out/hf")
+    write_hf(reader, cfg, "out/hf", max_shard_bytes="5GB")   # streamed from any TensorSource, sharded + index
     cfg, state_dict = load_hf("path/or/org/repo")  # hub ids go through huggingface_hub.snapshot_download
 
 Our RoPE layout *is* HF's (half-split, see ``model/llama.py``), so weights convert by renaming alone:
@@ -28,21 +29,21 @@ from torch import Tensor
 
 from model.checkpoints.native import (
     CONFIG_NAME,
+    DEFAULT_MAX_SHARD_BYTES,
     StateDict,
+    TensorSource,
     atomic_directory,
     check_state_dict,
     load_safetensors,
     read_json,
-    save_safetensors,
     tie_output,
     write_json,
 )
 from model.checkpoints.safe_load import safe_torch_load
+from model.checkpoints.streaming import SAFE_INDEX, TensorSpec, parse_size, write_sharded_safetensors
 from model.config import LlamaConfig, RopeScaling
 
-SAFE_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
-DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3  # HF's default "5GB"
 
 _LAYER_RENAMES = {
     "attention.wq": "self_attn.q_proj",
@@ -233,50 +234,48 @@ def llama_config_from_hf(data: Mapping[str, Any], *, source: str | Path = "confi
 # ---------------------------------------------------------------------------------------------------
 # Save / load
 # ---------------------------------------------------------------------------------------------------
-def _plan_shards(tensors: Mapping[str, Tensor], max_shard_bytes: int) -> list[list[str]]:
-    """Greedy in name order, like ``save_pretrained``: a tensor larger than the limit gets its own shard."""
-    shards: list[list[str]] = [[]]
-    size = 0
-    for name, tensor in tensors.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
-        size += nbytes
-    return shards
-
-
 def save_hf(
     state_dict: Mapping[str, Tensor],
     cfg: LlamaConfig,
     out_dir: str | Path,
     *,
-    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    max_shard_bytes: int | str = DEFAULT_MAX_SHARD_BYTES,
     overwrite: bool = False,
     bos_token_id: int | None = None,
     eos_token_id: int | list[int] | None = None,
 ) -> Path:
     """Write an HF checkpoint directory (atomically): config.json + safetensors, sharded above the limit."""
+    from model.checkpoints.reader import MemoryReader
+
     state_dict = dict(state_dict)
     check_state_dict(state_dict, cfg, source="save_hf(state_dict)")
-    tensors = to_hf_state_dict(state_dict, cfg)
-    dtype = next(iter(tensors.values())).dtype
-    hf_config = hf_config_from_llama(cfg, torch_dtype=dtype, bos_token_id=bos_token_id, eos_token_id=eos_token_id)
-    shards = _plan_shards(tensors, max_shard_bytes)
+    return write_hf(MemoryReader(cfg, state_dict, source="save_hf(state_dict)"), cfg, out_dir,
+                    max_shard_bytes=max_shard_bytes, overwrite=overwrite, bos_token_id=bos_token_id,
+                    eos_token_id=eos_token_id)
+
+
+def write_hf(
+    source: TensorSource,
+    cfg: LlamaConfig,
+    out_dir: str | Path,
+    *,
+    max_shard_bytes: int | str = DEFAULT_MAX_SHARD_BYTES,
+    overwrite: bool = False,
+    dtype: torch.dtype | None = None,
+    bos_token_id: int | None = None,
+    eos_token_id: int | list[int] | None = None,
+) -> Path:
+    """Stream ``source`` into an HF directory: ``model-0000i-of-0000n.safetensors`` + the index above
+    ``max_shard_bytes`` ("5GB" = 5e9 bytes, as ``save_pretrained``), with one tensor in memory at a time."""
+    ours = {hf_name(s.name): s for s in source.specs() if not (cfg.tie_embeddings and s.name == "output.weight")}
+    specs = [TensorSpec(name, s.shape, dtype or s.dtype) for name, s in ours.items()]
+    hf_config = hf_config_from_llama(cfg, torch_dtype=specs[0].dtype, bos_token_id=bos_token_id,
+                                     eos_token_id=eos_token_id)
     out_dir = Path(out_dir)
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         write_json(tmp / CONFIG_NAME, hf_config)
-        if len(shards) == 1:
-            save_safetensors(tensors, tmp / "model.safetensors")
-            return out_dir
-        weight_map: dict[str, str] = {}
-        for i, names in enumerate(shards, start=1):
-            file_name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            save_safetensors({n: tensors[n] for n in names}, tmp / file_name)
-            weight_map.update(dict.fromkeys(names, file_name))
-        total = sum(t.numel() * t.element_size() for t in tensors.values())
-        write_json(tmp / SAFE_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
+        write_sharded_safetensors(tmp, specs, lambda name: source.read(ours[name].name),
+                                  max_shard_bytes=parse_size(max_shard_bytes))
     return out_dir
 
 

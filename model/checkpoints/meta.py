@@ -1,7 +1,8 @@
 """Meta's reference checkpoints (``consolidated.NN.pth`` + ``params.json``), Llama 1, 2, 3 and 3.1.
 
-    from model.checkpoints.meta import load_meta, config_from_params
+    from model.checkpoints.meta import load_meta, config_from_params, write_meta
     cfg, state_dict = load_meta("Meta-Llama-3.1-8B/")   # merges model-parallel shards, permutes q/k
+    write_meta(reader, cfg, "out/meta")                  # streamed; loads in Meta's own Llama.build
 
 Meta's tensor names are ours. Two things differ:
 1. Model-parallel shards (one file per GPU of the original run) are merged exactly as Meta's
@@ -13,8 +14,8 @@ Meta's tensor names are ours. Two things differ:
    output rows of wq and wk within each head (HF's ``permute`` in ``convert_llama_weights_to_hf.py``)
    makes the two computations identical; ``unpermute_rope`` is its inverse, used for export.
 
-``params.json`` carries no context length (Meta passes ``max_seq_len`` at build time) and Llama 1/2 files
-say ``vocab_size: -1``: the vocabulary comes from the embedding shape, and the context length defaults to
+``params.json`` carries no context length (Meta passes ``max_seq_len`` at build time; exports never write
+one, see ``params_from_config``) and Llama 1/2 files say ``vocab_size: -1``: the vocabulary comes from the embedding shape, and the context length defaults to
 the published one (2048 Llama 1, 4096 Llama 2, 8192 Llama 3, 131072 Llama 3.1) unless given.
 """
 
@@ -28,8 +29,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from model.checkpoints.native import StateDict, atomic_directory, check_state_dict, read_json, write_json
+from model.checkpoints.native import (
+    StateDict,
+    TensorSource,
+    atomic_directory,
+    check_state_dict,
+    read_json,
+    write_json,
+)
 from model.checkpoints.safe_load import safe_torch_load
+from model.checkpoints.streaming import TensorSpec, write_torch_file
 from model.config import LlamaConfig, RopeScaling
 
 PARAMS_NAME = "params.json"
@@ -122,23 +131,63 @@ def config_from_params(
 
 
 def params_from_config(cfg: LlamaConfig) -> dict[str, Any]:
-    """The ``params.json`` Meta's code would need to rebuild ``cfg`` (export)."""
-    if cfg.rope_scaling is not None and (cfg.rope_scaling.low_freq_factor, cfg.rope_scaling.high_freq_factor,
-                                         cfg.rope_scaling.original_max_position) != (1.0, 4.0, 8192):
-        raise ValueError(f"config {cfg.name!r}: Meta's params.json can only express Llama 3.1's RoPE scaling "
-                         "(low_freq_factor 1, high_freq_factor 4, original 8192)")
-    if cfg.ffn_hidden_dim is not None and cfg.ffn_hidden_dim != LlamaConfig(
-            dim=cfg.dim, multiple_of=cfg.multiple_of, ffn_dim_multiplier=cfg.ffn_dim_multiplier).ffn_dim:
-        raise ValueError(f"config {cfg.name!r}: ffn_hidden_dim={cfg.ffn_hidden_dim} cannot be expressed with "
-                         "multiple_of / ffn_dim_multiplier in params.json")
+    """The ``params.json`` with which Meta's own ``Llama.build`` rebuilds ``cfg`` (export).
+
+    Meta's loaders call ``ModelArgs(max_seq_len=..., max_batch_size=..., **params)``, so ``max_seq_len`` and
+    ``max_batch_size`` must not be in the file (a second value is a TypeError), and every key must be a field:
+    - RoPE base 10000 without scaling -> the Llama 1/2 file of ``meta-llama/llama`` (no ``rope_theta``: that
+      ``ModelArgs`` has no such field and its ``precompute_freqs_cis`` uses 10000);
+    - any other base -> ``rope_theta`` as in ``meta-llama/llama3`` (whose default, 500000, is not 10000);
+    - Llama 3.1 scaling -> ``use_scaled_rope: true`` as in ``meta-llama/llama-models``, whose
+      ``apply_scaling`` hard-codes factor 8, low 1, high 4, original context 8192.
+    """
+    scaling = cfg.rope_scaling
+    if scaling is not None and (scaling.factor, scaling.low_freq_factor, scaling.high_freq_factor,
+                                scaling.original_max_position) != (8.0, 1.0, 4.0, 8192):
+        raise ValueError(f"config {cfg.name!r}: Meta's reference code can only express Llama 3.1's RoPE scaling "
+                         "(factor 8, low_freq_factor 1, high_freq_factor 4, original 8192; llama-models' "
+                         f"apply_scaling hard-codes them), not {vars(scaling)}; export to --to hf instead")
+    multiple_of, multiplier = meta_ffn_params(cfg)
     params: dict[str, Any] = {"dim": cfg.dim, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads,
                               "n_kv_heads": cfg.kv_heads, "vocab_size": cfg.vocab_size,
-                              "multiple_of": cfg.multiple_of, "ffn_dim_multiplier": cfg.ffn_dim_multiplier,
-                              "norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
-                              "max_seq_len": cfg.max_seq_len}
-    if cfg.rope_scaling is not None:
-        params.update(use_scaled_rope=True, rope_scaling_factor=cfg.rope_scaling.factor)
+                              "multiple_of": multiple_of, "ffn_dim_multiplier": multiplier,
+                              "norm_eps": cfg.norm_eps}
+    if cfg.rope_theta != 10000.0 or scaling is not None:
+        params["rope_theta"] = cfg.rope_theta
+    if scaling is not None:
+        params["use_scaled_rope"] = True
     return params
+
+
+def meta_hidden_dim(dim: int, multiple_of: int, multiplier: float | None) -> int:
+    """Meta's ``FeedForward`` hidden size rule (identical in llama, llama3 and llama-models)."""
+    hidden = int(2 * (4 * dim) / 3)
+    if multiplier is not None:
+        hidden = int(multiplier * hidden)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+def meta_ffn_params(cfg: LlamaConfig) -> tuple[int, float | None]:
+    """``(multiple_of, ffn_dim_multiplier)`` that make Meta's rule give ``cfg.ffn_dim``.
+
+    A config from our registry carries them; one read from Hugging Face only knows ``intermediate_size``, so
+    the pair is searched: no multiplier with the largest power-of-two ``multiple_of`` that works, else the
+    multiplier ``ffn_dim / int(8 dim / 3)`` (rounded up a hair against float truncation).
+    """
+    target = cfg.ffn_dim
+    if meta_hidden_dim(cfg.dim, cfg.multiple_of, cfg.ffn_dim_multiplier) == target:
+        return cfg.multiple_of, cfg.ffn_dim_multiplier
+    powers = [2**k for k in range(12, -1, -1) if target % 2**k == 0]
+    for multiple_of in powers:
+        if meta_hidden_dim(cfg.dim, multiple_of, None) == target:
+            return multiple_of, None
+    base = int(2 * (4 * cfg.dim) / 3)
+    for multiple_of in powers:
+        multiplier = round(target / base + 1e-9, 12)
+        if meta_hidden_dim(cfg.dim, multiple_of, multiplier) == target:
+            return multiple_of, multiplier
+    raise ValueError(f"config {cfg.name!r}: ffn hidden size {target} (dim {cfg.dim}) cannot be expressed with "
+                     "multiple_of / ffn_dim_multiplier in params.json")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -220,19 +269,35 @@ def load_meta(
 def save_meta(state_dict: Mapping[str, Tensor], cfg: LlamaConfig, out_dir: str | Path, *,
               overwrite: bool = False) -> Path:
     """Export as a single-shard Meta checkpoint (``consolidated.00.pth`` + ``params.json``), atomically."""
-    params = params_from_config(cfg)
+    from model.checkpoints.reader import MemoryReader
+
     check_state_dict(state_dict, cfg, source="save_meta(state_dict)")
-    out: StateDict = {}
-    for name, tensor in state_dict.items():
+    return write_meta(MemoryReader(cfg, state_dict, source="save_meta(state_dict)"), cfg, out_dir,
+                      overwrite=overwrite)
+
+
+def write_meta(source: TensorSource, cfg: LlamaConfig, out_dir: str | Path, *, overwrite: bool = False,
+               dtype: torch.dtype | None = None) -> Path:
+    """Stream ``source`` into ``consolidated.00.pth`` + ``params.json`` with one tensor in memory at a time.
+
+    q/k rows go back to Meta's adjacent-pair RoPE layout; a tied head is written out as its own
+    ``output.weight`` (Meta's ``Transformer`` always has one). ``dtype`` casts (Meta ships bf16).
+    """
+    params = params_from_config(cfg)
+    specs = [TensorSpec(s.name, s.shape, dtype or s.dtype) for s in source.specs()]
+
+    def fetch(name: str) -> Tensor:
+        tensor = source.read(name)
         if name.endswith("attention.wq.weight"):
-            tensor = unpermute_rope(tensor, cfg.n_heads)
-        elif name.endswith("attention.wk.weight"):
-            tensor = unpermute_rope(tensor, cfg.kv_heads)
-        out[name] = tensor.detach().to("cpu").contiguous().clone()
+            return unpermute_rope(tensor, cfg.n_heads)
+        if name.endswith("attention.wk.weight"):
+            return unpermute_rope(tensor, cfg.kv_heads)
+        return tensor
+
     out_dir = Path(out_dir)
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         write_json(tmp / PARAMS_NAME, params)
-        torch.save(out, tmp / "consolidated.00.pth")
+        write_torch_file(tmp / "consolidated.00.pth", specs, fetch)
     return out_dir
 
 

@@ -8,7 +8,12 @@ A native checkpoint is a directory holding
 - ``config.json``: ``LlamaConfig.to_dict()`` plus ``"format": "llama-native", "format_version": 1``;
 - ``model.safetensors``: the state dict under our parameter names (``model/llama.py``), half-split RoPE
   layout. With ``tie_embeddings`` only ``tok_embeddings.weight`` is stored (safetensors refuses aliased
-  tensors); ``output.weight`` is re-tied on load.
+  tensors); ``output.weight`` is re-tied on load. Above ``max_shard_bytes`` (default 5 GB) the weights are
+  sharded exactly like Hugging Face's: ``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``
+  (``"format_version": 2``).
+
+``write_native(reader, cfg, out)`` streams from any ``TensorSource`` (``model/checkpoints/reader.py``,
+``train/portable.py``): one tensor in memory at a time.
 
 Directories are written atomically: everything goes to ``<out>.tmp-<pid>``, files and the directory are
 fsynced, then the directory is renamed into place, so a crash never leaves a half-written checkpoint under
@@ -23,19 +28,32 @@ import os
 import shutil
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import safetensors.torch
+import torch
 from torch import Tensor, nn
 
 from model.config import LlamaConfig
 
 NATIVE_FORMAT = "llama-native"
-NATIVE_FORMAT_VERSION = 1
+NATIVE_FORMAT_VERSION = 1  # single model.safetensors
+NATIVE_SHARDED_VERSION = 2  # sharded with model.safetensors.index.json
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # Hugging Face's default max_shard_size="5GB"
 NATIVE_WEIGHTS = "model.safetensors"
 CONFIG_NAME = "config.json"
 
 StateDict = dict[str, Tensor]
+
+
+class TensorSource(Protocol):
+    """Anything the streaming writers can read from: our names in model order, one tensor per ``read``."""
+
+    def names(self) -> list[str]: ...
+
+    def specs(self) -> list[Any]: ...
+
+    def read(self, name: str) -> Tensor: ...
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -170,13 +188,6 @@ def read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def save_safetensors(tensors: Mapping[str, Tensor], path: Path) -> None:
-    """Write contiguous CPU tensors with the ``{"format": "pt"}`` metadata transformers expects."""
-    plain = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
-    # Called through the module attribute so tests can make the write fail part-way.
-    safetensors.torch.save_file(plain, str(path), metadata={"format": "pt"})
-
-
 def load_safetensors(path: Path) -> StateDict:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: weights file not found")
@@ -195,17 +206,32 @@ def save_native(
     out_dir: str | Path,
     *,
     overwrite: bool = False,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
 ) -> Path:
-    """Write ``config.json`` + ``model.safetensors`` to ``out_dir`` atomically; returns ``out_dir``."""
+    """Write ``config.json`` + safetensors to ``out_dir`` atomically; returns ``out_dir``."""
+    from model.checkpoints.reader import MemoryReader
+
     state_dict = as_state_dict(model_or_state_dict)
     check_state_dict(state_dict, config, source="save_native(state_dict)")
-    if config.tie_embeddings:
-        state_dict.pop("output.weight")
+    reader = MemoryReader(config, state_dict, source="save_native(state_dict)")
+    return write_native(reader, config, out_dir, overwrite=overwrite, max_shard_bytes=max_shard_bytes)
+
+
+def write_native(source: TensorSource, config: LlamaConfig, out_dir: str | Path, *, overwrite: bool = False,
+                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, dtype: torch.dtype | None = None) -> Path:
+    """Stream ``source`` into a native checkpoint directory (atomically), one tensor in memory at a time.
+
+    ``dtype`` casts every tensor on the way (default: keep each tensor's own).
+    """
+    from model.checkpoints.streaming import TensorSpec, write_sharded_safetensors
+
+    specs = [TensorSpec(s.name, s.shape, dtype or s.dtype) for s in source.specs()
+             if not (config.tie_embeddings and s.name == "output.weight")]
     out_dir = Path(out_dir)
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
-        write_json(tmp / CONFIG_NAME, {**config.to_dict(), "format": NATIVE_FORMAT,
-                                       "format_version": NATIVE_FORMAT_VERSION})
-        save_safetensors(state_dict, tmp / NATIVE_WEIGHTS)
+        files = write_sharded_safetensors(tmp, specs, source.read, max_shard_bytes=max_shard_bytes)
+        version = NATIVE_FORMAT_VERSION if list(files) == [NATIVE_WEIGHTS] else NATIVE_SHARDED_VERSION
+        write_json(tmp / CONFIG_NAME, {**config.to_dict(), "format": NATIVE_FORMAT, "format_version": version})
     return out_dir
 
 
@@ -219,23 +245,32 @@ def is_native_dir(path: Path) -> bool:
         return False
 
 
-def load_native(ckpt_dir: str | Path) -> tuple[LlamaConfig, StateDict]:
-    """Read a native checkpoint directory: ``(config, state_dict)`` with tied weights re-tied."""
-    ckpt_dir = Path(ckpt_dir)
-    config_path = ckpt_dir / CONFIG_NAME
+def read_native_config(ckpt_dir: Path) -> LlamaConfig:
+    """The ``LlamaConfig`` of a native checkpoint directory (errors name config.json and the field)."""
+    config_path = Path(ckpt_dir) / CONFIG_NAME
     data = read_json(config_path)
     fmt, version = data.pop("format", None), data.pop("format_version", None)
     if fmt != NATIVE_FORMAT:
         raise ValueError(f"{config_path}: \"format\" is {fmt!r}, expected {NATIVE_FORMAT!r} (not a native checkpoint)")
-    if version != NATIVE_FORMAT_VERSION:
-        raise ValueError(
-            f"{config_path}: \"format_version\" is {version!r}; this code reads version {NATIVE_FORMAT_VERSION}"
-        )
+    if version not in (NATIVE_FORMAT_VERSION, NATIVE_SHARDED_VERSION):
+        raise ValueError(f"{config_path}: \"format_version\" is {version!r}; this code reads versions "
+                         f"{NATIVE_FORMAT_VERSION} and {NATIVE_SHARDED_VERSION}")
     try:
-        config = LlamaConfig.from_dict(data)
+        return LlamaConfig.from_dict(data)
     except (TypeError, ValueError) as err:
         raise ValueError(f"{config_path}: not a valid model config: {err}") from err
-    weights = ckpt_dir / NATIVE_WEIGHTS
-    state_dict = tie_output(load_safetensors(weights), config)
-    check_state_dict(state_dict, config, source=weights)
+
+
+def load_native(ckpt_dir: str | Path) -> tuple[LlamaConfig, StateDict]:
+    """Read a native checkpoint directory: ``(config, state_dict)`` with tied weights re-tied."""
+    from model.checkpoints.reader import weight_files
+
+    ckpt_dir = Path(ckpt_dir)
+    config = read_native_config(ckpt_dir)
+    state_dict: StateDict = {}
+    files = weight_files(ckpt_dir)
+    for weights in files:
+        state_dict.update(load_safetensors(weights))
+    state_dict = tie_output(state_dict, config)
+    check_state_dict(state_dict, config, source=files[0] if len(files) == 1 else ckpt_dir)
     return config, state_dict

@@ -22,6 +22,7 @@ from model.checkpoints import (
     load_checkpoint,
     safe_torch_load,
     save_checkpoint,
+    streaming,
 )
 from model.checkpoints.hf import llama_config_from_hf
 from model.checkpoints.llama2c import load_llama2c
@@ -99,22 +100,23 @@ def test_native_refuses_nonempty_dir_and_overwrites_atomically(tmp_path: Path) -
 
 
 def test_failed_save_leaves_no_partial_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    real_save = safetensors.torch.save_file
+    real_write = streaming.HashingWriter.write
 
-    def half_written(tensors: dict, filename: str, metadata: dict | None = None) -> None:  # then "disk full"
-        real_save(dict(list(tensors.items())[:3]), filename, metadata=metadata)
-        raise OSError("No space left on device")
+    def disk_full(self: streaming.HashingWriter, data: object) -> int:  # a few KB land, then "disk full"
+        if self.size > 4096:
+            raise OSError("No space left on device")
+        return real_write(self, data)
 
-    monkeypatch.setattr(safetensors.torch, "save_file", half_written)
+    monkeypatch.setattr(streaming.HashingWriter, "write", disk_full)
     model = random_model(LLAMA2_TINY)
     with pytest.raises(OSError, match="No space left"):
         save_native(model, LLAMA2_TINY, tmp_path / "new")
     assert list(tmp_path.iterdir()) == []
 
     # Overwriting: the old checkpoint must survive a failed replacement untouched.
-    monkeypatch.setattr(safetensors.torch, "save_file", real_save)
+    monkeypatch.setattr(streaming.HashingWriter, "write", real_write)
     save_native(model, LLAMA2_TINY, tmp_path / "old")
-    monkeypatch.setattr(safetensors.torch, "save_file", half_written)
+    monkeypatch.setattr(streaming.HashingWriter, "write", disk_full)
     with pytest.raises(OSError):
         save_native(random_model(LLAMA2_TINY, seed=5), LLAMA2_TINY, tmp_path / "old", overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]
