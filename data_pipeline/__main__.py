@@ -3,11 +3,14 @@
     python -m data_pipeline prepare --source cc=../shared/data/commoncrawl --source c4=../shared/data/c4 \\
         --source wiki=../shared/data/wikipedia/wikitext-2-raw.test.txt:wikitext \\
         --tokenizer ../shared/data/tokenizers/llama2/tokenizer.model --output runs/data --workers 2
+    python -m data_pipeline prepare --engine datatrove --executor local|slurm|ray --tasks 64 --workers 16 \\
+        [--partition cpu] --source ... --tokenizer ... --output /shared/runs/data     # same output, distributed
     python -m data_pipeline inspect runs/data [--source c4 --doc 3] [--json]
     python -m data_pipeline blend runs/data --weights cc=0.67,c4=0.15,wiki=0.18 --seq-len 2048 \\
         --samples 10000 [--budget-tokens 1.4e12]
 
-``prepare`` resumes an interrupted run in the same ``--output`` (same arguments) at shard granularity.
+``prepare`` resumes an interrupted run in the same ``--output`` (same arguments): at shard granularity with
+``--engine local``, at task granularity with ``--engine datatrove`` (``data_pipeline/dt/``).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import numpy as np
 
 from data_pipeline.blend import MixtureSpec, epochs_report, format_epochs_table, parse_weights, read_manifest
 from data_pipeline.cleaning import CleaningConfig, normalize_text
-from data_pipeline.readers import SourceSpec, read_text_of
+from data_pipeline.readers import SourceSpec, issue_summary, read_text_of
 
 
 def _prepare(a: argparse.Namespace) -> int:
@@ -39,11 +42,22 @@ def _prepare(a: argparse.Namespace) -> int:
     cfg = PrepareConfig(sources=[SourceSpec.parse(s) for s in a.source], tokenizer=a.tokenizer,
                         output=Path(a.output), workers=a.workers, shard_docs=a.shard_docs,
                         shard_bytes=a.shard_mb << 20, cleaning=cleaning, keep_shards=a.keep_shards)
-    m = prepare(cfg)
+    if a.engine == "datatrove":
+        from data_pipeline.dt.engine import DatatroveConfig, prepare_datatrove
+
+        m = prepare_datatrove(cfg, DatatroveConfig(executor=a.executor, tasks=a.tasks, workers=a.workers,
+                                                   partition=a.partition, time=a.slurm_time, wait=not a.no_wait))
+        if m is None:
+            print(f"submitted; rerun the same command with --wait (or look for {Path(a.output) / 'manifest.json'})")
+            return 0
+    else:
+        m = prepare(cfg)
     for name, s in m["sources"].items():
         print(f"{name:<12} read {s['documents_read']:>9,} kept {s['documents']:>9,} docs "
               f"{s['tokens']:>14,} tokens  {s['shards']} shards")
-    print(f"manifest: {Path(a.output) / 'manifest.json'}   report: {Path(a.output) / 'report.json'}")
+    report_path = Path(a.output) / "report.json"
+    print("\n".join(issue_summary(json.loads(report_path.read_text())["read_issues"], report_path)))
+    print(f"manifest: {Path(a.output) / 'manifest.json'}   report: {report_path}")
     return 0
 
 
@@ -140,7 +154,14 @@ def main(argv: list[str] | None = None) -> int:
     pp.add_argument("--source", action="append", required=True, help="NAME=PATH[:FORMAT] (repeat)")
     pp.add_argument("--tokenizer", required=True)
     pp.add_argument("--output", required=True)
-    pp.add_argument("--workers", type=int, default=2)
+    pp.add_argument("--engine", choices=("local", "datatrove"), default="local",
+                    help="local: this process + tokenizer workers; datatrove: distributed stages (--executor)")
+    pp.add_argument("--executor", choices=("local", "slurm", "ray"), default="local", help="datatrove engine only")
+    pp.add_argument("--tasks", type=int, default=2, help="datatrove: tasks per pass (input slices)")
+    pp.add_argument("--partition", help="datatrove + slurm: the SLURM partition")
+    pp.add_argument("--slurm-time", default="24:00:00", help="datatrove + slurm: time limit per array task")
+    pp.add_argument("--no-wait", action="store_true", help="datatrove + slurm: return once the jobs are submitted")
+    pp.add_argument("--workers", type=int, default=2, help="local: tokenizer processes; datatrove: tasks at once")
     pp.add_argument("--shard-docs", type=int, default=20_000)
     pp.add_argument("--shard-mb", type=int, default=128)
     pp.add_argument("--near-dup-threshold", type=float, default=0.7)
@@ -167,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     try:
         return {"prepare": _prepare, "inspect": _inspect, "blend": _blend}[a.cmd](a)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -189,26 +189,47 @@ def heuristic_reason(text: str, cfg: CleaningConfig) -> str | None:
     return repetition_reason([w.lower() for w in words], cfg)
 
 
-class Cleaner:
-    """Applies the enabled filters in order to a document stream; keeps per-filter, per-source stats."""
+def exact_key(text: str) -> bytes:
+    """What exact dedup compares: the normalised text without surrounding whitespace (16-byte digest)."""
+    return hashlib.blake2b(text.strip().encode("utf-8"), digest_size=16).digest()
+
+
+def line_hashes(text: str) -> list[tuple[int, int]]:
+    """(line index in ``text.split("\\n")``, 64-bit hash of its dedup key) for every line with a non-empty key:
+    the lines line dedup counts. Lines whose key is empty (blank, punctuation only) are always kept."""
+    out = []
+    for i, line in enumerate(text.split("\n")):
+        key = dedup_key(line)
+        if key:
+            out.append((i, int.from_bytes(_h8(key), "little")))
+    return out
+
+
+def remove_lines(text: str, drop: set[int] | list[int]) -> str:
+    """``text`` without the lines at the given indices of ``text.split("\\n")``."""
+    drop = set(drop)
+    return "\n".join(line for i, line in enumerate(text.split("\n")) if i not in drop)
+
+
+def langid_verdict(lf: LanguageFilter, text: str) -> tuple[bool, str]:
+    """(keep, reason when dropped) for the language filter."""
+    lang, prob, keep = lf.classify(text)
+    return keep, (f"lang={lang}" if prob >= 0.5 else "lang=unsure")
+
+
+class FilterLedger:
+    """Per source, per filter: documents and bytes in, kept, dropped (with reasons), modified; and the first
+    20 dropped documents per filter with file and line. JSON round trip and merge (one ledger per task)."""
 
     FILTERS = ("normalize", "exact_dedup", "line_dedup", "heuristics", "langid", "near_dedup")
 
-    def __init__(self, cfg: CleaningConfig | None = None) -> None:
-        self.cfg = cfg or CleaningConfig()
+    def __init__(self) -> None:
         self.stats: dict[str, dict[str, FilterStats]] = defaultdict(lambda: defaultdict(FilterStats))
-        self._exact: set[bytes] = set()
-        self._lines: Counter = Counter()
-        self._docs_in_bucket = 0
-        self._lang = LanguageFilter(keep=self.cfg.keep_langs, min_prob=self.cfg.min_lang_prob)
-        self._near = (MinHashDeduper(threshold=self.cfg.near_dup_threshold, num_perm=self.cfg.minhash_num_perm,
-                                     ngram=self.cfg.minhash_ngram, seed=self.cfg.seed)
-                      if self.cfg.near_dedup else None)
-        self._near_ids: list[str] = []
         self.dropped_examples: dict[str, list[dict[str, Any]]] = defaultdict(list)
 
-    def _record(self, name: str, doc: Document, before: str, after: str | None, reason: str | None = None) -> None:
-        st = self.stats[doc.source][name]
+    def record(self, name: str, *, source: str, doc_id: str, file: str, line: int, before: str,
+               after: str | None, reason: str | None = None) -> None:
+        st = self.stats[source][name]
         b_in = len(before.encode("utf-8"))
         st.docs_in += 1
         st.bytes_in += b_in
@@ -216,9 +237,9 @@ class Cleaner:
             st.docs_dropped += 1
             st.bytes_dropped += b_in
             st.reasons[reason or name] += 1
-            ex = self.dropped_examples[f"{doc.source}/{name}"]
+            ex = self.dropped_examples[f"{source}/{name}"]
             if len(ex) < 20:
-                ex.append({"id": doc.id, "file": doc.file, "line": doc.line, "reason": reason})
+                ex.append({"id": doc_id, "file": file, "line": line, "reason": reason})
         else:
             b_out = len(after.encode("utf-8")) if after is not before else b_in
             st.docs_kept += 1
@@ -227,22 +248,66 @@ class Cleaner:
                 st.docs_modified += 1
                 st.bytes_removed_in_kept += b_in - b_out
 
+    def report(self) -> dict[str, Any]:
+        """JSON-able: per source, per filter (in pipeline order) counts, bytes and drop reasons."""
+        out: dict[str, Any] = {}
+        for source, filters in self.stats.items():
+            out[source] = {name: {**{k: v for k, v in asdict(st).items() if k != "reasons"},
+                                  "reasons": dict(sorted(st.reasons.items()))}
+                           for name in self.FILTERS if (st := filters.get(name)) is not None}
+        return {"by_source": out, "dropped_examples": dict(self.dropped_examples)}
+
+    @classmethod
+    def merged(cls, reports: list[dict[str, Any]], source_order: list[str] | None = None) -> dict[str, Any]:
+        """Several ``report()`` results (tasks in stream order) as one; sources in ``source_order``."""
+        led = cls()
+        for rep in reports:
+            for source, filters in rep["by_source"].items():
+                for name, d in filters.items():
+                    st = led.stats[source][name]
+                    for k, v in d.items():
+                        if k == "reasons":
+                            st.reasons.update(v)
+                        else:
+                            setattr(st, k, getattr(st, k) + v)
+            for key, ex in rep["dropped_examples"].items():
+                led.dropped_examples[key].extend(ex[: 20 - len(led.dropped_examples[key])])
+        if source_order is not None:
+            led.stats = {s: led.stats[s] for s in source_order if s in led.stats}  # type: ignore[assignment]
+        return led.report()
+
+
+class Cleaner:
+    """Applies the enabled filters in order to a document stream; keeps per-filter, per-source stats."""
+
+    FILTERS = FilterLedger.FILTERS
+
+    def __init__(self, cfg: CleaningConfig | None = None) -> None:
+        self.cfg = cfg or CleaningConfig()
+        self.ledger = FilterLedger()
+        self._exact: set[bytes] = set()
+        self._lines: Counter = Counter()
+        self._docs_in_bucket = 0
+        self._lang = LanguageFilter(keep=self.cfg.keep_langs, min_prob=self.cfg.min_lang_prob)
+        self._near = (MinHashDeduper(threshold=self.cfg.near_dup_threshold, num_perm=self.cfg.minhash_num_perm,
+                                     ngram=self.cfg.minhash_ngram, seed=self.cfg.seed)
+                      if self.cfg.near_dedup else None)
+
+    def _record(self, name: str, doc: Document, before: str, after: str | None, reason: str | None = None) -> None:
+        self.ledger.record(name, source=doc.source, doc_id=doc.id, file=doc.file, line=doc.line, before=before,
+                           after=after, reason=reason)
+
     def _line_dedup(self, text: str) -> str:
         if self._docs_in_bucket >= self.cfg.line_dedup_bucket_docs:
             self._lines.clear()
             self._docs_in_bucket = 0
         self._docs_in_bucket += 1
-        out = []
-        for line in text.split("\n"):
-            key = dedup_key(line)
-            if not key:
-                out.append(line)
-                continue
-            h = _h8(key)
+        drop = []
+        for i, h in line_hashes(text):
             self._lines[h] += 1
-            if self._lines[h] <= self.cfg.max_line_repeats:
-                out.append(line)
-        return "\n".join(out)
+            if self._lines[h] > self.cfg.max_line_repeats:
+                drop.append(i)
+        return remove_lines(text, drop) if drop else text
 
     def process(self, doc: Document) -> Document | None:
         """The cleaned document (possibly with lines removed), or None if a filter dropped it."""
@@ -252,7 +317,7 @@ class Cleaner:
             self._record("normalize", doc, text, new)
             text = new
         if cfg.exact_dedup:
-            h = hashlib.blake2b(text.strip().encode("utf-8"), digest_size=16).digest()
+            h = exact_key(text)
             dup = h in self._exact
             self._exact.add(h)
             self._record("exact_dedup", doc, text, None if dup else text, "exact_duplicate")
@@ -271,25 +336,19 @@ class Cleaner:
             if reason:
                 return None
         if cfg.langid:
-            lang, prob, keep = self._lang.classify(text)
-            self._record("langid", doc, text, text if keep else None, f"lang={lang}" if prob >= 0.5 else "lang=unsure")
+            keep, reason = langid_verdict(self._lang, text)
+            self._record("langid", doc, text, text if keep else None, reason)
             if not keep:
                 return None
         if self._near is not None:
-            dup, idx = self._near.check_and_add(text)
+            dup, _ = self._near.check_and_add(text)
             self._record("near_dedup", doc, text, None if dup else text, "near_duplicate")
             if dup:
                 return None
-            self._near_ids.append(doc.id)
         if text is doc.text:
             return doc
         return Document(text=text, source=doc.source, id=doc.id, file=doc.file, line=doc.line)
 
     def report(self) -> dict[str, Any]:
         """JSON-able: per source, per filter (in pipeline order) counts, bytes and drop reasons."""
-        out: dict[str, Any] = {}
-        for source, filters in self.stats.items():
-            out[source] = {name: {**{k: v for k, v in asdict(st).items() if k != "reasons"},
-                                  "reasons": dict(sorted(st.reasons.items()))}
-                           for name in self.FILTERS if (st := filters.get(name)) is not None}
-        return {"by_source": out, "dropped_examples": dict(self.dropped_examples)}
+        return self.ledger.report()

@@ -79,14 +79,17 @@ class MinHashDeduper:
         self._a = (rng.integers(0, 2**63, num_perm, dtype=np.uint64) << np.uint64(1)) | np.uint64(1)
         self._b = rng.integers(0, 2**63, num_perm, dtype=np.uint64)
         self.bands, self.rows = optimal_bands(threshold, num_perm)
-        self._tables: list[dict[bytes, int]] = [{} for _ in range(self.bands)]
+        self._tables: list[dict[bytes, int | list[int]]] = [{} for _ in range(self.bands)]
         self._sigs: list[np.ndarray] = []
 
     def shingle_hashes(self, text: str) -> np.ndarray:
         return shingle_hashes(text, self.ngram)
 
     def signature(self, text: str) -> np.ndarray:
-        x = self.shingle_hashes(text)
+        return self.signature_of_shingles(self.shingle_hashes(text))
+
+    def signature_of_shingles(self, x: np.ndarray) -> np.ndarray:
+        """uint32[num_perm] MinHash signature of the uint64 shingle hashes ``x``."""
         with np.errstate(over="ignore"):
             # (num_perm, num_shingles) in chunks to bound memory on very long documents
             sig = np.full(self.num_perm, np.iinfo(np.uint32).max, dtype=np.uint64)
@@ -97,18 +100,32 @@ class MinHashDeduper:
         return sig.astype(np.uint32)
 
     def check_and_add(self, text: str) -> tuple[bool, int]:
-        """(True, index of the earlier kept document) if near-duplicate; else (False, new index) and index it."""
+        """(True, index of the earlier kept document) if near-duplicate; else (False, new index) and index it.
+
+        A document is a near-duplicate iff some earlier *kept* document shares at least one band with it and
+        their signatures agree on ``>= threshold`` of the hashes. Every kept document of a band bucket is a
+        candidate (a bucket holds an int, and a list only once a second kept document lands in it), so the
+        rule does not depend on which document happened to fill a bucket first; the datatrove engine's
+        clustering step (``data_pipeline/dt/minhash_stages.py``) applies the same rule."""
         sig = self.signature(text)
         keys = [sig[i * self.rows : (i + 1) * self.rows].tobytes() for i in range(self.bands)]
         seen: set[int] = set()
         for table, key in zip(self._tables, keys):
-            cand = table.get(key)
-            if cand is not None and cand not in seen:
+            hit = table.get(key)
+            for cand in (() if hit is None else hit if isinstance(hit, list) else (hit,)):
+                if cand in seen:
+                    continue
                 seen.add(cand)
                 if float(np.mean(self._sigs[cand] == sig)) >= self.threshold:
                     return True, cand
         idx = len(self._sigs)
         self._sigs.append(sig)
         for table, key in zip(self._tables, keys):
-            table.setdefault(key, idx)
+            hit = table.get(key)
+            if hit is None:
+                table[key] = idx
+            elif isinstance(hit, list):
+                hit.append(idx)
+            else:
+                table[key] = [hit, idx]
         return False, idx

@@ -70,16 +70,68 @@ class IssueLog:
 
     max_kept: int = 10_000
     counts: Counter = field(default_factory=Counter)
+    by_source: Counter = field(default_factory=Counter)
     issues: list[Issue] = field(default_factory=list)
 
     def add(self, source: str, file: str | Path, line: int, kind: str, detail: str) -> None:
         self.counts[kind] += 1
+        self.by_source[source] += 1
         if len(self.issues) < self.max_kept:
             self.issues.append(Issue(source, str(file), int(line), kind, detail[:300]))
 
     def to_json(self) -> dict[str, Any]:
-        return {"counts": dict(sorted(self.counts.items())), "issues": [i.to_json() for i in self.issues],
+        return {"counts": dict(sorted(self.counts.items())), "by_source": dict(sorted(self.by_source.items())),
+                "issues": [i.to_json() for i in self.issues],
                 "truncated": sum(self.counts.values()) > len(self.issues)}
+
+    @classmethod
+    def merged(cls, parts: list[dict[str, Any]], max_kept: int = 10_000) -> dict[str, Any]:
+        """The ``to_json`` of several logs (one per distributed task, in task order) as one."""
+        counts, by_source, issues = Counter(), Counter(), []
+        for p in parts:
+            counts.update(p["counts"])
+            by_source.update(p.get("by_source", {}))
+            issues.extend(p["issues"][: max(0, max_kept - len(issues))])
+        return {"counts": dict(sorted(counts.items())), "by_source": dict(sorted(by_source.items())),
+                "issues": issues, "truncated": sum(counts.values()) > len(issues)}
+
+
+class SourceError(ValueError):
+    """A source that yielded no usable document: every record malformed, or every file unreadable."""
+
+
+def check_sources_readable(read: dict[str, int], issues: dict[str, Any], report_path: Path) -> None:
+    """Fail (naming the source) when a source produced no document at all; the report is already written.
+
+    A source whose records were all dropped by *cleaning* is fine (its manifest entry has 0 documents); one
+    whose records were all malformed or whose files could not be read means the input is broken, and a
+    ``complete: true`` manifest would hide that."""
+    bad = [name for name, n in read.items() if n == 0]
+    if not bad:
+        return
+    lines = []
+    for name in bad:
+        kinds = Counter(i["kind"] for i in issues["issues"] if i["source"] == name)
+        first = next((i for i in issues["issues"] if i["source"] == name), None)
+        where = f"; first: {first['file']}:{first['line']}: {first['kind']}: {first['detail']}" if first else ""
+        lines.append(f"source {name!r}: no usable document ({issues.get('by_source', {}).get(name, 0)} malformed "
+                     f"or unreadable records{', ' + ', '.join(f'{k}={v}' for k, v in kinds.items()) if kinds else ''}"
+                     f"{where})")
+    raise SourceError("; ".join(lines) + f". Every record is listed with file and line in {report_path} "
+                      "(read_issues.issues); fix the input or remove the --source")
+
+
+def issue_summary(issues: dict[str, Any], report_path: Path, examples: int = 3) -> list[str]:
+    """Console lines: how many records were malformed (by kind and source) and where the full list is."""
+    total = sum(issues["counts"].values())
+    if total == 0:
+        return ["malformed or unusable records: none"]
+    kinds = ", ".join(f"{k}={v}" for k, v in issues["counts"].items())
+    srcs = ", ".join(f"{k}={v}" for k, v in issues.get("by_source", {}).items())
+    out = [f"malformed or unusable records: {total:,} ({kinds}; by source: {srcs}) - skipped and listed with "
+           f"file and line in {report_path} (read_issues.issues{', first 10,000' if issues['truncated'] else ''})"]
+    out += [f"    {i['file']}:{i['line']}: {i['kind']}: {i['detail']}" for i in issues["issues"][:examples]]
+    return out
 
 
 @dataclass(frozen=True)
@@ -333,6 +385,11 @@ def read_hf(path: str | Path, source: str, issues: IssueLog) -> Iterator[Documen
 _READERS = {"wet": read_wet, "jsonl": read_jsonl, "wikitext": read_wikitext, "text": read_text, "hf": read_hf}
 
 
+def read_file(path: Path, source: str, fmt: str | None, issues: IssueLog) -> Iterator[Document]:
+    """All documents of one local file in the given (or inferred) format."""
+    return _READERS[fmt or infer_format(path)](path, source, issues)
+
+
 def read_source(spec: SourceSpec, issues: IssueLog) -> Iterator[Document]:
     """All documents of one source, files in sorted order, each file streamed."""
     files = spec.files()
@@ -340,8 +397,7 @@ def read_source(spec: SourceSpec, issues: IssueLog) -> Iterator[Document]:
         yield from read_hf(spec.path, spec.name, issues)
         return
     for path in files:
-        fmt = spec.format or infer_format(path)
-        yield from _READERS[fmt](path, spec.name, issues)
+        yield from read_file(path, spec.name, spec.format, issues)
 
 
 def read_text_of(doc_file: str, line: int, fmt: str | None = None) -> str | None:
@@ -355,6 +411,6 @@ def read_text_of(doc_file: str, line: int, fmt: str | None = None) -> str | None
     return None
 
 
-__all__ = ["Document", "Issue", "IssueLog", "SourceSpec", "FORMATS", "infer_format", "read_source",
-           "read_jsonl", "read_wet", "read_wikitext", "read_text", "read_hf", "record_to_document",
+__all__ = ["Document", "Issue", "IssueLog", "SourceError", "SourceSpec", "check_sources_readable", "issue_summary", "FORMATS", "infer_format", "read_source",
+           "read_file", "read_jsonl", "read_wet", "read_wikitext", "read_text", "read_hf", "record_to_document",
            "read_text_of"]

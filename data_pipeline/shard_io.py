@@ -99,3 +99,44 @@ def validate_indexed(prefix: str | Path, *, expect_docs: int | None = None, expe
     if expect_tokens is not None and n_tokens != expect_tokens:
         raise ShardError(f"{idx}: {n_tokens} tokens, manifest.json says {expect_tokens}; {fix}")
     return {"documents": n_docs, "tokens": n_tokens, "dtype": str(np.dtype(ix["dtype"]))}
+
+
+def merge_indexed(prefixes: list[str | Path], out_prefix: str | Path) -> dict:
+    """Concatenate ``.bin/.idx`` pairs (in order) into ``out_prefix``, streaming: memory is one input index at a
+    time, never a per-document Python list (megatron's ``add_index`` keeps every length in a list). The index
+    is byte-identical to what megatron's ``IndexedDatasetBuilder`` writes for the same documents. Files are
+    written under ``.tmp`` names and renamed (``.idx`` last); returns ``{"documents", "tokens", "dtype"}``."""
+    import os
+    import shutil
+
+    out = Path(out_prefix)
+    heads = [read_index(p) for p in prefixes]
+    dtypes = {np.dtype(h["dtype"]) for h in heads}
+    if len(dtypes) > 1:
+        raise ShardError(f"{out}: cannot merge shards of different token dtypes {sorted(map(str, dtypes))}")
+    dtype = dtypes.pop() if dtypes else np.dtype(np.uint16)
+    code = next(k for k, v in _DTYPES.items() if np.dtype(v) == dtype)
+    n_seq = sum(len(h["lengths"]) for h in heads)
+    n_doc = sum(len(h["doc_indices"]) - 1 for h in heads)
+    tmp_bin, tmp_idx = Path(f"{out}.tmp.bin"), Path(f"{out}.tmp.idx")
+    with open(tmp_bin, "wb") as fb:
+        for p in prefixes:
+            with open(f"{p}.bin", "rb") as f:
+                shutil.copyfileobj(f, fb, 8 << 20)
+    with open(tmp_idx, "wb") as fi:
+        fi.write(_INDEX_HEADER + struct.pack("<QBQQ", 1, code, n_seq, n_doc + 1))
+        for h in heads:
+            fi.write(np.asarray(h["lengths"], dtype=np.int32).tobytes())
+        byte_offset = 0
+        for h in heads:
+            fi.write((np.asarray(h["pointers"], dtype=np.int64) + byte_offset).tobytes())
+            byte_offset += int(h["lengths"].sum(dtype=np.int64)) * dtype.itemsize
+        fi.write(np.zeros(1, dtype=np.int64).tobytes())
+        seq_offset = 0
+        for h in heads:
+            fi.write((np.asarray(h["doc_indices"][1:], dtype=np.int64) + seq_offset).tobytes())
+            seq_offset += len(h["lengths"])
+    del heads
+    os.replace(tmp_bin, f"{out}.bin")
+    os.replace(tmp_idx, f"{out}.idx")
+    return validate_indexed(out, expect_docs=n_doc)

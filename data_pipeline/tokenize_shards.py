@@ -11,7 +11,7 @@ the whole stream in order) and cuts the kept documents into shards of ``shard_do
 every document), writes ``shards/<source>/<source>_NNNNN.{bin,idx,docs.jsonl}`` under temporary names and
 renames them when complete; the main process then appends the shard to ``shards/progress.jsonl`` (the
 commit point). At the end each source's shards are concatenated (megatron ``add_index``, as Megatron-LM's
-``preprocess_data.py --partitions`` does) into ``<source>.bin/.idx/.docs.jsonl``, checked, and
+``preprocess_data.py --partitions`` does, streamed by ``shard_io.merge_indexed``) into ``<source>.bin/.idx/.docs.jsonl``, checked, and
 ``manifest.json`` (file hashes, tokenizer hash, counts per source) and ``report.json`` are written.
 
 Resume: a re-run with the same inputs, tokenizer and settings re-reads and re-cleans (deterministic, so
@@ -36,8 +36,8 @@ from typing import Any
 import numpy as np
 
 from data_pipeline.cleaning import Cleaner, CleaningConfig
-from data_pipeline.readers import IssueLog, SourceSpec, read_source
-from data_pipeline.shard_io import mcore_datasets, read_index, token_dtype, validate_indexed
+from data_pipeline.readers import IssueLog, SourceSpec, check_sources_readable, read_source
+from data_pipeline.shard_io import mcore_datasets, merge_indexed, token_dtype, validate_indexed
 
 MANIFEST_VERSION = 1
 _TOK: Any = None  # the worker's tokenizer (inherited on fork, loaded by the initializer on spawn)
@@ -106,18 +106,32 @@ def _write_shard(task: dict[str, Any]) -> dict[str, Any]:
             "tokens": n_tokens, "text_bytes": task["text_bytes"], "digest": task["digest"]}
 
 
+def source_files_identity(sources: list[SourceSpec]) -> list[dict[str, Any]]:
+    """Name, path, format and (path, size, sha256) of every input file; an unreadable file is an error
+    naming its source."""
+    out = []
+    for spec in sources:
+        files = []
+        for f in spec.files():
+            try:
+                files.append({"path": str(f), "bytes": f.stat().st_size, "sha256": file_sha256(f)})
+            except OSError as e:
+                raise ValueError(f"source {spec.name!r}: cannot read {f}: {e.strerror or e}; fix the file's "
+                                 "permissions or remove it from the --source") from e
+        out.append({"name": spec.name, "path": spec.path, "format": spec.format, "files": files})
+    return out
+
+
+def tokenizer_identity(path: str | Path, tok: Any) -> dict[str, Any]:
+    return {"path": str(path), "sha256": tok.file_hash(), "vocab_size": tok.vocab_size, "bos_id": tok.bos_id,
+            "eos_id": tok.eos_id, "pad_id": tok.pad_id, "kind": type(tok).__name__}
+
+
 def _identity(cfg: PrepareConfig, tok: Any) -> dict[str, Any]:
     """Everything that determines the output; a resumed run must match it exactly."""
-    sources = []
-    for spec in cfg.sources:
-        files = spec.files()
-        sources.append({"name": spec.name, "path": spec.path, "format": spec.format,
-                        "files": [{"path": str(f), "bytes": f.stat().st_size, "sha256": file_sha256(f)}
-                                  for f in files]})
+    sources = source_files_identity(cfg.sources)
     ident = {"manifest_version": MANIFEST_VERSION, "sources": sources,
-            "tokenizer": {"path": str(cfg.tokenizer), "sha256": tok.file_hash(), "vocab_size": tok.vocab_size,
-                          "bos_id": tok.bos_id, "eos_id": tok.eos_id, "pad_id": tok.pad_id,
-                          "kind": type(tok).__name__},
+            "tokenizer": tokenizer_identity(cfg.tokenizer, tok),
             "dtype": np.dtype(token_dtype(tok.vocab_size)).name, "cleaning": cfg.cleaning.to_json(),
             "shard_docs": cfg.shard_docs, "shard_bytes": cfg.shard_bytes}
     return json.loads(json.dumps(ident))  # the form it has after a round trip through manifest.json
@@ -221,33 +235,20 @@ def _load_progress(out: Path, identity: dict[str, Any]) -> dict[str, dict]:
     return done
 
 
-def _append_index(builder: Any, prefix: Path) -> None:
-    """megatron ``IndexedDatasetBuilder.add_index`` without its per-call ``gc.collect()`` (0.2 s each in a
-    process that has imported torch + megatron: it dominated the merge of many small shards)."""
-    ix = read_index(prefix)
-    offset = len(builder.sequence_lengths)
-    builder.sequence_lengths.extend(ix["lengths"].tolist())
-    builder.document_indices.extend((offset + ix["doc_indices"][1:]).tolist())
-    with open(f"{prefix}.bin", "rb") as f:
-        shutil.copyfileobj(f, builder.data_file, 8 << 20)
-
-
 def _merge_source(out: Path, source: str, names: list[str], done: dict[str, dict], dtype: str) -> dict[str, int]:
-    """Concatenate a source's shards into ``<source>.bin/.idx/.docs.jsonl`` and check the result."""
-    mc = mcore_datasets()
+    """Concatenate a source's shards into ``<source>.bin/.idx/.docs.jsonl`` (streaming) and check the result."""
     docs = sum(done[n]["documents"] for n in names)
     tokens = sum(done[n]["tokens"] for n in names)
-    builder = mc.IndexedDatasetBuilder(str(out / f"{source}.tmp.bin"), dtype=np.dtype(dtype).type)
+    prefixes = [out / "shards" / source / n for n in names]
+    for n, prefix in zip(names, prefixes):
+        validate_indexed(prefix, expect_docs=done[n]["documents"], expect_tokens=done[n]["tokens"],
+                         expect_dtype=np.dtype(dtype).type)
     with open(out / f"{source}.tmp.docs.jsonl", "wb") as side:
-        for n in names:
-            prefix = out / "shards" / source / n
-            validate_indexed(prefix, expect_docs=done[n]["documents"], expect_tokens=done[n]["tokens"])
-            _append_index(builder, prefix)
+        for prefix in prefixes:
             with open(f"{prefix}.docs.jsonl", "rb") as f:
                 shutil.copyfileobj(f, side)
-    builder.finalize(str(out / f"{source}.tmp.idx"))
-    for ext in ("bin", "docs.jsonl", "idx"):
-        os.replace(out / f"{source}.tmp.{ext}", out / f"{source}.{ext}")
+    os.replace(out / f"{source}.tmp.docs.jsonl", out / f"{source}.docs.jsonl")
+    merge_indexed(prefixes, out / source)
     validate_indexed(out / source, expect_docs=docs, expect_tokens=tokens)
     return {"documents": docs, "tokens": tokens, "text_bytes": sum(done[n]["text_bytes"] for n in names),
             "shards": len(names), "bin_bytes": (out / f"{source}.bin").stat().st_size}
@@ -290,6 +291,7 @@ def prepare(cfg: PrepareConfig, *, stop_after_shards: int | None = None) -> dict
     report = {"documents_read": dict(read), "read_issues": issues.to_json(), "cleaning": cleaner.report(),
               "shards": {"tokenized_this_run": runner.new, "skipped_already_done": runner.skipped}}
     _write_json(out / "report.json", report)
+    check_sources_readable({s.name: read[s.name] for s in cfg.sources}, report["read_issues"], out / "report.json")
     sources = {}
     for s in identity["sources"]:
         names = runner.shards[s["name"]]
