@@ -9,8 +9,9 @@
 Both models run with the same torch thread count (``--threads``, default: torch's default, one per core).
 Timings alternate between the two models (ABAB...) after a warm-up of each, and report the median, so drift
 in machine load hits both equally; the load average before and after is recorded, because on a shared machine
-it says how far to trust the absolute numbers. Weights go through our real HF converter, and outputs are
-checked to agree before timing (logits to float rounding; greedy tokens exactly).
+it says how far to trust the absolute numbers. Weights go through our real HF converter, and the benchmark
+stops before any timing (exit status 1, nothing written) unless the two models agree: logits, loss and every
+parameter gradient to float rounding (``check_same_outputs``), greedy tokens exactly.
 """
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ from model.config import get_config
 from model.generate import generate
 from model.llama import Llama, init_llama_weights
 from train.metrics import cpu_name
+
+# fp32, the same math in another order (fused kernels / oneDNN vs HF's eager modules): the largest difference
+# seen is ~1e-6 of the largest value; 1e-4 leaves room for other CPUs while a wrong weight or mask is O(1).
+RELATIVE_TOLERANCE = 1e-4
 
 
 def build_pair(name: str, *, seed: int) -> tuple[Llama, torch.nn.Module]:
@@ -59,17 +64,45 @@ def _median_times(fns: dict[str, Callable[[], object]], repeats: int) -> dict[st
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
+def _relative_gap(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
+
+
+def check_same_outputs(ours: Llama, hf: torch.nn.Module, tokens: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Relative gaps of logits, loss and the largest parameter-gradient gap; SystemExit above the tolerance.
+
+    Gradients are compared through the same converter as the weights (HF names and layouts)."""
+    gaps: dict[str, float] = {}
+    for model in (ours, hf):
+        model.zero_grad(set_to_none=True)
+    logits = ours(tokens)
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels, ignore_index=-100)
+    loss.backward()
+    hf_out = hf(tokens, labels=tokens)
+    hf_out.loss.backward()
+    gaps["logits"] = _relative_gap(logits.detach(), hf_out.logits.detach())
+    gaps["loss"] = _relative_gap(loss.detach(), hf_out.loss.detach())
+    ours_grads = to_hf_state_dict({n: p.grad for n, p in ours.named_parameters()}, ours.config)
+    hf_grads = dict(hf.named_parameters())
+    gaps["gradients_max"] = max(_relative_gap(g, hf_grads[n].grad) for n, g in ours_grads.items() if n in hf_grads)
+    for model in (ours, hf):
+        model.zero_grad(set_to_none=True)
+    bad = {k: v for k, v in gaps.items() if not v <= RELATIVE_TOLERANCE}
+    if bad:
+        raise SystemExit(f"bench_model: the two models disagree before timing ({bad}, tolerance "
+                         f"{RELATIVE_TOLERANCE} of the largest value): not the same weights or math; nothing timed")
+    return gaps
+
+
 def bench_train_step(ours: Llama, hf: torch.nn.Module, *, batch: int, seq: int, repeats: int) -> dict[str, object]:
     vocab = ours.config.vocab_size
     tokens = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0))
     ours.train()
     hf.train()
-    with torch.no_grad():
-        diff = (ours(tokens) - hf(tokens).logits).abs().max().item()
-
     # Next-token labels with the last position ignored, as HF's loss does: the loss then reads the logits
     # as they are, instead of copying the [b, s-1, vocab] slice out of them.
     labels = torch.nn.functional.pad(tokens[:, 1:], (0, 1), value=-100).flatten()
+    gaps = check_same_outputs(ours, hf, tokens, labels)
 
     def step_ours() -> None:
         logits = ours(tokens)
@@ -82,7 +115,8 @@ def bench_train_step(ours: Llama, hf: torch.nn.Module, *, batch: int, seq: int, 
 
     times = _median_times({"ours": step_ours, "hf": step_hf}, repeats)
     ratio = times["ours"] / times["hf"]
-    return {"batch": batch, "seq": seq, "max_abs_logit_diff": diff, "ours_s": times["ours"], "hf_s": times["hf"],
+    return {"batch": batch, "seq": seq, "relative_gaps_before_timing": gaps, "ours_s": times["ours"],
+            "hf_s": times["hf"],
             "ratio_ours_over_hf": ratio, "goal": "<= 0.9", "goal_met": ratio <= 0.9}
 
 
@@ -104,6 +138,8 @@ def bench_generation(ours: Llama, hf: torch.nn.Module, *, batch: int, new_tokens
                                pad_token_id=0, eos_token_id=None)
 
     agree = run_ours() == run_hf()[:, 16:].tolist()
+    if not agree:
+        raise SystemExit("bench_model: greedy generations differ between the two models; nothing timed")
     times = _median_times({"ours": run_ours, "hf": run_hf}, repeats)
     tokens = batch * new_tokens
     speedup = times["hf"] / times["ours"]
