@@ -4,10 +4,13 @@
     python benchmarks/bench_gpu_mfu.py --model debug_tiny --seq-len 128 --steps 4 --warmup 1 --dtype fp32 \\
         --output /tmp/smoke.json                                                               # the CPU smoke run
 
+    python benchmarks/bench_gpu_mfu.py --document-mask off                                     # plain causal
+
 What runs: ``python -m train`` itself (the loop, the DeepSpeed engine, ZeRO-1, one process) on the Llama 3-style
 ``bench_1p5b`` (1.50B parameters: dim 2048, 16 layers, 32 heads / 8 kv heads, FFN 8192, vocab 128256, the
 shape of Llama 3.2 1B with an untied head), sequence 4096, bf16 with fp32 master weights, synthetic tokens (no
-data loading cost to hide), ``--steps`` optimizer steps of ``--micro-batch`` x ``--grad-accum`` sequences.
+data loading cost to hide), the document mask on (the default users train with; ``--document-mask off`` for
+plain causal attention), ``--steps`` optimizer steps of ``--micro-batch`` x ``--grad-accum`` sequences.
 The numbers are the loop's own ``metrics.jsonl`` records (so the benchmark measures what users see), medians
 over the steps after ``--warmup``.
 
@@ -39,7 +42,7 @@ def train_argv(args: argparse.Namespace, run_dir: Path) -> list[str]:
     """The ``python -m train`` command line of the measurement."""
     return [sys.executable, "-m", "train", "--config", "configs/pretrain/tiny_cpu.toml",
             f"--model.name={args.model}", "--data.synthetic=true", f"--data.seq_len={args.seq_len}",
-            "--data.document_mask=false", f"--train.steps={args.steps}",
+            f"--data.document_mask={str(args.document_mask == 'on').lower()}", f"--train.steps={args.steps}",
             f"--train.micro_batch_size={args.micro_batch}",
             f"--train.global_batch_size={args.micro_batch * args.grad_accum}", f"--train.dtype={args.dtype}",
             "--train.eval_every=0", "--train.log_every=1", "--zero.stage=1", "--optim.lr=3e-4",
@@ -66,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"))
+    p.add_argument("--document-mask", default="on", choices=("on", "off"),
+                   help="on: Llama 3's document mask, the default users train with; off: plain causal attention")
     p.add_argument("--activation-checkpoint-every", type=int, default=0, help="0: no activation checkpointing")
     p.add_argument("--output", type=Path, default=REPO / "benchmarks" / "results" / "bench_gpu_mfu.json")
     args = p.parse_args(argv)
@@ -82,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"benchmark": "gpu_mfu", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "device": device, "torch": torch.__version__, "command": " ".join(cmd[1:]),
               "model": args.model, "seq_len": args.seq_len, "dtype": args.dtype,
+              "document_mask": args.document_mask == "on",
               "tokens_per_step": args.seq_len * args.micro_batch * args.grad_accum,
               **summarise(records, warmup=args.warmup), "goal_mfu": GOAL}
     result["goal_met"] = bool(torch.cuda.is_available() and result["mfu"] >= GOAL)

@@ -31,3 +31,4 @@ def test_cpu_smoke_run_writes_the_json(tmp_path: Path) -> None:
     assert 0 < result["mfu"] < 1 and result["tokens_per_s"] > 0 and result["peak_flops"] > 1e9
     assert result["device"].startswith("cpu") and result["goal_met"] is False
     assert "--model.name=debug_tiny" in result["command"]
+    assert result["document_mask"] is True and "--data.document_mask=true" in result["command"]  # what users run
