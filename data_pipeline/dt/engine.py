@@ -7,12 +7,12 @@ The stages (``OUT/dt/logs/NN_<stage>`` hold datatrove's logs, stats and ``comple
 
   pass1            T tasks  our readers -> normalize -> [exact dedup signatures]     (scratch JSONL out)
   exact_find       F tasks  datatrove ExactFindDedups (one hash range each)
-  pass2            T tasks  datatrove ExactDedupFilter -> [line dedup signatures]
-  line_find        F tasks  our line dedup, stage 2
-  pass3            T tasks  line dedup filter -> heuristics -> language id -> [MinHash signatures]
+  pass2            T tasks  datatrove ExactDedupFilter -> [MinHash signatures]
   minhash_buckets  B tasks  datatrove MinhashDedupBuckets (one band each)
   minhash_cluster  1 task   first kept copy wins (data_pipeline.dt.minhash_stages)
-  pass4            T tasks  datatrove MinhashDedupFilter -> Megatron writer with our tokenizer
+  pass3            T tasks  datatrove MinhashDedupFilter -> [line dedup signatures]
+  line_find        F tasks  our line dedup, stage 2
+  pass4            T tasks  line dedup filter -> heuristics -> language id -> Megatron writer (our tokenizer)
   finalize         1 task   merge per source, report.json, manifest.json
 
 A disabled filter removes its barrier and the passes around it merge. Task ``r`` of a pass reads a
@@ -174,21 +174,21 @@ def build_stages(cfg: PrepareConfig, dt: DatatroveConfig, out: Path, work: Path)
                    [Stage("exact_find", [ExactFindDedups(str(sc / "exact_sigs"), str(sc / "exact_dups"), ex)], F)],
                    str(sc / "p1"), [Counted(ExactDedupFilter(str(sc / "exact_dups"), ex), "exact_dedup",
                                             "exact_duplicate", w)])
+    if c.near_dedup:
+        mc = minhash_config(c)
+        sigs, buckets, remove = str(sc / "minhash_sigs"), str(sc / "minhash_buckets"), str(sc / "minhash_remove")
+        close_pass([scratch_writer("p2"), OurMinhashSignature(sigs, cleaning=c)],
+                   [Stage("minhash_buckets", [MinhashDedupBuckets(sigs, buckets, config=mc)], mc.num_buckets),
+                    Stage("minhash_cluster", [FirstKeptCluster(buckets, remove, sigs, cleaning=c)], 1)],
+                   str(sc / "p2"), [Counted(MinhashDedupFilter(remove), "near_dedup", "near_duplicate", w)])
     if c.line_dedup:
-        close_pass([scratch_writer("p2"), LineDedupSignature(str(sc / "line_sigs"), finder_tasks=F, cleaning=c)],
+        close_pass([scratch_writer("p3"), LineDedupSignature(str(sc / "line_sigs"), finder_tasks=F, cleaning=c)],
                    [Stage("line_find", [LineDedupFind(str(sc / "line_sigs"), str(sc / "line_dups"), cleaning=c)], F)],
-                   str(sc / "p2"), [LineDedupFilter(str(sc / "line_dups"), cleaning=c, work=w)])
+                   str(sc / "p3"), [LineDedupFilter(str(sc / "line_dups"), cleaning=c, work=w)])
     if c.heuristics:
         current.append(Heuristics(c, w))
     if c.langid:
         current.append(LanguageId(c, w))
-    if c.near_dedup:
-        mc = minhash_config(c)
-        sigs, buckets, remove = str(sc / "minhash_sigs"), str(sc / "minhash_buckets"), str(sc / "minhash_remove")
-        close_pass([scratch_writer("p3"), OurMinhashSignature(sigs, cleaning=c)],
-                   [Stage("minhash_buckets", [MinhashDedupBuckets(sigs, buckets, config=mc)], mc.num_buckets),
-                    Stage("minhash_cluster", [FirstKeptCluster(buckets, remove, sigs, cleaning=c)], 1)],
-                   str(sc / "p3"), [Counted(MinhashDedupFilter(remove), "near_dedup", "near_duplicate", w)])
     close_pass([ShardWriter(str(work / "shards"), str(cfg.tokenizer))], [], None, [])
     stages.append(Stage("finalize", [Finalize(str(out), w, keep_shards=cfg.keep_shards)], 1))
     for s in stages:
