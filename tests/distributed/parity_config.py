@@ -15,5 +15,9 @@ BASE = [
 ]
 
 
+EAGER = "@eager"
+"""A pseudo-override of the parity launches: run this layout on the eager formulas (``kernels.disabled()``)."""
+
+
 def parity_config(overrides: list[str]) -> RunConfig:
     return RunConfig.from_toml(None, BASE + list(overrides))

@@ -5,10 +5,16 @@
 Each ``NAME=--a.b=1,--c.d=2`` runs ``train.loop.train`` (DeepSpeed engine, megatron-core layers) on the
 parity config with those overrides, into ``OUT_DIR/NAME``. One launch serves many layouts because each
 launch costs seconds; the process groups are rebuilt between layouts whose TP/PP sizes differ.
+The token ``@eager`` among the overrides runs that layout on the eager PyTorch formulas (the GPU path) inside
+``model.kernels.disabled()``: the in-process form of ``LLAMA_CPU_KERNELS=0``, so eager and fused layouts share
+a launch.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -17,16 +23,21 @@ warnings.filterwarnings("ignore")
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from tests.distributed.parity_config import parity_config  # noqa: E402
+from model import kernels  # noqa: E402
+from tests.distributed.parity_config import EAGER, parity_config  # noqa: E402
 from train.loop import train  # noqa: E402
 
 
 def main() -> None:
     out = Path(sys.argv[1])
     for spec in sys.argv[2:]:
-        name, _, overrides = spec.partition("=")
-        cfg = parity_config([*(o for o in overrides.split(",") if o), f"--run.dir={out / name}"])
-        result = train(cfg, print_fn=lambda *a, **k: None)
+        name, _, joined = spec.partition("=")
+        overrides = [o for o in joined.split(",") if o]
+        cfg = parity_config([*(o for o in overrides if o != EAGER), f"--run.dir={out / name}"])
+        with kernels.disabled() if EAGER in overrides else contextlib.nullcontext():
+            result = train(cfg, print_fn=lambda *a, **k: None)
+            if int(os.environ.get("RANK", "0")) == 0:  # what this layout ran on, for the test to check
+                (out / name / "kernels.json").write_text(json.dumps({"fused_cpu_kernels": kernels.enabled()}))
         if result.reason != "completed":
             raise SystemExit(f"layout {name}: {result.reason}")
 
