@@ -7,8 +7,8 @@
     rows = reader.read_slice("output.weight", dim=0, start=0, stop=16000)   # a TP rank's rows only
 
 Native and Hugging Face checkpoints are safetensors files (single or sharded with
-``model.safetensors.index.json``): ``safe_open(...).get_slice`` memory-maps the file and copies out only the
-requested rows or columns, so a rank that needs 1/8 of a tensor reads 1/8 of it. Meta ``.pth`` and llama2.c
+``model.safetensors.index.json``): the header gives every tensor's byte range, so a row range is one read and
+a column range one read per block of rows; a rank that needs 1/8 of a tensor holds 1/8 of it. Meta ``.pth`` and llama2.c
 files have no such index; they are loaded whole (``.pth`` memory-mapped) and served from memory.
 
 Every reader is a ``TensorSource`` for the streaming writers (``specs()`` + ``read(name)``), which is how
@@ -21,11 +21,10 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from safetensors import safe_open
 from torch import Tensor
 
 from model.checkpoints.native import CONFIG_NAME, NATIVE_WEIGHTS, expected_shapes, read_json
-from model.checkpoints.streaming import SAFE_INDEX, TORCH_DTYPES, TensorSpec
+from model.checkpoints.streaming import SAFE_INDEX, SafetensorsFile, TensorSpec
 from model.config import LlamaConfig
 
 
@@ -61,9 +60,6 @@ class WeightReader:
         """Rows/columns ``start:stop`` of ``dim``; this base class reads the whole tensor and narrows it."""
         return self.read(name).narrow(dim, start, stop - start).clone()
 
-    def close(self) -> None:
-        """Release open files (the readers memory-map them)."""
-
 
 class MemoryReader(WeightReader):
     """Serves an in-memory state dict (formats without an index, and tests)."""
@@ -78,46 +74,35 @@ class MemoryReader(WeightReader):
 
 
 class SafetensorsReader(WeightReader):
-    """A single or sharded safetensors checkpoint; ``from_file_name`` maps stored names to ours."""
+    """A single or sharded safetensors checkpoint; ``from_file_name`` maps stored names to ours.
+
+    Reads go through ``SafetensorsFile`` (plain ``pread`` of the requested bytes), so a rank's resident memory
+    grows by what it asked for, not by the pages a memory map touched.
+    """
 
     def __init__(self, directory: str | Path, cfg: LlamaConfig, *,
                  ignore: Callable[[str], bool] = lambda name: False,
                  from_file_name: Callable[[str], str] = lambda name: name) -> None:
         self.directory = Path(directory)
-        self._handles: dict[Path, Any] = {}
-        self._file_of: dict[str, tuple[Path, str]] = {}
+        self._file_of: dict[str, tuple[SafetensorsFile, str]] = {}
         specs: dict[str, TensorSpec] = {}
         for path in weight_files(self.directory):
-            handle = self._open(path)
+            handle = SafetensorsFile(path)
             for stored in handle.keys():
                 if ignore(stored):
                     continue
                 ours = from_file_name(stored)
-                piece = handle.get_slice(stored)
-                specs[ours] = TensorSpec(ours, tuple(piece.get_shape()), TORCH_DTYPES[piece.get_dtype()])
-                self._file_of[ours] = (path, stored)
+                specs[ours] = TensorSpec(ours, handle.shape(stored), handle.dtype(stored))
+                self._file_of[ours] = (handle, stored)
         super().__init__(cfg, specs, source=self.directory)
 
-    def _open(self, path: Path) -> Any:
-        if path not in self._handles:
-            try:
-                self._handles[path] = safe_open(str(path), framework="pt")
-            except Exception as err:  # SafetensorError on a corrupt or truncated header
-                raise ValueError(f"{path}: not a readable safetensors file: {err}") from err
-        return self._handles[path]
-
     def read(self, name: str) -> Tensor:
-        path, stored = self._file_of[self._stored(name)]
-        return self._open(path).get_tensor(stored)
+        handle, stored = self._file_of[self._stored(name)]
+        return handle.read(stored)
 
     def read_slice(self, name: str, *, dim: int, start: int, stop: int) -> Tensor:
-        path, stored = self._file_of[self._stored(name)]
-        piece = self._open(path).get_slice(stored)
-        index = (slice(None),) * dim + (slice(start, stop),)
-        return piece[index]
-
-    def close(self) -> None:
-        self._handles.clear()
+        handle, stored = self._file_of[self._stored(name)]
+        return handle.read_slice(stored, dim=dim, start=start, stop=stop)
 
 
 def weight_files(directory: Path) -> list[Path]:

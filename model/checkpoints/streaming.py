@@ -250,6 +250,109 @@ def _pickle_bytes(obj: Any) -> bytes:
 
 
 # ---------------------------------------------------------------------------------------------------
+# Reading safetensors with plain reads
+# ---------------------------------------------------------------------------------------------------
+ROW_BLOCK_BYTES = 16 * 1024**2
+
+
+class SafetensorsFile:
+    """One safetensors file read with ``pread`` into fresh tensors: whole tensors, flat ranges, row/column slices.
+
+    ``safe_open`` memory-maps the file, and every page it touches then counts in the process's resident
+    memory until the handle closes; reading with ``os.pread`` into the output tensor keeps resident memory
+    at exactly what was asked for, which is what a rank reading only its slice must show. No file
+    descriptor stays open between calls (16k ranks' files must not exhaust descriptors).
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        try:
+            with open(self.path, "rb") as fh:
+                (length,) = struct.unpack("<Q", fh.read(8))
+                if length > 100 * 1024**2:
+                    raise ValueError(f"header length {length} is implausible")
+                header = json.loads(fh.read(length))
+        except (OSError, ValueError, struct.error) as err:
+            raise ValueError(f"{self.path}: not a readable safetensors file ({type(err).__name__}: {err})") from err
+        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+        self._data_start = 8 + length
+        self._entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
+        for name, info in header.items():
+            dtype = TORCH_DTYPES.get(info.get("dtype"))
+            if dtype is None:
+                raise ValueError(f"{self.path}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
+            begin, end = info["data_offsets"]
+            self._entries[name] = (dtype, tuple(info["shape"]), int(begin), int(end))
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._entry(name)[1]
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._entry(name)[0]
+
+    def _entry(self, name: str) -> tuple[torch.dtype, tuple[int, ...], int, int]:
+        if name not in self._entries:
+            raise KeyError(f"{self.path}: no tensor {name!r}")
+        return self._entries[name]
+
+    def read(self, name: str) -> Tensor:
+        shape = self.shape(name)
+        return self.read_flat(name, 0, _prod(shape)).view(shape)
+
+    def read_flat(self, name: str, lo: int, hi: int, *, into: Tensor | None = None) -> Tensor:
+        """Elements ``[lo, hi)`` of the tensor flattened in C order (into ``into`` if given, 1-D)."""
+        dtype, shape, begin, end = self._entry(name)
+        size = torch.empty((), dtype=dtype).element_size()
+        if not 0 <= lo <= hi <= _prod(shape):
+            raise IndexError(f"{self.path}: elements {lo}:{hi} of {name!r} (shape {list(shape)})")
+        out = torch.empty(hi - lo, dtype=dtype) if into is None else into
+        view = memoryview(out.view(torch.uint8).numpy()).cast("B") if out.numel() else memoryview(b"")
+        offset, want = self._data_start + begin + lo * size, (hi - lo) * size
+        if begin + hi * size > end:
+            raise ValueError(f"{self.path}: tensor {name!r} is shorter than its shape says")
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            done = 0
+            while done < want:
+                n = os.preadv(fd, [view[done:]], offset + done)
+                if n <= 0:
+                    raise ValueError(f"{self.path}: file ends inside tensor {name!r} (truncated?)")
+                done += n
+        finally:
+            os.close(fd)
+        return out
+
+    def read_slice(self, name: str, *, dim: int, start: int, stop: int) -> Tensor:
+        """``tensor.narrow(dim, start, stop - start)``: one flat range per block of leading indices."""
+        dtype, shape, _, _ = self._entry(name)
+        outer, inner = _prod(shape[:dim]), _prod(shape[dim + 1:])
+        out_shape = list(shape)
+        out_shape[dim] = stop - start
+        out = torch.empty(out_shape, dtype=dtype)
+        if outer == 1:
+            self.read_flat(name, start * inner, stop * inner, into=out.view(-1))
+            return out
+        row = shape[dim] * inner
+        block = max(1, ROW_BLOCK_BYTES // max(1, row * out.element_size()))
+        target = out.view(outer, stop - start, inner)
+        for first in range(0, outer, block):
+            last = min(outer, first + block)
+            rows = self.read_flat(name, first * row, last * row).view(last - first, shape[dim], inner)
+            target[first:last].copy_(rows[:, start:stop, :])
+        return out
+
+
+def _prod(shape: Sequence[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+# ---------------------------------------------------------------------------------------------------
 # Verification
 # ---------------------------------------------------------------------------------------------------
 def hash_file(path: str | Path) -> FileRecord:

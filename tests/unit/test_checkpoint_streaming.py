@@ -158,7 +158,6 @@ def test_sharded_write_and_slice_reads(tmp_path: Path, fmt: str, tied: bool) -> 
             half = tensor.shape[dim] // 2
             assert torch.equal(reader.read_slice(name, dim=dim, start=half, stop=tensor.shape[dim]),
                                tensor.narrow(dim, half, tensor.shape[dim] - half)), name
-    reader.close()
 
 
 def test_from_pretrained_reads_a_sharded_native_checkpoint(tmp_path: Path) -> None:
