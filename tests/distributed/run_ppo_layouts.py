@@ -9,11 +9,13 @@ iterations (rollout, scoring, rewards, GAE, one policy and one value step per mi
 policy differs from the reference, so the KL penalty is active) and writes ``OUT_DIR/NAME/result.json``: each
 iteration's metrics and, per global prompt index of the last one, the sampled answer, the sequence reward,
 and the log-probs / values / advantages; plus the consolidated policy and value weights.
-Process groups are rebuilt between layouts whose TP size differs (``Topology.initialize``).
+Process groups are rebuilt between layouts whose TP size differs (``Topology.initialize``). ``@eager`` among
+the overrides runs that layout inside ``model.kernels.disabled()`` (the eager formulas, as on a GPU).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import warnings
@@ -25,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch.distributed as dist  # noqa: E402
 
+from model import kernels  # noqa: E402
 from rlhf.ppo import PPOTrainer  # noqa: E402
 from rlhf.ppo_config import PPOConfig  # noqa: E402
 
@@ -37,6 +40,7 @@ BASE = [
     "--optim.grad_clip=0.5", "--eval.every=0", "--run.seed=11",
 ]
 ITERATIONS = 2
+EAGER = "@eager"
 
 
 def run_layout(out: Path, name: str, overrides: list[str]) -> None:
@@ -69,8 +73,11 @@ def run_layout(out: Path, name: str, overrides: list[str]) -> None:
 def main() -> None:
     out = Path(sys.argv[1])
     for spec in sys.argv[2:]:
-        name, _, overrides = spec.partition("=")
-        run_layout(out, name, [o for o in overrides.split(",") if o])
+        name, _, joined = spec.partition("=")
+        overrides = [o for o in joined.split(",") if o]
+        # "@eager": the eager formulas (the GPU path), kernels.disabled() being the in-process LLAMA_CPU_KERNELS=0
+        with kernels.disabled() if EAGER in overrides else contextlib.nullcontext():
+            run_layout(out, name, [o for o in overrides if o != EAGER])
 
 
 if __name__ == "__main__":
