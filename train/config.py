@@ -124,6 +124,9 @@ class CheckpointSection:
     """Checkpoint every N steps (and on SIGTERM/SIGUSR1 and at the end); 0 = only those."""
     keep_last: int = 3
     """Keep the K newest published checkpoints; older ones are deleted after a new one is published."""
+    async_save: bool = True
+    """Training waits only for the copy of this rank's shard to host memory; files, fsync and publication
+    happen in a background thread (``train/checkpointing.py``). False: every rank waits for the publication."""
 
 
 @dataclass(frozen=True)
@@ -149,7 +152,9 @@ class RunSection:
     dir: str = "runs/default"
     """Run directory: checkpoints/, config.toml, metrics.jsonl, wandb/, report/."""
     resume: str = "none"
-    """"none", "auto" (newest complete checkpoint in dir, else start fresh) or a checkpoint directory."""
+    """"none", "auto" (newest intact checkpoint in dir; damaged ones are skipped with a warning; none saved yet
+    -> start fresh; only damaged ones -> exit 2), "auto-or-fresh" (as auto, but start fresh when only damaged
+    ones are left) or a checkpoint directory."""
 
 
 SECTIONS: dict[str, type] = {
@@ -327,8 +332,9 @@ class RunConfig:
         _check(self.logging.wandb_mode in ("", "online", "offline", "disabled"),
                f"logging.wandb_mode={self.logging.wandb_mode!r}: use \"\", \"online\", \"offline\" or \"disabled\"")
         self._validate_device()
-        _check(self.run.resume in ("none", "auto") or Path(self.run.resume).exists(),
-               f"run.resume={self.run.resume!r}: use \"none\", \"auto\" or an existing checkpoint directory")
+        _check(self.run.resume in ("none", "auto", "auto-or-fresh") or Path(self.run.resume).exists(),
+               f"run.resume={self.run.resume!r}: use \"none\", \"auto\", \"auto-or-fresh\" or an existing "
+               "checkpoint directory")
         if world_size is not None:
             mp = self.parallel.tp * self.parallel.pp
             _check(world_size % mp == 0,

@@ -172,6 +172,15 @@ def broadcast_object(obj: Any) -> Any:
     return box[0]
 
 
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` on every rank (small Python objects: verification verdicts)."""
+    if not _multi():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def any_rank(flag: bool) -> bool:
     """True on every rank if it is true on any (pre-emption signals can reach ranks at different moments)."""
     if not _multi():
@@ -271,7 +280,9 @@ def train(cfg: RunConfig, *, task: Any = None, engine_factory: Callable[..., Any
                                                  **task.engine_kwargs(cfg, model_cfg))
 
     ckpt = CheckpointManager(run_dir, rank=rank, world_size=topo.world_size, keep_last=cfg.checkpoint.keep_last,
-                             barrier=barrier, broadcast=broadcast_object)
+                             barrier=barrier, broadcast=broadcast_object, all_gather=all_gather_object,
+                             async_save=cfg.checkpoint.async_save,
+                             publish_timeout_s=cfg.train.collective_timeout_s)
     ckpt.clean_leftovers()
     resume_from = ckpt.find_resume(cfg.run.resume)
     state: dict[str, Any] = {"step": 0, "consumed_samples": 0, "health": None, "wandb_id": None}
@@ -303,6 +314,8 @@ def train(cfg: RunConfig, *, task: Any = None, engine_factory: Callable[..., Any
                            wandb_id=state["wandb_id"], tensorboard=cfg.logging.tensorboard,
                            start_step=state["step"], print_fn=print_fn)
     start = state["step"]
+    for message in ckpt.warnings:
+        logger.log_event(f"warning: {message}")
     logger.log_event(
         f"run {run_dir}: model {model_cfg.name} ({model_cfg.num_params() / 1e6:.1f}M params), "
         f"world {topo.world_size} (tp {topo.tp_size} pp {topo.pp_size} dp {topo.dp_size}), "
@@ -356,6 +369,8 @@ def train(cfg: RunConfig, *, task: Any = None, engine_factory: Callable[..., Any
                 break
         if reason == "completed":
             task.export(engine, model_cfg, run_dir / "final_model", rank=rank)
+        ckpt.wait()  # the last checkpoint is published before the run reports its end
+        barrier()
     finally:
         preempt.restore()
         logger.close()

@@ -225,3 +225,41 @@ def test_nonfinite_step_is_skipped_by_the_engine_then_repeated_ones_abort(tmp_pa
                            timeout=240)
     assert abort.returncode == 3, abort.stderr[-2000:]
     assert "3 consecutive steps with a non-finite loss or gradient norm" in abort.stderr
+
+
+@pytest.mark.timeout(600)
+def test_async_write_overlaps_training_kill_and_damage_then_resume_equals_uninterrupted(tmp_path: Path) -> None:
+    """The checkpoint write runs while training goes on; a kill -9 in it leaves the previous `latest`; a truncated
+    file in the newest checkpoint makes the resume fall back to the one before, with a warning naming the file."""
+    reference = tmp_path / "uninterrupted"
+    subprocess.run(_cmd(reference), cwd=REPO_ROOT, env=_env(), check=True, capture_output=True, timeout=300)
+    run = tmp_path / "run"
+    proc = subprocess.Popen(_cmd(run, "--resume", "auto"), cwd=REPO_ROOT, env=_env(LLAMA_TEST_SLOW_CHECKPOINT="1.5"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpts, overlapped, deadline = run / "checkpoints", False, time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        writing = ckpts.is_dir() and [p.name for p in ckpts.iterdir() if p.name.startswith(".tmp-step_")]
+        if writing and (run / "metrics.jsonl").is_file():
+            being_written = int(writing[0].split("_")[1].split("-")[0])
+            if max(_train_losses_tolerant(run), default=0) > being_written:
+                overlapped = True  # a later step finished while this checkpoint was still being written
+                if being_written >= 6:
+                    latest_before = (ckpts / "latest").read_text()
+                    proc.send_signal(signal.SIGKILL)
+                    proc.wait()
+                    break
+        time.sleep(0.01)
+    assert overlapped and proc.returncode == -signal.SIGKILL, "never saw training run ahead of a checkpoint write"
+    assert (ckpts / "latest").read_text() == latest_before
+    newest = sorted(p for p in ckpts.iterdir() if p.name.startswith("step_"))[-1]
+    assert f"{newest.name}\n" == latest_before
+    victim = newest / "portable" / "tp00-pp00-dp000.safetensors"
+    victim.write_bytes(victim.read_bytes()[:-100])
+    final = subprocess.run(_cmd(run, "--resume", "auto"), cwd=REPO_ROOT, env=_env(), capture_output=True,
+                           text=True, timeout=300)
+    assert final.returncode == 0, final.stderr[-3000:]
+    assert f"skipping damaged checkpoint {newest}" in final.stderr and str(victim) in final.stderr
+    assert _train_losses(run) == _train_losses(reference)
+    ours = load_file(run / "final_model" / "model.safetensors")
+    theirs = load_file(reference / "final_model" / "model.safetensors")
+    assert all(bool((ours[k] == theirs[k]).all()) for k in ours)
