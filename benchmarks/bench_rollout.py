@@ -4,7 +4,7 @@
 
 The script relaunches itself under ``torchrun --nproc-per-node N`` (data parallel N, ZeRO-3: every rank holds
 1/N of each weight). Each rank samples ``--batch`` prompts x ``--new-tokens`` tokens with the PPO policy engine
-(``rlhf/rollout.py``) in the two modes, alternating ABAB... ``--repeats`` times after a warm-up, in the same run:
+(``rlhf/ppo/rollout.py``) in the two modes, alternating ABAB... ``--repeats`` times after a warm-up, in the same run:
 
 - ``once`` (Llama 2, sec. 3.2.3 systems note): one all-gather of every partition, a plain copy of the network
   generates with no communication, freed after;
@@ -56,11 +56,11 @@ def _worker(args: argparse.Namespace) -> None:
     import torch
     import torch.distributed as dist
 
-    from rlhf.ppo_config import PPOConfig
-    from rlhf.ppo_data import shard, synthetic_prompts
-    from rlhf.ppo_models import PolicyObjective
-    from rlhf.ppo_rewards import all_reduce
-    from rlhf.rollout import answer_seed, rollout
+    from rlhf.ppo.config import PPOConfig
+    from rlhf.ppo.prompts import shard, synthetic_prompts
+    from rlhf.ppo.rewards import all_reduce
+    from rlhf.ppo.roles import PolicyObjective
+    from rlhf.ppo.rollout import answer_seed, rollout
     from train.engine import TrainEngine
     from train.topology import Topology
 

@@ -13,7 +13,7 @@ The whole prompt is one prefill forward; each new token is one forward of length
 seed, not on the batch it is in or on the process that generates it (PPO rollouts split over data-parallel
 ranks reproduce a single-process run). ``logits_fn`` maps final hidden states to full-vocabulary logits
 (default ``model.output``; under tensor parallelism it gathers the vocab-parallel slices, see
-``rlhf/rollout.py``).
+``rlhf/ppo/rollout.py``).
 """
 
 from __future__ import annotations

@@ -1,30 +1,31 @@
-"""Typed root configs of the alignment stages SFT and reward modelling: the pretraining ``RunConfig`` sections
-plus one section of their own, TOML presets under ``configs/rlhf/`` and ``--section.key=value`` overrides.
+"""The shared base of the alignment stages' root configs (SFT, reward models): the pretraining ``RunConfig``
+sections plus one section of the stage's own, TOML presets under ``configs/rlhf/`` and ``--section.key=value``
+overrides. The stage configs themselves are ``rlhf.sft.config.SFTConfig`` and ``rlhf.reward.config.RewardConfig``.
 
-    from rlhf.config import SFTConfig, RewardConfig
+    from rlhf.sft.config import SFTConfig
     cfg = SFTConfig.from_toml("configs/rlhf/sft_llama2.toml", ["--sft.init_checkpoint=runs/tiny/final_model"])
-    cfg = RewardConfig.from_toml("configs/rlhf/rm_safety_llama2.toml", ["--rm.margin=small"])
     cfg.validate(world_size=2)       # ValueError quoting the bad value and the fix
 
-``SFTConfig`` / ``RewardConfig`` *are* ``RunConfig`` s (subclasses), so ``train.loop.train`` and
-``train.engine.TrainEngine`` take them unchanged; their extra section is ``[sft]`` resp. ``[rm]``.
-Differences from pretraining, all resolved before the loop starts (``rlhf.sft`` / ``rlhf.reward``):
+The stage configs *are* ``RunConfig`` s (subclasses), so ``train.loop.train`` and ``train.engine.TrainEngine``
+take them unchanged; their extra section is ``[sft]`` resp. ``[rm]``. Differences from pretraining, all resolved
+before the loop starts (``rlhf.stage.StageTask.resolve``):
 
 - ``train.steps = 0`` (the default here) means "from the data": ``epochs x sequences (or pairs) / global batch``;
 - ``[sft]/[rm] warmup_fraction`` sets ``optim.warmup_steps`` (Llama 2 RM: 3% of the steps, at least 5);
 - with ``init_checkpoint`` set, the model's shape comes from that checkpoint (``model.name`` is ignored);
-- file paths may start with ``{data_dir}``: ``$LLAMA_DATA_DIR``, else ``../shared/data`` beside the repo.
+- file paths may start with ``{data_dir}``: ``$LLAMA_DATA_DIR``, else ``../shared/data`` beside the repo
+  (``rlhf.paths``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rlhf.paths import checkpoint_dir, data_dir, resolve_path
 from train.config import (
     RunConfig,
     _check,
@@ -34,24 +35,7 @@ from train.config import (
     tomllib,
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 TEMPLATES = ("llama2", "llama3")
-MIXTURES = ("helpfulness", "safety", "all")
-
-
-def data_dir() -> Path:
-    """``$LLAMA_DATA_DIR`` or ``../shared/data`` next to the repository (the tests' convention)."""
-    return Path(os.environ.get("LLAMA_DATA_DIR", REPO_ROOT.parent / "shared" / "data"))
-
-
-def resolve_path(path: str) -> Path:
-    """Expand a leading ``{data_dir}`` placeholder; other paths are used as given."""
-    return Path(path.replace("{data_dir}", str(data_dir()))) if "{data_dir}" in path else Path(path)
-
-
-def file_list(value: str) -> list[Path]:
-    """A comma-separated list of paths (``{data_dir}`` expanded), empty entries ignored."""
-    return [resolve_path(p.strip()) for p in value.split(",") if p.strip()]
 
 
 @dataclass(frozen=True)
@@ -75,34 +59,6 @@ class StageSection:
     """``optim.warmup_steps = max(min_warmup_steps, round(fraction x steps))`` when > 0."""
     min_warmup_steps: int = 0
     """Lower bound of the derived warmup (Llama 2 reward models: 5)."""
-
-
-@dataclass(frozen=True)
-class SFTSection(StageSection):
-    files: str = ""
-    """Comma-separated dialogue files: JSONL ``{"messages": [...]}`` or HH-RLHF (its chosen dialogues)."""
-    epochs: int = 2
-    """Passes over the training dialogues (Llama 2 SFT: 2)."""
-
-
-@dataclass(frozen=True)
-class RewardSection(StageSection):
-    helpful_files: str = ""
-    """Comma-separated helpfulness preference files: JSONL ``{"prompt", "chosen", "rejected", "rating"?}`` or
-    HH-RLHF ``{"chosen", "rejected"}`` transcripts (e.g. helpful-base)."""
-    safety_files: str = ""
-    """Comma-separated safety preference files (e.g. HH-RLHF harmless-base); pairs are tagged is_safety."""
-    mixture: str = "helpfulness"
-    """"helpfulness": all helpful pairs + as many sampled from safety; "safety": all safety pairs mixed
-    ``safety_fraction`` / rest with helpful pairs; "all": every pair of both (no resampling)."""
-    safety_fraction: float = 0.9
-    """Share of safety pairs in the "safety" mixture (Llama 2: 90/10)."""
-    margin: str = "none"
-    """Margin table m(rating) in the ranking loss: "none", "small" or "large" (``rlhf.losses.MARGIN_TABLES``)."""
-    warmup_fraction: float = 0.03
-    """Llama 2 reward models: warmup over 3% of the steps ..."""
-    min_warmup_steps: int = 5
-    """... but at least 5 steps."""
 
 
 def _sections(cls: type) -> dict[str, type]:
@@ -147,12 +103,6 @@ def _set_dotted(cls: type, data: dict[str, Any], key: str, value: Any) -> None:
     if parts[1] not in valid:
         raise ValueError(f"override --{key}: unknown key {parts[1]!r} in [{parts[0]}]; valid keys: {sorted(valid)}")
     data.setdefault(parts[0], {})[parts[1]] = value
-
-
-def checkpoint_dir(path: str | Path) -> Path:
-    """A run directory means its ``final_model/``; anything else is returned as given."""
-    p = Path(path)
-    return p / "final_model" if (p / "final_model").is_dir() and not (p / "config.json").is_file() else p
 
 
 def checkpoint_model_config(path: str | Path) -> Any:
@@ -258,43 +208,3 @@ def _check_files(paths: list[Path], where: str) -> None:
     for p in paths:
         _check(p.is_file(), f"{where}: {p} does not exist (a leading {{data_dir}} expands to {data_dir()}; set "
                "LLAMA_DATA_DIR to move it)")
-
-
-@dataclass(frozen=True)
-class SFTConfig(_StageConfig):
-    """Supervised fine-tuning: every RunConfig section plus ``[sft]``."""
-
-    sft: SFTSection = field(default_factory=SFTSection)
-    STAGE: typing.ClassVar[str] = "sft"
-
-    def _validate_stage(self, *, world_size: int | None) -> None:
-        files = file_list(self.sft.files)
-        _check(bool(files), "sft.files is empty: give dialogue JSONL or HH-RLHF files, comma-separated")
-        _check_files(files, "sft.files")
-
-
-@dataclass(frozen=True)
-class RewardConfig(_StageConfig):
-    """Reward-model training: every RunConfig section plus ``[rm]``."""
-
-    rm: RewardSection = field(default_factory=RewardSection)
-    STAGE: typing.ClassVar[str] = "rm"
-
-    def _validate_stage(self, *, world_size: int | None) -> None:
-        from rlhf.losses import MARGIN_TABLES
-
-        r = self.rm
-        _check(self.parallel.pp == 1, f"parallel.pp={self.parallel.pp}: the reward model runs under tensor "
-               "parallelism and ZeRO 1-3 but not pipeline parallelism (its head reads hidden states the pipeline's "
-               "last stage turns into logits); use --parallel.pp=1 and --parallel.tp / --zero.stage instead")
-        _check(r.mixture in MIXTURES, f"rm.mixture={r.mixture!r}: use one of {list(MIXTURES)}")
-        _check(r.margin in MARGIN_TABLES, f"rm.margin={r.margin!r}: use one of {sorted(MARGIN_TABLES)}")
-        _check(0.0 < r.safety_fraction <= 1.0, f"rm.safety_fraction={r.safety_fraction}: must be in (0, 1]")
-        helpful, safety = file_list(r.helpful_files), file_list(r.safety_files)
-        _check(bool(helpful or safety), "rm.helpful_files and rm.safety_files are both empty")
-        if r.mixture == "helpfulness":
-            _check(bool(helpful), "rm.mixture=\"helpfulness\" needs rm.helpful_files")
-        if r.mixture == "safety":
-            _check(bool(safety), "rm.mixture=\"safety\" needs rm.safety_files")
-        _check_files(helpful, "rm.helpful_files")
-        _check_files(safety, "rm.safety_files")

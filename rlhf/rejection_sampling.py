@@ -36,9 +36,10 @@ from torch import Tensor
 
 from model.chat import encode_chat
 from rlhf.batching import dialogue_messages
-from rlhf.config import checkpoint_dir
 from rlhf.data import Dialogue, read_dialogues_jsonl
 from rlhf.losses import combined_reward, logit
+from rlhf.paths import checkpoint_dir
+from rlhf.reward.scorer import RewardScorer
 from rlhf.sources import Prompt, load_prompts
 
 
@@ -134,8 +135,6 @@ def read_previous(paths: Sequence[str]) -> dict[str, dict[str, Any]]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from rlhf.reward import RewardScorer
-
     model, tok, template = load_policy(args.policy, tokenizer=args.tokenizer, template=args.template)
     scorers = {"helpful": RewardScorer.from_checkpoint(args.reward_model, batch_size=args.batch_size)}
     if args.safety_reward_model:

@@ -3,6 +3,7 @@
     from rlhf.sources import load_pairs, load_dialogues, load_prompts
     split = load_pairs(path, is_safety=True, valid_fraction=0.1, seed="llama-rlhf-split-v1")
     split.train, split.valid, split.report          # PreferencePair lists and the reader's ReadReport
+    prompts, report = load_prompts(path, side="valid")   # ``Prompt`` s: the one prompt type of every stage
 
 Three file formats, told apart by the first JSON object of the file (``sniff_format``):
 
@@ -42,16 +43,29 @@ FORMATS = ("dialogues", "preferences", "hh")
 T = TypeVar("T")
 
 
-@dataclass
+@dataclass(frozen=True)
 class Prompt:
-    """A prompt to answer: the turns so far (ending with a user turn) and whether it is safety-tagged."""
+    """A prompt to answer: the turns so far (ending with a user turn), whether it is safety-tagged, which side of
+    the hash split it is on and, in a PPO prompt set, its index and chat-encoded token ids."""
 
-    turns: list[dict[str, str]]
-    system: str | None
-    is_safety: bool
-    source: str
-    id: str
+    turns: list[dict[str, str]] = field(default_factory=list)
+    system: str | None = None
+    is_safety: bool = False
+    """Llama 2's IS_SAFETY(p): the prompt is tagged as possibly eliciting unsafe answers."""
+    source: str = ""
+    id: str = ""
     """Stable over runs: a hash of the prompt text (rejection-sampling rounds are matched on it)."""
+    heldout_side: bool = True
+    """On the held-out side of the hash split (no reward model trained on it): PPO holds out only these."""
+    index: int = -1
+    """Global index in a PPO prompt set (seeds its answers; stable across data-parallel layouts)."""
+    ids: tuple[int, ...] = ()
+    """Chat-formatted token ids ending where the answer starts (PPO; rejection sampling encodes its own)."""
+
+    @property
+    def text(self) -> str:
+        """The last turn's text (the question being asked)."""
+        return self.turns[-1]["content"] if self.turns else ""
 
 
 @dataclass
@@ -173,32 +187,42 @@ def prompt_id(turns: Sequence[dict[str, str]], system: str | None = None) -> str
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
-def load_prompts(path: str | Path, *, side: str, valid_fraction: float, seed: str, is_safety: bool = False,
-                 max_records: int = 0) -> tuple[list[Prompt], ReadReport]:
+def hh_files(root: str | Path) -> list[tuple[Path, bool]]:
+    """``(file, is_safety)`` of an HH-RLHF directory: ``helpful-base/*.jsonl[.gz]`` (helpfulness) and
+    ``harmless-base/*.jsonl[.gz]`` (safety-flagged)."""
+    files = []
+    for sub, is_safety in (("helpful-base", False), ("harmless-base", True)):
+        files += [(p, is_safety) for p in sorted((Path(root) / sub).glob("*.jsonl*"))]
+    if not files:
+        raise ValueError(f"{root}: no helpful-base/*.jsonl[.gz] or harmless-base/*.jsonl[.gz] files (HH-RLHF)")
+    return files
+
+
+def load_prompts(path: str | Path, *, side: str, valid_fraction: float = 0.1, seed: str = "llama-rlhf-split-v1",
+                 is_safety: bool = False, max_records: int = 0) -> tuple[list[Prompt], ReadReport]:
     """Prompts of one file's ``side`` ("train", "valid" or "all"): a pair's prompt, or a dialogue up to (not
-    including) its last assistant turn. Duplicate prompts (several pairs per prompt) are kept once."""
+    including) its last assistant turn, each marked with its side (``heldout_side``). Duplicate prompts (several
+    pairs per prompt) are kept once. The defaults are the split every stage trains with (``rlhf.data``)."""
     if side not in ("train", "valid", "all"):
         raise ValueError(f"side={side!r}: use \"train\", \"valid\" or \"all\"")
     fmt = sniff_format(path)
-    prompts: list[Prompt] = []
+    records: list[Any]
     if fmt == "dialogues":
-        dialogues, report = read_dialogues_jsonl(path, require_final_assistant=False)
-        dialogues, _ = _cap(dialogues, max_records)
-        chosen = _side(split_by_hash(dialogues, key=prompt_text, valid_fraction=valid_fraction, seed=seed),
-                       dialogues, side)
-        for d in chosen:
-            turns = d.messages[:-1] if d.messages[-1]["role"] == "assistant" else d.messages
-            prompts.append(Prompt(turns, d.system, is_safety, d.source, prompt_id(turns, d.system)))
+        records, report = read_dialogues_jsonl(path, require_final_assistant=False)
     else:
-        pairs, report, _ = read_pairs(path, is_safety=is_safety)
-        pairs, _ = _cap(pairs, max_records)
-        chosen_pairs = _side(split_by_hash(pairs, key=prompt_text, valid_fraction=valid_fraction, seed=seed),
-                             pairs, side)
-        prompts = [Prompt(p.prompt, None, p.is_safety, p.source, prompt_id(p.prompt)) for p in chosen_pairs]
+        records, report, _ = read_pairs(path, is_safety=is_safety)
+    records, _ = _cap(records, max_records)
+    train, valid = split_by_hash(records, key=prompt_text, valid_fraction=valid_fraction, seed=seed)
+    held = {id(r) for r in valid}
+    chosen = records if side == "all" else train if side == "train" else valid
+    prompts: list[Prompt] = []
+    for r in chosen:
+        if fmt == "dialogues":
+            turns = r.messages[:-1] if r.messages[-1]["role"] == "assistant" else r.messages
+            system, safety = r.system, is_safety
+        else:
+            turns, system, safety = r.prompt, None, r.is_safety
+        prompts.append(Prompt(turns, system, safety, r.source, prompt_id(turns, system), heldout_side=id(r) in held))
     seen: set[str] = set()
     unique = [p for p in prompts if not (p.id in seen or seen.add(p.id))]  # type: ignore[func-returns-value]
     return unique, report
-
-
-def _side(split: tuple[list[Any], list[Any]], everything: list[Any], side: str) -> list[Any]:
-    return everything if side == "all" else split[0] if side == "train" else split[1]

@@ -22,7 +22,7 @@ from typing import Any
 from torch import Tensor
 
 from rlhf.batching import GlobalBatchLoader
-from rlhf.config import checkpoint_dir, resolve_path
+from rlhf.paths import checkpoint_dir, resolve_path
 
 
 class StageTask:

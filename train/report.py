@@ -103,7 +103,7 @@ def write_report(run_dir: str | Path, output: str | Path | None = None) -> Path:
     return out
 
 
-# The curves of a PPO run (rlhf/ppo_metrics.py): one panel per entry, a line per key.
+# The curves of a PPO run (rlhf/ppo/metrics.py): one panel per entry, a line per key.
 PPO_PANELS: list[tuple[str, list[str]]] = [
     ("reward (probability)", ["reward/helpful", "reward/safety", "reward/combined"]),
     ("held-out LOGIT(Rc)", ["heldout/reward/logit_combined"]),

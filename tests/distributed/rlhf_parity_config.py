@@ -42,7 +42,8 @@ def make_parity_data(root: Path) -> Path:
 
 
 def rlhf_parity_config(stage: str, data: Path, overrides: list[str]) -> Any:
-    from rlhf.config import RewardConfig, SFTConfig
+    from rlhf.reward.config import RewardConfig
+    from rlhf.sft.config import SFTConfig
 
     files = [f"--sft.files={data / 'prefs.jsonl'}"] if stage == "sft" else [f"--rm.helpful_files={data / 'prefs.jsonl'}"]
     args = [*COMMON, *STAGE[stage], *files, f"--data.tokenizer={data / 'tok.model'}",
@@ -51,8 +52,8 @@ def rlhf_parity_config(stage: str, data: Path, overrides: list[str]) -> Any:
 
 
 def run_stage_config(stage: str, cfg: Any, **loop_kwargs: Any) -> Any:
-    from rlhf.reward import run_reward
-    from rlhf.sft import run_sft
+    from rlhf.reward.train import run_reward
+    from rlhf.sft.train import run_sft
 
     result, _ = (run_sft if stage == "sft" else run_reward)(cfg, print_fn=lambda *a, **k: None, **loop_kwargs)
     return result

@@ -28,8 +28,8 @@ sys.path.insert(0, str(ROOT))
 import torch.distributed as dist  # noqa: E402
 
 from model import kernels  # noqa: E402
-from rlhf.ppo import PPOTrainer  # noqa: E402
-from rlhf.ppo_config import PPOConfig  # noqa: E402
+from rlhf.ppo.config import PPOConfig  # noqa: E402
+from rlhf.ppo.trainer import PPOTrainer  # noqa: E402
 
 BASE = [
     "--policy.model=debug_tiny", "--reward.helpful=target_tokens:40,41,42,43,44,45,46,47",

@@ -69,8 +69,8 @@ def test_sft_lowers_heldout_answer_loss(sft_run: Path) -> None:
 
 @pytest.fixture(scope="module")
 def reward_runs(real: dict[str, Path], sft_run: Path) -> dict[str, Path]:
-    from rlhf.config import RewardConfig
-    from rlhf.reward import run_reward
+    from rlhf.reward.config import RewardConfig
+    from rlhf.reward.train import run_reward
     from train.reference import ReferenceEngine, single_process_topology
 
     runs = {}
@@ -88,7 +88,7 @@ def reward_runs(real: dict[str, Path], sft_run: Path) -> dict[str, Path]:
 
 
 def test_two_by_two_table_on_the_heldout_pairs(real: dict[str, Path], reward_runs: dict[str, Path]) -> None:
-    from rlhf.evaluate_rm import evaluate, format_table, length_baseline
+    from rlhf.reward.evaluate import evaluate, format_table, length_baseline
     from rlhf.sources import load_pairs
 
     mixes = {k: json.loads((r / "data_report.json").read_text()) for k, r in reward_runs.items()}

@@ -75,9 +75,9 @@ def test_reward_model_learns_the_property_and_grades_its_gaps(reward_run: Path, 
 
 
 def test_sft_then_best_of_k_beats_a_single_sample(reward_run: Path, data: Path) -> None:
-    from rlhf.config import SFTConfig
     from rlhf.rejection_sampling import main as rejection_sampling
-    from rlhf.sft import run_sft
+    from rlhf.sft.config import SFTConfig
+    from rlhf.sft.train import run_sft
     from train.reference import ReferenceEngine, single_process_topology
 
     cfg = SFTConfig.from_toml(None, [
@@ -107,9 +107,9 @@ def test_sft_then_best_of_k_beats_a_single_sample(reward_run: Path, data: Path) 
 
 
 def test_clear_errors_for_bad_input(data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from rlhf.evaluate_rm import main as evaluate_rm
-    from rlhf.reward import main as reward
-    from rlhf.sft import main as sft
+    from rlhf.reward.evaluate import main as evaluate_rm
+    from rlhf.reward.train import main as reward
+    from rlhf.sft.train import main as sft
 
     assert reward(["--rm.margins=large"]) == 2
     assert "unknown key 'margins' in [rm]" in capsys.readouterr().err

@@ -16,8 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhf.gatt import GAttSection, load_train_config
-from rlhf.gatt_data import (
+from rlhf.gatt.data import (
     ExampleDataset,
     GAttDialogue,
     attach,
@@ -26,8 +25,8 @@ from rlhf.gatt_data import (
     training_examples,
     write_gatt_jsonl,
 )
-from rlhf.gatt_eval import adherence_by_turn, evaluate_models, markdown_table
-from rlhf.instructions import (
+from rlhf.gatt.evaluate import adherence_by_turn, evaluate_models, markdown_table
+from rlhf.gatt.instructions import (
     LANGUAGES,
     Check,
     Instruction,
@@ -35,6 +34,7 @@ from rlhf.instructions import (
     load_instructions,
     sample_instruction,
 )
+from rlhf.gatt.task import GAttSection, load_train_config
 from tests.conftest import require_file
 
 pytestmark = pytest.mark.timeout(120)
@@ -234,7 +234,7 @@ def test_train_config_with_gatt_table(tmp_path: Path) -> None:
 
 
 def test_trimmed_loader_cuts_micro_batches_to_their_longest_example() -> None:
-    from rlhf.gatt_data import TrimmedLoader
+    from rlhf.gatt.data import TrimmedLoader
 
     tok = ByteTokenizer()
     dialogues = [[{"role": "user", "content": "q" * n}, {"role": "assistant", "content": "a"}] for n in (1, 9, 3, 20)]

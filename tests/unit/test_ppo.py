@@ -19,11 +19,10 @@ import torch
 from model.config import get_config
 from model.llama import Llama, init_llama_weights
 from rlhf import losses
-from rlhf.ppo_config import PPOConfig, default_beta
-from rlhf.ppo_data import SAFETY_MARKER, iteration_prompts, shard, split_heldout, synthetic_prompts
-from rlhf.ppo_guards import EarlyStopping, NonFinitePPO, PPOGuards
-from rlhf.ppo_models import PolicyModule, ScalarHeadModule, vocab_parallel_entropy, zero_head
-from rlhf.ppo_rewards import (
+from rlhf.ppo.config import PPOConfig, default_beta
+from rlhf.ppo.guards import EarlyStopping, NonFinitePPO, PPOGuards
+from rlhf.ppo.prompts import SAFETY_MARKER, iteration_prompts, shard, split_heldout, synthetic_prompts
+from rlhf.ppo.rewards import (
     AvoidTokenScorer,
     ConstantScorer,
     RewardStage,
@@ -31,7 +30,8 @@ from rlhf.ppo_rewards import (
     build_scorer,
     global_masked_whiten,
 )
-from rlhf.rollout import Prompt, Sample, answer_slices, collate, padded, sample_rollouts
+from rlhf.ppo.roles import PolicyModule, ScalarHeadModule, vocab_parallel_entropy, zero_head
+from rlhf.ppo.rollout import Prompt, Sample, answer_slices, collate, padded, sample_rollouts
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -330,14 +330,14 @@ def test_hh_rlhf_prompts_flag_safety_and_hold_out_the_rm_split(shared_data: Path
 
     from model.tokenizer import load_tokenizer
     from rlhf.data import read_hh_rlhf, split_by_hash
-    from rlhf.ppo_data import load_prompts
+    from rlhf.ppo.prompts import prompt_set
     from tests.conftest import require_file
 
     root = shared_data / "preferences" / "hh-rlhf"
     harmless = require_file(root / "harmless-base" / "test.jsonl.gz")
     tok = load_tokenizer(require_file(shared_data / "tokenizers" / "llama2" / "tokenizer.model"))
     data = SimpleNamespace(prompts=str(root), template="llama2", max_prompt_tokens=64)
-    prompts = load_prompts(data, tokenizer=tok, vocab_size=32000, seed=0, print_fn=lambda *a, **k: None)
+    prompts = prompt_set(data, tokenizer=tok, vocab_size=32000, seed=0, print_fn=lambda *a, **k: None)
     assert 500 < len(prompts) and all(len(p.ids) <= 64 and p.ids[0] == tok.bos_id for p in prompts)
     safety_texts = {p.prompt[-1]["content"] for p in read_hh_rlhf(harmless, is_safety=True)[0]}
     flagged = [p for p in prompts if p.is_safety]

@@ -17,10 +17,10 @@ from model.config import get_config
 from model.layers import LocalLayers
 from model.llama import init_llama_weights
 from rlhf.data import PreferencePair, read_dialogues_jsonl
-from rlhf.evaluate_rm import length_baseline, pair_accuracy, summarize
 from rlhf.losses import ranking_loss
 from rlhf.rejection_sampling import best_of_k_curve, score_answers, write_outputs
-from rlhf.reward import RewardModel, RewardObjective, load_reward_model, save_reward_model
+from rlhf.reward.evaluate import length_baseline, pair_accuracy, summarize
+from rlhf.reward.model import RewardModel, RewardObjective, load_reward_model, save_reward_model
 from rlhf.sources import Prompt
 
 pytestmark = pytest.mark.timeout(60)
@@ -93,7 +93,7 @@ def test_save_and_load_round_trip(tmp_path: Path) -> None:
 
 def test_scorer_keeps_input_order(tmp_path: Path) -> None:
     from model.tokenizer import load_tokenizer
-    from rlhf.reward import RewardScorer
+    from rlhf.reward.scorer import RewardScorer
     from rlhf.synthetic import synthetic_tokenizer
 
     tok = load_tokenizer(synthetic_tokenizer(tmp_path / "tok"))
@@ -160,7 +160,7 @@ def test_rejection_sampling_keeps_the_best_over_rounds(tmp_path: Path) -> None:
 
 
 def test_reference_engine_normalises_by_the_global_number_of_pairs() -> None:
-    from rlhf.config import RewardConfig
+    from rlhf.reward.config import RewardConfig
     from train.reference import ReferenceEngine
 
     cfg = RewardConfig.from_toml(None, ["--train.global_batch_size=4", "--train.micro_batch_size=2",

@@ -7,7 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from rlhf.config import RewardConfig, SFTConfig, checkpoint_model_config, file_list, resolve_path
+from rlhf.config import checkpoint_model_config
+from rlhf.paths import file_list, resolve_path
+from rlhf.reward.config import RewardConfig
+from rlhf.sft.config import SFTConfig
 from tests.conftest import REPO_ROOT
 
 pytestmark = pytest.mark.timeout(60)

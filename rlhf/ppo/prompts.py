@@ -1,7 +1,7 @@
 """PPO prompt sets: synthetic token prompts, Anthropic HH-RLHF prompts (harmless-base ones safety-flagged) or a
 JSONL file; a deterministic held-out split for early stopping; the per-iteration order and its DP shards.
 
-    prompts, report = load_prompts(cfg.data, tokenizer=tok, seed=cfg.run.seed)
+    prompts = prompt_set(cfg.data, tokenizer=tok, vocab_size=32000, seed=cfg.run.seed)
     train, heldout = split_heldout(prompts, n=64)
     batch = iteration_prompts(train, iteration=3, n=512, seed=1234)   # global order, same on every rank
     mine = shard(batch, dp_rank=r, dp_size=dp)                         # batch[r::dp]
@@ -13,13 +13,15 @@ the k-th minibatch of a single process, so every layout takes the same gradient 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import random
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from rlhf.rollout import Prompt
+from rlhf.paths import resolve_path
+from rlhf.sources import Prompt, hh_files, load_prompts, sniff_format
 
 SAFETY_MARKER = 3
 """Token id that opens every synthetic safety prompt (after BOS) and no other: the prompt's safety flag is
@@ -48,43 +50,24 @@ def _encode(tokenizer: Any, messages: list[dict[str, str]], template: str) -> li
     return encode_chat(tokenizer, messages, template=template, add_generation_prompt=True).ids
 
 
-def _hh_files(root: Path) -> list[tuple[Path, bool]]:
-    files = []
-    for sub, is_safety in (("helpful-base", False), ("harmless-base", True)):
-        files += [(p, is_safety) for p in sorted((root / sub).glob("*.jsonl*"))]
-    if not files:
-        raise ValueError(f"{root}: no helpful-base/*.jsonl[.gz] or harmless-base/*.jsonl[.gz] files (HH-RLHF)")
-    return files
+def _read_prompts(path: Path, *, print_fn: Any) -> list[Prompt]:
+    """Every prompt of an HH-RLHF directory or one file (``rlhf.sources.load_prompts``), marked with its side of
+    the split the reward models trained on (the defaults), so held-out PPO prompts were never seen by them."""
+    files = hh_files(path) if path.is_dir() else [(path, False)]
+    prompts: list[Prompt] = []
+    for file, is_safety in files:
+        found, report = load_prompts(file, side="all", is_safety=is_safety)
+        print_fn(f"prompts: {file}: {report}")
+        if not path.is_dir() and sniff_format(file) == "dialogues":
+            # No reward model trained on a dialogue file: any of its prompts may be held out.
+            found = [dataclasses.replace(p, heldout_side=True) for p in found]
+        prompts += found
+    return prompts
 
 
-def _prompt_records(path: Path, *, print_fn: Any) -> list[tuple[list[dict[str, str]], bool, bool]]:
-    """``(prompt turns, is_safety, on the held-out side)`` of every record. Preference pairs are split with
-    ``rlhf.data.split_by_hash`` and its defaults, the split the reward models trained on (``rlhf/sources.py``),
-    so held-out PPO prompts were never seen by the reward models."""
-    from rlhf.data import read_dialogues_jsonl, read_hh_rlhf, read_preferences_jsonl, split_by_hash
-
-    pairs = []
-    if path.is_dir():
-        for file, is_safety in _hh_files(path):
-            found, report = read_hh_rlhf(file, is_safety=is_safety)
-            print_fn(f"prompts: {file}: {report}")
-            pairs += found
-    else:
-        pairs, report = read_preferences_jsonl(path)
-        if report.kept == 0:  # not preference pairs: dialogues (prompt = all but a final assistant turn)
-            dialogues, report = read_dialogues_jsonl(path, require_final_assistant=False)
-            print_fn(f"prompts: {path}: {report}")
-            return [(d.messages[:-1] if d.messages[-1]["role"] == "assistant" else d.messages, False, True)
-                    for d in dialogues]
-        print_fn(f"prompts: {path}: {report}")
-    _, valid = split_by_hash(pairs)
-    held = {id(p) for p in valid}
-    return [(p.prompt, p.is_safety, id(p) in held) for p in pairs]
-
-
-def load_prompts(data: Any, *, tokenizer: Any, vocab_size: int, seed: int,
-                 print_fn: Any = print) -> list[Prompt]:
-    """The configured prompt set (``data`` is ``PPOConfig.data``), deduplicated, too-long ones dropped and counted."""
+def prompt_set(data: Any, *, tokenizer: Any, vocab_size: int, seed: int, print_fn: Any = print) -> list[Prompt]:
+    """The configured prompt set (``data`` is ``PPOConfig.data``), chat-encoded, deduplicated, too-long ones
+    dropped and counted; ``Prompt.index`` numbers them."""
     if data.prompts == "synthetic":
         return synthetic_prompts(n=data.synthetic_prompts, vocab_size=vocab_size, min_len=data.synthetic_min_len,
                                  max_len=data.synthetic_max_len, seed=seed,
@@ -95,18 +78,16 @@ def load_prompts(data: Any, *, tokenizer: Any, vocab_size: int, seed: int,
     out: list[Prompt] = []
     seen: set[tuple[int, ...]] = set()
     too_long = 0
-    from rlhf.config import resolve_path
-
-    for messages, is_safety, heldout_side in _prompt_records(resolve_path(data.prompts), print_fn=print_fn):
-        ids = tuple(_encode(tokenizer, messages, data.template))
+    for prompt in _read_prompts(resolve_path(data.prompts), print_fn=print_fn):
+        # The system prompt of a dialogue file is not part of a PPO prompt (the turns are).
+        ids = tuple(_encode(tokenizer, list(prompt.turns), data.template))
         if len(ids) > data.max_prompt_tokens:
             too_long += 1
             continue
         if ids in seen:
             continue
         seen.add(ids)
-        out.append(Prompt(index=len(out), ids=ids, is_safety=is_safety, text=messages[-1]["content"],
-                          heldout_side=heldout_side))
+        out.append(dataclasses.replace(prompt, index=len(out), ids=ids))
     print_fn(f"prompts: {len(out)} unique prompts ({sum(p.is_safety for p in out)} safety-flagged); "
              f"{too_long} longer than data.max_prompt_tokens={data.max_prompt_tokens} dropped")
     return out

@@ -32,7 +32,8 @@ from torch import Tensor
 
 from model.llama import Llama, init_llama_weights
 from rlhf.batching import pack_sft_rows, sft_example, stack_rows
-from rlhf.config import SFTConfig, file_list
+from rlhf.paths import file_list
+from rlhf.sft.config import SFTConfig
 from rlhf.sources import load_dialogues
 from rlhf.stage import StageTask, parse_cli, rank, run_stage, world_size
 
@@ -162,6 +163,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     result, _ = run_sft(task.cfg, task=task)
     return result.exit_code
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -37,20 +37,7 @@ from torch import Tensor
 
 from model.generate import generate
 from model.llama import Llama
-
-
-@dataclass(frozen=True)
-class Prompt:
-    """One PPO prompt: chat-formatted ids ending where the answer starts."""
-
-    index: int
-    """Global index in the prompt set (seeds its answers; stable across data-parallel layouts)."""
-    ids: tuple[int, ...]
-    is_safety: bool = False
-    """Llama 2's IS_SAFETY(p): the prompt is tagged as possibly eliciting unsafe answers."""
-    text: str = ""
-    heldout_side: bool = True
-    """May be held out for evaluation (real prompts: on the reward models' held-out side of the hash split)."""
+from rlhf.sources import Prompt
 
 
 @dataclass

@@ -5,7 +5,7 @@
 
 For every dialogue (user turns + an instruction) each model answers turn by turn (greedy, KV-cache generator),
 seeing its own earlier answers and the instruction in the first user message only; an answer adheres when all
-of the instruction's programmatic checks pass (``rlhf/instructions.py``). Output: ``adherence.json``
+of the instruction's programmatic checks pass (``rlhf/gatt/instructions.py``). Output: ``adherence.json``
 (per model, per turn: adherent / total and the rate), ``adherence.md`` (the table) and ``adherence.png``.
 """
 
@@ -16,8 +16,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from rlhf.gatt_data import Messages, sample_answers
-from rlhf.instructions import Instruction
+from rlhf.gatt.data import Messages, sample_answers
+from rlhf.gatt.instructions import Instruction
 
 
 def adherence_by_turn(answers: Sequence[Sequence[str]], instructions: Sequence[Instruction],

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from rlhf.losses import combined_reward, logit
-from rlhf.rollout import Sample, chunks
+from rlhf.ppo.rollout import Sample, chunks
 
 
 class Scorer(Protocol):
@@ -136,7 +136,7 @@ class KeywordScorer:
 
 
 class RewardModelScorer:
-    """A frozen reward-model engine (``rlhf.reward.RewardObjective`` under TP x ZeRO) scoring prompt + answer
+    """A frozen reward-model engine (``rlhf.reward.model.RewardObjective`` under TP x ZeRO) scoring prompt + answer
     token ids at the answer's last token, as the RM was trained (``rlhf.batching.encode_answer``).
 
     An answer cut at ``max_new_tokens`` gets the end token appended for scoring (the RM only ever saw finished

@@ -10,17 +10,17 @@ each under tensor parallelism x ZeRO, rollouts with the KV-cache generator.
 
 One iteration (``PPOTrainer.iteration``)::
 
-    prompts   = this rank's share of the iteration's prompts            (rlhf/ppo_data.py)
-    samples   = sample answers with the policy                           (rlhf/rollout.py; ZeRO-3: one gather)
+    prompts   = this rank's share of the iteration's prompts            (rlhf/ppo/prompts.py)
+    samples   = sample answers with the policy                           (rlhf/ppo/rollout.py; ZeRO-3: one gather)
     logp, ref = log-probs of the answers under the policy and the reference; values from the value model
-    R         = WHITEN(LOGIT(Rs if is_safety(p) or Rs < 0.15 else Rh))  (rlhf/ppo_rewards.py)
+    R         = WHITEN(LOGIT(Rs if is_safety(p) or Rs < 0.15 else Rh))  (rlhf/ppo/rewards.py)
     r_t       = -beta * (logp_t - ref_t), plus R on the last answer token (rlhf/losses.py)
     A, G      = GAE(r, V; gamma, lam); A whitened over all ranks
     for each minibatch: one policy step (clipped surrogate), one value step (clipped value loss)
 
 Every held-out evaluation samples the held-out prompts with fixed seeds; the best held-out policy is exported
 to ``RUN_DIR/best_policy`` and the run stops early after ``eval.patience`` evaluations without a gain.
-Guards (KL / reward trend alarms, non-finite iterations) are in ``rlhf/ppo_guards.py``.
+Guards (KL / reward trend alarms, non-finite iterations) are in ``rlhf/ppo/guards.py``.
 """
 
 from __future__ import annotations
@@ -39,21 +39,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from rlhf import rollout as ro
-from rlhf.config import checkpoint_dir, resolve_path
 from rlhf.losses import gae, kl_estimate, kl_penalized_rewards, logit
-from rlhf.ppo_config import PPOConfig
-from rlhf.ppo_data import iteration_prompts, load_prompts, shard, split_heldout
-from rlhf.ppo_guards import EarlyStopping, NonFinitePPO, PPOGuards
-from rlhf.ppo_metrics import PPOMetricsLogger
-from rlhf.ppo_models import (
-    PolicyObjective,
-    ScalarHeadObjective,
-    load_scalar_model,
-    save_scalar_model,
-    zero_head,
-)
-from rlhf.ppo_rewards import (
+from rlhf.paths import checkpoint_dir, resolve_path
+from rlhf.ppo import rollout as ro
+from rlhf.ppo.config import PPOConfig
+from rlhf.ppo.guards import EarlyStopping, NonFinitePPO, PPOGuards
+from rlhf.ppo.metrics import PPOMetricsLogger
+from rlhf.ppo.prompts import iteration_prompts, prompt_set, shard, split_heldout
+from rlhf.ppo.rewards import (
     RewardModelScorer,
     RewardResult,
     RewardStage,
@@ -61,6 +54,14 @@ from rlhf.ppo_rewards import (
     build_scorer,
     global_masked_whiten,
 )
+from rlhf.ppo.roles import (
+    PolicyObjective,
+    ScalarHeadObjective,
+    load_scalar_model,
+    save_scalar_model,
+    zero_head,
+)
+from rlhf.reward.model import RewardObjective
 
 
 @dataclass
@@ -130,7 +131,7 @@ class PPOTrainer:
         self.reference = self._engine("frozen", objective, self.model_cfg, weights)
         self.rewards = reward_stage or self._reward_stage()
         self.value = self._value_engine(weights)
-        prompts = load_prompts(cfg.data, tokenizer=self.tokenizer, vocab_size=self.model_cfg.vocab_size,
+        prompts = prompt_set(cfg.data, tokenizer=self.tokenizer, vocab_size=self.model_cfg.vocab_size,
                                seed=cfg.run.seed, print_fn=self.print)
         self.train_prompts, self.heldout = split_heldout(prompts, n=cfg.data.heldout_prompts)
         self.guards = PPOGuards(cfg.guards)
@@ -159,8 +160,6 @@ class PPOTrainer:
     def _scorer(self, spec: str) -> Any:
         if not resolve_path(spec).is_dir():
             return build_scorer(spec, tokenizer=self.tokenizer, vocab_size=self.model_cfg.vocab_size)
-        from rlhf.reward import RewardObjective
-
         model_cfg, weights, meta = load_scalar_model(resolve_path(spec))  # a reward model: a frozen engine under TP x ZeRO
         self._check_same_tokens(spec, meta)
         engine = self._engine("frozen", RewardObjective(), model_cfg, weights)
@@ -414,6 +413,3 @@ def main(argv: list[str] | None = None) -> int:
     print(f"PPO {result.reason} after {result.iterations} iterations; {best}; run dir {result.run_dir}")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -57,7 +57,7 @@ class PPOGuards:
         if self.negative_streak >= c.negative_kl_window:
             alarms.append(f"iteration {iteration}: mean k1 KL {k1_mean:.4f} < 0 for {self.negative_streak} "
                           "iterations: the rollouts are not samples of the policy (temperature, masks or a "
-                          "stale policy); see rlhf/ppo_guards.py")
+                          "stale policy); see rlhf/ppo/guards.py")
         self.best_reward = max(self.best_reward, reward)
         below = reward < self.best_reward - c.reward_drop
         self.below_best_streak = self.below_best_streak + 1 if below else 0

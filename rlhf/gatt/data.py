@@ -31,7 +31,7 @@ from torch import Tensor
 
 from data_pipeline.loader import PretrainLoader
 from model.chat import encode_chat
-from rlhf.instructions import Instruction
+from rlhf.gatt.instructions import Instruction
 
 Messages = list[dict[str, str]]
 

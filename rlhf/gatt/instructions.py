@@ -1,6 +1,6 @@
 """Ghost Attention instructions (Llama 2 sec. 3.3) and the programmatic checkers that measure adherence.
 
-    from rlhf.instructions import sample_instruction, load_instructions, Instruction, Check
+    from rlhf.gatt.instructions import sample_instruction, load_instructions, Instruction, Check
     rng = random.Random(0)
     inst = sample_instruction(rng)                       # e.g. "Act as Napoleon. Speak in French."
     inst.text, inst.short, inst.checks                   # short form: "Figure: Napoleon. Language: French"

@@ -128,7 +128,7 @@ class PolicyObjective:
 
 
 SCALAR_HEAD = "reward_head.weight"
-"""Native name of the scalar head: the reward model's (``rlhf/reward.py``), so a value model starts from a
+"""Native name of the scalar head: the reward model's (``rlhf/reward/model.py``), so a value model starts from a
 helpfulness RM (Llama 2) and exports in the same format."""
 
 
@@ -185,9 +185,9 @@ def zero_head(weights: dict[str, Tensor], *, dim: int) -> dict[str, Tensor]:
 
 def save_scalar_model(state_dict: dict[str, Tensor], config: LlamaConfig, out_dir: str | Path, *,
                       meta: dict[str, Any]) -> Path:
-    """A value model in the reward-model format of ``rlhf/reward.py`` (``reward_model.safetensors`` with the head
+    """A value model in the reward-model format of ``rlhf/reward/model.py`` (``reward_model.safetensors`` with the head
     as ``reward_head.weight`` + ``reward_model.json``), so value models and reward models load the same way."""
-    from rlhf.reward import save_reward_model
+    from rlhf.reward.model import save_reward_model
 
     return save_reward_model(state_dict, config, out_dir, meta=meta)
 
@@ -199,8 +199,8 @@ def load_scalar_model(path: str | Path) -> tuple[LlamaConfig, dict[str, Tensor],
 
     from safetensors.torch import load_file
 
-    from rlhf.config import checkpoint_dir
-    from rlhf.reward import FORMAT, META, WEIGHTS
+    from rlhf.paths import checkpoint_dir
+    from rlhf.reward.model import FORMAT, META, WEIGHTS
 
     p = checkpoint_dir(path)
     if not (p / META).is_file():

@@ -1,6 +1,6 @@
 """The typed configuration of a PPO run (Llama 2 sec. 3.2.3 defaults), TOML presets plus overrides.
 
-    from rlhf.ppo_config import PPOConfig
+    from rlhf.ppo.config import PPOConfig
     cfg = PPOConfig.from_toml("configs/rlhf/ppo_tiny.toml", ["--ppo.iterations=5", "--run.dir=runs/ppo"])
     cfg.validate(world_size=2)            # ValueError quoting the bad value and the fix
     cfg.engine_run_config(role="policy")  # the train.config.RunConfig the DeepSpeed engine of one role reads

@@ -1,0 +1,147 @@
+"""Ghost Attention (Llama 2 sec. 3.3): build the data with the current model, fine-tune on it, measure adherence.
+
+    python -m rlhf.gatt build --checkpoint runs/rlhf/final_policy --tokenizer TOK --dialogues dialogues.jsonl \\
+        --instructions builtin --output runs/gatt/gatt.jsonl          # or --instructions my_instructions.jsonl
+    torchrun --standalone --nproc-per-node 2 -m rlhf.gatt train --config configs/rlhf/gatt_tiny.toml \\
+        --data.path=runs/gatt/gatt.jsonl --gatt.init=runs/rlhf/final_policy --run.dir=runs/gatt/train
+    python -m rlhf.gatt eval --checkpoint runs/rlhf/final_policy --label before \\
+        --checkpoint runs/gatt/train/final_model --label after --tokenizer TOK --dialogues eval.jsonl \\
+        --instructions builtin --turns 6 --output runs/gatt/eval       # adherence.json / .md / .png
+
+``build`` attaches the instruction to every user message, samples the answers with the given model, and
+writes the dialogues with the instruction kept in the first user message only (``rlhf/gatt/data.py``).
+``train`` is the pretraining loop (checkpoints, resume, metrics, TP x ZeRO) on those dialogues with the loss
+on the last assistant turn only (``[gatt] train_turns = "last"``; ``"all"`` is multi-turn SFT). ``eval``
+answers turn by turn with the instruction only in the first message and checks every answer
+(``rlhf/gatt/evaluate.py``, checkers in ``rlhf/gatt/instructions.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+from pathlib import Path
+from typing import Any
+
+from rlhf.gatt.task import GAttTask, load_train_config
+
+# ----------------------------------------------------------------------------------------------- commands
+
+
+def _user_turns(source: str, *, max_turns: int) -> list[list[str]]:
+    """User messages of each dialogue: a JSONL of dialogues, or an HH-RLHF directory."""
+    path = Path(source)
+    if path.is_dir():
+        from rlhf.data import read_hh_rlhf
+        from rlhf.sources import hh_files
+
+        turns = []
+        for file, is_safety in hh_files(path):
+            pairs, _ = read_hh_rlhf(file, is_safety=is_safety)
+            turns += [[m["content"] for m in p.prompt if m["role"] == "user"] for p in pairs]
+    else:
+        from rlhf.data import read_dialogues_jsonl
+
+        dialogues, report = read_dialogues_jsonl(path, require_final_assistant=False)
+        print(f"dialogues {path}: {report}", file=sys.stderr)
+        turns = [[m["content"] for m in d.messages if m["role"] == "user"] for d in dialogues]
+    return [t[:max_turns] for t in turns if t]
+
+
+def _instructions(spec: str, n: int, *, seed: int) -> list[Any]:
+    from rlhf.gatt.instructions import load_instructions, sample_instruction
+
+    rng = random.Random(seed)
+    if spec == "builtin":
+        return [sample_instruction(rng) for _ in range(n)]
+    pool = load_instructions(spec)
+    return [rng.choice(pool) for _ in range(n)]
+
+
+def _answer_fn(checkpoint: str, tokenizer: Any, args: argparse.Namespace) -> Any:
+    from model.checkpoints import from_pretrained
+    from rlhf.gatt.data import model_answer_fn
+
+    model = from_pretrained(checkpoint)
+    return model_answer_fn(model, tokenizer, template=args.template, max_new_tokens=args.max_new_tokens,
+                           temperature=args.temperature, seed=args.seed)
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from model.tokenizer import load_tokenizer
+    from rlhf.gatt.data import build_dialogues, write_gatt_jsonl
+
+    tok = load_tokenizer(args.tokenizer)
+    turns = _user_turns(args.dialogues, max_turns=args.max_turns)[: args.num or None]
+    instructions = _instructions(args.instructions, len(turns), seed=args.seed)
+    built = build_dialogues(turns, instructions, answer_fn=_answer_fn(args.checkpoint, tok, args))
+    write_gatt_jsonl(built, args.output)
+    print(f"wrote {len(built)} GAtt dialogues to {args.output}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
+    from train.loop import train
+
+    cfg, section = load_train_config(args.config, overrides)
+    result = train(cfg, task=GAttTask(section))
+    print(f"gatt train {result.reason} at step {result.last_step}: loss {result.last_loss:.4f}")
+    return result.exit_code
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from model.tokenizer import load_tokenizer
+    from rlhf.gatt.evaluate import evaluate_models, markdown_table, write_outputs
+
+    labels = args.label or [Path(c).name for c in args.checkpoint]
+    if len(labels) != len(args.checkpoint):
+        raise ValueError(f"{len(args.checkpoint)} --checkpoint but {len(labels)} --label")
+    tok = load_tokenizer(args.tokenizer)
+    turns = _user_turns(args.dialogues, max_turns=args.turns)[: args.num or None]
+    instructions = _instructions(args.instructions, len(turns), seed=args.seed)
+    models = {label: _answer_fn(ckpt, tok, args) for label, ckpt in zip(labels, args.checkpoint)}
+    result = evaluate_models(models, turns, instructions, turns=args.turns)
+    write_outputs(result, args.output)
+    print(markdown_table(result))
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m rlhf.gatt", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    for name in ("build", "eval"):
+        s = sub.add_parser(name)
+        s.add_argument("--checkpoint", required=True, action="append" if name == "eval" else "store")
+        s.add_argument("--tokenizer", required=True)
+        s.add_argument("--dialogues", required=True, help="JSONL of dialogues (their user turns) or HH-RLHF dir")
+        s.add_argument("--instructions", default="builtin", help="'builtin' (hobby/language/figure) or a JSONL")
+        s.add_argument("--template", default="llama2")
+        s.add_argument("--num", type=int, default=0, help="use the first N dialogues (0 = all)")
+        s.add_argument("--max-new-tokens", type=int, default=64)
+        s.add_argument("--temperature", type=float, default=0.0)
+        s.add_argument("--seed", type=int, default=0)
+        s.add_argument("--output", required=True)
+        if name == "build":
+            s.add_argument("--max-turns", type=int, default=6)
+        else:
+            s.add_argument("--label", action="append")
+            s.add_argument("--turns", type=int, default=6)
+    t = sub.add_parser("train")
+    t.add_argument("--config", default=None, help="TOML: run config tables + [gatt] (configs/rlhf/gatt*.toml)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, rest = _parser().parse_known_args(argv)
+    try:
+        if args.command == "train":
+            return cmd_train(args, rest)
+        if rest:
+            raise ValueError(f"unexpected arguments {rest}")
+        return cmd_build(args) if args.command == "build" else cmd_eval(args)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+

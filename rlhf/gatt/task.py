@@ -1,0 +1,125 @@
+"""GAtt fine-tuning as a ``train.loop`` task: the ``[gatt]`` section, its config reader and the task.
+
+    cfg, section = load_train_config("configs/rlhf/gatt_tiny.toml", ["--gatt.init=runs/rlhf/final_policy"])
+    result = train.loop.train(cfg, task=GAttTask(section))
+
+The task reads the GAtt dialogues of ``[data] path`` (``rlhf.gatt.data``), encodes them with the chat format and
+puts the loss on the last assistant turn only (``train_turns = "last"``; ``"all"`` is multi-turn SFT).
+"""
+
+from __future__ import annotations
+
+import random
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from train.config import RunConfig, coerce, parse_overrides
+from train.loop import PretrainTask
+
+try:  # Python 3.11+
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover - Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+
+@dataclass(frozen=True)
+class GAttSection:
+    init: str = ""
+    """Checkpoint the fine-tuning starts from (the current RLHF model); "" = the run's seeded init."""
+    template: str = "llama2"
+    """Chat format: "llama2" or "llama3"."""
+    train_turns: str = "last"
+    """"last": loss on the last assistant turn only (GAtt); "all": every assistant turn (plain SFT)."""
+    truncate: str = "random"
+    """"random": cut each dialogue after a random number of turns (every depth trained); "none"."""
+    valid_fraction: float = 0.05
+    """Share of the dialogues held out for the validation loss."""
+
+
+class GAttTask(PretrainTask):
+    """``train.loop`` task: chat-encoded dialogues of ``[data] path`` with the GAtt loss mask."""
+
+    name = "gatt"
+
+    def __init__(self, section: GAttSection) -> None:
+        self.section = section
+
+    def build_datasets(self, cfg: Any, model_cfg: Any, *, dp_size: int, run_dir: Path) -> tuple[Any, Any, int]:
+        from model.tokenizer import load_tokenizer
+        from rlhf.gatt.data import ExampleDataset, read_gatt_jsonl, training_examples
+
+        if not cfg.data.tokenizer:
+            raise ValueError("gatt train: set data.tokenizer (the model's tokenizer.model)")
+        tok = load_tokenizer(cfg.data.tokenizer)
+        dialogues = read_gatt_jsonl(cfg.data.path)
+        rng = random.Random(cfg.train.seed)
+        valid_mask = [rng.random() < self.section.valid_fraction for _ in dialogues]
+        s, t = self.section, cfg.train
+        common = {"tokenizer": tok, "template": s.template, "train_turns": s.train_turns, "truncate": s.truncate}
+        train_ex, report = training_examples([d for d, v in zip(dialogues, valid_mask) if not v], seed=t.seed,
+                                             **common)
+        valid_ex, _ = training_examples([d for d, v in zip(dialogues, valid_mask) if v], seed=t.seed + 1, **common)
+        n_valid = t.eval_batches * t.micro_batch_size * dp_size if t.eval_every > 0 and valid_ex else 0
+        train_ds = ExampleDataset(train_ex, seq_len=cfg.data.seq_len, num_samples=t.steps * t.global_batch_size,
+                                  seed=t.seed, pad_id=tok.pad_id)
+        valid_ds = ExampleDataset(valid_ex, seq_len=cfg.data.seq_len, num_samples=n_valid, seed=t.seed + 1,
+                                  pad_id=tok.pad_id) if n_valid else None
+        print(f"gatt data {cfg.data.path}: {dict(report)}; {len(train_ds.examples)} train / "
+              f"{len(valid_ex)} valid examples; {train_ds.dropped} longer than data.seq_len dropped", flush=True)
+        return train_ds, valid_ds, -1  # no EOD splitting: every turn attends to the first user message
+
+    def loader(self, dataset: Any, *, global_batch_size: int, micro_batch_size: int, dp_rank: int, dp_size: int,
+               consumed_samples: int, eod: int) -> Any:
+        from rlhf.gatt.data import TrimmedLoader
+
+        return TrimmedLoader(dataset, global_batch_size=global_batch_size, micro_batch_size=micro_batch_size,
+                              dp_rank=dp_rank, dp_size=dp_size, consumed_samples=consumed_samples, eod_id=eod)
+
+    def engine_kwargs(self, cfg: Any, model_cfg: Any) -> dict[str, Any]:
+        if not self.section.init:
+            return {}
+        from model.checkpoints import load_checkpoint
+
+        ckpt_cfg, weights = load_checkpoint(self.section.init)
+        if (ckpt_cfg.dim, ckpt_cfg.n_layers, ckpt_cfg.vocab_size) != (model_cfg.dim, model_cfg.n_layers,
+                                                                      model_cfg.vocab_size):
+            raise ValueError(f"gatt.init={self.section.init!r} has dim {ckpt_cfg.dim}, {ckpt_cfg.n_layers} layers, "
+                             f"vocab {ckpt_cfg.vocab_size}; the run's model {model_cfg.name!r} differs: set "
+                             "[model] / [model.overrides] to the checkpoint's shape")
+        return {"init_weights": weights}
+
+
+    def export(self, engine: Any, model_cfg: Any, out_dir: Path, *, rank: int) -> None:
+        """The native checkpoint of the fine-tuned model (a tied head, listed once by the engine, re-added)."""
+        from model.checkpoints.native import save_native
+        from train.loop import barrier
+
+        state_dict = engine.consolidated_state_dict()  # collective: every rank calls it
+        if rank == 0 and state_dict:
+            if model_cfg.tie_embeddings and "output.weight" not in state_dict:
+                state_dict["output.weight"] = state_dict["tok_embeddings.weight"]
+            save_native(state_dict, model_cfg, out_dir, overwrite=True)
+        barrier()
+
+
+def load_train_config(path: str | None, overrides: list[str]) -> tuple[Any, GAttSection]:
+    """(RunConfig, GAttSection) from a TOML holding the run config's tables plus ``[gatt]``, then
+    ``--section.key=value`` overrides (``--gatt.key=value`` for the GAtt table)."""
+    data = tomllib.loads(Path(path).read_text()) if path else {}
+    gatt_table = dict(data.pop("gatt", {}))
+    for key, value in parse_overrides(overrides):
+        parts = key.split(".")
+        if parts[0] == "gatt":
+            gatt_table[parts[1]] = value
+        elif parts[:2] == ["model", "overrides"] and len(parts) == 3:
+            data.setdefault("model", {}).setdefault("overrides", {})[parts[2]] = value
+        else:
+            data.setdefault(parts[0], {})[".".join(parts[1:])] = value
+    hints = typing.get_type_hints(GAttSection)
+    bad = sorted(set(gatt_table) - set(hints))
+    if bad:
+        raise ValueError(f"unknown [gatt] key(s) {bad}; valid keys: {sorted(hints)}")
+    section = GAttSection(**{k: coerce(v, hints[k], where=f"gatt.{k}") for k, v in gatt_table.items()})
+    return RunConfig.from_dict(data, source=f"{path or '<defaults>'} + overrides"), section

@@ -1,0 +1,37 @@
+"""The root config of supervised fine-tuning: every pretraining ``RunConfig`` section plus ``[sft]``.
+
+    from rlhf.sft.config import SFTConfig
+    cfg = SFTConfig.from_toml("configs/rlhf/sft_llama2.toml", ["--sft.init_checkpoint=runs/tiny/final_model"])
+    cfg.validate(world_size=2)       # ValueError quoting the bad value and the fix
+
+The shared behaviour (steps from the data, warmup fraction, the init checkpoint's shape) is ``rlhf.config``'s.
+"""
+
+from __future__ import annotations
+
+import typing
+from dataclasses import dataclass, field
+
+from rlhf.config import StageSection, _check, _check_files, _StageConfig
+from rlhf.paths import file_list
+
+
+@dataclass(frozen=True)
+class SFTSection(StageSection):
+    files: str = ""
+    """Comma-separated dialogue files: JSONL ``{"messages": [...]}`` or HH-RLHF (its chosen dialogues)."""
+    epochs: int = 2
+    """Passes over the training dialogues (Llama 2 SFT: 2)."""
+
+
+@dataclass(frozen=True)
+class SFTConfig(_StageConfig):
+    """Supervised fine-tuning: every RunConfig section plus ``[sft]``."""
+
+    sft: SFTSection = field(default_factory=SFTSection)
+    STAGE: typing.ClassVar[str] = "sft"
+
+    def _validate_stage(self, *, world_size: int | None) -> None:
+        files = file_list(self.sft.files)
+        _check(bool(files), "sft.files is empty: give dialogue JSONL or HH-RLHF files, comma-separated")
+        _check_files(files, "sft.files")
