@@ -20,7 +20,7 @@ import re
 import sys
 from collections.abc import Sequence
 
-from launch import cpu_plan, planner, slurm, torchrun
+from launch import checkpoint_plan, cpu_plan, planner, slurm, torchrun
 from model.config import get_config
 from train import devices
 
@@ -69,6 +69,12 @@ def _plan_parser(sub: argparse._SubParsersAction) -> None:
                    help="cpu: host memory of one fp32 CPU process (--gpus = processes; launch/cpu_plan.py)")
     p.add_argument("--runtime-overhead", type=parse_bytes,
                    help="cpu: the runtime's fixed resident memory (default: measured now, ~10 s)")
+    p.add_argument("--storage-node-gbps", type=float, default=checkpoint_plan.Storage.node_write_gbps,
+                   help="checkpoint write bandwidth of one node to the filesystem, GB/s")
+    p.add_argument("--storage-aggregate-gbps", type=float, default=checkpoint_plan.Storage.aggregate_gbps,
+                   help="checkpoint filesystem bandwidth for all nodes together, GB/s")
+    p.add_argument("--host-copy-gbps", type=float, default=checkpoint_plan.Storage.host_copy_gbps,
+                   help="device-to-host copy bandwidth per GPU (the checkpoint stall), GB/s")
     p.add_argument("--json", action="store_true", help="print the machine-readable plan")
 
 
@@ -94,17 +100,35 @@ def _print_plan(cfg, plan: planner.Plan, args, hw: planner.Hardware) -> None:
           f"DP exposed {st.dp_exposed_s:.2f}, optimizer {st.optimizer_s:.3f}); MFU {st.mfu:.1%}")
     for note in plan.notes:
         print(f"  - {note}")
+    print(f"  - {checkpoint_plan.checkpoint_cost(cfg, plan.layout, storage=_storage(args, hw)).describe()}")
 
 
-def _print_table(cfg, plans: list[planner.Plan], hw: planner.Hardware) -> None:
+def _storage(args: argparse.Namespace, hw: planner.Hardware) -> checkpoint_plan.Storage:
+    return checkpoint_plan.Storage(node_write_gbps=args.storage_node_gbps, aggregate_gbps=args.storage_aggregate_gbps,
+                                   host_copy_gbps=args.host_copy_gbps, gpus_per_node=hw.gpus_per_node)
+
+
+def _plan_json(cfg, plan: planner.Plan, args: argparse.Namespace, hw: planner.Hardware) -> dict:
+    return {**plan.to_dict(),
+            "checkpoint": checkpoint_plan.checkpoint_cost(cfg, plan.layout, storage=_storage(args, hw)).to_dict()}
+
+
+def _print_table(cfg, plans: list[planner.Plan], hw: planner.Hardware, storage: checkpoint_plan.Storage) -> None:
     print(f"hardware model: {hw.name} {hw.peak_tflops:.0f} TFLOP/s bf16 x {hw.matmul_efficiency:.0%} matmul "
           f"efficiency, +{hw.nonmatmul_overhead:.0%} non-matmul time, NVLink {hw.nvlink_gbps:.0f} GB/s, "
           f"IB {hw.ib_gbps:.0f} GB/s per GPU, {hw.gpus_per_node} GPUs/node, "
           f"{hw.reserved_bytes / planner.GiB:.0f} GiB reserved")
-    print(f"{'#':>2} {'layout':<52} {'mem GiB':>8} {'step s':>7} {'bubble':>7} {'MFU':>6}")
+    print(f"checkpoint storage model: {storage.node_write_gbps:g} GB/s per node, {storage.aggregate_gbps:g} GB/s "
+          f"filesystem, {storage.host_copy_gbps:g} GB/s device->host per GPU (--storage-node-gbps, "
+          "--storage-aggregate-gbps, --host-copy-gbps)")
+    print(f"{'#':>2} {'layout':<52} {'mem GiB':>8} {'step s':>7} {'bubble':>7} {'MFU':>6} "
+          f"{'ckpt GB/rank':>12} {'ckpt GB':>8} {'stall s':>7} {'write s':>7}")
     for i, plan in enumerate(plans, 1):
+        cost = checkpoint_plan.checkpoint_cost(cfg, plan.layout, storage=storage)
         print(f"{i:>2} {plan.layout.describe():<52} {plan.memory.total / planner.GiB:8.1f} "
-              f"{plan.step.step_s:7.2f} {plan.step.bubble_fraction:7.0%} {plan.step.mfu:6.1%}")
+              f"{plan.step.step_s:7.2f} {plan.step.bubble_fraction:7.0%} {plan.step.mfu:6.1%} "
+              f"{cost.bytes_per_rank_max / 1e9:12.2f} {cost.total_bytes / 1e9:8.0f} {cost.stall_s:7.2f} "
+              f"{cost.write_s:7.1f}")
     best = plans[0]
     for i, plan in enumerate(plans, 1):
         print(f"#{i} {plan.layout.describe()}:")
@@ -181,7 +205,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         plan = planner.fit_checkpointing(cfg, layout, buffers=planner.ZeroBuffers(),
                                          checkpointing=args.activation_checkpointing, **kw)
         if args.json:
-            print(json.dumps({"model": cfg.name, "hardware": dataclasses.asdict(hw), "plan": plan.to_dict(),
+            print(json.dumps({"model": cfg.name, "hardware": dataclasses.asdict(hw),
+                              "plan": _plan_json(cfg, plan, args, hw),
                               "model_flops_per_token": planner.model_flops_per_token(cfg, args.seq_len)},
                              indent=2))
         else:
@@ -192,9 +217,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"model": cfg.name, "hardware": dataclasses.asdict(hw),
                           "model_flops_per_token": planner.model_flops_per_token(cfg, args.seq_len),
-                          "plans": [p.to_dict() for p in plans]}, indent=2))
+                          "plans": [_plan_json(cfg, p, args, hw) for p in plans]}, indent=2))
     elif plans:
-        _print_table(cfg, plans, hw)
+        _print_table(cfg, plans, hw, _storage(args, hw))
     if not plans:
         print(f"no layout of {cfg.name} fits {args.gpus} GPUs of {hw.memory_bytes / planner.GiB:.0f} GiB with "
               f"{pinned or 'no pinned flags'}; add GPUs, shorten --seq-len or unpin flags", file=sys.stderr)
