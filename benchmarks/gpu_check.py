@@ -115,9 +115,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget-s", type=float, default=480.0, help="the whole check's time limit")
     p.add_argument("--tests-timeout-s", type=float, default=240.0)
     p.add_argument("--skip-mfu", action="store_true", help="only the gpu tests")
-    p.add_argument("--mfu-arg", action="append", default=[],
-                   help="passed to bench_gpu_mfu.py, e.g. --mfu-arg=--steps=8")
+    p.add_argument("--mfu-arg", action="append", default=None,
+                   help="passed to bench_gpu_mfu.py (default: --steps=8 --warmup=3, 5 measured steps, to fit the "
+                        "budget); e.g. --mfu-arg=--steps=12 --mfu-arg=--warmup=4")
     args = p.parse_args(argv)
+    args.mfu_arg = ["--steps=8", "--warmup=3"] if args.mfu_arg is None else args.mfu_arg
     import torch
 
     if not torch.cuda.is_available():
