@@ -19,7 +19,6 @@ read through ``safe_load.safe_torch_load`` (``weights_only=True``).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
@@ -27,35 +26,32 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from model.checkpoints.hf import is_hf_dir, load_hf, save_hf, write_hf
-from model.checkpoints.llama2c import load_llama2c, looks_like_llama2c
-from model.checkpoints.meta import is_meta_dir, load_meta, write_meta
-from model.checkpoints.native import (
+from model.checkpoints.common import (
     DEFAULT_MAX_SHARD_BYTES,
+    MemoryReader,
     StateDict,
     TensorSource,
-    as_state_dict,
-    check_state_dict,
-    is_native_dir,
-    load_native,
-    save_native,
-    write_native,
+    WeightReader,
 )
-from model.checkpoints.reader import MemoryReader, WeightReader, open_checkpoint
+from model.checkpoints.hf import load_hf, save_hf, write_hf
+from model.checkpoints.llama2c import load_llama2c
+from model.checkpoints.meta import load_meta, write_meta
+from model.checkpoints.native import as_state_dict, check_state_dict, load_native, save_native, write_native
+from model.checkpoints.reader import FORMATS, Format, detect_format, load_checkpoint, open_checkpoint
 from model.checkpoints.safe_load import UnsafeCheckpointError, safe_torch_load
 from model.config import LlamaConfig
 from model.llama import Llama, RotaryEmbedding
 
-Format = Literal["native", "hf", "meta", "llama2c"]
-FORMATS: tuple[str, ...] = ("native", "hf", "meta", "llama2c")
 WRITABLE: tuple[str, ...] = ("native", "hf", "meta")
 
 __all__ = [
     "FORMATS",
-    "UnsafeCheckpointError",
+    "Format",
+    "StateDict",
     "detect_format",
-    "from_pretrained",
     "load_checkpoint",
+    "UnsafeCheckpointError",
+    "from_pretrained",
     "load_hf",
     "load_llama2c",
     "load_meta",
@@ -68,47 +64,6 @@ __all__ = [
     "write_checkpoint",
     "WeightReader",
 ]
-
-
-def detect_format(path: str | Path) -> Format:
-    """Which format ``path`` holds; ValueError/FileNotFoundError saying what was looked for otherwise."""
-    p = Path(path)
-    if not p.exists():
-        if isinstance(path, str) and re.fullmatch(r"[\w.-]+/[\w.-]+", path):
-            return "hf"  # a hub repo id; load_hf fetches it (or says why it cannot)
-        raise FileNotFoundError(f"{path}: no such checkpoint file or directory")
-    if p.is_dir():
-        if is_native_dir(p):
-            return "native"
-        if is_hf_dir(p):
-            return "hf"
-        if is_meta_dir(p):
-            return "meta"
-        raise ValueError(
-            f"{p}: not a recognised checkpoint directory: expected config.json with \"format\": "
-            "\"llama-native\" (native), config.json with model_type (hf), or params.json + consolidated.NN.pth "
-            "(meta)"
-        )
-    if looks_like_llama2c(p):
-        return "llama2c"
-    raise ValueError(
-        f"{p}: not a recognised checkpoint file: only llama2.c .bin files are single-file checkpoints "
-        "(and this file's header/size do not match that format); pass the directory for other formats"
-    )
-
-
-def load_checkpoint(path: str | Path, *, format: Format | None = None) -> tuple[LlamaConfig, StateDict]:
-    """``(config, state_dict)`` from any supported format (detected unless given)."""
-    fmt = format or detect_format(path)
-    if fmt == "native":
-        return load_native(path)
-    if fmt == "hf":
-        return load_hf(path)
-    if fmt == "meta":
-        return load_meta(path)
-    if fmt == "llama2c":
-        return load_llama2c(path)
-    raise ValueError(f"unknown checkpoint format {fmt!r}; choose one of {', '.join(FORMATS)}")
 
 
 def save_checkpoint(

@@ -27,9 +27,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from model.checkpoints.native import (
+from model.checkpoints.common import (
     CONFIG_NAME,
     DEFAULT_MAX_SHARD_BYTES,
+    MemoryReader,
     StateDict,
     TensorSource,
     atomic_directory,
@@ -245,8 +246,6 @@ def save_hf(
     eos_token_id: int | list[int] | None = None,
 ) -> Path:
     """Write an HF checkpoint directory (atomically): config.json + safetensors, sharded above the limit."""
-    from model.checkpoints.reader import MemoryReader
-
     state_dict = dict(state_dict)
     check_state_dict(state_dict, cfg, source="save_hf(state_dict)")
     return write_hf(MemoryReader(cfg, state_dict, source="save_hf(state_dict)"), cfg, out_dir,

@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from model.checkpoints.common import StateDict, check_state_dict, tie_output
 from model.checkpoints.meta import permute_rope
-from model.checkpoints.native import StateDict, check_state_dict, tie_output
 from model.config import LlamaConfig
 
 MAGIC = 0x616B3432  # "ak42"

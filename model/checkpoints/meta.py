@@ -29,7 +29,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from model.checkpoints.native import (
+from model.checkpoints.common import (
+    MemoryReader,
     StateDict,
     TensorSource,
     atomic_directory,
@@ -269,8 +270,6 @@ def load_meta(
 def save_meta(state_dict: Mapping[str, Tensor], cfg: LlamaConfig, out_dir: str | Path, *,
               overwrite: bool = False) -> Path:
     """Export as a single-shard Meta checkpoint (``consolidated.00.pth`` + ``params.json``), atomically."""
-    from model.checkpoints.reader import MemoryReader
-
     check_state_dict(state_dict, cfg, source="save_meta(state_dict)")
     return write_meta(MemoryReader(cfg, state_dict, source="save_meta(state_dict)"), cfg, out_dir,
                       overwrite=overwrite)

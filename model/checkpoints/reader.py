@@ -17,60 +17,34 @@ Every reader is a ``TensorSource`` for the streaming writers (``specs()`` + ``re
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Literal
 
 from torch import Tensor
 
-from model.checkpoints.native import CONFIG_NAME, NATIVE_WEIGHTS, expected_shapes, read_json
+from model.checkpoints import hf
+from model.checkpoints.common import (
+    CONFIG_NAME,
+    NATIVE_WEIGHTS,
+    MemoryReader,
+    StateDict,
+    WeightReader,
+    read_json,
+    weight_files,
+)
+from model.checkpoints.hf import is_hf_dir, load_hf
+from model.checkpoints.llama2c import load_llama2c, looks_like_llama2c
+from model.checkpoints.meta import is_meta_dir, load_meta
+from model.checkpoints.native import is_native_dir, load_native, read_native_config
 from model.checkpoints.streaming import SAFE_INDEX, SafetensorsFile, TensorSpec
 from model.config import LlamaConfig
 
-
-class WeightReader:
-    """Tensors by our parameter names; subclasses say where the bytes come from."""
-
-    def __init__(self, cfg: LlamaConfig, specs: Mapping[str, TensorSpec], *, source: str | Path) -> None:
-        self.cfg, self.source = cfg, str(source)
-        self._specs = dict(specs)
-        check_specs(self._specs, cfg, source=source)
-
-    def names(self) -> list[str]:
-        """Every tensor of ``Llama(cfg)`` in model order (``output.weight`` too, tied or not)."""
-        return list(expected_shapes(self.cfg))
-
-    def spec(self, name: str) -> TensorSpec:
-        return self._specs[self._stored(name)]
-
-    def specs(self) -> list[TensorSpec]:
-        return [TensorSpec(n, self.spec(n).shape, self.spec(n).dtype) for n in self.names()]
-
-    def _stored(self, name: str) -> str:
-        if self.cfg.tie_embeddings and name == "output.weight":
-            return "tok_embeddings.weight"  # some exports store the tied head too; the embedding rules
-        if name not in self._specs:
-            raise KeyError(f"{self.source}: no tensor {name!r} in this checkpoint")
-        return name
-
-    def read(self, name: str) -> Tensor:
-        raise NotImplementedError
-
-    def read_slice(self, name: str, *, dim: int, start: int, stop: int) -> Tensor:
-        """Rows/columns ``start:stop`` of ``dim``; this base class reads the whole tensor and narrows it."""
-        return self.read(name).narrow(dim, start, stop - start).clone()
-
-
-class MemoryReader(WeightReader):
-    """Serves an in-memory state dict (formats without an index, and tests)."""
-
-    def __init__(self, cfg: LlamaConfig, state_dict: Mapping[str, Tensor], *, source: str | Path) -> None:
-        self._tensors = dict(state_dict)
-        super().__init__(cfg, {n: TensorSpec(n, tuple(t.shape), t.dtype) for n, t in self._tensors.items()},
-                         source=source)
-
-    def read(self, name: str) -> Tensor:
-        return self._tensors[self._stored(name)]
+Format = Literal["native", "hf", "meta", "llama2c"]
+FORMATS: tuple[str, ...] = ("native", "hf", "meta", "llama2c")
+__all__ = ["FORMATS", "Format", "MemoryReader", "SafetensorsReader", "WeightReader", "detect_format",
+           "load_checkpoint", "open_checkpoint"]
 
 
 class SafetensorsReader(WeightReader):
@@ -105,50 +79,53 @@ class SafetensorsReader(WeightReader):
         return handle.read_slice(stored, dim=dim, start=start, stop=stop)
 
 
-def weight_files(directory: Path) -> list[Path]:
-    """The safetensors files of a checkpoint directory: those the index names, else ``model.safetensors``."""
-    index = directory / SAFE_INDEX
-    if index.is_file():
-        weight_map = read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise ValueError(f"{index}: \"weight_map\" is missing or empty")
-        files = [directory / name for name in sorted(set(weight_map.values()))]
-        missing = [str(p) for p in files if not p.is_file()]
-        if missing:
-            raise FileNotFoundError(f"{index} names shard(s) that do not exist: {missing[:3]}")
-        return files
-    single = directory / NATIVE_WEIGHTS
-    if not single.is_file():
-        raise FileNotFoundError(f"{directory}: no weights found (looked for {SAFE_INDEX} and {NATIVE_WEIGHTS})")
-    return [single]
+def detect_format(path: str | Path) -> Format:
+    """Which format ``path`` holds; ValueError/FileNotFoundError saying what was looked for otherwise."""
+    p = Path(path)
+    if not p.exists():
+        if isinstance(path, str) and re.fullmatch(r"[\w.-]+/[\w.-]+", path):
+            return "hf"  # a hub repo id; load_hf fetches it (or says why it cannot)
+        raise FileNotFoundError(f"{path}: no such checkpoint file or directory")
+    if p.is_dir():
+        if is_native_dir(p):
+            return "native"
+        if is_hf_dir(p):
+            return "hf"
+        if is_meta_dir(p):
+            return "meta"
+        raise ValueError(
+            f"{p}: not a recognised checkpoint directory: expected config.json with \"format\": "
+            "\"llama-native\" (native), config.json with model_type (hf), or params.json + consolidated.NN.pth "
+            "(meta)"
+        )
+    if looks_like_llama2c(p):
+        return "llama2c"
+    raise ValueError(
+        f"{p}: not a recognised checkpoint file: only llama2.c .bin files are single-file checkpoints "
+        "(and this file's header/size do not match that format); pass the directory for other formats"
+    )
 
 
-def check_specs(specs: Mapping[str, TensorSpec], cfg: LlamaConfig, *, source: str | Path) -> None:
-    """Every tensor of the config present with its shape (``output.weight`` may be absent when tied)."""
-    from model.checkpoints.native import check_state_dict
-
-    class _Shaped:  # check_state_dict only reads .shape
-        def __init__(self, shape: tuple[int, ...]) -> None:
-            self.shape = shape
-
-    shaped: dict[str, Any] = {n: _Shaped(s.shape) for n, s in specs.items()}
-    if cfg.tie_embeddings and "output.weight" not in shaped and "tok_embeddings.weight" in shaped:
-        shaped["output.weight"] = shaped["tok_embeddings.weight"]
-    check_state_dict(shaped, cfg, source=source)
+def load_checkpoint(path: str | Path, *, format: Format | None = None) -> tuple[LlamaConfig, StateDict]:
+    """``(config, state_dict)`` from any supported format (detected unless given)."""
+    fmt = format or detect_format(path)
+    if fmt == "native":
+        return load_native(path)
+    if fmt == "hf":
+        return load_hf(path)
+    if fmt == "meta":
+        return load_meta(path)
+    if fmt == "llama2c":
+        return load_llama2c(path)
+    raise ValueError(f"unknown checkpoint format {fmt!r}; choose one of {', '.join(FORMATS)}")
 
 
 def open_checkpoint(path: str | Path, *, format: str | None = None) -> WeightReader:
     """A reader for any supported checkpoint (native and HF lazily and slice-wise, the others from memory)."""
-    from model.checkpoints import detect_format, load_checkpoint
-
     fmt = format or detect_format(path)
     if fmt == "native":
-        from model.checkpoints.native import read_native_config
-
         return SafetensorsReader(path, read_native_config(Path(path)))
     if fmt == "hf":
-        from model.checkpoints import hf
-
         directory = hf._resolve(path)
         if (directory / SAFE_INDEX).is_file() or (directory / NATIVE_WEIGHTS).is_file():
             config_path = directory / CONFIG_NAME
