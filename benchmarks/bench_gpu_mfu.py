@@ -14,7 +14,7 @@ plain causal attention), ``--steps`` optimizer steps of ``--micro-batch`` x ``--
 The numbers are the loop's own ``metrics.jsonl`` records (so the benchmark measures what users see), medians
 over the steps after ``--warmup``.
 
-MFU = model FLOP/s per device / peak: model FLOPs per token from ``launch.planner.model_flops_per_token``
+MFU = model FLOP/s per device / peak: model FLOPs per token from ``model.config.model_flops_per_token``
 (``6 x (non-embedding params + head) + 6 x n_layers x dim x seq``: the causal half of attention's square,
 embedding lookups excluded, recomputation not counted), peak = the GPU's dense BF16 datasheet figure from
 ``train/devices.py`` matched on its reported name (989.4 TFLOP/s on H100/H200 SXM; the JSON states it). Goal: >= 50% (Megatron reports 47% at scale,

@@ -24,7 +24,7 @@ Goals (issues "Pretraining" and "3D parallelism"): MFU of ``ours`` >= 70% and ab
 most 1.15x the step time of the plain loop (both ``plain`` and ``plain_fused`` are reported; the goal is
 judged on the larger ratio).
 
-MFU = model FLOP/s / peak FLOP/s. Model FLOPs per token: ``launch.planner.model_flops_per_token`` (the one
+MFU = model FLOP/s / peak FLOP/s. Model FLOPs per token: ``model.config.model_flops_per_token`` (the one
 formula the training loop logs too): ``6 x (non-embedding parameters + output head) + 6 x n_layers x dim x
 seq`` (attention: QK^T and PV, forward + backward, the causal half of the square; embedding lookups are no
 FLOPs). Peak: ``train.metrics.measure_cpu_matmul_peaks`` (best of 1024^3 and 2048^3 fp32 matmuls through
@@ -53,9 +53,9 @@ from typing import Any
 
 import torch
 
-from launch.planner import model_flops_per_token
 from model import kernels
 from model.checkpoints.hf import hf_config_from_llama, to_hf_state_dict
+from model.config import model_flops_per_token
 from train.config import RunConfig
 from train.engine import TrainEngine
 from train.metrics import cpu_name, measure_cpu_matmul_peaks

@@ -21,7 +21,7 @@ import sys
 from collections.abc import Sequence
 
 from launch import checkpoint_plan, cpu_plan, planner, slurm, torchrun
-from model.config import get_config
+from model.config import get_config, model_flops_per_token
 from train import devices
 
 _UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 2**10, "mib": 2**20,
@@ -84,7 +84,7 @@ def _gib(value: float) -> str:
 
 def _print_plan(cfg, plan: planner.Plan, args, hw: planner.Hardware) -> None:
     mem, st = plan.memory, plan.step
-    flops = planner.model_flops_per_token(cfg, args.seq_len) * args.global_batch_tokens
+    flops = model_flops_per_token(cfg, args.seq_len) * args.global_batch_tokens
     print(f"{cfg.name}: {plan.layout.describe()} on {plan.layout.gpus} GPUs, {plan.microbatches} micro-batches")
     print(f"per-GPU memory, worst pipeline stage {mem.stage} (1F1B in flight: {mem.in_flight_microbatches}):")
     rows = [("weights (bf16)", mem.weights), ("grads (bf16)", mem.grads),
@@ -207,7 +207,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps({"model": cfg.name, "hardware": dataclasses.asdict(hw),
                               "plan": _plan_json(cfg, plan, args, hw),
-                              "model_flops_per_token": planner.model_flops_per_token(cfg, args.seq_len)},
+                              "model_flops_per_token": model_flops_per_token(cfg, args.seq_len)},
                              indent=2))
         else:
             _print_plan(cfg, plan, args, hw)
@@ -216,7 +216,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
                            top_k=args.top_k, distinct=not args.all_variants, **kw)
     if args.json:
         print(json.dumps({"model": cfg.name, "hardware": dataclasses.asdict(hw),
-                          "model_flops_per_token": planner.model_flops_per_token(cfg, args.seq_len),
+                          "model_flops_per_token": model_flops_per_token(cfg, args.seq_len),
                           "plans": [_plan_json(cfg, p, args, hw) for p in plans]}, indent=2))
     elif plans:
         _print_table(cfg, plans, hw, _storage(args, hw))

@@ -4,7 +4,7 @@
         --global-batch-tokens 16777216            # search: ranked layouts that fit
     python -m launch plan --model llama2_7b --gpus 8 --tp 1 --pp 1 --zero-stage 3 --json   # one layout
 
-    from launch.planner import Layout, plan_memory, model_flops_per_token, search
+    from launch.planner import Layout, plan_memory, search
     plan_memory(cfg, Layout(tp=8, pp=16, dp=128), seq_len=8192).total   # bytes on the worst GPU
 
 Memory model (bytes per GPU, worst pipeline stage; all figures are sums, i.e. the optimizer-step transients are
@@ -29,7 +29,7 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from model.config import LlamaConfig
+from model.config import LlamaConfig, model_flops_per_token
 from train.devices import DEVICES, device_spec
 
 GiB = 1024**3
@@ -123,25 +123,6 @@ class Layout:
         v = f" v{self.virtual_stages}" if self.virtual_stages > 1 else ""
         return (f"TP {self.tp} PP {self.pp}{v} DP {self.dp} ZeRO-{self.zero_stage} "
                 f"mb {self.micro_batch} ckpt {ckpt}")
-
-
-# ---------------------------------------------------------------------------------------------- FLOPs
-def model_flops_per_token(cfg: LlamaConfig, seq_len: int, *, causal: bool = True) -> float:
-    """Model FLOPs per trained token (forward + backward), the single source of truth for MFU.
-
-    ``6 * (non-embedding params + output head) + 12 * n_layers * dim * seq_len``, the PaLM (Chowdhery et al.
-    2022, app. B) / Megatron convention. The input embedding is a lookup (no FLOPs) and is left out; the
-    output head is a matmul and is counted (also when tied). The attention term counts QK^T and PV
-    (2 matmuls x 2 FLOPs x seq_len x dim per layer forward, x3 for fwd+bwd). With ``causal=True`` it is
-    halved: flash kernels skip the masked upper triangle, so only half of that work is done or useful.
-    PaLM counts the full square; pass ``causal=False`` to reproduce PaLM-style numbers. Recomputation is
-    never counted (that is hardware FLOPs, not model FLOPs).
-    """
-    embedding = cfg.vocab_size * cfg.dim
-    head = cfg.vocab_size * cfg.dim
-    non_embedding = cfg.num_params() - embedding - (0 if cfg.tie_embeddings else head)
-    attention = 12 * cfg.n_layers * cfg.dim * seq_len * (0.5 if causal else 1.0)
-    return 6.0 * (non_embedding + head) + attention
 
 
 # ---------------------------------------------------------------------------------------------- params

@@ -3,6 +3,7 @@
     from model.config import get_config
     cfg = get_config("llama3_1_8b")          # ValueError listing the known names if unknown
     cfg.ffn_dim, cfg.head_dim, cfg.num_params()
+    model_flops_per_token(cfg, seq_len=8192)  # training FLOPs per token: MFU in train/, launch/, benchmarks/
 
 Shapes, FFN rounding, vocabulary, norm eps, RoPE theta and context follow Meta's reference code
 (``params.json``) for Llama 1, Llama 2 and Llama 3.1. The FFN hidden size is derived exactly as Meta does:
@@ -198,6 +199,25 @@ _register(LlamaConfig(name="bench_25m", dim=512, n_layers=8, n_heads=8, n_kv_hea
 # ~1.5B parameters, Llama 3 style (Llama 3.2 1B's shape, untied head): the single-GPU MFU benchmark size.
 _register(LlamaConfig(name="bench_1p5b", dim=2048, n_layers=16, n_heads=32, multiple_of=256,
                       ffn_dim_multiplier=1.5, **{**_LLAMA31, "max_seq_len": 8192}))
+
+
+def model_flops_per_token(cfg: LlamaConfig, seq_len: int, *, causal: bool = True) -> float:
+    """Model FLOPs per trained token (forward + backward), the single source of truth for MFU
+    (the planner, the training metrics and the benchmarks all read it).
+
+    ``6 * (non-embedding params + output head) + 12 * n_layers * dim * seq_len``, the PaLM (Chowdhery et al.
+    2022, app. B) / Megatron convention. The input embedding is a lookup (no FLOPs) and is left out; the
+    output head is a matmul and is counted (also when tied). The attention term counts QK^T and PV
+    (2 matmuls x 2 FLOPs x seq_len x dim per layer forward, x3 for fwd+bwd). With ``causal=True`` it is
+    halved: flash kernels skip the masked upper triangle, so only half of that work is done or useful.
+    PaLM counts the full square; pass ``causal=False`` to reproduce PaLM-style numbers. Recomputation is
+    never counted (that is hardware FLOPs, not model FLOPs).
+    """
+    embedding = cfg.vocab_size * cfg.dim
+    head = cfg.vocab_size * cfg.dim
+    non_embedding = cfg.num_params() - embedding - (0 if cfg.tie_embeddings else head)
+    attention = 12 * cfg.n_layers * cfg.dim * seq_len * (0.5 if causal else 1.0)
+    return 6.0 * (non_embedding + head) + attention
 
 
 def known_configs() -> list[str]:

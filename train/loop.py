@@ -36,6 +36,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from model.config import model_flops_per_token
 from train.checkpointing import CheckpointManager
 from train.config import RunConfig
 from train.health import HealthMonitor, describe_collective_timeout
@@ -299,8 +300,6 @@ def train(cfg: RunConfig, *, task: Any = None, engine_factory: Callable[..., Any
     loader = task.loader(train_ds, global_batch_size=cfg.train.global_batch_size,
                          micro_batch_size=cfg.train.micro_batch_size, dp_rank=topo.dp_rank, dp_size=topo.dp_size,
                          consumed_samples=state["consumed_samples"], eod=eod)
-    from launch.planner import model_flops_per_token
-
     # Rank 0 alone finds the peak (a measurement on the other ranks would compete with its own for the cores).
     peak, peak_source = peak_flops_per_device(run_dir, dtype=cfg.train.dtype,
                                               override_tflops=cfg.logging.peak_tflops,

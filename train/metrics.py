@@ -13,7 +13,7 @@ the values of the JSONL record (the console rounds them for display). On resume 
 checkpoint's step first, so each step appears once, with the values of the run that produced the weights.
 
 MFU = achieved model FLOP/s per device / peak FLOP/s per device. Model FLOPs per token come from
-``launch.planner.model_flops_per_token`` (the single source of truth): 6 x (non-embedding parameters + output
+``model.config.model_flops_per_token`` (the single source of truth): 6 x (non-embedding parameters + output
 head) + 12 x n_layers x dim x seq_len x 1/2 (causal attention: QK^T and PV forward+backward, half the square).
 Embedding lookups are not FLOPs; recomputation is not counted. Peak per device (``peak_flops_per_device``),
 first that applies: ``logging.peak_tflops`` (config), ``LLAMA_PEAK_FLOPS`` (environment); on a GPU the dense

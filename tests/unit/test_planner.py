@@ -12,8 +12,8 @@ import pytest
 
 from launch import planner
 from launch.__main__ import main
-from launch.planner import GiB, Layout, model_flops_per_token, plan_memory, search, split_layers
-from model.config import get_config
+from launch.planner import GiB, Layout, plan_memory, search, split_layers
+from model.config import get_config, model_flops_per_token
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from launch.planner import model_flops_per_token
-from model.config import get_config
+from model.config import get_config, model_flops_per_token
 from train.health import HealthMonitor, NonFiniteAbort, describe_collective_timeout
 from train.metrics import Throughput, console_line, format_eta, truncate_jsonl, wandb_mode
 
