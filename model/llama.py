@@ -12,15 +12,15 @@ A block reads like the paper (and Meta's reference):
 
 Departures from Meta's reference code, and why:
 - RoPE uses the *half-split* pairing (dimension i rotates with i + head_dim/2, as in HF transformers and
-  GPT-NeoX) instead of adjacent pairs. Meta and llama2.c checkpoints are permuted on import
-  (``model/checkpoints``), HF checkpoints load unchanged, and the rotation is two contiguous half-width
-  multiplies instead of strided complex views.
-- Attention runs through ``scaled_dot_product_attention`` with ``enable_gqa``: key/value heads are never
-  copied ``n_heads / n_kv_heads`` times.
-- fp32 on the CPU (TP = 1) every block takes the fused path of ``model/kernels``: RMSNorm, q/k/v + RoPE,
-  gate/up + SwiGLU and block-causal attention as single autograd nodes over C kernels and oneDNN GEMMs
-  (~15% faster than HF's model for forward+backward, RESULTS.md). Each branch below states which path it is;
-  the eager formulas stay the reference (``kernels.disabled()``) and the path for GPUs, bf16 and TP > 1.
+  GPT-NeoX) instead of adjacent pairs (``model/rope.py``); Meta and llama2.c checkpoints are permuted on import.
+- Attention reads projection -> RoPE -> attention -> output; *how* each step runs is chosen per call outside
+  the block: the projections in ``model/projections.py`` (fused CPU kernels, prepacked decode, one fused GEMM,
+  or one call per layer), the attention kernel in ``model/attention.py`` (block-causal CPU kernels or
+  ``scaled_dot_product_attention`` with ``enable_gqa``, so key/value heads are never copied; a new backend
+  plugs in there). fp32 on the CPU (TP = 1) every block takes the fused path of ``model/kernels``: RMSNorm,
+  q/k/v + RoPE, gate/up + SwiGLU and block-causal attention as single autograd nodes over C kernels and oneDNN
+  GEMMs (~15% faster than HF's model for forward+backward, RESULTS.md); the eager formulas stay the reference
+  (``kernels.disabled()``) and the path for GPUs, bf16 and TP > 1.
 - Optional ``document_ids`` give the Llama 3 document mask for packed sequences: a token attends only to
   earlier tokens of its own document.
 - All linear layers come from a ``LayerFactory`` (``model/layers.py``), so tensor parallelism swaps the
@@ -34,13 +34,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from model import kernels, prepack
-from model.config import LlamaConfig, RopeScaling
+from model.attention import AttentionKernel, AttentionMask, attend
+from model.config import LlamaConfig
 from model.layers import LayerFactory, LocalLayers
+from model.projections import linear_or_packed, project_qkv, swiglu_hidden
+from model.rope import RotaryEmbedding
 
 
 class RMSNorm(nn.Module):
@@ -61,63 +63,7 @@ class RMSNorm(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Rotary position embedding
-# ---------------------------------------------------------------------------------------------------
-def rope_inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -> Tensor:
-    """``theta ** (-2i / head_dim)``, with Llama 3.1's frequency-dependent scaling when configured.
-
-    Llama 3.1 (``use_scaled_rope``): wavelengths shorter than ``original / high_freq_factor`` keep their
-    frequency, longer than ``original / low_freq_factor`` are divided by ``factor``, and those in between
-    are interpolated smoothly.
-    """
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-    if scaling is None:
-        return inv_freq.float()
-    low_wavelen = scaling.original_max_position / scaling.low_freq_factor
-    high_wavelen = scaling.original_max_position / scaling.high_freq_factor
-    wavelen = 2 * math.pi / inv_freq
-    smooth = (scaling.original_max_position / wavelen - scaling.low_freq_factor) / (
-        scaling.high_freq_factor - scaling.low_freq_factor
-    )
-    interpolated = (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
-    scaled = torch.where(wavelen > low_wavelen, inv_freq / scaling.factor, interpolated)
-    scaled = torch.where(wavelen < high_wavelen, inv_freq, scaled)
-    return scaled.float()
-
-
-class RotaryEmbedding(nn.Module):
-    """Holds cos/sin tables (not parameters, not in the state dict), grown on demand per device."""
-
-    def __init__(self, cfg: LlamaConfig) -> None:
-        super().__init__()
-        self.inv_freq_cpu = rope_inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
-        self._tables: dict[torch.device, tuple[Tensor, Tensor]] = {}
-
-    def _table(self, length: int, device: torch.device) -> tuple[Tensor, Tensor]:
-        cached = self._tables.get(device)
-        if cached is None or cached[0].shape[0] < length:
-            size = max(length, 2 * cached[0].shape[0] if cached else 256)
-            # Angles in fp32 from fp64-exact positions, like HF's computation (position * inv_freq).
-            angles = torch.outer(torch.arange(size, dtype=torch.float32), self.inv_freq_cpu).to(device)
-            cached = (angles.cos(), angles.sin())
-            self._tables[device] = cached
-        return cached
-
-    def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
-        """cos, sin of shape ``[batch or 1, seq, 1, head_dim/2]`` for integer ``positions [b or 1, seq]``."""
-        cos, sin = self._table(int(positions.max()) + 1, positions.device)
-        return cos[positions].unsqueeze(2), sin[positions].unsqueeze(2)
-
-
-def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate ``x [b, s, heads, head_dim]``: dimension i pairs with i + head_dim/2 (half-split layout)."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-    return rotated.type_as(x)
-
-
-# ---------------------------------------------------------------------------------------------------
-# KV cache and attention masks
+# KV cache
 # ---------------------------------------------------------------------------------------------------
 @dataclass
 class KVCache:
@@ -155,50 +101,19 @@ class KVCache:
             return None
         return self.packed.blocks[layer_index]
 
-
-def document_causal_mask(document_ids: Tensor) -> Tensor:
-    """Boolean ``[b, 1, s, s]`` mask: causal, and no attention across document boundaries (Llama 3)."""
-    seq = document_ids.shape[1]
-    causal = torch.ones(seq, seq, dtype=torch.bool, device=document_ids.device).tril()
-    same_document = document_ids[:, :, None] == document_ids[:, None, :]
-    return (same_document & causal).unsqueeze(1)
-
-
-def cached_attention_mask(cache: KVCache, query_len: int) -> Tensor | None:
-    """Mask for ``query_len`` new tokens written at slots ``[cache.length, cache.length + query_len)``.
-
-    Returns ``None`` when plain causal attention is exact (no padding in the batch), so SDPA can use its
-    fused causal kernels.
-    """
-    start, end = cache.length, cache.length + query_len
-    valid = cache.key_valid[:, :end]
-    if bool(valid.all()) and (start == 0 or query_len == 1):
-        return None
-    query_slots = torch.arange(start, end, device=valid.device)
-    causal = torch.arange(end, device=valid.device)[None, :] <= query_slots[:, None]
-    return (causal[None] & valid[:, None, :]).unsqueeze(1)
+    def update(self, layer_index: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write one block's new ``k``/``v [b, s, kv_heads, head_dim]`` at ``length``; return all of its keys and
+        values so far as ``[b, length + s, kv_heads, head_dim]`` views of the cache."""
+        end = self.length + k.shape[1]
+        self.keys[layer_index][:, :, self.length : end] = k.transpose(1, 2)
+        self.values[layer_index][:, :, self.length : end] = v.transpose(1, 2)
+        return (self.keys[layer_index][:, :, :end].transpose(1, 2),
+                self.values[layer_index][:, :, :end].transpose(1, 2))
 
 
 # ---------------------------------------------------------------------------------------------------
 # The block
 # ---------------------------------------------------------------------------------------------------
-def _all_plain_linear(*modules: nn.Module) -> bool:
-    return all(isinstance(m, nn.Linear) for m in modules)
-
-
-def fused_linear(x: Tensor, *layers: nn.Linear) -> tuple[Tensor, ...]:
-    """``tuple(layer(x) for layer in layers)`` as one matmul over the concatenated weights.
-
-    Parameters stay separate (checkpoint names, tensor-parallel sharding and optimizer state are untouched);
-    only the GEMM is merged: one [tokens, dim] x [dim, q+k+v] product instead of three narrower ones measured
-    ~12% faster forward+backward on CPU for the 25M benchmark model. Used for multi-token inputs at TP=1 when
-    the fused CPU path does not apply (GPU, bf16); single-token decode keeps separate calls, where the weight
-    concatenation would cost more than it saves.
-    """
-    weight = torch.cat([layer.weight for layer in layers])
-    return F.linear(x, weight).split([layer.out_features for layer in layers], dim=-1)
-
-
 class Attention(nn.Module):
     """Grouped-query self-attention with RoPE. Heads are this tensor-parallel rank's heads."""
 
@@ -211,58 +126,19 @@ class Attention(nn.Module):
         self.wk = layers.kv_projection(cfg.dim, n_kv_heads=cfg.kv_heads, head_dim=cfg.head_dim)
         self.wv = layers.kv_projection(cfg.dim, n_kv_heads=cfg.kv_heads, head_dim=cfg.head_dim)
         self.wo = layers.row(cfg.n_heads * cfg.head_dim, cfg.dim)
+        self.kernel: AttentionKernel | None = None
+        """Pinned attention kernel (e.g. context parallelism's); None = ``model.attention.choose_kernel``."""
 
-    def forward(
-        self,
-        x: Tensor,
-        rope: tuple[Tensor, Tensor],
-        *,
-        mask: Tensor | None = None,
-        cache: KVCache | None = None,
-        layer_index: int = 0,
-    ) -> Tensor:
-        batch, seq, _ = x.shape
-        packed = cache.packed_block(layer_index, seq) if cache is not None else None
-        # Multi-token inputs only: a decode step calls the three modules (or their packed copy), and reading a
-        # child's weight directly is what ZeRO-3 must gather outside that child's own forward.
-        fused = seq > 1 and _all_plain_linear(self.wq, self.wk, self.wv)  # (packed is None when seq > 1)
-        weights = (self.wq.weight, self.wk.weight, self.wv.weight) if fused else ()
-        if fused and kernels.applies(x, *weights):
-            cos, sin = (t.squeeze(2) for t in rope)
-            q, k, v = kernels.qkv_rotary(x, *weights, cos, sin, heads=self.n_heads, kv_heads=self.n_kv_heads,
-                                         head_dim=self.head_dim)
-        else:
-            if packed is not None:  # decode step on CPU: one GEMM over the packed [wq; wk; wv]
-                kv_width = self.n_kv_heads * self.head_dim
-                q, k, v = prepack.linear(x, packed.qkv).split([self.n_heads * self.head_dim, kv_width, kv_width],
-                                                              -1)
-            elif fused:
-                q, k, v = fused_linear(x, self.wq, self.wk, self.wv)
-            else:
-                q, k, v = self.wq(x), self.wk(x), self.wv(x)
-            q = q.view(batch, seq, self.n_heads, self.head_dim)
-            k = k.view(batch, seq, self.n_kv_heads, self.head_dim)
-            v = v.view(batch, seq, self.n_kv_heads, self.head_dim)
-            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        if cache is None and kernels.attention_applies(q, k, v, seq):
-            # Without a cache the mask is None (causal) or the document mask, as causal_attention requires.
-            out = kernels.causal_attention(q, k, v, mask).view(batch, seq, self.n_heads * self.head_dim)
-            return self.wo(out)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [b, heads, s, head_dim]
-
-        is_causal = mask is None
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], *, mask: AttentionMask | None = None,
+                cache: KVCache | None = None, layer_index: int = 0) -> Tensor:
+        """``x [b, s, dim]`` -> ``[b, s, dim]``. ``mask``: the forward's ``AttentionMask`` (default: causal);
+        ``cache``: write this step's keys/values at ``cache.length`` and attend to every cached one."""
+        packed = cache.packed_block(layer_index, x.shape[1]) if cache is not None else None
+        q, k, v = project_qkv(self, x, rope, packed=packed)  # projection -> RoPE: [b, s, (kv_)heads, head_dim]
         if cache is not None:
-            end = cache.length + seq
-            cache.keys[layer_index][:, :, cache.length : end] = k
-            cache.values[layer_index][:, :, cache.length : end] = v
-            k, v = cache.keys[layer_index][:, :, :end], cache.values[layer_index][:, :, :end]
-            # A single new token attends to every cached key: no causal mask needed.
-            is_causal = mask is None and cache.length == 0 and seq > 1
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=self.n_kv_heads != self.n_heads
-        )
-        out = out.transpose(1, 2).reshape(batch, seq, self.n_heads * self.head_dim)
-        return prepack.linear(out, packed.wo) if packed is not None else self.wo(out)
+            k, v = cache.update(layer_index, k, v)
+        out = attend(q, k, v, mask if mask is not None else AttentionMask(), kernel=self.kernel)  # attention
+        return linear_or_packed(self.wo, out.flatten(2), packed.wo if packed is not None else None)  # output
 
 
 class FeedForward(nn.Module):
@@ -276,16 +152,8 @@ class FeedForward(nn.Module):
 
     def forward(self, x: Tensor, *, packed: prepack.BlockWeights | None = None) -> Tensor:
         """``packed``: this block's prepacked weights during a CPU decode step (``KVCache.packed_block``)."""
-        if packed is not None:
-            gate, up = prepack.linear(x, packed.gate_up).chunk(2, dim=-1)
-            return prepack.linear(F.silu(gate) * up, packed.w2)
-        if x.shape[1] > 1 and _all_plain_linear(self.w1, self.w3):
-            if kernels.applies(x, self.w1.weight, self.w3.weight):
-                return self.w2(kernels.gate_up_silu(x, self.w1.weight, self.w3.weight))
-            gate, up = fused_linear(x, self.w1, self.w3)
-        else:
-            gate, up = self.w1(x), self.w3(x)
-        return self.w2(F.silu(gate) * up)
+        hidden = swiglu_hidden(self, x, packed=packed)
+        return linear_or_packed(self.w2, hidden, packed.w2 if packed is not None else None)
 
 
 class TransformerBlock(nn.Module):
@@ -342,11 +210,7 @@ class Llama(nn.Module):
         cache: a ``KVCache``; new keys/values are written at ``cache.length`` and the length advanced.
         """
         h = self.tok_embeddings(tokens)
-        mask = None
-        if document_ids is not None:
-            mask = document_causal_mask(document_ids)
-        elif cache is not None:
-            mask = cached_attention_mask(cache, tokens.shape[1])
+        mask = AttentionMask.for_forward(document_ids=document_ids, cache=cache, query_len=tokens.shape[1])
         if positions is None:
             start = cache.length if cache is not None else 0
             positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)[None]
@@ -361,7 +225,7 @@ class Llama(nn.Module):
         h = self.norm(h)
         return h if return_hidden else self.output(h)
 
-    def _checkpointed_blocks(self, h: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None) -> Tensor:
+    def _checkpointed_blocks(self, h: Tensor, rope: tuple[Tensor, Tensor], mask: AttentionMask) -> Tensor:
         """Segments of ``checkpoint_every`` blocks under non-reentrant checkpointing (bitwise the same result)."""
 
         def segment(x: Tensor, blocks: list[nn.Module]) -> Tensor:

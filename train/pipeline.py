@@ -19,9 +19,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from model.attention import AttentionMask
 from model.config import LlamaConfig
 from model.layers import LayerFactory
-from model.llama import RMSNorm, RotaryEmbedding, TransformerBlock, document_causal_mask
+from model.llama import RMSNorm, TransformerBlock
+from model.rope import RotaryEmbedding
 
 Activation = tuple[Tensor, Tensor]
 
@@ -49,7 +51,7 @@ class BlockStage(TransformerBlock):
     def forward(self, inputs: Activation) -> Activation:  # type: ignore[override]
         h, document_ids = inputs
         positions = torch.arange(h.shape[1], device=h.device)[None]
-        mask = document_causal_mask(document_ids) if self.document_mask else None
+        mask = AttentionMask(document_ids=document_ids if self.document_mask else None)
         return super().forward(h, self.rotary(positions), mask=mask), document_ids
 
 

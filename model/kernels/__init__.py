@@ -362,7 +362,7 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None
     """Causal grouped-query attention ``softmax(q k^T / sqrt(d)) v`` -> ``[b, s, heads, head_dim]``.
 
     q: ``[b, s, heads, head_dim]``; k, v: ``[b, s, kv_heads, head_dim]`` (any strides). mask: None (causal) or
-    the boolean ``[b, 1, s, s]`` document mask of ``model.llama.document_causal_mask``, which must lie inside the
+    the boolean ``[b, 1, s, s]`` document mask of ``model.attention.document_causal_mask``, which must lie inside the
     causal triangle (blocks above the diagonal are never computed). Check ``attention_applies`` first.
     """
     return _CausalAttention.apply(q, k, v, mask)

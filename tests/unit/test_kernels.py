@@ -16,14 +16,10 @@ import torch
 import torch.nn.functional as F
 
 from model import kernels
+from model.attention import document_causal_mask
 from model.config import get_config
-from model.llama import (
-    Llama,
-    apply_rotary,
-    document_causal_mask,
-    init_llama_weights,
-    rope_inverse_frequencies,
-)
+from model.llama import Llama, init_llama_weights
+from model.rope import apply_rotary, rope_inverse_frequencies
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("fused_cpu_kernels")]
 REPO = Path(__file__).resolve().parents[2]

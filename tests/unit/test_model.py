@@ -9,7 +9,8 @@ import torch
 
 from model.config import LlamaConfig, RopeScaling, get_config, known_configs
 from model.generate import generate, sample_next_token
-from model.llama import Llama, init_llama_weights, rope_inverse_frequencies
+from model.llama import Llama, init_llama_weights
+from model.rope import rope_inverse_frequencies
 
 pytestmark = pytest.mark.timeout(120)
 
