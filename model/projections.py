@@ -12,8 +12,9 @@ they run. ``choose_path`` picks one per call, for q/k/v and for gate/up alike:
                     holds prepacked weights (``model/prepack``)   (or [w1; w3]), ~28 GB/s weight streaming
     fused_cpu       several tokens, plain linears, fp32 on CPU,   one autograd node over C kernels + oneDNN:
                     kernels built (``model/kernels``)             q/k/v GEMM with RoPE in place / gate-up + SwiGLU
-    fused_gemm      several tokens, plain linears (GPU, bf16)     one GEMM over the concatenated weights
-    separate        anything else (TP layers, one token)          one call per layer module
+    fused_gemm      several tokens, plain linears, on CPU but     one GEMM over the concatenated weights
+                    not fused_cpu (bf16, kernels off)
+    separate        anything else (GPU, TP layers, one token)     one call per layer module
 
 Only multi-token inputs read a child's weight directly (``fused_*``): a decode step calls the modules (or
 their packed copy), because reading a child's weight outside that child's own forward is what ZeRO-3 has to
@@ -46,9 +47,9 @@ def fused_linear(x: Tensor, *layers: nn.Linear) -> tuple[Tensor, ...]:
 
     Parameters stay separate (checkpoint names, tensor-parallel sharding and optimizer state are untouched);
     only the GEMM is merged: one [tokens, dim] x [dim, q+k+v] product instead of three narrower ones measured
-    ~12% faster forward+backward on CPU for the 25M benchmark model. Used for multi-token inputs at TP=1 when
-    the fused CPU path does not apply (GPU, bf16); single-token decode keeps separate calls, where the weight
-    concatenation would cost more than it saves.
+    ~12% faster forward+backward on CPU for the 25M benchmark model. Used for multi-token CPU inputs at TP=1
+    when the fused CPU path does not apply (bf16, kernels off); single-token decode keeps separate calls, where
+    the weight concatenation would cost more than it saves, and GPUs too (see ``choose_path``).
     """
     weight = torch.cat([layer.weight for layer in layers])
     return F.linear(x, weight).split([layer.out_features for layer in layers], dim=-1)
@@ -101,7 +102,12 @@ def choose_path(layers: tuple[nn.Module, ...], x: Tensor, packed: Any) -> str:
     if packed is not None:
         return "packed_decode"
     if x.shape[1] > 1 and all_plain_linear(*layers):
-        return "fused_cpu" if kernels.applies(x, *(layer.weight for layer in layers)) else "fused_gemm"
+        if kernels.applies(x, *(layer.weight for layer in layers)):
+            return "fused_cpu"
+        # On a GPU the concatenated weight is a new tensor per block per forward that autograd keeps for
+        # backward (bench_1p5b: ~80 MB per layer per micro-batch in flight) for a gain measured only on CPU.
+        if x.device.type == "cpu":
+            return "fused_gemm"
     return "separate"
 
 
