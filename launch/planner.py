@@ -226,7 +226,9 @@ def activation_bytes_per_token(cfg: LlamaConfig, layout: Layout, seq_len: int) -
       ffn:       norm input 2h/r, rstd 4/r, norm output 2h/r, w1 out 2f/t, w3 out 2f/t, silu out 2f/t,
                  silu*w3 (w2 input) 2f/t.
     Flash attention (the default) saves only the output and logsumexp and recomputes the probabilities, so
-    there is no s^2 term; without it the softmax output 2as/t per token (bf16, no dropout in Llama) is kept.
+    there is no s^2 term; with the document mask on GPUs FlexAttention runs (``model/flex_attention.py``),
+    which saves the same tensors (its block mask is O((s/128)^2) per sequence, not counted). Measured equal,
+    tensor for tensor, on the eager bf16 block (``tests/unit/test_planner_matches_model.py``); without it the softmax output 2as/t per token (bf16, no dropout in Llama) is kept.
     Selective recomputation (Korthikanti) would only drop that s^2 term, which flash already removes, so the
     only recomputation modelled is the full-block one. The eager (unfused) RMSNorm also keeps the fp32 input.
     """

@@ -9,13 +9,16 @@ The block (``model/llama.py``) only says "attention"; which kernel runs is decid
 (``Attention.kernel``):
 
     kernel      runs when                                                 what it is
-    fused_cpu   fp32 on CPU, kernels built, 1 < s <= 1024, no KV cache    block-causal C kernels (``model/kernels``):
-                                                                          only the visible key blocks are computed
-    sdpa        always (the fallback, and the GPU path)                   ``F.scaled_dot_product_attention`` with
-                                                                          ``enable_gqa``; flash when the mask is
-                                                                          plain causal
+    fused_cpu      fp32 on CPU, kernels built, 1 < s <= 1024, no KV     block-causal C kernels (``model/kernels``):
+                   cache                                                only the visible key blocks are computed
+    flex_document  CUDA, document ids, no KV cache                      FlexAttention with a document block mask
+                                                                        (``model/flex_attention.py``): no dense
+                                                                        ``[b, 1, s, s]`` mask on GPUs
+    sdpa           always (the fallback; on GPUs plain causal           ``F.scaled_dot_product_attention`` with
+                   training and generation)                             ``enable_gqa``; flash when the mask is
+                                                                        plain causal
 
-Adding a kernel (a FlexAttention document block mask on GPU, a context-parallel ring): write a class with
+Adding a kernel (a context-parallel ring, flash-attn's varlen kernel): write a class with
 ``name``, ``applies(q, k, v, mask)`` and ``__call__(q, k, v, mask)`` and insert it into ``KERNELS`` before
 ``sdpa`` (``register_kernel``), or pin an instance on the modules that must use it (``Attention.kernel``;
 a parallelize step does that for context parallelism). A kernel reads the mask in the form it needs:
@@ -34,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from model import kernels
+from model.flex_attention import FlexDocumentAttention
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -147,7 +151,7 @@ class SDPAAttention:
         return out.transpose(1, 2)
 
 
-KERNELS: list[AttentionKernel] = [FusedCPUAttention(), SDPAAttention()]
+KERNELS: list[AttentionKernel] = [FusedCPUAttention(), FlexDocumentAttention(), SDPAAttention()]
 """Tried in order by ``choose_kernel``; the last one (SDPA) always applies."""
 
 

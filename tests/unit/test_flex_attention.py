@@ -77,3 +77,30 @@ def test_chosen_only_for_cuda_training_forwards(monkeypatch: pytest.MonkeyPatch)
     assert not kernel.applies(cuda_q, cuda_q, cuda_q, SimpleNamespace(document_ids=docs, with_cache=True))
     monkeypatch.setenv("LLAMA_FLEX_ATTENTION", "0")
     assert not kernel.applies(cuda_q, cuda_q, cuda_q, mask)
+
+
+def test_registered_between_the_cpu_kernels_and_sdpa() -> None:
+    from model.attention import KERNELS
+
+    assert [k.name for k in KERNELS] == ["fused_cpu", "flex_document", "sdpa"]
+
+
+@pytest.mark.parametrize("name", ["debug_tiny", "debug_llama3_tiny"])
+def test_whole_model_with_flex_equals_the_dense_mask(name: str) -> None:
+    """Every block pinned to FlexAttention (as on a GPU) vs the CPU's own choice with the dense document mask."""
+    from model.config import get_config
+    from model.llama import Llama, init_llama_weights
+
+    cfg = get_config(name)
+    model = Llama(cfg)
+    init_llama_weights(model, seed=3)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 150), generator=torch.Generator().manual_seed(0))
+    docs = _documents("random", 2, 150)
+    with torch.no_grad():
+        expected = model(tokens, document_ids=docs)
+        for block in model.layers:
+            block.attention.kernel = FlexDocumentAttention()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            flex = model(tokens, document_ids=docs)
+    assert (flex - expected).abs().max().item() <= 1e-5 * expected.abs().max().item()
