@@ -10,9 +10,9 @@ the whole stream in order) and cuts the kept documents into shards of ``shard_do
 ``shard_bytes`` bytes of text. Each shard goes to a worker process that tokenizes it (EOS appended after
 every document), writes ``shards/<source>/<source>_NNNNN.{bin,idx,docs.jsonl}`` under temporary names and
 renames them when complete; the main process then appends the shard to ``shards/progress.jsonl`` (the
-commit point). At the end each source's shards are concatenated (megatron ``add_index``, as Megatron-LM's
-``preprocess_data.py --partitions`` does, streamed by ``shard_io.merge_indexed``) into ``<source>.bin/.idx/.docs.jsonl``, checked, and
-``manifest.json`` (file hashes, tokenizer hash, counts per source) and ``report.json`` are written.
+commit point). At the end each source's shards are concatenated (as Megatron-LM's ``preprocess_data.py
+--partitions`` does, but streamed: ``shard_io.merge_indexed``) into ``<source>.bin/.idx/.docs.jsonl``,
+checked, and ``manifest.json`` (file hashes, tokenizer hash, counts per source) and ``report.json`` are written.
 
 Resume: a re-run with the same inputs, tokenizer and settings re-reads and re-cleans (deterministic, so
 every shard gets the same documents; a digest of its document ids and text lengths proves it) and skips

@@ -28,6 +28,7 @@ anywhere resumes to the same output; other inputs or settings in the same OUT ar
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import shutil
@@ -233,7 +234,12 @@ def prepare_datatrove(cfg: PrepareConfig, dt: DatatroveConfig) -> dict[str, Any]
     write_json_atomic(work / "run.json", {"executor": dt.executor, "tasks": dt.tasks, "config": asdict(dt),
                                           "stages": [{"name": s.name, "tasks": s.tasks} for s in stages]})
     executors = _executors(stages, dt, work)
-    executors[-1].run()  # runs (local, ray) or submits (slurm) the whole chain
+    if dt.executor == "local":
+        _preload_for_fork(cfg)
+    try:
+        executors[-1].run()  # runs (local, ray) or submits (slurm) the whole chain
+    finally:
+        gc.unfreeze()
     if dt.executor == "slurm":
         jobs = [str(e.job_id) for e in executors if e.job_id not in (None, -1)]
         write_json_atomic(work / "slurm_jobs.json", {"submitted": jobs})
@@ -249,6 +255,17 @@ def prepare_datatrove(cfg: PrepareConfig, dt: DatatroveConfig) -> dict[str, Any]
     return json.loads(manifest_path.read_text())
 
 
+def _preload_for_fork(cfg: PrepareConfig) -> None:
+    """Load the language-id model (~1 s) once here so that forked tasks inherit it, and freeze the heap so that
+    the tasks' garbage collector does not copy this process's pages (their private memory is their own)."""
+    if cfg.cleaning.langid:
+        from data_pipeline.langid import _identifier
+
+        _identifier()
+    gc.collect()
+    gc.freeze()
+
+
 def _log_dir(work: Path, i: int, stage: Stage) -> str:
     return str(work / "logs" / f"{i:02d}_{stage.name}")
 
@@ -260,8 +277,9 @@ def _executors(stages: list[Stage], dt: DatatroveConfig, work: Path) -> list[Any
             from datatrove.executor import LocalPipelineExecutor
 
             # fork: workers inherit the imported modules and loaded models (forkserver would re-import them
-            # per stage, seconds each)
-            prev = LocalPipelineExecutor(s.pipeline, tasks=s.tasks, workers=min(dt.workers, s.tasks),
+            # per stage, seconds each). A one-task stage still runs in a worker (datatrove runs workers=1 in
+            # this process), so that its memory is its own; workers=1 runs everything here (tests).
+            prev = LocalPipelineExecutor(s.pipeline, tasks=s.tasks, workers=dt.workers,
                                          logging_dir=_log_dir(work, i, s), depends=prev, start_method="fork")
         elif dt.executor == "slurm":
             from datatrove.executor import SlurmPipelineExecutor

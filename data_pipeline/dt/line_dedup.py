@@ -33,7 +33,7 @@ from data_pipeline.dt.steps import _meta, save_ledger
 
 SIG_DTYPE = np.dtype([("hash", "<u8"), ("doc", "<u4"), ("line", "<u4")])
 DUP_DTYPE = np.dtype([("doc", "<u4"), ("line", "<u4")])
-RUN_RECORDS = 4_000_000  # 64 MB of signatures per sorted run
+RUN_RECORDS = 1_000_000  # 16 MB of signatures per sorted run (numpy records, not Python tuples)
 
 
 def line_dedup_applies(cleaning: CleaningConfig, source: str) -> bool:
@@ -54,24 +54,30 @@ class LineDedupSignature(PipelineStep):
 
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         out = Path(self.output_folder)
-        buf: list[tuple[int, int, int]] = []
-        runs, n_docs = 0, 0
+        buf: list[np.ndarray] = []
+        runs, n_docs, n_buf = 0, 0, 0
         for doc in data:
             self.stat_update(StatHints.total)
             if not line_dedup_applies(self.cleaning, doc.metadata["source"]):
                 continue
-            buf.extend((h, n_docs, i) for i, h in line_hashes(doc.text))
+            lines = line_hashes(doc.text)
+            if lines:
+                rec = np.empty(len(lines), dtype=SIG_DTYPE)
+                rec["line"], rec["hash"] = zip(*lines)
+                rec["doc"] = n_docs
+                buf.append(rec)
+                n_buf += len(rec)
             n_docs += 1
-            if len(buf) >= RUN_RECORDS:
+            if n_buf >= RUN_RECORDS:
                 self._flush(out, rank, runs, buf)
-                runs, buf = runs + 1, []
+                runs, buf, n_buf = runs + 1, [], 0
         if buf or runs == 0:
             self._flush(out, rank, runs, buf)
         (out / "counts").mkdir(parents=True, exist_ok=True)
         (out / "counts" / f"{rank:05d}.json").write_text(json.dumps({"documents": n_docs}))
 
-    def _flush(self, out: Path, rank: int, run: int, buf: list[tuple[int, int, int]]) -> None:
-        sigs = np.array(buf, dtype=SIG_DTYPE)
+    def _flush(self, out: Path, rank: int, run: int, buf: list[np.ndarray]) -> None:
+        sigs = np.concatenate(buf) if buf else np.zeros(0, dtype=SIG_DTYPE)
         sigs.sort(order=("hash", "doc", "line"))
         cut = [0] + [int(np.searchsorted(sigs["hash"], np.uint64((f * 2**64) // self.finder_tasks)))
                      for f in range(1, self.finder_tasks)] + [len(sigs)]

@@ -225,7 +225,7 @@ class ShardWriter(MegatronDocumentTokenizer):
 
     name = "✍️ Megatron writer (our tokenizer)"
 
-    def __init__(self, output_folder: str, tokenizer_path: str, batch_size: int = 256) -> None:
+    def __init__(self, output_folder: str, tokenizer_path: str, batch_size: int = 32) -> None:
         super().__init__(output_folder, tokenizer_name_or_path=tokenizer_path, eos_token=None,
                          batch_size=batch_size)
 

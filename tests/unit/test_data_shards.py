@@ -130,3 +130,29 @@ def test_tokenizer_mismatch_refused_before_training(tmp_path, tok512, shared_dat
     with pytest.raises(ValueError, match="differs from the tokenizer the data"):
         check_tokenizer_matches(tmp_path / "out", load_tokenizer(llama2), 32000)
     assert np.dtype(json.loads((tmp_path / "out" / "manifest.json").read_text())["dtype"]) == np.uint16
+
+
+def test_streaming_merge_equals_megatron_add_index(tmp_path):
+    """``merge_indexed`` (no per-document lists) writes the bytes megatron's builder + ``add_index`` write."""
+    import torch
+
+    from data_pipeline.shard_io import merge_indexed
+
+    mc, rng = mcore_datasets(), np.random.default_rng(0)
+    prefixes = []
+    for k, n_docs in enumerate((5, 0, 7)):
+        p = tmp_path / f"part{k}"
+        b = mc.IndexedDatasetBuilder(f"{p}.bin", dtype=np.uint16)
+        for _ in range(n_docs):
+            b.add_item(torch.from_numpy(rng.integers(0, 500, rng.integers(1, 40)).astype(np.int32)))
+            b.end_document()
+        b.finalize(f"{p}.idx")
+        prefixes.append(p)
+    ref = mc.IndexedDatasetBuilder(str(tmp_path / "ref.bin"), dtype=np.uint16)
+    for p in prefixes:
+        ref.add_index(str(p))
+    ref.finalize(str(tmp_path / "ref.idx"))
+    assert merge_indexed(prefixes, tmp_path / "ours") == {"documents": 12, "tokens": validate_indexed(
+        tmp_path / "ref")["tokens"], "dtype": "uint16"}
+    for ext in ("bin", "idx"):
+        assert (tmp_path / f"ours.{ext}").read_bytes() == (tmp_path / f"ref.{ext}").read_bytes()

@@ -1,6 +1,6 @@
 """Both prepare engines on the same small input: identical shards and reports; bad input fails by name.
 
-    pytest tests/unit/test_data_engines.py
+    pytest tests/unit/test_data_engine_parity.py
 
 The datatrove engine runs in this process (``workers=1``: datatrove's local executor runs each task in a
 loop), over 3 tasks, with planted exact, near and line duplicates spread across the tasks' input files, a
