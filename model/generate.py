@@ -9,6 +9,9 @@ slots are masked out of attention and each row's RoPE positions start at 0 at it
 row's output does not depend on what it is batched with (up to float rounding).
 The whole prompt is one prefill forward; each new token is one forward of length 1 over the cache.
 
+``stop_fn`` ends rows on a condition other than a stop token (lm-eval's stop *strings*): called after every step
+with that step's tokens ``[b]``, it returns a bool ``[b]`` of rows that end with this token (kept in their output).
+
 ``row_seeds`` gives every row its own sampling generator, so a row's tokens depend only on its prompt and its
 seed, not on the batch it is in or on the process that generates it (PPO rollouts split over data-parallel
 ranks reproduce a single-process run). ``logits_fn`` maps final hidden states to full-vocabulary logits
@@ -66,11 +69,13 @@ def generate(
     pad_id: int = 0,
     row_seeds: Sequence[int] | None = None,
     logits_fn: Callable[[Tensor], Tensor] | None = None,
+    stop_fn: Callable[[Tensor], Tensor] | None = None,
 ) -> list[list[int]]:
     """Continue each prompt; returns the new tokens per prompt, ending before the first stop token.
 
     ``row_seeds`` (one int per prompt, instead of ``seed``): per-row generators, see the module docstring.
     ``logits_fn``: final hidden states ``[b, dim]`` -> full-vocabulary logits (default ``model.output``).
+    ``stop_fn``: this step's tokens ``[b]`` -> bool ``[b]``, rows that end after this token (see module docstring).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate: every prompt needs at least one token (e.g. the BOS id)")
@@ -106,6 +111,7 @@ def generate(
     logits = head(hidden[:, -1])
     stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    ended_by_fn = torch.full((batch,), max_new_tokens, dtype=torch.long, device=device)  # output length cap
     next_positions = positions[:, -1:] + 1
     outputs: list[Tensor] = []
     for _ in range(max_new_tokens):
@@ -113,6 +119,10 @@ def generate(
         next_token = next_token.masked_fill(finished, pad_id)
         outputs.append(next_token)
         finished |= torch.isin(next_token, stop)
+        if stop_fn is not None:
+            ends = stop_fn(next_token).to(device) & ~finished
+            ended_by_fn = torch.where(ends, len(outputs), ended_by_fn)
+            finished |= ends
         if bool(finished.all()) or len(outputs) == max_new_tokens:
             break
         hidden = model(next_token[:, None], positions=next_positions, cache=cache, return_hidden=True)
@@ -122,7 +132,7 @@ def generate(
     generated = torch.stack(outputs, dim=1).tolist() if outputs else [[] for _ in prompts]
     stop_set = set(stop_ids)
     results = []
-    for row in generated:
+    for row, cap in zip(generated, ended_by_fn.tolist()):
         cut = next((i for i, t in enumerate(row) if t in stop_set), len(row))
-        results.append(row[:cut])
+        results.append(row[: min(cut, cap)])
     return results
