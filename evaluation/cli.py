@@ -15,7 +15,6 @@ Everything is offline: our tasks read ``$LLAMA_DATA_DIR`` (``--data-dir``), noth
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import shutil
@@ -25,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from evaluation.parallel import init_groups
+from evaluation.results import count_examples, write_json
 from evaluation.tasks import TaskError, check_tasks, data_files, default_data_dir, parse_task_list, templates
 
 
@@ -36,19 +37,6 @@ def _limit(text: str | None) -> int | float | None:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"--limit {text}: give a positive count or a fraction in (0, 1)")
     return int(value) if value >= 1 else value
-
-
-def init_groups(*, tp: int, timeout_s: float = 1800) -> Any:
-    """``EvalGroups`` for this process: a plain one, or from ``train.topology.Topology`` under a launcher / TP."""
-    from evaluation.parallel import EvalGroups
-
-    if tp == 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        import torch
-
-        return EvalGroups(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    from train.topology import Topology
-
-    return EvalGroups.from_topology(Topology.initialize(tp=tp, pp=1, timeout_s=timeout_s))
 
 
 def _quiet_lm_eval(*, output_rank: bool) -> None:
@@ -82,21 +70,6 @@ def evaluate_tasks(lm: Any, names: list[str], *, manager: Any, limit: int | floa
     if results is None:
         raise RuntimeError("lm-eval returned no results")
     return results
-
-
-def count_examples(results: dict[str, Any]) -> int:
-    """Documents scored over all tasks (lm-eval's ``n-samples`` ``effective`` counts)."""
-    return sum(int(v.get("effective", 0)) for v in results.get("n-samples", {}).values())
-
-
-def write_json(path: Path, payload: dict[str, Any]) -> None:
-    from lm_eval.utils import handle_non_serializable
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=handle_non_serializable, ensure_ascii=False) + "\n",
-                   encoding="utf-8")
-    tmp.replace(path)
 
 
 def _run(args: argparse.Namespace) -> int:

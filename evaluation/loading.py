@@ -58,28 +58,25 @@ def _load_tensor_parallel(checkpoint: str | Path, *, groups: EvalGroups, dtype: 
                            f"{parallel_state.get_tensor_model_parallel_world_size()}, asked for {groups.tp_size}; "
                            "initialise train.topology.Topology with the same tp first")
     reader = open_checkpoint(checkpoint)
-    try:
-        cfg = reader.cfg
-        with torch.device("meta"):  # no allocation, no random init: every tensor is read below
-            model = Llama(cfg, layers=MegatronLayers(params_dtype=dtype))
-        model.rotary = RotaryEmbedding(cfg)  # RoPE tables are computed in __init__, not on meta
-        # to_empty makes new Parameter objects: keep the split dimensions, and re-tie a tied head after it.
-        split_dims = {name: getattr(p, "tp_dim", None) for name, p in model.named_parameters()}
-        model = model.to_empty(device=groups.device)
-        if cfg.tie_embeddings:
-            model.output.weight = model.tok_embeddings.weight
-        tp_rank = parallel_state.get_tensor_model_parallel_rank()
-        for name, param in model.named_parameters():
-            dim = split_dims[name]
-            if dim is None:
-                full = reader.read(name)
-            else:
-                size = param.shape[dim]
-                full = reader.read_slice(name, dim=dim, start=tp_rank * size, stop=(tp_rank + 1) * size)
-            if tuple(full.shape) != tuple(param.shape):
-                raise ValueError(f"{checkpoint}: {name} read as {tuple(full.shape)}, this rank's slice is "
-                                 f"{tuple(param.shape)} (tp {tp_rank}/{groups.tp_size})")
-            param.copy_(full.to(dtype))
-    finally:
-        reader.close()
+    cfg = reader.cfg
+    with torch.device("meta"):  # no allocation, no random init: every tensor is read below
+        model = Llama(cfg, layers=MegatronLayers(params_dtype=dtype))
+    model.rotary = RotaryEmbedding(cfg)  # RoPE tables are computed in __init__, not on meta
+    # to_empty makes new Parameter objects: keep the split dimensions, and re-tie a tied head after it.
+    split_dims = {name: getattr(p, "tp_dim", None) for name, p in model.named_parameters()}
+    model = model.to_empty(device=groups.device)
+    if cfg.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    for name, param in model.named_parameters():
+        dim = split_dims[name]
+        if dim is None:
+            full = reader.read(name)
+        else:
+            size = param.shape[dim]
+            full = reader.read_slice(name, dim=dim, start=tp_rank * size, stop=(tp_rank + 1) * size)
+        if tuple(full.shape) != tuple(param.shape):
+            raise ValueError(f"{checkpoint}: {name} read as {tuple(full.shape)}, this rank's slice is "
+                             f"{tuple(param.shape)} (tp {tp_rank}/{groups.tp_size})")
+        param.copy_(full.to(dtype))
     return model.eval()

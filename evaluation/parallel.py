@@ -20,6 +20,7 @@ tensors on NCCL, where torch serialises through the current CUDA device that ``T
 from __future__ import annotations
 
 import heapq
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -96,3 +97,12 @@ def balanced_split(costs: Sequence[float], *, parts: int) -> list[list[int]]:
         out[part].append(index)
         heapq.heappush(heap, (load + float(costs[index]), part))
     return [sorted(p) for p in out]
+
+
+def init_groups(*, tp: int, timeout_s: float = 1800) -> EvalGroups:
+    """``EvalGroups`` for this process: a plain one, or from ``train.topology.Topology`` under a launcher / TP."""
+    if tp == 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return EvalGroups(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    from train.topology import Topology
+
+    return EvalGroups.from_topology(Topology.initialize(tp=tp, pp=1, timeout_s=timeout_s))

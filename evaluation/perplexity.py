@@ -145,7 +145,8 @@ def document_perplexity(runner: Any, tokenizer: Any, documents: list[Document], 
 
 def _perplexity(args: argparse.Namespace) -> int:
     from evaluation.adapter import LlamaLM
-    from evaluation.cli import init_groups, write_json
+    from evaluation.parallel import init_groups
+    from evaluation.results import write_json
 
     if not 1 <= args.context_len:
         raise ValueError(f"--context-len {args.context_len}: give 1 (lm-eval's windows) or more")
