@@ -65,8 +65,8 @@ def _worker(args: argparse.Namespace) -> None:
     from train.topology import Topology
 
     topo = Topology.initialize(tp=1)
-    cfg = PPOConfig.from_toml(None, [f"--policy.model={args.model}", "--parallel.zero_stage=3",
-                                     f"--ppo.minibatch_size={args.nproc}", "--ppo.micro_batch_size=1",
+    cfg = PPOConfig.from_toml(None, [f"--model.name={args.model}", "--zero.stage=3",
+                                     f"--train.global_batch_size={args.nproc}", "--train.micro_batch_size=1",
                                      "--reward.helpful=constant:0.5"])
     model_cfg = cfg.model_config()
     engine = TrainEngine(model_cfg=model_cfg, run_cfg=cfg.engine_run_config(role="policy"), topology=topo,

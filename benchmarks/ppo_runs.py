@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.which == "hh":
         if not (args.sft and args.rm_helpful and args.rm_safety and args.tokenizer):
             p.error("hh needs --sft, --rm-helpful, --rm-safety and --tokenizer")
-        cmd += [f"--policy.init={args.sft}", f"--reward.helpful={args.rm_helpful}",
+        cmd += [f"--ppo.init={args.sft}", f"--reward.helpful={args.rm_helpful}",
                 f"--reward.safety={args.rm_safety}", f"--data.tokenizer={args.tokenizer}"]
     t0 = time.perf_counter()
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}

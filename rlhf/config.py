@@ -21,19 +21,12 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from rlhf.paths import checkpoint_dir, data_dir, resolve_path
-from train.config import (
-    RunConfig,
-    _check,
-    _coerce_model_overrides,
-    coerce,
-    parse_overrides,
-    tomllib,
-)
+from train.config import ConfigError, RunConfig, TrainSection, check
 
 TEMPLATES = ("llama2", "llama3")
 
@@ -61,50 +54,6 @@ class StageSection:
     """Lower bound of the derived warmup (Llama 2 reward models: 5)."""
 
 
-def _sections(cls: type) -> dict[str, type]:
-    """Section name -> section dataclass of a root config (its dataclass fields, class variables excluded)."""
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
-
-
-def _from_dict(cls: type, data: dict[str, Any], *, source: str) -> Any:
-    """Build ``cls`` (a RunConfig subclass) from nested tables, every value coerced to its field type."""
-    sections = _sections(cls)
-    unknown = sorted(set(data) - set(sections))
-    if unknown:
-        raise ValueError(f"{source}: unknown section(s) {unknown}; valid sections: {sorted(sections)}")
-    built = {}
-    for name, section_cls in sections.items():
-        table = data.get(name, {})
-        if not isinstance(table, dict):
-            raise ValueError(f"{source}: [{name}] must be a table, got {table!r}")
-        types_ = typing.get_type_hints(section_cls)
-        bad = sorted(set(table) - set(types_))
-        if bad:
-            raise ValueError(f"{source}: unknown key(s) {bad} in [{name}]; valid keys: {sorted(types_)}")
-        kwargs = {k: coerce(v, types_[k], where=f"{source}: {name}.{k}") for k, v in table.items()}
-        if name == "model" and "overrides" in kwargs:
-            kwargs["overrides"] = _coerce_model_overrides(kwargs["overrides"], source=source)
-        built[name] = section_cls(**kwargs)
-    return cls(**built)
-
-
-def _set_dotted(cls: type, data: dict[str, Any], key: str, value: Any) -> None:
-    sections = _sections(cls)
-    parts = key.split(".")
-    if parts[0] not in sections:
-        raise ValueError(f"override --{key}: unknown section {parts[0]!r}; valid sections: {sorted(sections)}")
-    if len(parts) == 3 and parts[:2] == ["model", "overrides"]:
-        data.setdefault("model", {}).setdefault("overrides", {})[parts[2]] = value
-        return
-    if len(parts) != 2:
-        raise ValueError(f"override --{key}: expected --section.key (or --model.overrides.FIELD)")
-    valid = typing.get_type_hints(sections[parts[0]])
-    if parts[1] not in valid:
-        raise ValueError(f"override --{key}: unknown key {parts[1]!r} in [{parts[0]}]; valid keys: {sorted(valid)}")
-    data.setdefault(parts[0], {})[parts[1]] = value
-
-
 def checkpoint_model_config(path: str | Path) -> Any:
     """The ``LlamaConfig`` of a checkpoint without loading its weights where the format allows it."""
     from model.checkpoints import detect_format, load_checkpoint
@@ -112,8 +61,8 @@ def checkpoint_model_config(path: str | Path) -> Any:
 
     p = checkpoint_dir(path)
     if not p.exists():
-        raise ValueError(f"init_checkpoint {path}: no such file or directory; point it at a pretraining or SFT "
-                         "run's final_model/ (or the run directory)")
+        raise ConfigError(f"init_checkpoint {path}: no such file or directory; point it at a pretraining or SFT "
+                          "run's final_model/ (or the run directory)")
     if detect_format(p) == "native":
         import json
 
@@ -122,39 +71,19 @@ def checkpoint_model_config(path: str | Path) -> Any:
     return load_checkpoint(p)[0]
 
 
-class _StageConfig(RunConfig):
-    """Shared behaviour of the stage configs (not a dataclass itself: the subclasses add their section)."""
+@dataclass(frozen=True)
+class StageConfig(RunConfig):
+    """What the SFT and reward-model configs share; each subclass adds its section, named by ``STAGE``."""
 
     STAGE: typing.ClassVar[str] = ""
     PRESETS: typing.ClassVar[str] = "configs/rlhf/"
+    UNUSED: typing.ClassVar[tuple[str, ...]] = ("data.path", "data.split")
+    train: TrainSection = field(default_factory=lambda: TrainSection(steps=0))
+    """``train.steps = 0``: the number of steps comes from the data (``with_schedule``)."""
 
     @property
     def stage(self) -> StageSection:
         return getattr(self, self.STAGE)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], *, source: str = "<dict>") -> Any:
-        """As ``RunConfig.from_dict``; ``train.steps`` defaults to 0 (= from the data) instead of 100."""
-        train = data.get("train", {})
-        if isinstance(train, dict) and "steps" not in train:
-            data = {**data, "train": {**train, "steps": 0}}
-        return _from_dict(cls, data, source=source)
-
-    @classmethod
-    def from_toml(cls, path: str | Path | None, overrides: list[str] | None = None) -> Any:
-        data: dict[str, Any] = {}
-        source = "<defaults>"
-        if path is not None:
-            source = str(path)
-            try:
-                data = tomllib.loads(Path(path).read_text())
-            except FileNotFoundError:
-                raise ValueError(f"config file {path} does not exist; presets are in {cls.PRESETS}") from None
-            except tomllib.TOMLDecodeError as err:
-                raise ValueError(f"{path}: not valid TOML: {err}") from None
-        for key, value in parse_overrides(overrides or []):
-            _set_dotted(cls, data, key, value)
-        return cls.from_dict(data, source=source + (" + overrides" if overrides else ""))
 
     def model_config(self) -> Any:
         """The init checkpoint's config when there is one (plus ``[model.overrides]``), else the registry's."""
@@ -167,6 +96,7 @@ class _StageConfig(RunConfig):
         s, name = self.stage, self.STAGE
         _check(not self.data.synthetic, f"data.synthetic=true: {name} reads the files of [{name}]; set it false")
         self._validate_stage(world_size=world_size)
+        self.check_unused()
         # The base checks, with the pretraining-only "data.path" requirement satisfied by our own files.
         RunConfig.validate(dataclasses.replace(self, data=dataclasses.replace(self.data, path=f"[{name}]")),
                            world_size=world_size)
@@ -204,7 +134,11 @@ class _StageConfig(RunConfig):
         return self.replace(train={"steps": steps}, optim={"warmup_steps": min(warmup, steps)})
 
 
-def _check_files(paths: list[Path], where: str) -> None:
+def _check(ok: bool, message: str) -> None:
+    check(ok, message, what="run config")
+
+
+def check_files(paths: list[Path], where: str) -> None:
     for p in paths:
         _check(p.is_file(), f"{where}: {p} does not exist (a leading {{data_dir}} expands to {data_dir()}; set "
                "LLAMA_DATA_DIR to move it)")

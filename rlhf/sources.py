@@ -38,6 +38,7 @@ from rlhf.data import (
     read_preferences_jsonl,
     split_by_hash,
 )
+from train.config_reader import ConfigError
 
 FORMATS = ("dialogues", "preferences", "hh")
 T = TypeVar("T")
@@ -110,7 +111,7 @@ def sniff_format(path: str | Path) -> str:
     """The format of a JSONL(.gz) file from its first JSON object (see the module docstring)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"data file not found: {path}")
+        raise ConfigError(f"data file not found: {path}")
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt", encoding="utf-8", errors="replace") as fh:
         for lineno, line in enumerate(fh, 1):
@@ -126,12 +127,12 @@ def sniff_format(path: str | Path) -> str:
                 return "preferences"
             if "chosen" in obj and "rejected" in obj:
                 return "hh"
-            raise ValueError(f"{path}:{lineno}: cannot tell the format from fields {sorted(obj)}; expected "
-                             "\"messages\" (dialogues), \"prompt\"+\"chosen\"+\"rejected\" (preference pairs) or "
-                             "\"chosen\"+\"rejected\" HH-RLHF transcripts")
+            raise ConfigError(f"{path}:{lineno}: cannot tell the format from fields {sorted(obj)}; expected "
+                              "\"messages\" (dialogues), \"prompt\"+\"chosen\"+\"rejected\" (preference pairs) or "
+                              "\"chosen\"+\"rejected\" HH-RLHF transcripts")
             if lineno > 1000:
                 break
-    raise ValueError(f"{path}: no JSON object in its first lines; expected JSONL records")
+    raise ConfigError(f"{path}: no JSON object in its first lines; expected JSONL records")
 
 
 def _cap(records: list[T], max_records: int) -> tuple[list[T], int | None]:
@@ -148,8 +149,8 @@ def read_pairs(path: str | Path, *, is_safety: bool) -> tuple[list[PreferencePai
     elif fmt == "preferences":
         pairs, report = read_preferences_jsonl(path, default_is_safety=is_safety)
     else:
-        raise ValueError(f"{path}: holds dialogues (\"messages\"), not preference pairs; reward models need "
-                         "{\"prompt\", \"chosen\", \"rejected\"} records or HH-RLHF transcripts")
+        raise ConfigError(f"{path}: holds dialogues (\"messages\"), not preference pairs; reward models need "
+                          "{\"prompt\", \"chosen\", \"rejected\"} records or HH-RLHF transcripts")
     return pairs, report, fmt
 
 
@@ -194,7 +195,7 @@ def hh_files(root: str | Path) -> list[tuple[Path, bool]]:
     for sub, is_safety in (("helpful-base", False), ("harmless-base", True)):
         files += [(p, is_safety) for p in sorted((Path(root) / sub).glob("*.jsonl*"))]
     if not files:
-        raise ValueError(f"{root}: no helpful-base/*.jsonl[.gz] or harmless-base/*.jsonl[.gz] files (HH-RLHF)")
+        raise ConfigError(f"{root}: no helpful-base/*.jsonl[.gz] or harmless-base/*.jsonl[.gz] files (HH-RLHF)")
     return files
 
 

@@ -6,7 +6,7 @@
 
 A task gives ``train.loop.train`` its datasets (lists of samples, the same on every rank: built from the files
 deterministically), a ``GlobalBatchLoader`` (DP-size-independent order, exact resume), the engine objective
-and the initial weights. ``run_stage`` is the body of ``python -m rlhf.sft`` / ``python -m rlhf.reward``.
+and the initial weights. ``stage_main`` is the body of ``python -m rlhf.sft`` / ``python -m rlhf.reward``.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from torch import Tensor
 
 from rlhf.batching import GlobalBatchLoader
 from rlhf.paths import checkpoint_dir, resolve_path
+from train.config_reader import ConfigError, add_config_arguments
 
 
 class StageTask:
@@ -74,9 +75,9 @@ class StageTask:
 
     def check_vocab(self, model_cfg: Any) -> None:
         if self.tokenizer.vocab_size > model_cfg.vocab_size:
-            raise ValueError(f"data.tokenizer={self.cfg.data.tokenizer}: {self.tokenizer.vocab_size} pieces, but the "
-                             f"model ({model_cfg.name}) has vocab_size={model_cfg.vocab_size}; use the tokenizer the "
-                             "model was pretrained with")
+            raise ConfigError(f"data.tokenizer={self.cfg.data.tokenizer}: {self.tokenizer.vocab_size} pieces, but the "
+                              f"model ({model_cfg.name}) has vocab_size={model_cfg.vocab_size}; use the tokenizer the "
+                              "model was pretrained with")
 
     def build_datasets(self, cfg: Any, model_cfg: Any, *, dp_size: int, run_dir: Path) -> tuple[Any, Any, int]:
         if not self._built:
@@ -127,11 +128,23 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def parse_cli(argv: Sequence[str] | None, *, prog: str, doc: str | None) -> tuple[str | None, list[str]]:
+def stage_main(argv: Sequence[str] | None, *, config_cls: type, task_cls: type, run: Callable[..., Any], prog: str,
+               doc: str | None, example: str) -> int:
+    """The body of ``python -m rlhf.sft`` / ``rlhf.reward``: read the config (``--help`` lists it), build the task,
+    run. A ``ConfigError`` (config, data files, validation in the loop) prints one line and exits 2; anything else
+    raised by the training keeps its traceback."""
     parser = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=None, help="TOML preset (configs/rlhf/*.toml)")
+    add_config_arguments(parser, config_cls, prog=prog, example=example)
     args, overrides = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
-    return args.config, overrides
+    try:
+        cfg = config_cls.from_toml(args.config, overrides)
+        task = task_cls(cfg)
+        task.resolve(world_size=world_size())
+        result, _ = run(task.cfg, task=task)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return result.exit_code
 
 
 def run_stage(cfg: Any, task: StageTask, *, engine_factory: Callable[..., Any] | None = None,

@@ -17,16 +17,18 @@ import argparse
 import sys
 
 from train.config import RunConfig
+from train.config_reader import ConfigError, add_config_arguments
 from train.health import NonFiniteAbort
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=None, help="a TOML preset, e.g. configs/pretrain/tiny_cpu.toml")
+    add_config_arguments(parser, RunConfig, prog="python -m train",
+                         example="--config configs/pretrain/tiny_cpu.toml --train.steps=20 --run.dir=runs/tiny")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     args, overrides = parser.parse_known_args(argv)
-    try:
+    try:  # config errors (also the data and checkpoint checks of the loop) print one line; the rest a traceback
         cfg = RunConfig.from_toml(args.config, overrides)
         if args.print_config:
             print(cfg.to_toml())
@@ -34,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         from train.loop import train
 
         result = train(cfg)
-    except ValueError as err:
+    except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except NonFiniteAbort as err:

@@ -68,13 +68,14 @@ from train.checkpoint_files import (
     write_json_atomic,
     write_manifest,
 )
+from train.config_reader import ConfigError
 
 STEP_RE = re.compile(r"^step_(\d{8})$")
 LATEST = "latest"
 RESUME_MODES = ("none", "auto", "auto-or-fresh")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ConfigError):
     """No checkpoint to resume from that is intact (the message names the damaged ones and the fix)."""
 
 
@@ -197,7 +198,7 @@ class CheckpointManager:
         if resume not in RESUME_MODES:
             path = Path(resume)
             if not is_complete(path):
-                raise ValueError(f"--run.resume {resume}: not a complete checkpoint directory (needs step_N "
+                raise CheckpointError(f"--run.resume {resume}: not a complete checkpoint directory (needs step_N "
                                  f"with {COMPLETE} and {META}); use --resume auto or a path from {self.root}")
             problems = self.verify(path)
             if problems:

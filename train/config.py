@@ -1,30 +1,33 @@
-"""The typed run configuration of a pretraining run: TOML presets plus ``--section.key=value`` overrides.
+"""The typed run configuration: the sections every stage shares, and pretraining's root config ``RunConfig``.
 
     from train.config import RunConfig
     cfg = RunConfig.from_toml("configs/pretrain/tiny_cpu.toml", ["--train.steps=20", "--run.dir", "runs/x"])
-    cfg.validate(world_size=1)          # ValueError quoting the bad value and the fix
+    cfg.validate(world_size=1)          # ConfigError (a ValueError) quoting the bad value and the fix
     cfg.save_toml("runs/x/config.toml") # the resolved config; RunConfig.from_toml reads it back unchanged
 
-Every section is a frozen dataclass; every field has a docstring (the schema is ``docs/TRAIN_INTERFACES.md``).
-Overrides are coerced to the dataclass field's type; an unknown section or key is an error listing the valid
-ones. ``[model.overrides]`` is a free table of ``LlamaConfig`` fields (``--model.overrides.vocab_size=4096``),
+Every section is a frozen dataclass; every field has a docstring (the schema is ``docs/TRAIN_INTERFACES.md``;
+``python -m train --help`` prints it). Reading, overrides, ``to_toml`` and ``--help`` are ``train.config_reader``'s,
+shared by every stage: the alignment stages' configs (``rlhf.sft.config.SFTConfig``, ``rlhf.reward.config``,
+``rlhf.gatt.task.GAttConfig``, ``rlhf.ppo.config.PPOConfig``) are ``RunConfig`` subclasses that add their own
+section(s). ``[model.overrides]`` is a free table of ``LlamaConfig`` fields (``--model.overrides.vocab_size=4096``),
 checked against ``LlamaConfig``. ``--resume X`` is a shortcut for ``--run.resume X``.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-try:  # Python 3.11+
-    import tomllib
-except ModuleNotFoundError:  # pragma: no cover - Python 3.10
-    import tomli as tomllib  # type: ignore[no-redef]
+from train.config_reader import (  # noqa: F401  (coerce, parse_overrides, tomllib: re-exported for callers)
+    ConfigError,
+    RootConfig,
+    check,
+    coerce,
+    parse_overrides,
+    tomllib,
+)
 
 
 @dataclass(frozen=True)
@@ -164,63 +167,18 @@ SECTIONS: dict[str, type] = {
 }
 
 
-def _field_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def coerce(value: Any, typ: Any, *, where: str) -> Any:
-    """Convert a TOML value or a command-line string to ``typ`` (bool/int/float/str/Optional/dict)."""
-    origin = typing.get_origin(typ)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(typ) if a is not type(None)]
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            return None
-        return coerce(value, args[0], where=where)
-    if origin is dict or typ is dict:
-        if isinstance(value, dict):
-            return dict(value)
-        raise ValueError(f"{where}: expected a table, got {value!r}")
-    if typ is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
-            return value.lower() in ("true", "1", "yes", "on")
-        raise ValueError(f"{where}: expected true/false, got {value!r}")
-    if typ is int:
-        if isinstance(value, bool):
-            raise ValueError(f"{where}: expected an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        try:
-            as_float = float(str(value).replace("_", ""))
-        except ValueError:
-            raise ValueError(f"{where}: expected an integer, got {value!r}") from None
-        if not as_float.is_integer():
-            raise ValueError(f"{where}: expected an integer, got {value!r}")
-        return int(as_float)
-    if typ is float:
-        try:
-            return float(value) if not isinstance(value, bool) else _bad(where, "a number", value)
-        except (TypeError, ValueError):
-            raise ValueError(f"{where}: expected a number, got {value!r}") from None
-    if typ is str:
-        return str(value)
-    return value
-
-
-def _bad(where: str, what: str, value: Any) -> Any:
-    raise ValueError(f"{where}: expected {what}, got {value!r}")
-
-
 def _llama_field_types() -> dict[str, Any]:
     from model.config import LlamaConfig
 
-    return _field_types(LlamaConfig)
+    return typing.get_type_hints(LlamaConfig)
 
 
 @dataclass(frozen=True)
-class RunConfig:
-    """A whole run: one frozen section per TOML table."""
+class RunConfig(RootConfig):
+    """A whole pretraining run: one frozen section per TOML table (the shared run sections)."""
+
+    WHAT: ClassVar[str] = "run config"
+    PRESETS: ClassVar[str] = "configs/pretrain/"
 
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
@@ -232,48 +190,11 @@ class RunConfig:
     logging: LoggingSection = field(default_factory=LoggingSection)
     run: RunSection = field(default_factory=RunSection)
 
-    # ---- construction ------------------------------------------------------------------------------
     @classmethod
-    def from_dict(cls, data: dict[str, Any], *, source: str = "<dict>") -> RunConfig:
-        unknown = sorted(set(data) - set(SECTIONS))
-        if unknown:
-            raise ValueError(f"{source}: unknown section(s) {unknown}; valid sections: {sorted(SECTIONS)}")
-        sections = {}
-        for name, section_cls in SECTIONS.items():
-            table = data.get(name, {})
-            if not isinstance(table, dict):
-                raise ValueError(f"{source}: [{name}] must be a table, got {table!r}")
-            types_ = _field_types(section_cls)
-            bad = sorted(set(table) - set(types_))
-            if bad:
-                raise ValueError(f"{source}: unknown key(s) {bad} in [{name}]; valid keys: {sorted(types_)}")
-            kwargs = {k: coerce(v, types_[k], where=f"{source}: {name}.{k}") for k, v in table.items()}
-            if name == "model" and "overrides" in kwargs:
-                kwargs["overrides"] = _coerce_model_overrides(kwargs["overrides"], source=source)
-            sections[name] = section_cls(**kwargs)
-        return cls(**sections)
-
-    @classmethod
-    def from_toml(cls, path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
-        """Read a TOML preset (or start from the defaults with ``path=None``) and apply CLI overrides."""
-        data: dict[str, Any] = {}
-        source = "<defaults>"
-        if path is not None:
-            source = str(path)
-            try:
-                data = tomllib.loads(Path(path).read_text())
-            except FileNotFoundError:
-                raise ValueError(f"config file {path} does not exist; presets are in configs/pretrain/") from None
-            except tomllib.TOMLDecodeError as err:
-                raise ValueError(f"{path}: not valid TOML: {err}") from None
-        for key, value in parse_overrides(overrides or []):
-            _set_dotted(data, key, value)
-        return cls.from_dict(data, source=source + (" + overrides" if overrides else ""))
-
-    def replace(self, **sections: dict[str, Any]) -> RunConfig:
-        """``cfg.replace(train={"steps": 5})``: a copy with some fields of some sections changed."""
-        changes = {name: dataclasses.replace(getattr(self, name), **kw) for name, kw in sections.items()}
-        return dataclasses.replace(self, **changes)
+    def coerce_table(cls, section: str, key: str, table: dict[str, Any], *, source: str) -> dict[str, Any]:
+        if (section, key) == ("model", "overrides"):
+            return _coerce_model_overrides(table, source=source)
+        return table
 
     # ---- derived -----------------------------------------------------------------------------------
     def model_config(self) -> Any:
@@ -295,22 +216,27 @@ class RunConfig:
 
     # ---- checks ------------------------------------------------------------------------------------
     def validate(self, *, world_size: int | None = None) -> RunConfig:
-        """Raise ValueError quoting the offending value and how to fix it. Returns self."""
-        t, o, d = self.train, self.optim, self.data
+        """Raise ``ConfigError`` quoting the offending value and how to fix it. Returns self."""
+        t, d = self.train, self.data
         model = self.model_config()
-        _check(t.dtype in ("fp32", "bf16"), f"train.dtype={t.dtype!r}: use \"fp32\" or \"bf16\"")
         _check(t.steps > 0, f"train.steps={t.steps}: must be positive")
-        _check(t.micro_batch_size > 0 and t.global_batch_size > 0,
-               f"train.global_batch_size={t.global_batch_size}, micro_batch_size={t.micro_batch_size}: positive")
-        _check(t.global_batch_size % t.micro_batch_size == 0,
-               f"train.global_batch_size={t.global_batch_size} is not a multiple of "
-               f"train.micro_batch_size={t.micro_batch_size}; change one of them")
         _check(d.seq_len <= model.max_seq_len,
                f"data.seq_len={d.seq_len} exceeds model {model.name!r} max_seq_len={model.max_seq_len}; "
                "lower data.seq_len or set model.overrides.max_seq_len")
         _check(d.seq_len > 0, f"data.seq_len={d.seq_len}: must be positive")
         _check(d.synthetic or d.path, "data.path is empty and data.synthetic=false: point --data.path at a "
                "`python -m data_pipeline prepare` output directory or pass --data.synthetic=true")
+        return self.validate_shared(model, world_size=world_size)
+
+    def validate_shared(self, model: Any, *, world_size: int | None = None) -> RunConfig:
+        """The checks of the sections every stage reads (batch, optimizer, layout, logging, resume)."""
+        t, o = self.train, self.optim
+        _check(t.dtype in ("fp32", "bf16"), f"train.dtype={t.dtype!r}: use \"fp32\" or \"bf16\"")
+        _check(t.micro_batch_size > 0 and t.global_batch_size > 0,
+               f"train.global_batch_size={t.global_batch_size}, micro_batch_size={t.micro_batch_size}: positive")
+        _check(t.global_batch_size % t.micro_batch_size == 0,
+               f"train.global_batch_size={t.global_batch_size} is not a multiple of "
+               f"train.micro_batch_size={t.micro_batch_size}; change one of them")
         _check(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio={o.min_lr_ratio}: must be in [0, 1]")
         _check(o.lr > 0, f"optim.lr={o.lr}: must be positive")
         _check(0 <= o.warmup_steps, f"optim.warmup_steps={o.warmup_steps}: must be >= 0")
@@ -377,93 +303,15 @@ class RunConfig:
                f"parallel.pp={pp} with tied embeddings ({model.name!r}): pipeline stages need an untied head; "
                "set --model.overrides.tie_embeddings=false or --parallel.pp=1")
 
-    # ---- (de)serialisation -------------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def to_toml(self) -> str:
-        """Serialise (a small TOML writer for this schema: scalars and one nested table)."""
-        lines: list[str] = []
-        for name, table in self.to_dict().items():
-            nested = {k: v for k, v in table.items() if isinstance(v, dict)}
-            lines.append(f"[{name}]")
-            lines += [f"{k} = {_toml_value(v)}" for k, v in table.items() if not isinstance(v, dict)]
-            for sub, values in nested.items():
-                lines.append(f"[{name}.{sub}]")
-                lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
-            lines.append("")
-        return "\n".join(lines)
-
-    def save_toml(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_toml())
-
-
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, dict):
-        return "{" + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + "}"
-    return json.dumps(str(v))  # a JSON string is a valid TOML basic string
-
-
 def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ValueError(f"invalid run config: {message}")
+    check(ok, message, what="run config")
 
 
 def _coerce_model_overrides(overrides: dict[str, Any], *, source: str) -> dict[str, Any]:
     types_ = _llama_field_types()
     bad = sorted(set(overrides) - set(types_) - {"name"})
     if bad:
-        raise ValueError(f"{source}: unknown [model.overrides] key(s) {bad}; valid: {sorted(types_)}")
+        raise ConfigError(f"{source}: unknown [model.overrides] key(s) {bad}; valid: {sorted(types_)}")
     return {k: coerce(v, types_[k], where=f"{source}: model.overrides.{k}") for k, v in overrides.items()}
 
 
-def parse_overrides(argv: list[str]) -> list[tuple[str, Any]]:
-    """``["--a.b=1", "--c.d", "x", "--resume", "auto"]`` -> ``[("a.b", "1"), ("c.d", "x"), ("run.resume", "auto")]``."""
-    out: list[tuple[str, Any]] = []
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if not arg.startswith("--"):
-            raise ValueError(f"unexpected argument {arg!r}: overrides look like --section.key=value")
-        key, has_eq, value = arg[2:].partition("=")
-        if not has_eq:
-            if i + 1 >= len(argv) or (argv[i + 1].startswith("--") and not _is_number(argv[i + 1])):
-                raise ValueError(f"override {arg!r} has no value: write {arg}=VALUE or {arg} VALUE")
-            value = argv[i + 1]
-            i += 1
-        key = key.replace("-", "_") if "." not in key else key
-        if key == "resume":
-            key = "run.resume"
-        if "." not in key:
-            raise ValueError(f"override --{key}: write --section.key=value; sections: {sorted(SECTIONS)}")
-        out.append((key, value))
-        i += 1
-    return out
-
-
-def _is_number(s: str) -> bool:
-    try:
-        float(s)
-        return True
-    except ValueError:
-        return False
-
-
-def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
-    parts = key.split(".")
-    section = parts[0]
-    if section not in SECTIONS:
-        raise ValueError(f"override --{key}: unknown section {section!r}; valid sections: {sorted(SECTIONS)}")
-    if len(parts) == 3 and parts[:2] == ["model", "overrides"]:
-        data.setdefault("model", {}).setdefault("overrides", {})[parts[2]] = value
-        return
-    if len(parts) != 2:
-        raise ValueError(f"override --{key}: expected --section.key (or --model.overrides.FIELD)")
-    valid = _field_types(SECTIONS[section])
-    if parts[1] not in valid:
-        raise ValueError(f"override --{key}: unknown key {parts[1]!r} in [{section}]; valid keys: {sorted(valid)}")
-    data.setdefault(section, {})[parts[1]] = value

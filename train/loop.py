@@ -38,7 +38,7 @@ import torch.distributed as dist
 
 from model.config import model_flops_per_token
 from train.checkpointing import CheckpointManager
-from train.config import RunConfig
+from train.config import ConfigError, RunConfig
 from train.health import HealthMonitor, describe_collective_timeout
 from train.metrics import MetricsLogger, Throughput, peak_flops_per_device
 from train.schedule import schedule_from_config
@@ -129,6 +129,18 @@ def build_datasets(cfg: RunConfig, model_cfg: Any, *, dp_size: int, run_dir: Pat
         common = dict(vocab_size=model_cfg.vocab_size, seq_len=cfg.data.seq_len, seed=t.seed)
         valid = SyntheticDataset(**common, num_samples=n_valid, offset=10**9) if n_valid else None
         return SyntheticDataset(**common, num_samples=n_train), valid, SyntheticDataset.EOD
+    try:  # the data checks (data_pipeline cannot name our config keys): a ConfigError naming data.path
+        train_ds, valid_ds, tok_info = _prepared_datasets(cfg, model_cfg, n_train=n_train, n_valid=n_valid,
+                                                          run_dir=run_dir)
+    except ConfigError:
+        raise
+    except (ValueError, FileNotFoundError) as err:
+        raise ConfigError(f"data.path={cfg.data.path!r}: {err}") from err
+    return train_ds, valid_ds, int(tok_info["eos_id"])
+
+
+def _prepared_datasets(cfg: RunConfig, model_cfg: Any, *, n_train: int, n_valid: int,
+                       run_dir: Path) -> tuple[Any, Any, dict[str, Any]]:
     from data_pipeline.blend import read_manifest
     from data_pipeline.loader import build_pretrain_datasets, check_tokenizer_matches
 
@@ -141,16 +153,16 @@ def build_datasets(cfg: RunConfig, model_cfg: Any, *, dp_size: int, run_dir: Pat
         check_tokenizer_matches(manifest_dir, load_tokenizer(cfg.data.tokenizer), model_cfg.vocab_size,
                                 allow_padded_vocab=True)
     if tok_info is None:
-        raise ValueError(f"data.path={cfg.data.path!r}: expected a `python -m data_pipeline prepare` output "
-                         "directory holding manifest.json")
+        raise ConfigError(f"data.path={cfg.data.path!r}: expected a `python -m data_pipeline prepare` output "
+                          "directory holding manifest.json")
     if tok_info["vocab_size"] > model_cfg.vocab_size:
-        raise ValueError(f"{path}/manifest.json: data tokenized with vocab {tok_info['vocab_size']} but model "
-                         f"{model_cfg.name!r} has vocab_size={model_cfg.vocab_size}; set "
-                         f"--model.overrides.vocab_size={tok_info['vocab_size']} or re-tokenize")
+        raise ConfigError(f"{path}/manifest.json: data tokenized with vocab {tok_info['vocab_size']} but model "
+                          f"{model_cfg.name!r} has vocab_size={model_cfg.vocab_size}; set "
+                          f"--model.overrides.vocab_size={tok_info['vocab_size']} or re-tokenize")
     train_ds, valid_ds, _ = build_pretrain_datasets(
-        data_dir_or_blend=path, seq_len=cfg.data.seq_len, seed=t.seed, split=cfg.data.split,
+        data_dir_or_blend=path, seq_len=cfg.data.seq_len, seed=cfg.train.seed, split=cfg.data.split,
         num_samples=(n_train, n_valid, 0), tokenizer_info=tok_info, cache_dir=run_dir / "data_cache")
-    return train_ds, valid_ds, int(tok_info["eos_id"])
+    return train_ds, valid_ds, tok_info
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -123,9 +123,12 @@ def summarize(run_dir: Path, train: list[dict[str, Any]], valid: list[dict[str, 
     losses = [r["loss"] for r in train if isinstance(r.get("loss"), float) and math.isfinite(r["loss"])]
     lines = [f"# Run summary: {run_dir}", ""]
     if (run_dir / "config.toml").is_file():
-        from train.config import RunConfig
+        from train.config import RunConfig, tomllib
 
-        cfg = RunConfig.from_toml(run_dir / "config.toml")
+        # A stage's config.toml is the run sections plus its own ([sft], [rm], [gatt]): read the run sections.
+        tables = tomllib.loads((run_dir / "config.toml").read_text())
+        cfg = RunConfig.from_dict({k: v for k, v in tables.items() if k in RunConfig.sections()},
+                                  source=str(run_dir / "config.toml"))
         m = cfg.model_config()
         lines += [f"- model: {m.name} ({m.num_params() / 1e6:.2f}M parameters, dim {m.dim}, {m.n_layers} layers, "
                   f"vocab {m.vocab_size})",

@@ -24,7 +24,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from rlhf.gatt.task import GAttTask, load_train_config
+from rlhf.gatt.task import GAttConfig, GAttTask
+from train.config_reader import ConfigError, add_config_arguments
 
 # ----------------------------------------------------------------------------------------------- commands
 
@@ -82,10 +83,16 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
+    """Config errors (also those the loop's validation and the task raise) print one line; anything raised by
+    the training itself keeps its traceback."""
     from train.loop import train
 
-    cfg, section = load_train_config(args.config, overrides)
-    result = train(cfg, task=GAttTask(section))
+    try:
+        cfg = GAttConfig.from_toml(args.config, overrides)
+        result = train(cfg, task=GAttTask(cfg.gatt))
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     print(f"gatt train {result.reason} at step {result.last_step}: loss {result.last_loss:.4f}")
     return result.exit_code
 
@@ -128,16 +135,19 @@ def _parser() -> argparse.ArgumentParser:
         else:
             s.add_argument("--label", action="append")
             s.add_argument("--turns", type=int, default=6)
-    t = sub.add_parser("train")
-    t.add_argument("--config", default=None, help="TOML: run config tables + [gatt] (configs/rlhf/gatt*.toml)")
+    t = sub.add_parser("train", formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="fine-tune on GAtt dialogues: the run sections ([data] path = the JSONL) + [gatt]")
+    add_config_arguments(t, GAttConfig, prog="python -m rlhf.gatt train",
+                         example="--config configs/rlhf/gatt_tiny.toml --data.path=runs/gatt/gatt.jsonl "
+                                 "--gatt.init=runs/rlhf/final_policy --run.dir=runs/gatt/train")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args, rest = _parser().parse_known_args(argv)
+    if args.command == "train":
+        return cmd_train(args, rest)
     try:
-        if args.command == "train":
-            return cmd_train(args, rest)
         if rest:
             raise ValueError(f"unexpected arguments {rest}")
         return cmd_build(args) if args.command == "build" else cmd_eval(args)

@@ -32,6 +32,7 @@ from torch import Tensor
 from data_pipeline.loader import PretrainLoader
 from model.chat import encode_chat
 from rlhf.gatt.instructions import Instruction
+from train.config_reader import ConfigError
 
 Messages = list[dict[str, str]]
 
@@ -170,8 +171,8 @@ class ExampleDataset:
         self.examples = [e for e in examples if len(e.ids) <= seq_len + 1]
         self.dropped = len(examples) - len(self.examples)
         if not self.examples:
-            raise ValueError(f"no example fits data.seq_len={seq_len} (longest: "
-                             f"{max((len(e.ids) for e in examples), default=0)} tokens)")
+            raise ConfigError(f"no example fits data.seq_len={seq_len} (longest: "
+                              f"{max((len(e.ids) for e in examples), default=0)} tokens)")
         self.seq_len, self.num_samples, self.seed, self.pad_id = seq_len, num_samples, seed, pad_id
 
     def __len__(self) -> int:
@@ -198,8 +199,8 @@ def read_gatt_jsonl(path: str | Path) -> list[GAttDialogue | Messages]:
             record = json.loads(line)
             out.append(GAttDialogue.from_json(line) if "instruction" in record else list(record["messages"]))
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-            raise ValueError(f"{path}:{k + 1}: neither a GAtt record nor a {{'messages': [...]}} dialogue "
-                             f"({err})") from None
+            raise ConfigError(f"{path}:{k + 1}: neither a GAtt record nor a {{'messages': [...]}} dialogue "
+                              f"({err})") from None
     return out
 
 

@@ -1,7 +1,7 @@
-"""GAtt fine-tuning as a ``train.loop`` task: the ``[gatt]`` section, its config reader and the task.
+"""GAtt fine-tuning as a ``train.loop`` task: ``GAttConfig`` (the run sections + ``[gatt]``) and the task.
 
-    cfg, section = load_train_config("configs/rlhf/gatt_tiny.toml", ["--gatt.init=runs/rlhf/final_policy"])
-    result = train.loop.train(cfg, task=GAttTask(section))
+    cfg = GAttConfig.from_toml("configs/rlhf/gatt_tiny.toml", ["--gatt.init=runs/rlhf/final_policy"])
+    result = train.loop.train(cfg, task=GAttTask(cfg.gatt))
 
 The task reads the GAtt dialogues of ``[data] path`` (``rlhf.gatt.data``), encodes them with the chat format and
 puts the loss on the last assistant turn only (``train_turns = "last"``; ``"all"`` is multi-turn SFT).
@@ -11,17 +11,13 @@ from __future__ import annotations
 
 import random
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from train.config import RunConfig, coerce, parse_overrides
+from rlhf.config import TEMPLATES
+from train.config import ConfigError, RunConfig, check
 from train.loop import PretrainTask
-
-try:  # Python 3.11+
-    import tomllib
-except ModuleNotFoundError:  # pragma: no cover - Python 3.10
-    import tomli as tomllib  # type: ignore[no-redef]
 
 
 @dataclass(frozen=True)
@@ -51,7 +47,7 @@ class GAttTask(PretrainTask):
         from rlhf.gatt.data import ExampleDataset, read_gatt_jsonl, training_examples
 
         if not cfg.data.tokenizer:
-            raise ValueError("gatt train: set data.tokenizer (the model's tokenizer.model)")
+            raise ConfigError("gatt train: set data.tokenizer (the model's tokenizer.model)")
         tok = load_tokenizer(cfg.data.tokenizer)
         dialogues = read_gatt_jsonl(cfg.data.path)
         rng = random.Random(cfg.train.seed)
@@ -85,9 +81,9 @@ class GAttTask(PretrainTask):
         ckpt_cfg, weights = load_checkpoint(self.section.init)
         if (ckpt_cfg.dim, ckpt_cfg.n_layers, ckpt_cfg.vocab_size) != (model_cfg.dim, model_cfg.n_layers,
                                                                       model_cfg.vocab_size):
-            raise ValueError(f"gatt.init={self.section.init!r} has dim {ckpt_cfg.dim}, {ckpt_cfg.n_layers} layers, "
-                             f"vocab {ckpt_cfg.vocab_size}; the run's model {model_cfg.name!r} differs: set "
-                             "[model] / [model.overrides] to the checkpoint's shape")
+            raise ConfigError(f"gatt.init={self.section.init!r} has dim {ckpt_cfg.dim}, {ckpt_cfg.n_layers} layers, "
+                              f"vocab {ckpt_cfg.vocab_size}; the run's model {model_cfg.name!r} differs: set "
+                              "[model] / [model.overrides] to the checkpoint's shape")
         return {"init_weights": weights}
 
 
@@ -104,22 +100,33 @@ class GAttTask(PretrainTask):
         barrier()
 
 
-def load_train_config(path: str | None, overrides: list[str]) -> tuple[Any, GAttSection]:
-    """(RunConfig, GAttSection) from a TOML holding the run config's tables plus ``[gatt]``, then
-    ``--section.key=value`` overrides (``--gatt.key=value`` for the GAtt table)."""
-    data = tomllib.loads(Path(path).read_text()) if path else {}
-    gatt_table = dict(data.pop("gatt", {}))
-    for key, value in parse_overrides(overrides):
-        parts = key.split(".")
-        if parts[0] == "gatt":
-            gatt_table[parts[1]] = value
-        elif parts[:2] == ["model", "overrides"] and len(parts) == 3:
-            data.setdefault("model", {}).setdefault("overrides", {})[parts[2]] = value
-        else:
-            data.setdefault(parts[0], {})[".".join(parts[1:])] = value
-    hints = typing.get_type_hints(GAttSection)
-    bad = sorted(set(gatt_table) - set(hints))
-    if bad:
-        raise ValueError(f"unknown [gatt] key(s) {bad}; valid keys: {sorted(hints)}")
-    section = GAttSection(**{k: coerce(v, hints[k], where=f"gatt.{k}") for k, v in gatt_table.items()})
-    return RunConfig.from_dict(data, source=f"{path or '<defaults>'} + overrides"), section
+@dataclass(frozen=True)
+class GAttConfig(RunConfig):
+    """GAtt fine-tuning: every run section (``[data] path`` = the GAtt dialogues JSONL) plus ``[gatt]``."""
+
+    PRESETS: typing.ClassVar[str] = "configs/rlhf/"
+    UNUSED: typing.ClassVar[tuple[str, ...]] = ("data.synthetic", "data.split")
+    DOCS: typing.ClassVar[dict[str, str]] = {
+        "data.path": "The GAtt dialogues: a ``python -m rlhf.gatt build`` JSONL (or {\"messages\": [...]} dialogues).",
+        "data.tokenizer": "The model's tokenizer.model (GAtt encodes the chat text itself).",
+    }
+    gatt: GAttSection = field(default_factory=GAttSection)
+
+    def validate(self, *, world_size: int | None = None) -> GAttConfig:
+        g = self.gatt
+        check(g.template in TEMPLATES, f"gatt.template={g.template!r}: use one of {list(TEMPLATES)}")
+        check(g.train_turns in ("last", "all"), f"gatt.train_turns={g.train_turns!r}: use \"last\" (GAtt) or "
+              "\"all\" (multi-turn SFT)")
+        check(g.truncate in ("random", "none"), f"gatt.truncate={g.truncate!r}: use \"random\" or \"none\"")
+        check(0.0 <= g.valid_fraction < 1.0, f"gatt.valid_fraction={g.valid_fraction}: must be in [0, 1)")
+        check(bool(self.data.tokenizer), "data.tokenizer is empty: set --data.tokenizer=PATH (the model's "
+              "tokenizer.model; GAtt encodes chat text itself)")
+        self.check_unused()
+        super().validate(world_size=world_size)
+        return self
+
+
+def load_train_config(path: str | None, overrides: list[str]) -> tuple[GAttConfig, GAttSection]:
+    """``(GAttConfig, its [gatt] section)`` from a TOML preset and ``--section.key=value`` overrides."""
+    cfg = GAttConfig.from_toml(path, overrides)
+    return cfg, cfg.gatt

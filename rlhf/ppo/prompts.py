@@ -1,7 +1,7 @@
 """PPO prompt sets: synthetic token prompts, Anthropic HH-RLHF prompts (harmless-base ones safety-flagged) or a
 JSONL file; a deterministic held-out split for early stopping; the per-iteration order and its DP shards.
 
-    prompts = prompt_set(cfg.data, tokenizer=tok, vocab_size=32000, seed=cfg.run.seed)
+    prompts = prompt_set(cfg.prompts, tokenizer=tok, vocab_size=32000, seed=cfg.train.seed)
     train, heldout = split_heldout(prompts, n=64)
     batch = iteration_prompts(train, iteration=3, n=512, seed=1234)   # global order, same on every rank
     mine = shard(batch, dp_rank=r, dp_size=dp)                         # batch[r::dp]
@@ -22,6 +22,7 @@ from typing import Any
 
 from rlhf.paths import resolve_path
 from rlhf.sources import Prompt, hh_files, load_prompts, sniff_format
+from train.config_reader import ConfigError
 
 SAFETY_MARKER = 3
 """Token id that opens every synthetic safety prompt (after BOS) and no other: the prompt's safety flag is
@@ -66,22 +67,22 @@ def _read_prompts(path: Path, *, print_fn: Any) -> list[Prompt]:
 
 
 def prompt_set(data: Any, *, tokenizer: Any, vocab_size: int, seed: int, print_fn: Any = print) -> list[Prompt]:
-    """The configured prompt set (``data`` is ``PPOConfig.data``), chat-encoded, deduplicated, too-long ones
+    """The configured prompt set (``data`` is ``PPOConfig.prompts``), chat-encoded, deduplicated, too-long ones
     dropped and counted; ``Prompt.index`` numbers them."""
-    if data.prompts == "synthetic":
-        return synthetic_prompts(n=data.synthetic_prompts, vocab_size=vocab_size, min_len=data.synthetic_min_len,
+    if data.source == "synthetic":
+        return synthetic_prompts(n=data.synthetic_count, vocab_size=vocab_size, min_len=data.synthetic_min_len,
                                  max_len=data.synthetic_max_len, seed=seed,
                                  safety_fraction=data.synthetic_safety_fraction,
                                  bos_id=tokenizer.bos_id if tokenizer is not None else 1)
     if tokenizer is None:
-        raise ValueError(f"data.prompts={data.prompts!r} needs data.tokenizer (the policy's tokenizer.model)")
+        raise ConfigError(f"prompts.source={data.source!r} needs data.tokenizer (the policy's tokenizer.model)")
     out: list[Prompt] = []
     seen: set[tuple[int, ...]] = set()
     too_long = 0
-    for prompt in _read_prompts(resolve_path(data.prompts), print_fn=print_fn):
+    for prompt in _read_prompts(resolve_path(data.source), print_fn=print_fn):
         # The system prompt of a dialogue file is not part of a PPO prompt (the turns are).
         ids = tuple(_encode(tokenizer, list(prompt.turns), data.template))
-        if len(ids) > data.max_prompt_tokens:
+        if len(ids) > data.max_tokens:
             too_long += 1
             continue
         if ids in seen:
@@ -89,7 +90,7 @@ def prompt_set(data: Any, *, tokenizer: Any, vocab_size: int, seed: int, print_f
         seen.add(ids)
         out.append(dataclasses.replace(prompt, index=len(out), ids=ids))
     print_fn(f"prompts: {len(out)} unique prompts ({sum(p.is_safety for p in out)} safety-flagged); "
-             f"{too_long} longer than data.max_prompt_tokens={data.max_prompt_tokens} dropped")
+             f"{too_long} longer than prompts.max_tokens={data.max_tokens} dropped")
     return out
 
 
@@ -102,8 +103,8 @@ def split_heldout(prompts: Sequence[Prompt], *, n: int) -> tuple[list[Prompt], l
     (stable, exact size); every other prompt trains."""
     candidates = [p for p in prompts if p.heldout_side]
     if n >= len(prompts) or n > len(candidates):
-        raise ValueError(f"data.heldout_prompts={n}: only {len(candidates)} of the {len(prompts)} prompts may be "
-                         "held out (the reward models' held-out side); lower it")
+        raise ConfigError(f"prompts.heldout={n}: only {len(candidates)} of the {len(prompts)} prompts may be "
+                          "held out (the reward models' held-out side); lower it")
     ranked = sorted(candidates, key=_rank_key)
     held = {p.index for p in ranked[:n]}
     return [p for p in prompts if p.index not in held], [p for p in prompts if p.index in held]
@@ -112,7 +113,7 @@ def split_heldout(prompts: Sequence[Prompt], *, n: int) -> tuple[list[Prompt], l
 def iteration_prompts(prompts: Sequence[Prompt], *, iteration: int, n: int, seed: int) -> list[Prompt]:
     """The ``n`` prompts of one iteration: epochs over a seeded permutation, continued across iterations."""
     if n > len(prompts):
-        raise ValueError(f"ppo.prompts_per_iteration={n} exceeds the {len(prompts)} training prompts")
+        raise ConfigError(f"ppo.prompts_per_iteration={n} exceeds the {len(prompts)} training prompts")
     start = iteration * n
     out: list[Prompt] = []
     epoch = start // len(prompts)

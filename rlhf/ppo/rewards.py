@@ -28,6 +28,7 @@ from torch import Tensor
 
 from rlhf.losses import combined_reward, logit
 from rlhf.ppo.rollout import Sample, chunks
+from train.config_reader import ConfigError
 
 
 class Scorer(Protocol):
@@ -177,11 +178,11 @@ def build_scorer(spec: str, *, tokenizer: Any = None, **context: Any) -> Scorer:
     if kind in ("target_tokens", "avoid_tokens"):
         ids = [int(x) for x in arg.split(",") if x.strip()]
         if not ids:
-            raise ValueError(f"reward scorer {spec!r}: give token ids, e.g. target_tokens:5,17,42")
+            raise ConfigError(f"reward scorer {spec!r}: give token ids, e.g. target_tokens:5,17,42")
         return TargetTokenScorer(ids) if kind == "target_tokens" else AvoidTokenScorer(ids)
     if kind == "keyword":
         if tokenizer is None:
-            raise ValueError(f"reward scorer {spec!r} decodes answers: set data.tokenizer")
+            raise ConfigError(f"reward scorer {spec!r} decodes answers: set data.tokenizer")
         return KeywordScorer(arg, tokenizer)
     if kind == "constant":
         return ConstantScorer(float(arg))
@@ -189,10 +190,10 @@ def build_scorer(spec: str, *, tokenizer: Any = None, **context: Any) -> Scorer:
         try:
             factory = getattr(importlib.import_module(kind), arg)
         except (ImportError, AttributeError) as err:
-            raise ValueError(f"reward scorer {spec!r}: cannot import {arg} from {kind} ({err})") from None
+            raise ConfigError(f"reward scorer {spec!r}: cannot import {arg} from {kind} ({err})") from None
         return factory(tokenizer=tokenizer, **context)
-    raise ValueError(f"reward scorer {spec!r}: use target_tokens:IDS, avoid_tokens:IDS, keyword:WORD, "
-                     "constant:P, module:callable, or a reward-model checkpoint directory")
+    raise ConfigError(f"reward scorer {spec!r}: use target_tokens:IDS, avoid_tokens:IDS, keyword:WORD, "
+                      "constant:P, module:callable, or a reward-model checkpoint directory")
 
 
 # -------------------------------------------------------------------------------------- combined reward

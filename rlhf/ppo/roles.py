@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from model.config import LlamaConfig
 from model.llama import Llama
 from rlhf.losses import logprobs_from_logits, policy_loss, value_loss
+from train.config_reader import ConfigError
 
 
 def token_logprobs(logits: Tensor, labels: Tensor, *, tp_size: int) -> Tensor:
@@ -204,12 +205,12 @@ def load_scalar_model(path: str | Path) -> tuple[LlamaConfig, dict[str, Tensor],
 
     p = checkpoint_dir(path)
     if not (p / META).is_file():
-        raise ValueError(f"{path}: no {META}; expected a reward model exported by `python -m rlhf.reward` "
-                         "(RUN_DIR/final_model or the run directory)")
+        raise ConfigError(f"{path}: no {META}; expected a reward model exported by `python -m rlhf.reward` "
+                          "(RUN_DIR/final_model or the run directory)")
     meta = json.loads((p / META).read_text())
     if meta.get("format") != FORMAT:
-        raise ValueError(f"{p / META}: format {meta.get('format')!r}, expected {FORMAT!r}")
+        raise ConfigError(f"{p / META}: format {meta.get('format')!r}, expected {FORMAT!r}")
     weights = load_file(str(p / WEIGHTS))
     if SCALAR_HEAD not in weights:
-        raise ValueError(f"{p / WEIGHTS}: no {SCALAR_HEAD!r}")
+        raise ConfigError(f"{p / WEIGHTS}: no {SCALAR_HEAD!r}")
     return LlamaConfig.from_dict(meta["model"]), weights, meta

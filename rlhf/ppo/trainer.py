@@ -5,7 +5,7 @@ each under tensor parallelism x ZeRO, rollouts with the KV-cache generator.
     torchrun --standalone --nproc-per-node 2 -m rlhf.ppo --config configs/rlhf/ppo_tiny.toml \\
         --parallel.tp=2 --run.dir runs/ppo_tp2
     torchrun --standalone --nproc-per-node 2 -m rlhf.ppo --config configs/rlhf/ppo_tiny.toml \\
-        --parallel.zero_stage=3 --rollout.gather=once --run.dir runs/ppo_zero3
+        --zero.stage=3 --rollout.gather=once --run.dir runs/ppo_zero3
     python -m train.report runs/ppo_tiny                                                       # curves
 
 One iteration (``PPOTrainer.iteration``)::
@@ -62,6 +62,7 @@ from rlhf.ppo.roles import (
     zero_head,
 )
 from rlhf.reward.model import RewardObjective
+from train.config_reader import ConfigError, add_config_arguments
 
 
 @dataclass
@@ -90,18 +91,18 @@ class PPOResult:
 
 def _initial_weights(cfg: PPOConfig, model_cfg: Any) -> dict[str, Tensor]:
     """The policy's starting weights: the SFT checkpoint, or the seeded init (identical on every rank)."""
-    if cfg.policy.init:
+    if cfg.ppo.init:
         from model.checkpoints import load_checkpoint
 
-        ckpt_cfg, weights = load_checkpoint(checkpoint_dir(resolve_path(cfg.policy.init)))
+        ckpt_cfg, weights = load_checkpoint(checkpoint_dir(resolve_path(cfg.ppo.init)))
         if ckpt_cfg.dim != model_cfg.dim or ckpt_cfg.n_layers != model_cfg.n_layers:
-            raise ValueError(f"policy.init={cfg.policy.init!r} is a {ckpt_cfg.name} (dim {ckpt_cfg.dim}, "
-                             f"{ckpt_cfg.n_layers} layers) but policy.model={cfg.policy.model!r}; make them agree")
+            raise ConfigError(f"ppo.init={cfg.ppo.init!r} is a {ckpt_cfg.name} (dim {ckpt_cfg.dim}, "
+                              f"{ckpt_cfg.n_layers} layers) but model.name={cfg.model.name!r}; make them agree")
         return weights
     from model.llama import Llama, init_llama_weights
 
     model = Llama(model_cfg)
-    init_llama_weights(model, seed=cfg.run.seed)
+    init_llama_weights(model, seed=cfg.train.seed)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
@@ -113,7 +114,7 @@ class PPOTrainer:
         from train.engine import TrainEngine
         from train.topology import Topology
 
-        self.topo = topology or Topology.initialize(tp=cfg.parallel.tp, timeout_s=cfg.parallel.collective_timeout_s)
+        self.topo = topology or Topology.initialize(tp=cfg.parallel.tp, timeout_s=cfg.train.collective_timeout_s)
         self.cfg = cfg.validate(world_size=self.topo.world_size)
         self.print = print_fn if self.topo.global_rank == 0 else (lambda *a, **k: None)
         self.model_cfg = cfg.model_config()
@@ -131,9 +132,9 @@ class PPOTrainer:
         self.reference = self._engine("frozen", objective, self.model_cfg, weights)
         self.rewards = reward_stage or self._reward_stage()
         self.value = self._value_engine(weights)
-        prompts = prompt_set(cfg.data, tokenizer=self.tokenizer, vocab_size=self.model_cfg.vocab_size,
-                               seed=cfg.run.seed, print_fn=self.print)
-        self.train_prompts, self.heldout = split_heldout(prompts, n=cfg.data.heldout_prompts)
+        prompts = prompt_set(cfg.prompts, tokenizer=self.tokenizer, vocab_size=self.model_cfg.vocab_size,
+                               seed=cfg.train.seed, print_fn=self.print)
+        self.train_prompts, self.heldout = split_heldout(prompts, n=cfg.prompts.heldout)
         self.guards = PPOGuards(cfg.guards)
         self.stopper = EarlyStopping(patience=cfg.eval.patience, min_delta=cfg.eval.min_delta)
 
@@ -148,7 +149,7 @@ class PPOTrainer:
     def _value_engine(self, policy_weights: dict[str, Tensor]) -> Any:
         """Llama 2 initialises the value model from the (helpfulness) reward model; "policy" and "" are for
         runs without one."""
-        init, objective = self.cfg.value.init, ScalarHeadObjective(clip=self.cfg.ppo.value_clip)
+        init, objective = self.cfg.ppo.value_init, ScalarHeadObjective(clip=self.cfg.ppo.value_clip)
         if init == "policy":
             return self._engine("value", objective, self.model_cfg, zero_head(policy_weights, dim=self.model_cfg.dim))
         if init == "":
@@ -163,13 +164,13 @@ class PPOTrainer:
         model_cfg, weights, meta = load_scalar_model(resolve_path(spec))  # a reward model: a frozen engine under TP x ZeRO
         self._check_same_tokens(spec, meta)
         engine = self._engine("frozen", RewardObjective(), model_cfg, weights)
-        return RewardModelScorer(engine, micro_batch_size=self.cfg.ppo.micro_batch_size, pad_id=self.pad_id,
+        return RewardModelScorer(engine, micro_batch_size=self.cfg.train.micro_batch_size, pad_id=self.pad_id,
                                  end_id=self.stop_ids[0], max_len=int(meta.get("max_len", model_cfg.max_seq_len)))
 
     def _check_same_tokens(self, spec: str, meta: dict[str, Any]) -> None:
         """The reward model must read the policy's token ids: same tokenizer file and chat template."""
         if self.tokenizer is None:
-            raise ValueError(f"reward model {spec} scores token ids of a tokenizer: set data.tokenizer")
+            raise ConfigError(f"reward model {spec} scores token ids of a tokenizer: set data.tokenizer")
         theirs = meta.get("tokenizer")
         if theirs and Path(theirs).is_file():
             from model.tokenizer import load_tokenizer
@@ -178,11 +179,11 @@ class PPOTrainer:
         else:
             same = True  # the RM's tokenizer file is not on this machine: trust data.tokenizer
         if not same:
-            raise ValueError(f"reward model {spec} was trained with another tokenizer ({meta.get('tokenizer')}) than "
-                             f"data.tokenizer={self.cfg.data.tokenizer}")
-        if meta.get("template", self.cfg.data.template) != self.cfg.data.template:
-            raise ValueError(f"reward model {spec} uses the {meta['template']!r} chat format but data.template="
-                             f"{self.cfg.data.template!r}")
+            raise ConfigError(f"reward model {spec} was trained with another tokenizer ({meta.get('tokenizer')}) than "
+                              f"data.tokenizer={self.cfg.data.tokenizer}")
+        if meta.get("template", self.cfg.prompts.template) != self.cfg.prompts.template:
+            raise ConfigError(f"reward model {spec} uses the {meta['template']!r} chat format but prompts.template="
+                              f"{self.cfg.prompts.template!r}")
 
     def _reward_stage(self) -> RewardStage:
         r = self.cfg.reward
@@ -198,7 +199,7 @@ class PPOTrainer:
 
     def make_experience(self, samples: list[ro.Sample]) -> Experience:
         """Score the rollouts with every role and turn the rewards into advantages and value targets."""
-        c, micro = self.cfg, self.cfg.ppo.micro_batch_size
+        c, micro = self.cfg, self.cfg.train.micro_batch_size
         old_logp = ro.score_tokens(self.policy, samples, micro_batch_size=micro, pad_id=self.pad_id)
         ref_logp = ro.score_tokens(self.reference, samples, micro_batch_size=micro, pad_id=self.pad_id)
         values = ro.score_tokens(self.value, samples, micro_batch_size=micro, pad_id=self.pad_id, value=True)
@@ -217,8 +218,8 @@ class PPOTrainer:
     def update(self, exp: Experience) -> dict[str, float]:
         """One gradient step of the policy and one of the value model per minibatch (``ppo.epochs`` passes)."""
         c, dp = self.cfg, self.topo.dp_size
-        local_minibatch, micro = c.ppo.minibatch_size // dp, c.ppo.micro_batch_size
-        value_lr = c.optim.value_lr if c.optim.value_lr > 0 else c.optim.lr
+        local_minibatch, micro = c.train.global_batch_size // dp, c.train.micro_batch_size
+        value_lr = c.ppo.value_lr if c.ppo.value_lr > 0 else c.optim.lr
         norms: dict[str, list[float]] = {"policy_grad_norm": [], "value_grad_norm": [], "skipped_steps": []}
         for _ in range(c.ppo.epochs):
             for start in range(0, len(exp.samples), local_minibatch):
@@ -281,9 +282,9 @@ class PPOTrainer:
     def collect(self, it: int) -> tuple[Experience, dict[str, Any]]:
         """Rollouts of iteration ``it`` (0-based) on this rank's prompts, scored: ``(experience, metrics)``."""
         c = self.cfg
-        batch = iteration_prompts(self.train_prompts, iteration=it, n=c.ppo.prompts_per_iteration, seed=c.run.seed)
+        batch = iteration_prompts(self.train_prompts, iteration=it, n=c.ppo.prompts_per_iteration, seed=c.train.seed)
         local = shard(batch, dp_rank=self.topo.dp_rank, dp_size=self.topo.dp_size)
-        seeds = [ro.answer_seed(c.run.seed, it, p.index) for p in local]
+        seeds = [ro.answer_seed(c.train.seed, it, p.index) for p in local]
         samples, gen_s = self._rollout(local, seeds, temperature=c.rollout.temperature)
         t0 = time.perf_counter()
         exp = self.make_experience(samples)
@@ -314,10 +315,10 @@ class PPOTrainer:
         """Held-out prompts, fixed seeds: rewards (unwhitened), KL and length; ``heldout/`` keys."""
         c = self.cfg
         local = shard(self.heldout, dp_rank=self.topo.dp_rank, dp_size=self.topo.dp_size)
-        seeds = [ro.answer_seed(c.run.seed + 1, 0, p.index) for p in local]
+        seeds = [ro.answer_seed(c.train.seed + 1, 0, p.index) for p in local]
         temperature = c.eval.temperature if c.eval.temperature > 0 else c.rollout.temperature
         samples, _ = self._rollout(local, seeds, temperature=temperature)
-        micro = c.ppo.micro_batch_size
+        micro = c.train.micro_batch_size
         logp = ro.score_tokens(self.policy, samples, micro_batch_size=micro, pad_id=self.pad_id)
         ref = ro.score_tokens(self.reference, samples, micro_batch_size=micro, pad_id=self.pad_id)
         reward = self.rewards(samples, whiten=False)
@@ -334,7 +335,7 @@ class PPOTrainer:
             if value:
                 save_scalar_model(weights, engine.model_cfg, out, meta={
                     "role": "ppo value model", "tokenizer": self.cfg.data.tokenizer,
-                    "template": self.cfg.data.template, "max_len": engine.model_cfg.max_seq_len})
+                    "template": self.cfg.prompts.template, "max_len": engine.model_cfg.max_seq_len})
             else:
                 from model.checkpoints.native import save_native
 
@@ -365,7 +366,7 @@ class PPOTrainer:
                                print_fn=self.print)
         log.event(f"PPO {self.model_cfg.name} ({self.model_cfg.num_params() / 1e6:.2f}M), world "
                   f"{self.topo.world_size} (tp {self.topo.tp_size}, dp {self.topo.dp_size}), ZeRO "
-                  f"{c.parallel.zero_stage}/{c.frozen_stage}, beta {c.beta}, {len(self.train_prompts)} train / "
+                  f"{c.zero.stage}/{c.frozen_stage}, beta {c.beta}, {len(self.train_prompts)} train / "
                   f"{len(self.heldout)} held-out prompts")
         history, reason, it = [], "completed", 0
         try:
@@ -399,17 +400,17 @@ class PPOTrainer:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m rlhf.ppo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=None, help="TOML preset (configs/rlhf/ppo*.toml)")
+    add_config_arguments(parser, PPOConfig, prog="python -m rlhf.ppo",
+                         example="--config configs/rlhf/ppo_tiny.toml --ppo.iterations=5 --run.dir=runs/ppo_tiny")
     args, overrides = parser.parse_known_args(argv)
     warnings.filterwarnings("ignore", category=FutureWarning)
-    try:
+    try:  # config errors (also those found while building the roles) and the non-finite abort: one line
         cfg = PPOConfig.from_toml(args.config, overrides)
         result = PPOTrainer(cfg).run()
-    except (ValueError, NonFinitePPO) as err:
+    except (ConfigError, NonFinitePPO) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     best = (f"best held-out LOGIT(Rc) {result.best_heldout:.4f} at iteration {result.best_iteration}"
             if result.best_iteration >= 0 else "no held-out evaluation (eval.every=0)")
     print(f"PPO {result.reason} after {result.iterations} iterations; {best}; run dir {result.run_dir}")
     return 0
-

@@ -12,8 +12,9 @@ from __future__ import annotations
 import typing
 from dataclasses import dataclass, field
 
-from rlhf.config import StageSection, _check, _check_files, _StageConfig
+from rlhf.config import StageConfig, StageSection, check_files
 from rlhf.paths import file_list
+from train.config import check
 
 MIXTURES = ("helpfulness", "safety", "all")
 
@@ -39,7 +40,7 @@ class RewardSection(StageSection):
 
 
 @dataclass(frozen=True)
-class RewardConfig(_StageConfig):
+class RewardConfig(StageConfig):
     """Reward-model training: every RunConfig section plus ``[rm]``."""
 
     rm: RewardSection = field(default_factory=RewardSection)
@@ -49,17 +50,17 @@ class RewardConfig(_StageConfig):
         from rlhf.losses import MARGIN_TABLES
 
         r = self.rm
-        _check(self.parallel.pp == 1, f"parallel.pp={self.parallel.pp}: the reward model runs under tensor "
+        check(self.parallel.pp == 1, f"parallel.pp={self.parallel.pp}: the reward model runs under tensor "
                "parallelism and ZeRO 1-3 but not pipeline parallelism (its head reads hidden states the pipeline's "
                "last stage turns into logits); use --parallel.pp=1 and --parallel.tp / --zero.stage instead")
-        _check(r.mixture in MIXTURES, f"rm.mixture={r.mixture!r}: use one of {list(MIXTURES)}")
-        _check(r.margin in MARGIN_TABLES, f"rm.margin={r.margin!r}: use one of {sorted(MARGIN_TABLES)}")
-        _check(0.0 < r.safety_fraction <= 1.0, f"rm.safety_fraction={r.safety_fraction}: must be in (0, 1]")
+        check(r.mixture in MIXTURES, f"rm.mixture={r.mixture!r}: use one of {list(MIXTURES)}")
+        check(r.margin in MARGIN_TABLES, f"rm.margin={r.margin!r}: use one of {sorted(MARGIN_TABLES)}")
+        check(0.0 < r.safety_fraction <= 1.0, f"rm.safety_fraction={r.safety_fraction}: must be in (0, 1]")
         helpful, safety = file_list(r.helpful_files), file_list(r.safety_files)
-        _check(bool(helpful or safety), "rm.helpful_files and rm.safety_files are both empty")
+        check(bool(helpful or safety), "rm.helpful_files and rm.safety_files are both empty")
         if r.mixture == "helpfulness":
-            _check(bool(helpful), "rm.mixture=\"helpfulness\" needs rm.helpful_files")
+            check(bool(helpful), "rm.mixture=\"helpfulness\" needs rm.helpful_files")
         if r.mixture == "safety":
-            _check(bool(safety), "rm.mixture=\"safety\" needs rm.safety_files")
-        _check_files(helpful, "rm.helpful_files")
-        _check_files(safety, "rm.safety_files")
+            check(bool(safety), "rm.mixture=\"safety\" needs rm.safety_files")
+        check_files(helpful, "rm.helpful_files")
+        check_files(safety, "rm.safety_files")

@@ -26,6 +26,7 @@ from model.config import LlamaConfig
 from model.llama import Llama
 from rlhf.losses import ranking_loss
 from rlhf.paths import checkpoint_dir
+from train.config_reader import ConfigError
 
 HEAD = "reward_head.weight"
 FORMAT = "llama-reward-model"
@@ -94,17 +95,17 @@ def load_reward_model(path: str | Path) -> tuple[RewardModel, dict[str, Any]]:
     p = checkpoint_dir(path)
     meta_path = p / META
     if not meta_path.is_file():
-        raise ValueError(f"{path}: no {META}; expected a reward model exported by `python -m rlhf.reward` "
-                         "(RUN_DIR/final_model or the run directory)")
+        raise ConfigError(f"{path}: no {META}; expected a reward model exported by `python -m rlhf.reward` "
+                          "(RUN_DIR/final_model or the run directory)")
     meta = json.loads(meta_path.read_text())
     if meta.get("format") != FORMAT:
-        raise ValueError(f"{meta_path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+        raise ConfigError(f"{meta_path}: format {meta.get('format')!r}, expected {FORMAT!r}")
     model = RewardModel(Llama(LlamaConfig.from_dict(meta["model"])))
     weights = load_file(str(p / WEIGHTS))
     state = {(k if k == HEAD else "model." + k): v for k, v in weights.items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("output.weight")]
     if missing or unexpected:
-        raise ValueError(f"{p / WEIGHTS}: missing {missing[:5]}, unexpected {unexpected[:5]}; the file does not match "
-                         f"its {META}")
+        raise ConfigError(f"{p / WEIGHTS}: missing {missing[:5]}, unexpected {unexpected[:5]}; the file does not match "
+                          f"its {META}")
     return model.eval(), meta

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import random
-import sys
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,7 +41,7 @@ from rlhf.reward.evaluate import evaluate_pairs
 from rlhf.reward.model import RewardObjective, save_reward_model
 from rlhf.reward.scorer import RewardScorer
 from rlhf.sources import Split, load_pairs, unique_names
-from rlhf.stage import StageTask, parse_cli, rank, run_stage, world_size
+from rlhf.stage import StageTask, rank, run_stage, stage_main
 
 
 # ------------------------------------------------------------------------------------------------- the task
@@ -144,14 +143,5 @@ def run_reward(cfg: RewardConfig, *, task: RewardTask | None = None, **loop_kwar
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    config, overrides = parse_cli(argv, prog="python -m rlhf.reward", doc=__doc__)
-    try:  # configuration and data errors: one clear line, no traceback
-        cfg = RewardConfig.from_toml(config, overrides)
-        task = RewardTask(cfg)
-        task.resolve(world_size=world_size())
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    result, _ = run_reward(task.cfg, task=task)
-    return result.exit_code
-
+    return stage_main(argv, config_cls=RewardConfig, task_cls=RewardTask, run=run_reward, prog="python -m rlhf.reward", doc=__doc__,
+                      example="--config configs/rlhf/rm_helpfulness_hh_tiny.toml --rm.init_checkpoint=runs/sft --run.dir=runs/rm_helpful")

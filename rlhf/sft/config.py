@@ -12,8 +12,9 @@ from __future__ import annotations
 import typing
 from dataclasses import dataclass, field
 
-from rlhf.config import StageSection, _check, _check_files, _StageConfig
+from rlhf.config import StageConfig, StageSection, check_files
 from rlhf.paths import file_list
+from train.config import check
 
 
 @dataclass(frozen=True)
@@ -25,7 +26,7 @@ class SFTSection(StageSection):
 
 
 @dataclass(frozen=True)
-class SFTConfig(_StageConfig):
+class SFTConfig(StageConfig):
     """Supervised fine-tuning: every RunConfig section plus ``[sft]``."""
 
     sft: SFTSection = field(default_factory=SFTSection)
@@ -33,5 +34,5 @@ class SFTConfig(_StageConfig):
 
     def _validate_stage(self, *, world_size: int | None) -> None:
         files = file_list(self.sft.files)
-        _check(bool(files), "sft.files is empty: give dialogue JSONL or HH-RLHF files, comma-separated")
-        _check_files(files, "sft.files")
+        check(bool(files), "sft.files is empty: give dialogue JSONL or HH-RLHF files, comma-separated")
+        check_files(files, "sft.files")

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import random
-import sys
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,7 +34,7 @@ from rlhf.batching import pack_sft_rows, sft_example, stack_rows
 from rlhf.paths import file_list
 from rlhf.sft.config import SFTConfig
 from rlhf.sources import load_dialogues
-from rlhf.stage import StageTask, parse_cli, rank, run_stage, world_size
+from rlhf.stage import StageTask, rank, run_stage, stage_main
 
 SIDECAR = "rlhf.json"
 
@@ -152,14 +151,5 @@ def run_sft(cfg: SFTConfig, *, task: SFTTask | None = None, **loop_kwargs: Any) 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    config, overrides = parse_cli(argv, prog="python -m rlhf.sft", doc=__doc__)
-    try:  # configuration and data errors: one clear line, no traceback
-        cfg = SFTConfig.from_toml(config, overrides)
-        task = SFTTask(cfg)
-        task.resolve(world_size=world_size())
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    result, _ = run_sft(task.cfg, task=task)
-    return result.exit_code
-
+    return stage_main(argv, config_cls=SFTConfig, task_cls=SFTTask, run=run_sft, prog="python -m rlhf.sft", doc=__doc__,
+                      example="--config configs/rlhf/sft_hh_tiny.toml --sft.init_checkpoint=runs/tiny_real --run.dir=runs/sft")

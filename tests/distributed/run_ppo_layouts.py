@@ -2,7 +2,7 @@
 
     python tests/distributed/run_ppo_layouts.py OUT_DIR single=                          # the reference
     torchrun --standalone --nproc-per-node 2 tests/distributed/run_ppo_layouts.py OUT_DIR \\
-        tp2=--parallel.tp=2 dp2_zero3_once=--parallel.zero_stage=3,--rollout.gather=once ...
+        tp2=--parallel.tp=2 dp2_zero3_once=--zero.stage=3,--rollout.gather=once ...
 
 Each ``NAME=--a.b=1,--c.d=2`` builds a ``PPOTrainer`` on the tiny parity config with those overrides, runs two
 iterations (rollout, scoring, rewards, GAE, one policy and one value step per minibatch; in the second the
@@ -32,12 +32,12 @@ from rlhf.ppo.config import PPOConfig  # noqa: E402
 from rlhf.ppo.trainer import PPOTrainer  # noqa: E402
 
 BASE = [
-    "--policy.model=debug_tiny", "--reward.helpful=target_tokens:40,41,42,43,44,45,46,47",
-    "--reward.safety=avoid_tokens:60,61", "--reward.beta=0.05", "--data.synthetic_prompts=48",
-    "--data.synthetic_safety_fraction=0.25", "--data.heldout_prompts=8", "--data.max_prompt_tokens=16",
+    "--model.name=debug_tiny", "--reward.helpful=target_tokens:40,41,42,43,44,45,46,47",
+    "--reward.safety=avoid_tokens:60,61", "--reward.beta=0.05", "--prompts.synthetic_count=48",
+    "--prompts.synthetic_safety_fraction=0.25", "--prompts.heldout=8", "--prompts.max_tokens=16",
     "--rollout.max_new_tokens=8", "--rollout.batch_size=8", "--ppo.iterations=1", "--ppo.prompts_per_iteration=16",
-    "--ppo.minibatch_size=8", "--ppo.micro_batch_size=4", "--optim.lr=3e-3", "--optim.value_lr=3e-3",
-    "--optim.grad_clip=0.5", "--eval.every=0", "--run.seed=11",
+    "--train.global_batch_size=8", "--train.micro_batch_size=4", "--optim.lr=3e-3", "--ppo.value_lr=3e-3",
+    "--optim.grad_clip=0.5", "--eval.every=0", "--train.seed=11",
 ]
 ITERATIONS = 2
 EAGER = "@eager"

@@ -36,13 +36,13 @@ TOL = 1e-5
 RUNNER = REPO_ROOT / "tests" / "distributed" / "run_ppo_layouts.py"
 LAYOUTS = {
     "tp2": ["--parallel.tp=2"],
-    "dp2_zero3_once": ["--parallel.zero_stage=3", "--rollout.gather=once"],
-    "dp2_zero3_per_token": ["--parallel.zero_stage=3", "--rollout.gather=per_token"],
-    "tp2_zero3_once": ["--parallel.tp=2", "--parallel.zero_stage=3", "--rollout.gather=once"],
+    "dp2_zero3_once": ["--zero.stage=3", "--rollout.gather=once"],
+    "dp2_zero3_per_token": ["--zero.stage=3", "--rollout.gather=per_token"],
+    "tp2_zero3_once": ["--parallel.tp=2", "--zero.stage=3", "--rollout.gather=once"],
 }
-EAGER_LAYOUTS = {"tp2_zero3_once_eager": ["@eager", "--parallel.tp=2", "--parallel.zero_stage=3",
+EAGER_LAYOUTS = {"tp2_zero3_once_eager": ["@eager", "--parallel.tp=2", "--zero.stage=3",
                                           "--rollout.gather=once"]}
-BF16_LAYOUT = ["--parallel.tp=2", "--parallel.zero_stage=3", "--rollout.gather=once", "--parallel.dtype=bf16",
+BF16_LAYOUT = ["--parallel.tp=2", "--zero.stage=3", "--rollout.gather=once", "--train.dtype=bf16",
                "--parallel.activation_checkpoint_every=1"]
 BF16_TOL = {"same_answers": 12, "per_token": 0.15, "grad_norm_rel": 0.05, "weights": 3e-2}
 

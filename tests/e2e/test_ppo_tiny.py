@@ -23,7 +23,7 @@ from tests.conftest import REPO_ROOT
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 
 TINY = ["--config", "configs/rlhf/ppo_tiny.toml", "--ppo.iterations=10", "--eval.every=5", "--eval.patience=0",
-        "--data.synthetic_safety_fraction=0"]
+        "--prompts.synthetic_safety_fraction=0"]
 
 
 def _ppo(args: list[str], *, timeout: int = 360) -> subprocess.CompletedProcess:

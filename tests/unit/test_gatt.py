@@ -229,7 +229,7 @@ def test_train_config_with_gatt_table(tmp_path: Path) -> None:
                                      ["--gatt.train_turns=all", "--train.steps=7", "--model.overrides.dim=128"])
     assert section == GAttSection(init=section.init, train_turns="all")
     assert cfg.train.steps == 7 and cfg.model.overrides["dim"] == 128 and cfg.data.seq_len == 256
-    with pytest.raises(ValueError, match=r"unknown \[gatt\] key"):
+    with pytest.raises(ValueError, match=r"unknown key 'nope' in \[gatt\]"):
         load_train_config(None, ["--gatt.nope=1"])
 
 

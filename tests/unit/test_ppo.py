@@ -147,34 +147,34 @@ def test_config_defaults_are_llama2() -> None:
     cfg = PPOConfig()
     o, p = cfg.optim, cfg.ppo
     assert (o.lr, o.beta1, o.beta2, o.eps, o.weight_decay, o.grad_clip) == (1e-6, 0.9, 0.95, 1e-5, 0.1, 1.0)
-    assert (p.prompts_per_iteration, p.minibatch_size, p.clip, p.value_clip) == (512, 64, 0.2, 0.2)
+    assert (p.prompts_per_iteration, cfg.train.global_batch_size, p.clip, p.value_clip) == (512, 64, 0.2, 0.2)
     assert cfg.reward.safety_threshold == 0.15 and cfg.reward.kind == "llama2" and cfg.reward.whiten
     for name, beta in (("llama2_7b", 0.01), ("llama2_13b", 0.01), ("llama2_34b", 0.005), ("llama2_70b", 0.005)):
         assert default_beta(get_config(name).num_params()) == beta, name
-        assert PPOConfig.from_toml(None, [f"--policy.model={name}"]).beta == beta
+        assert PPOConfig.from_toml(None, [f"--model.name={name}"]).beta == beta
     assert PPOConfig.from_toml(None, ["--reward.beta=0.2"]).beta == 0.2
     run = cfg.engine_run_config(role="policy")
     assert (run.train.global_batch_size, run.optim.lr, run.optim.min_lr_ratio, run.optim.warmup_steps) == (
         64, 1e-6, 1.0, 0)
-    assert PPOConfig.from_toml(None, ["--optim.value_lr=3e-6"]).engine_run_config(role="value").optim.lr == 3e-6
+    assert PPOConfig.from_toml(None, ["--ppo.value_lr=3e-6"]).engine_run_config(role="value").optim.lr == 3e-6
 
 
 def test_config_errors_name_the_fix() -> None:
-    with pytest.raises(ValueError, match=r"unknown key\(s\) \['lrr'\]"):
+    with pytest.raises(ValueError, match=r"unknown key 'lrr' in \[optim\]"):
         PPOConfig.from_toml(None, ["--optim.lrr=1"])
     with pytest.raises(ValueError, match="unknown section"):
         PPOConfig.from_toml(None, ["--nope.x=1"])
     with pytest.raises(ValueError, match="reward.helpful is empty"):
         PPOConfig().validate()
     ok = ["--reward.helpful=constant:0.5"]
-    with pytest.raises(ValueError, match="not a multiple of ppo.minibatch_size"):
+    with pytest.raises(ValueError, match="not a multiple of train.global_batch_size"):
         PPOConfig.from_toml(None, ok + ["--ppo.prompts_per_iteration=100"]).validate()
     with pytest.raises(ValueError, match="micro_batch_size x dp"):
-        PPOConfig.from_toml(None, ok + ["--ppo.minibatch_size=8", "--ppo.micro_batch_size=8",
+        PPOConfig.from_toml(None, ok + ["--train.global_batch_size=8", "--train.micro_batch_size=8",
                                         "--ppo.prompts_per_iteration=64"]).validate(world_size=2)
     with pytest.raises(ValueError, match="rollout.gather"):
         PPOConfig.from_toml(None, ok + ["--rollout.gather=sometimes"]).validate()
-    text = PPOConfig.from_toml(None, ok + ["--policy.overrides.vocab_size=1024"]).to_toml()
+    text = PPOConfig.from_toml(None, ok + ["--model.overrides.vocab_size=1024"]).to_toml()
     assert "helpful = \"constant:0.5\"" in text and "vocab_size = 1024" in text
 
 
@@ -336,7 +336,7 @@ def test_hh_rlhf_prompts_flag_safety_and_hold_out_the_rm_split(shared_data: Path
     root = shared_data / "preferences" / "hh-rlhf"
     harmless = require_file(root / "harmless-base" / "test.jsonl.gz")
     tok = load_tokenizer(require_file(shared_data / "tokenizers" / "llama2" / "tokenizer.model"))
-    data = SimpleNamespace(prompts=str(root), template="llama2", max_prompt_tokens=64)
+    data = SimpleNamespace(source=str(root), template="llama2", max_tokens=64)
     prompts = prompt_set(data, tokenizer=tok, vocab_size=32000, seed=0, print_fn=lambda *a, **k: None)
     assert 500 < len(prompts) and all(len(p.ids) <= 64 and p.ids[0] == tok.bos_id for p in prompts)
     safety_texts = {p.prompt[-1]["content"] for p in read_hh_rlhf(harmless, is_safety=True)[0]}
