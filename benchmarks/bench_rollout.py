@@ -54,11 +54,10 @@ def _launch(args: argparse.Namespace, argv: list[str]) -> int:
 
 def _worker(args: argparse.Namespace) -> None:
     import torch
-    import torch.distributed as dist
 
+    from model import comm
     from rlhf.ppo.config import PPOConfig
     from rlhf.ppo.prompts import shard, synthetic_prompts
-    from rlhf.ppo.rewards import all_reduce
     from rlhf.ppo.roles import PolicyObjective
     from rlhf.ppo.rollout import answer_seed, rollout
     from train.engine import TrainEngine
@@ -77,12 +76,12 @@ def _worker(args: argparse.Namespace) -> None:
     seeds = [answer_seed(0, 0, p.index) for p in local]
 
     def run(mode: str) -> tuple[list[list[int]], float]:
-        dist.barrier()
+        comm.barrier()
         t0 = time.perf_counter()
         samples, _ = rollout(engine, local, seeds=seeds, mode=mode, max_new_tokens=args.new_tokens,
                              temperature=1.0, top_p=1.0, stop_ids=(model_cfg.vocab_size + 1,), pad_id=0,
                              batch_size=args.batch)
-        dist.barrier()
+        comm.barrier()
         return [s.answer for s in samples], time.perf_counter() - t0
 
     outputs = {mode: run(mode)[0] for mode in ("once", "per_token")}  # warm-up, and the equality check
@@ -90,7 +89,7 @@ def _worker(args: argparse.Namespace) -> None:
     for _ in range(args.repeats):
         for mode in times:
             times[mode].append(run(mode)[1])
-    same = all_reduce(torch.tensor([1.0 if outputs["once"] == outputs["per_token"] else 0.0]), op=dist.ReduceOp.MIN)
+    same = not comm.any_rank(outputs["once"] != outputs["per_token"])
     tokens = args.batch * args.new_tokens * topo.world_size
     if topo.global_rank == 0:
         rate = {m: tokens / statistics.median(t) for m, t in times.items()}
@@ -102,7 +101,7 @@ def _worker(args: argparse.Namespace) -> None:
             "load_average": os.getloadavg()[0], "torch": torch.__version__, "model": args.model, "params": model_cfg.num_params(),
             "zero_stage": 3, "data_parallel": topo.world_size, "batch_per_rank": args.batch,
             "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats,
-            "outputs_identical": bool(same.item() == 1.0),
+            "outputs_identical": same,
             "median_s": {m: statistics.median(t) for m, t in times.items()},
             "tokens_per_s": rate, "speedup_once_over_per_token": rate["once"] / rate["per_token"],
             "goal": ">= 5",

@@ -27,8 +27,9 @@ parallel, CPU initialisation): see ``../shared/STACK.md``. Weights are created e
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core import ModelParallelConfig, parallel_state
 from megatron.core.tensor_parallel import (
@@ -40,6 +41,8 @@ from megatron.core.tensor_parallel import (
 )
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from torch import Tensor, nn
+
+from model import comm
 
 
 def _no_init(weight: Tensor) -> None:
@@ -80,15 +83,13 @@ class _SumGradOverTP(torch.autograd.Function):
     """Identity forward; backward all-reduces the gradient over the TP group (replicated weights)."""
 
     @staticmethod
-    def forward(ctx, weight: Tensor, group: dist.ProcessGroup) -> Tensor:  # type: ignore[override]
+    def forward(ctx, weight: Tensor, group: Any) -> Tensor:  # type: ignore[override]
         ctx.group = group
         return weight.view_as(weight)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
-        grad = grad.contiguous()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None
+        return comm.all_reduce(grad.contiguous(), group=ctx.group), None
 
 
 class ReplicatedKVProjection(nn.Module):
@@ -101,7 +102,7 @@ class ReplicatedKVProjection(nn.Module):
     """
 
     def __init__(self, in_features: int, *, n_kv_heads: int, head_dim: int, tp_rank: int, tp_size: int,
-                 group: dist.ProcessGroup) -> None:
+                 group: Any) -> None:
         super().__init__()
         if tp_size % n_kv_heads:
             raise ValueError(f"tensor-parallel size {tp_size} must be a multiple of n_kv_heads={n_kv_heads} "
@@ -182,13 +183,11 @@ def token_cross_entropy(logits: Tensor, labels: Tensor, *, tp_size: int) -> Tens
     return vocab_parallel_cross_entropy(logits.float(), labels)
 
 
-def gather_vocab_logits(logits: Tensor, *, group: dist.ProcessGroup | None, tp_size: int) -> Tensor:
+def gather_vocab_logits(logits: Tensor, *, group: Any, tp_size: int) -> Tensor:
     """Full-vocabulary logits from vocab-parallel ones (generation, evaluation of samples); no autograd."""
     if tp_size == 1:
         return logits
-    parts = [torch.empty_like(logits) for _ in range(tp_size)]
-    dist.all_gather(parts, logits.contiguous(), group=group)
-    return torch.cat(parts, dim=-1)
+    return torch.cat(comm.all_gather(logits, group=group), dim=-1)
 
 
 def tp_shard_info(param: Tensor) -> int | None:

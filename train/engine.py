@@ -59,6 +59,7 @@ from deepspeed.utils import (  # noqa: E402
 )
 from torch import Tensor, nn  # noqa: E402
 
+from model import comm  # noqa: E402
 from model.config import LlamaConfig  # noqa: E402
 from model.layers import LayerFactory, LocalLayers  # noqa: E402
 from model.llama import init_llama_weights  # noqa: E402
@@ -269,7 +270,7 @@ class TrainEngine:
         key = self.objective.weight_key
         local = torch.tensor([float(sum(float(mb[key].sum()) for mb in batches))], device=self.device)
         if self.topo.dp_size > 1:
-            dist.all_reduce(local, group=self.topo.dp_group)
+            comm.all_reduce(local, group=self.topo.dp_group)
         return float(local.item())
 
     def _set_lr(self, lr: float) -> None:
@@ -325,7 +326,7 @@ class TrainEngine:
                 ds.step()
                 total += step_loss.detach().float()
             if self.topo.dp_size > 1:
-                dist.all_reduce(total, group=self.topo.dp_group)
+                comm.all_reduce(total, group=self.topo.dp_group)
             loss = float(total) / (self.gas * self.topo.dp_size)
         norm = ds.get_global_grad_norm()
         grad_norm = float(norm) if norm is not None else float("nan")
@@ -352,7 +353,7 @@ class TrainEngine:
             sums[1] += d[self.objective.weight_key].sum()
         ds.module.train()
         if self.topo.dp_size > 1:
-            dist.all_reduce(sums, group=self.topo.dp_group)
+            comm.all_reduce(sums, group=self.topo.dp_group)
         return float(sums[0] / sums[1].clamp(min=1))
 
     # ---- checkpoints -------------------------------------------------------------------------------
@@ -471,17 +472,14 @@ class TrainEngine:
         for name, entry in local.items():
             tensor, dim = entry["param"], entry["tp_dim"]
             if dim is not None and self.topo.tp_size > 1:
-                on_device = tensor.to(self.device)  # NCCL gathers device tensors, gloo CPU ones
-                parts = [torch.empty_like(on_device) for _ in range(self.topo.tp_size)]
-                dist.all_gather(parts, on_device, group=self.topo.tp_group)
+                parts = comm.all_gather(tensor.to(self.device), group=self.topo.tp_group)
                 tensor = torch.cat(parts, dim=int(dim)).cpu()  # type: ignore[arg-type]
             weights[name] = tensor
         mine = weights if (self.topo.tp_rank == 0 and self.topo.dp_rank == 0) else {}
         if self.topo.world_size == 1:
             return mine
-        gathered: list[Any] = [None] * self.topo.world_size if self.topo.global_rank == 0 else None
-        dist.gather_object(mine, gathered, dst=0)
-        if self.topo.global_rank != 0:
+        gathered = comm.gather_object(mine, dst=0)
+        if gathered is None:
             return {}
         full: dict[str, Tensor] = {}
         for part in gathered:

@@ -9,7 +9,8 @@ so a TP group stays inside one node's NVLink domain), then DP, then PP. DeepSpee
 (``PipeModelDataParallelTopology``: axes pipe, data, model) orders ranks the same way, so both libraries
 agree on who is whose peer.
 
-The default process group: NCCL when CUDA is available, otherwise gloo. A plain ``python`` process with no
+The default process group: NCCL for CUDA tensors with a gloo side for CPU ones (``"cuda:nccl,cpu:gloo"``)
+when CUDA is available, otherwise gloo. A plain ``python`` process with no
 launcher gets a one-process gloo group on a free localhost port, so the same code path (DeepSpeed engine,
 megatron layers) runs everywhere. Every group carries ``timeout_s``: a collective that hangs fails with
 an error the loop turns into a message naming the rank and the operation.
@@ -27,6 +28,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from train.config import ConfigError
+
 
 def _free_port() -> int:
     with socket.socket() as sock:
@@ -38,14 +41,17 @@ def init_default_group(*, timeout_s: float) -> str:
     """Initialise ``torch.distributed`` from the torchrun/SLURM environment, or as a world of one."""
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if dist.is_initialized():
-        return dist.get_backend()
+        return "nccl" if "nccl" in str(dist.get_backend()) else str(dist.get_backend())
     if "WORLD_SIZE" not in os.environ:
         # A plain process: a world of one on localhost, set in the environment DeepSpeed reads too.
         os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
                            "MASTER_PORT": str(_free_port())})
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    # On GPUs the default group pairs NCCL for device tensors with gloo for CPU ones: host flags, counters and
+    # Python objects (model/comm.py) then never need a device round trip, and NCCL never sees a CPU tensor.
+    init = "cuda:nccl,cpu:gloo" if backend == "nccl" else "gloo"
+    dist.init_process_group(backend=init, timeout=datetime.timedelta(seconds=timeout_s))
     return backend
 
 
@@ -86,7 +92,7 @@ class Topology:
         backend = init_default_group(timeout_s=timeout_s)
         world = dist.get_world_size()
         if world % (tp * pp):
-            raise ValueError(f"world size {world} is not a multiple of tp x pp = {tp} x {pp}; launch a multiple "
+            raise ConfigError(f"world size {world} is not a multiple of tp x pp = {tp} x {pp}; launch a multiple "
                              f"of {tp * pp} processes (torchrun --nproc-per-node)")
         if parallel_state.model_parallel_is_initialized():
             if (parallel_state.get_tensor_model_parallel_world_size(),

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
+from model import comm
 from rlhf.losses import combined_reward, logit
 from rlhf.ppo.rollout import Sample, chunks
 from train.config_reader import ConfigError
@@ -40,25 +40,8 @@ class Scorer(Protocol):
 # ------------------------------------------------------------------------------------------ global moments
 
 
-def all_reduce(t: Tensor, *, group: Any = None, op: Any = None) -> Tensor:
-    """``t`` (a statistic on the CPU) reduced over ``group`` (``None`` = every rank), returned on the CPU.
-
-    NCCL reduces CUDA tensors only: the statistic makes a round trip through the current device there. A no-op
-    without a process group or with one rank.
-    """
-    if not dist.is_initialized() or dist.get_world_size(group) == 1:
-        return t
-    op = dist.ReduceOp.SUM if op is None else op
-    if dist.get_backend(group) == "nccl":
-        on_device = t.cuda()
-        dist.all_reduce(on_device, op=op, group=group)
-        return on_device.cpu()
-    dist.all_reduce(t, op=op, group=group)
-    return t
-
-
 def _all_reduce(t: Tensor, group: Any) -> Tensor:
-    return t if group is None else all_reduce(t, group=group)
+    return t if group is None else comm.all_reduce(t, group=group)
 
 
 def global_masked_whiten(x: Tensor, mask: Tensor | None = None, *, group: Any = None, eps: float = 1e-8) -> Tensor:

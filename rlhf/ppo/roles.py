@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
+from model import comm
 from model.config import LlamaConfig
 from model.llama import Llama
 from rlhf.losses import logprobs_from_logits, policy_loss, value_loss
@@ -50,12 +50,12 @@ def vocab_parallel_entropy(logits: Tensor, *, tp_size: int, group: Any = None) -
     z = logits.float()
     m = z.max(dim=-1).values
     if tp_size > 1:
-        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+        comm.all_reduce(m, op="max", group=group)
     e = torch.exp(z - m.unsqueeze(-1))
     s, ez = e.sum(-1), (e * z).sum(-1)
     if tp_size > 1:
         both = torch.stack([s, ez])
-        dist.all_reduce(both, group=group)
+        comm.all_reduce(both, group=group)
         s, ez = both[0], both[1]
     return m + torch.log(s) - ez / s
 

@@ -36,9 +36,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
+from model import comm
 from rlhf.losses import gae, kl_estimate, kl_penalized_rewards, logit
 from rlhf.paths import checkpoint_dir, resolve_path
 from rlhf.ppo import rollout as ro
@@ -50,7 +50,6 @@ from rlhf.ppo.rewards import (
     RewardModelScorer,
     RewardResult,
     RewardStage,
-    all_reduce,
     build_scorer,
     global_masked_whiten,
 )
@@ -245,7 +244,7 @@ class PPOTrainer:
         keys = sorted(sums)
         t = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
         if self.topo.dp_size > 1:
-            t = all_reduce(t, group=self.topo.dp_group)
+            t = comm.all_reduce(t, group=self.topo.dp_group)
         total = dict(zip(keys, t.tolist()))
         n = max(total.pop("tokens", 1.0), 1.0)
         return {k: v / n for k, v in total.items()}
@@ -254,8 +253,7 @@ class PPOTrainer:
         """True on every rank iff no rank has a NaN/Inf reward, log-prob or value."""
         bad = any(not bool(torch.isfinite(t).all()) for t in [exp.reward.score, *exp.old_logp, *exp.ref_logp,
                                                               *exp.values, *exp.advantages])
-        flag = all_reduce(torch.tensor([1.0 if bad else 0.0]), op=dist.ReduceOp.MAX)
-        return flag.item() == 0.0
+        return not comm.any_rank(bad)
 
     def rollout_metrics(self, exp: Experience, *, prefix: str = "") -> dict[str, float]:
         """Reward, KL and length statistics over every rank's samples (global means)."""
@@ -269,7 +267,7 @@ class PPOTrainer:
             float(sum(len(s.answer) for s in exp.samples)), float(sum(s.truncated for s in exp.samples)),
             float(r.safety[is_safety].sum()), float(is_safety.sum()), float(len(exp.samples))], dtype=torch.float64)
         if self.topo.dp_size > 1:
-            sums = all_reduce(sums, group=g)
+            sums = comm.all_reduce(sums, group=g)
         s = sums.tolist()
         n = max(s[12], 1.0)
         return {f"{prefix}reward/helpful": s[0] / n, f"{prefix}reward/safety": s[1] / n,
@@ -342,8 +340,7 @@ class PPOTrainer:
                 if self.model_cfg.tie_embeddings and "output.weight" not in weights:  # listed once by the engine
                     weights["output.weight"] = weights["tok_embeddings.weight"]
                 save_native(weights, self.model_cfg, out, overwrite=True)
-        if self.topo.world_size > 1:
-            dist.barrier()
+        comm.barrier()
         return out
 
     # ---- the run ---------------------------------------------------------------------------------------
