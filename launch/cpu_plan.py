@@ -174,8 +174,8 @@ def probe(*, zero_stage: int = 1, steps: int = 2) -> dict[str, float]:
 
     from data_pipeline.loader import PretrainLoader
     from train.config import RunConfig
+    from train.data import build_datasets, seed_everything
     from train.engine import TrainEngine
-    from train.loop import build_datasets, seed_everything
     from train.topology import Topology
 
     overrides = [f"--model.name={PROBE_MODEL}", "--data.synthetic=true", "--data.seq_len=64",

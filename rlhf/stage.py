@@ -27,7 +27,7 @@ from train.config_reader import ConfigError, add_config_arguments
 
 
 class StageTask:
-    """Base of the SFT and reward-model tasks (``train.loop.PretrainTask``'s five members)."""
+    """Base of the SFT and reward-model tasks (the ``train.task.Task`` protocol)."""
 
     name = "stage"
 

@@ -8,7 +8,8 @@
 ``--resume auto`` continues from the newest complete checkpoint in ``run.dir`` (or starts fresh).
 ``--print-config`` prints the resolved config and exits. Exit codes: 0 finished or pre-empted by SIGUSR1
 (checkpoint written; the SLURM script requeues with --resume auto), 143 pre-empted by SIGTERM (checkpoint
-written), 2 bad config, 3 aborted by the health checks (non-finite losses).
+written), 2 bad config or no intact checkpoint to resume (``ConfigError``: one line, no traceback; any other
+error keeps its traceback), 3 aborted by the health checks (non-finite losses).
 """
 
 from __future__ import annotations

@@ -201,8 +201,11 @@ class RunConfig(RootConfig):
         """The ``LlamaConfig``: the registry entry with ``[model.overrides]`` applied."""
         from model.config import get_config
 
-        cfg = get_config(self.model.name)
-        return cfg.replace(**self.model.overrides) if self.model.overrides else cfg
+        try:
+            cfg = get_config(self.model.name)
+            return cfg.replace(**self.model.overrides) if self.model.overrides else cfg
+        except ValueError as err:  # an unknown name or inconsistent shapes: the [model] table's fault
+            raise ConfigError(f"[model] name={self.model.name!r} overrides={self.model.overrides}: {err}") from None
 
     def dp_size(self, world_size: int) -> int:
         return world_size // (self.parallel.tp * self.parallel.pp)

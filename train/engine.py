@@ -64,6 +64,7 @@ from model.config import LlamaConfig  # noqa: E402
 from model.layers import LayerFactory, LocalLayers  # noqa: E402
 from model.llama import init_llama_weights  # noqa: E402
 from train import pipeline as pipe  # noqa: E402
+from train.config import ConfigError  # noqa: E402
 from train.objective import LanguageModelObjective, decay_groups, masked_loss_sum  # noqa: E402
 
 # DeepSpeed's CPU accelerator JIT-compiles a shared-memory all-reduce (~80 s per fresh cache) when its
@@ -174,13 +175,13 @@ class TrainEngine:
         native name (a pretrained / SFT checkpoint) copied over the seeded initialisation, each cut to this
         rank's TP slice; names the checkpoint lacks (a new reward head) keep their seeded values."""
         if run_cfg.zero.stage not in (1, 2, 3):
-            raise ValueError(f"zero.stage={run_cfg.zero.stage}: the engine runs ZeRO stages 1-3 (stage 1 costs "
+            raise ConfigError(f"zero.stage={run_cfg.zero.stage}: the engine runs ZeRO stages 1-3 (stage 1 costs "
                              "nothing over plain data parallelism and shards the optimizer states)")
         self.model_cfg, self.run_cfg, self.topo = model_cfg, run_cfg, topology
         self.pipelined = topology.pp_size > 1
         self.objective = objective or LanguageModelObjective()
         if self.pipelined and not self.objective.supports_pipeline:
-            raise ValueError(f"{type(self.objective).__name__} does not run under pipeline parallelism; "
+            raise ConfigError(f"{type(self.objective).__name__} does not run under pipeline parallelism; "
                              "use --parallel.pp=1 (tensor parallelism and ZeRO work)")
         self.device = topology.device
         self.gas = run_cfg.grad_accum(topology.world_size)
@@ -230,7 +231,7 @@ class TrainEngine:
             full = weights[native]
             expected = tuple(getattr(param, "tp_full_shape", param.shape))
             if tuple(full.shape) != expected:
-                raise ValueError(f"initial weights: {native} has shape {tuple(full.shape)}, the model expects "
+                raise ConfigError(f"initial weights: {native} has shape {tuple(full.shape)}, the model expects "
                                  f"{expected}; the checkpoint is for another model config")
             param.copy_(self._shard(param, full.to(param.dtype)))
         if strict and missing:

@@ -8,13 +8,16 @@
 The engine skips the optimizer step itself when the loss or the gradient norm is NaN/Inf (``StepResult.skipped``);
 here those steps are counted. A spike is a finite loss above ``spike_factor`` x the running mean of the last
 finite losses (an exponential moving average after 10 steps of warm-up); spikes are logged, not acted on.
-``describe_collective_timeout`` turns a distributed timeout into a message naming the rank and the op.
+``describe_collective_timeout`` turns a distributed timeout into a message naming the rank and the op;
+``guard_collectives`` applies it to a call that contains collectives.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 ABORT_ADVICE = (
     "what to try: lower optim.lr (or lengthen optim.warmup_steps); keep optim.grad_clip at 1.0; with bf16 try "
@@ -79,3 +82,14 @@ def describe_collective_timeout(err: BaseException, *, rank: int, op: str, timeo
         "Another rank probably died or is stuck (look for its traceback first), or the ranks disagree on the "
         "number of steps/micro-batches; raise train.collective_timeout_s only if the job is merely slow"
     )
+
+
+def guard_collectives(op: str, fn: Callable[[], Any], *, rank: int, timeout_s: float) -> Any:
+    """``fn()``, a step that contains collectives; a timeout becomes a message naming the rank and the op."""
+    try:
+        return fn()
+    except RuntimeError as err:
+        text = str(err).lower()
+        if "timed out" in text or "timeout" in text or "deadline" in text:
+            raise RuntimeError(describe_collective_timeout(err, rank=rank, op=op, timeout_s=timeout_s)) from err
+        raise

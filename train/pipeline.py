@@ -24,6 +24,7 @@ from model.config import LlamaConfig
 from model.layers import LayerFactory
 from model.llama import RMSNorm, TransformerBlock
 from model.rope import RotaryEmbedding
+from train.config import ConfigError
 
 Activation = tuple[Tensor, Tensor]
 
@@ -71,7 +72,7 @@ class HeadStage(nn.Module):
 def stage_builders(cfg: LlamaConfig, *, document_mask: bool = True) -> list[tuple[type[nn.Module], tuple]]:
     """``(class, args after the LayerFactory)`` for each entry of the flat list, in order."""
     if cfg.tie_embeddings:
-        raise ValueError(f"model {cfg.name!r} ties embedding and head; pipeline parallelism needs them untied "
+        raise ConfigError(f"model {cfg.name!r} ties embedding and head; pipeline parallelism needs them untied "
                          "(set --model.overrides.tie_embeddings=false or --parallel.pp=1)")
     return ([(EmbeddingStage, ())] + [(BlockStage, (i, document_mask)) for i in range(cfg.n_layers)] + [(HeadStage, ())])
 

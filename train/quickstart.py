@@ -166,7 +166,7 @@ def unigram_entropy(data_dir: Path, cfg: Any) -> tuple[float, float]:
 
     Counts come from the training split's token ids, add-one smoothed over the vocabulary; the held-out
     tokens are the validation batches the loop evaluates on (the same ``eval_batches`` micro-batches)."""
-    from train.loop import build_datasets
+    from train.data import build_datasets
 
     train_ds, valid_ds, _ = build_datasets(cfg, cfg.model_config(), dp_size=1, run_dir=cfg.run_dir)
     vocab = cfg.model_config().vocab_size

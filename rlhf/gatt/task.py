@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from model import comm
 from rlhf.config import TEMPLATES
 from train.config import ConfigError, RunConfig, check
-from train.loop import PretrainTask
+from train.task import PretrainTask
 
 
 @dataclass(frozen=True)
@@ -90,14 +91,13 @@ class GAttTask(PretrainTask):
     def export(self, engine: Any, model_cfg: Any, out_dir: Path, *, rank: int) -> None:
         """The native checkpoint of the fine-tuned model (a tied head, listed once by the engine, re-added)."""
         from model.checkpoints.native import save_native
-        from train.loop import barrier
 
         state_dict = engine.consolidated_state_dict()  # collective: every rank calls it
         if rank == 0 and state_dict:
             if model_cfg.tie_embeddings and "output.weight" not in state_dict:
                 state_dict["output.weight"] = state_dict["tok_embeddings.weight"]
             save_native(state_dict, model_cfg, out_dir, overwrite=True)
-        barrier()
+        comm.barrier()
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ from typing import Any
 
 from torch import Tensor
 
+from model import comm
 from rlhf.batching import collate_pairs, encode_pair
 from rlhf.data import PreferencePair, helpfulness_rm_mixture, safety_rm_mixture
 from rlhf.paths import file_list
@@ -108,7 +109,6 @@ class RewardTask(StageTask):
         return RewardObjective()
 
     def export(self, engine: Any, model_cfg: Any, out_dir: Path, *, rank: int) -> None:
-        from train.loop import barrier
 
         state_dict = engine.consolidated_state_dict()  # collective: every rank calls it
         if rank == 0 and state_dict:
@@ -116,7 +116,7 @@ class RewardTask(StageTask):
             save_reward_model(state_dict, model_cfg, out_dir, meta={
                 **self.sidecar(), "mixture": r.mixture, "margin": r.margin, "helpful_files": r.helpful_files,
                 "safety_files": r.safety_files, "init_checkpoint": r.init_checkpoint})
-        barrier()
+        comm.barrier()
 
 
 # ---------------------------------------------------------------------------------------------------- CLI

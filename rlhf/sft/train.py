@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from model import comm
 from model.llama import Llama, init_llama_weights
 from rlhf.batching import pack_sft_rows, sft_example, stack_rows
 from rlhf.paths import file_list
@@ -87,10 +88,9 @@ class SFTTask(StageTask):
         return stack_rows(samples)
 
     def export(self, engine: Any, model_cfg: Any, out_dir: Path, *, rank: int) -> None:
-        """``train.loop.export_final`` plus the sidecar; a tied head (llama2.c models) is re-added first: the
+        """``train.task.export_final`` plus the sidecar; a tied head (llama2.c models) is re-added first: the
         engine lists shared parameters once, and ``save_native`` wants both names (it stores one)."""
         from model.checkpoints.native import save_native
-        from train.loop import barrier
 
         state_dict = engine.consolidated_state_dict()  # collective: every rank calls it
         if rank == 0 and state_dict:
@@ -98,7 +98,7 @@ class SFTTask(StageTask):
                 state_dict["output.weight"] = state_dict["tok_embeddings.weight"]
             save_native(state_dict, model_cfg, out_dir, overwrite=True)
             (Path(out_dir) / SIDECAR).write_text(json.dumps({"stage": "sft", **self.sidecar()}, indent=2) + "\n")
-        barrier()
+        comm.barrier()
 
 
 def initial_model(cfg: Any, task: StageTask) -> Llama:

@@ -154,3 +154,26 @@ def test_nonfinite_steps_are_skipped_then_abort(tmp_path: Path) -> None:
     LocalEngine.nan_at_steps = {2, 3, 4}
     with pytest.raises(NonFiniteAbort, match="3 consecutive.*what to try"):
         _run(_cfg(tmp_path / "three", "--train.max_consecutive_nonfinite=3"))
+
+
+class BrokenEngine(LocalEngine):
+    """An engine whose step fails the way torch or DeepSpeed do: a ValueError from inside training."""
+
+    def train_step(self, batches: Any, lr: float) -> SimpleNamespace:
+        raise ValueError("an error inside training, not a config error")
+
+
+def test_cli_one_line_for_config_errors_traceback_for_the_rest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    from train.__main__ import main
+
+    base = ["--config", "configs/pretrain/tiny_cpu.toml", f"--run.dir={tmp_path}", "--train.steps=2",
+            "--logging.wandb=false"]
+    assert main([*base, "--train.micro_batch_size=3"]) == 2
+    assert capsys.readouterr().err.startswith("error: invalid run config: train.global_batch_size=")
+    assert main([*base, "--model.name=llama9_1b"]) == 2
+    assert "'llama9_1b' is not a known model config" in capsys.readouterr().err
+    monkeypatch.setenv("LLAMA_TRAIN_TOPOLOGY", "tests.unit.test_train_loop:single_topology")
+    monkeypatch.setenv("LLAMA_TRAIN_ENGINE", "tests.unit.test_train_loop:BrokenEngine")
+    with pytest.raises(ValueError, match="an error inside training"):
+        main(base)

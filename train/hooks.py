@@ -1,0 +1,52 @@
+"""Test hooks read from the environment, and the production defaults they replace.
+
+    topology = default_topology(cfg)            # LLAMA_TRAIN_TOPOLOGY="module:callable" replaces Topology
+    engine = default_engine(model_cfg=..., run_cfg=cfg, topology=topology)   # LLAMA_TRAIN_ENGINE="module:Class"
+    hang_if_asked(rank, step)                   # LLAMA_TEST_HANG=RANK:STEP: that rank stops answering
+
+They let unit tests run the real loop with a small local engine (``tests/unit/test_train_loop.py``) and the
+hang tests make one rank stop (``tests/distributed/test_hang.py``). Other hooks live where they act:
+``LLAMA_TEST_NAN_STEPS`` in ``train/engine.py``, ``LLAMA_TEST_SLOW_CHECKPOINT`` in ``train/checkpointing.py``,
+``LLAMA_FORCE_PORTABLE_LOAD`` in the engine's ``load``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import time
+from typing import Any
+
+from train.config import RunConfig
+
+
+def _import(spec: str) -> Any:
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def default_topology(cfg: RunConfig) -> Any:
+    """``train.topology.Topology`` for the configured layout, or the ``LLAMA_TRAIN_TOPOLOGY`` replacement."""
+    if os.environ.get("LLAMA_TRAIN_TOPOLOGY"):  # test hook: "module:callable(cfg)"
+        return _import(os.environ["LLAMA_TRAIN_TOPOLOGY"])(cfg)
+    from train.topology import Topology
+
+    return Topology.initialize(tp=cfg.parallel.tp, pp=cfg.parallel.pp, timeout_s=cfg.train.collective_timeout_s)
+
+
+def default_engine(*, model_cfg: Any, run_cfg: RunConfig, topology: Any, **kwargs: Any) -> Any:
+    """``train.engine.TrainEngine``, or the ``LLAMA_TRAIN_ENGINE`` replacement (same interface)."""
+    if os.environ.get("LLAMA_TRAIN_ENGINE"):  # test hook: "module:Class" with TrainEngine's interface
+        return _import(os.environ["LLAMA_TRAIN_ENGINE"])(model_cfg=model_cfg, run_cfg=run_cfg, topology=topology,
+                                                         **kwargs)
+    from train.engine import TrainEngine
+
+    return TrainEngine(model_cfg=model_cfg, run_cfg=run_cfg, topology=topology, **kwargs)
+
+
+def hang_if_asked(rank: int, step: int) -> None:
+    """``LLAMA_TEST_HANG=RANK:STEP``: that rank stops answering collectives at that step."""
+    spec = os.environ.get("LLAMA_TEST_HANG", "")
+    if spec and tuple(int(x) for x in spec.split(":")) == (rank, step):
+        time.sleep(3600)
+
