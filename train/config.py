@@ -51,8 +51,12 @@ class DataSection:
     split: str = "98,1,1"
     """train,valid,test weights of the document split (megatron convention)."""
     document_mask: bool = True
-    """Llama 3's document mask: packed documents never attend to each other. false = plain causal attention
-    over the whole sequence (Llama 1/2's practice), which lets SDPA use its fused causal (flash) kernels."""
+    """Llama 3's document mask: packed documents never attend to each other (on GPUs a FlexAttention block
+    mask, ``model/flex_attention.py``). false = plain causal attention over the whole sequence (Llama 1/2's
+    practice; SDPA's flash kernel)."""
+    synthetic_document_length: int = 0
+    """Mean tokens per synthetic document (lengths uniform in [L/2, 3L/2]); 0 = 4-47 tokens, the learnable
+    default. The GPU MFU benchmark sets 1024 so the document mask skips a realistic share of attention."""
 
 
 @dataclass(frozen=True)
@@ -227,6 +231,8 @@ class RunConfig(RootConfig):
                f"data.seq_len={d.seq_len} exceeds model {model.name!r} max_seq_len={model.max_seq_len}; "
                "lower data.seq_len or set model.overrides.max_seq_len")
         _check(d.seq_len > 0, f"data.seq_len={d.seq_len}: must be positive")
+        _check(d.synthetic_document_length >= 0,
+               f"data.synthetic_document_length={d.synthetic_document_length}: must be >= 0 (0 = 4-47 tokens)")
         _check(d.synthetic or d.path, "data.path is empty and data.synthetic=false: point --data.path at a "
                "`python -m data_pipeline prepare` output directory or pass --data.synthetic=true")
         return self.validate_shared(model, world_size=world_size)

@@ -36,9 +36,13 @@ class SyntheticDataset:
 
     EOD = 2
 
-    def __init__(self, *, vocab_size: int, seq_len: int, seed: int, num_samples: int, offset: int = 0) -> None:
+    def __init__(self, *, vocab_size: int, seq_len: int, seed: int, num_samples: int, offset: int = 0,
+                 document_length: int = 0) -> None:
         self.vocab_size, self.seq_len, self.seed = vocab_size, seq_len, seed
         self.num_samples, self.offset = num_samples, offset
+        # Document lengths: uniform in [L/2, 3L/2] for a mean L, else 4-47 tokens (short, learnable runs).
+        self.lengths = (max(1, document_length // 2), document_length + document_length // 2 + 1) \
+            if document_length > 0 else (4, 48)
         self.config = SimpleNamespace(tokenizer=SimpleNamespace(eod=self.EOD))
 
     def __len__(self) -> int:
@@ -49,7 +53,7 @@ class SyntheticDataset:
         usable = self.vocab_size - 3
         out, n = [], self.seq_len + 1
         while n > 0:
-            length = int(torch.randint(4, 48, (1,), generator=g))
+            length = int(torch.randint(*self.lengths, (1,), generator=g))
             start, stride = (int(x) for x in torch.randint(0, usable, (2,), generator=g))
             doc = (start + (stride % 7 + 1) * torch.arange(length)) % usable + 3
             out += [doc, torch.tensor([self.EOD])]
@@ -64,7 +68,8 @@ def build_datasets(cfg: RunConfig, model_cfg: Any, *, dp_size: int, run_dir: Pat
     n_train = t.steps * t.global_batch_size
     n_valid = t.eval_batches * t.micro_batch_size * dp_size if t.eval_every > 0 else 0
     if cfg.data.synthetic:
-        common = dict(vocab_size=model_cfg.vocab_size, seq_len=cfg.data.seq_len, seed=t.seed)
+        common = dict(vocab_size=model_cfg.vocab_size, seq_len=cfg.data.seq_len, seed=t.seed,
+                      document_length=cfg.data.synthetic_document_length)
         valid = SyntheticDataset(**common, num_samples=n_valid, offset=10**9) if n_valid else None
         return SyntheticDataset(**common, num_samples=n_train), valid, SyntheticDataset.EOD
     try:  # the data checks (data_pipeline cannot name our config keys): a ConfigError naming data.path
