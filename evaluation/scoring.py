@@ -8,12 +8,15 @@ Semantics are lm-eval's ``HFLM._loglikelihood_tokens`` exactly: the model reads 
 left-truncated to ``max_length + 1`` tokens minus the last one, and the result is the summed log-probability of
 the continuation tokens and whether greedy decoding reproduces all of them. How it is computed differs:
 
-- Requests are grouped by their (truncated) context. A context with several continuations (the choices of a
-  multiple-choice question) is read once: the contexts of a batch are prefilled into a KV cache, the cache rows
-  are copied per continuation, and only the continuation tokens run through the model (positions continue after
-  each row's own context; the padding between a short context and the batch's longest is masked out). lm-eval's
-  HF backend shares work only for one-token continuations (its ``logits_cache``).
-- A context with one continuation, or whose continuations are all one token, is one plain forward.
+- Requests that start with the same tokens share them (``plan_groups``: inputs sorted, neighbours grouped while
+  they share at least half of the shortest context): the shared prefix is read once, prefilled into a KV cache
+  whose rows are copied per request, and only each request's own remainder runs through the model (positions
+  continue after the prefix; the padding between a short prefix and the batch's longest is masked out). So the
+  choices of a multiple-choice question read their context once, and WinoGrande's two contexts ("... Sarah" /
+  "... Emily" + the same ending) their common start. lm-eval's HF backend shares work only between one-token
+  continuations of the same context (its ``logits_cache``).
+- A request that shares nothing, or whose group needs nothing past the prefix (one-token continuations of one
+  context), is a plain forward without a cache.
 - The output head and the log-softmax run only at the positions that are scored (HF computes
   ``[batch, seq, vocab]`` logits and their log-softmax everywhere), in chunks of ``HEAD_CHUNK`` positions.
 - Batches are groups sorted by length (longest first, as lm-eval does), so padding stays small.
@@ -67,41 +70,59 @@ class LlamaRunner:
         return KVCache.allocate(self.model, batch=batch, max_len=max_len, prepack_weights=False)
 
 
+MIN_SHARED_TOKENS = 4
+"""Requests share a prefix only if it is at least this long and half of the shortest member's context."""
+
+
+@dataclass(frozen=True)
+class Request:
+    """One request after lm-eval's truncation: the model's ``input`` and which of its positions are scored."""
+
+    index: int
+    input: tuple[int, ...]
+    """``(context + continuation)[-(max_length + 1):][:-1]``."""
+    continuation: tuple[int, ...]
+
+    @property
+    def start(self) -> int:
+        """The input position whose output predicts the first continuation token."""
+        return len(self.input) - len(self.continuation)
+
+
 @dataclass
-class ContextGroup:
-    """One (truncated) context and the requests that continue it: ``(request index, continuation)``."""
+class PrefixGroup:
+    """Requests whose inputs begin with the same ``prefix_len`` tokens (read once for all of them)."""
 
-    context: tuple[int, ...]
-    members: list[tuple[int, tuple[int, ...]]] = field(default_factory=list)
-
-    @property
-    def shares_prefix(self) -> bool:
-        """Read the context once for several multi-token continuations (the KV-cache path)."""
-        return len(self.members) > 1 and any(len(c) > 1 for _, c in self.members)
+    prefix_len: int
+    members: list[Request] = field(default_factory=list)
 
     @property
-    def flat_input(self) -> tuple[int, ...]:
-        """The plain path's input: the context, plus the continuation but its last token when there is one."""
-        return self.context + (self.members[0][1][:-1] if len(self.members) == 1 else ())
+    def prefix(self) -> tuple[int, ...]:
+        return self.members[0].input[: self.prefix_len]
+
+    def rest(self, member: Request) -> tuple[int, ...]:
+        """What this member runs after the shared prefix."""
+        return member.input[self.prefix_len :]
+
+    @property
+    def needs_rest(self) -> bool:
+        """Whether any member has tokens past the prefix (the KV-cache path); else one plain forward."""
+        return any(len(m.input) > self.prefix_len for m in self.members)
 
     @property
     def cost(self) -> int:
-        """Tokens run through the model for this group (the DP balance and the batch order)."""
-        if self.shares_prefix:
-            return len(self.context) + sum(len(c) - 1 for _, c in self.members)
-        return len(self.flat_input)
+        """Tokens run through the model for this group (the DP balance)."""
+        return self.prefix_len + sum(len(m.input) - self.prefix_len for m in self.members)
 
     @property
     def length(self) -> int:
-        """Longest row this group contributes (sort key: similar lengths share a batch)."""
-        return len(self.context) + max(len(c) for _, c in self.members) - 1
+        """Longest input of the group (sort key: similar lengths share a batch)."""
+        return max(len(m.input) for m in self.members)
 
 
-def plan_groups(requests: Sequence[tuple[Sequence[int], Sequence[int]]], *, max_length: int,
-                max_members: int) -> list[ContextGroup]:
-    """Truncate as lm-eval does, then group by context (at most ``max_members`` continuations per group)."""
-    by_context: dict[tuple[int, ...], list[ContextGroup]] = {}
-    groups: list[ContextGroup] = []
+def truncate(requests: Sequence[tuple[Sequence[int], Sequence[int]]], *, max_length: int) -> list[Request]:
+    """lm-eval's truncation, with clear errors for what lm-eval would assert on."""
+    out = []
     for index, (context, continuation) in enumerate(requests):
         if not context or not continuation:
             raise ValueError(f"request {index}: empty context or continuation ({len(context)}, {len(continuation)} "
@@ -110,12 +131,33 @@ def plan_groups(requests: Sequence[tuple[Sequence[int], Sequence[int]]], *, max_
             raise ValueError(f"request {index}: continuation of {len(continuation)} tokens exceeds the model's "
                              f"max_length {max_length}")
         whole = (list(context) + list(continuation))[-(max_length + 1):]
-        ctx, cont = tuple(whole[: len(whole) - len(continuation)]), tuple(continuation)
-        chain = by_context.setdefault(ctx, [])
-        if not chain or len(chain[-1].members) >= max_members:
-            chain.append(ContextGroup(ctx))
-            groups.append(chain[-1])
-        chain[-1].members.append((index, cont))
+        out.append(Request(index, tuple(whole[:-1]), tuple(continuation)))
+    return out
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    return next((i for i in range(n) if a[i] != b[i]), n)
+
+
+def plan_groups(requests: Sequence[tuple[Sequence[int], Sequence[int]]], *, max_length: int,
+                max_members: int) -> list[PrefixGroup]:
+    """Truncate, sort the inputs, and group neighbours that share a long enough prefix (see module docstring).
+
+    A group holds at most ``max_members`` requests; a request alone is a group whose prefix is its whole input.
+    """
+    items = truncate(requests, max_length=max_length)
+    groups: list[PrefixGroup] = []
+    for item in sorted(items, key=lambda r: r.input):
+        group = groups[-1] if groups else None
+        if group is not None and len(group.members) < max_members:
+            shared = min(group.prefix_len, _common_prefix(group.prefix, item.input))
+            shortest = min(min(m.start for m in group.members), item.start)
+            if shared >= max(MIN_SHARED_TOKENS, (shortest + 1) // 2):
+                group.prefix_len = shared
+                group.members.append(item)
+                continue
+        groups.append(PrefixGroup(prefix_len=len(item.input), members=[item]))
     return groups
 
 
@@ -134,20 +176,22 @@ def score_requests(runner: LlamaRunner, requests: Sequence[tuple[Sequence[int], 
     return eval_groups.gather_by_index(indices, [local[i] for i in indices], total=len(requests))
 
 
-def batches_of(groups: Sequence[ContextGroup], *, batch_size: int) -> list[list[ContextGroup]]:
-    """Longest first; a batch holds at most ``batch_size`` continuation rows and one kind of path."""
-    out: list[list[ContextGroup]] = []
-    for shared in (True, False):
-        pending = sorted((g for g in groups if g.shares_prefix == shared), key=lambda g: (-g.length, g.context))
-        batch: list[ContextGroup] = []
+def batches_of(groups: Sequence[PrefixGroup], *, batch_size: int) -> list[list[PrefixGroup]]:
+    """Longest first; a batch holds at most ``batch_size`` requests, and groups of one kind (plain or cached)."""
+    out: list[list[PrefixGroup]] = []
+    for cached in (True, False):
+        # Cached batches pad their prefixes to the longest prefix (the remainders are chunked by length later);
+        # plain batches pad whole inputs.
+        key = (lambda g: (-g.prefix_len, g.prefix)) if cached else (lambda g: (-g.length, g.prefix))
+        pending = sorted((g for g in groups if g.needs_rest == cached), key=key)
+        batch: list[PrefixGroup] = []
         rows = 0
         for group in pending:
-            n = len(group.members) if shared else 1
-            if batch and rows + n > batch_size:
+            if batch and rows + len(group.members) > batch_size:
                 out.append(batch)
                 batch, rows = [], 0
             batch.append(group)
-            rows += n
+            rows += len(group.members)
         if batch:
             out.append(batch)
     return out
@@ -162,77 +206,99 @@ def _right_padded(rows: Sequence[Sequence[int]], *, device: torch.device) -> Ten
 
 
 @torch.inference_mode()
-def score_batch(runner: LlamaRunner, batch: Sequence[ContextGroup]) -> dict[int, tuple[float, bool]]:
-    """Score every member of the groups in ``batch`` (all on the same path, see ``batches_of``)."""
-    if batch[0].shares_prefix:
-        hidden, targets, owners = _shared_prefix_hidden(runner, batch)
-    else:
-        hidden, targets, owners = _flat_hidden(runner, batch)
+def score_batch(runner: LlamaRunner, batch: Sequence[PrefixGroup]) -> dict[int, tuple[float, bool]]:
+    """Score every member of the groups in ``batch`` (all plain or all cached, see ``batches_of``)."""
+    hidden, targets, counts = _scored_hidden(runner, batch)
     logprobs, greedy = target_logprobs(runner, hidden, targets)
-    request_ids = [index for group in batch for index, _ in group.members]
-    counts = torch.bincount(owners, minlength=len(request_ids)).tolist()
+    members = [m for group in batch for m in group.members]
     # One fp32 sum per request over its tokens in order: the reduction lm-eval's hf backend does, so the two
     # agree to the per-token rounding (a float64 sum would be more exact, and differ from hf by up to ~1e-4).
-    return {index: (float(lp.sum()), bool(g.all()))
-            for index, lp, g in zip(request_ids, logprobs.split(counts), greedy.split(counts), strict=True)}
+    return {m.index: (float(lp.sum()), bool(g.all()))
+            for m, lp, g in zip(members, logprobs.split(counts), greedy.split(counts), strict=True)}
 
 
-def _flat_hidden(runner: LlamaRunner, batch: Sequence[ContextGroup]) -> tuple[Tensor, Tensor, Tensor]:
-    """One forward per group; each member's continuation is read off the last positions of its input.
+def _scored_hidden(runner: LlamaRunner, batch: Sequence[PrefixGroup]) -> tuple[Tensor, Tensor, list[int]]:
+    """Hidden states at every scored position of every member (members in batch order, each member's positions
+    contiguous and in token order), their target tokens, and how many positions each member has.
 
-    Returns the hidden states at the scored positions, their target tokens, and which member (batch order) each
-    belongs to; every member's positions are contiguous and in token order (as ``score_batch`` needs)."""
-    inputs = [g.flat_input for g in batch]
-    hidden = runner.hidden(_right_padded(inputs, device=runner.device))
-    rows, cols, targets, owners = [], [], [], []
-    member = 0
-    for row, (group, inp) in enumerate(zip(batch, inputs)):
-        for _, continuation in group.members:
-            start = len(inp) - len(continuation)  # the position that predicts the first continuation token
-            rows += [row] * len(continuation)
-            cols += range(start, len(inp))
-            targets += continuation
-            owners += [member] * len(continuation)
-            member += 1
-    picked = hidden[torch.tensor(rows, device=hidden.device), torch.tensor(cols, device=hidden.device)]
-    return picked, torch.tensor(targets), torch.tensor(owners)
-
-
-def _shared_prefix_hidden(runner: LlamaRunner, batch: Sequence[ContextGroup]) -> tuple[Tensor, Tensor, Tensor]:
-    """Prefill each context once into a KV cache, copy its rows per continuation, run the continuations."""
+    The prefixes run as one right-padded forward (with a KV cache when some member continues past its prefix);
+    the remainders run as a second forward over the cache rows copied per member.
+    """
     device = runner.device
-    contexts = [g.context for g in batch]
-    ctx_len = torch.tensor([len(c) for c in contexts])
-    members = [(g, cont) for g, group in enumerate(batch) for _, cont in group.members]
-    owner_ctx = torch.tensor([g for g, _ in members])
-    longest_ctx = int(ctx_len.max())
-    longest_cont = max(len(c) for _, c in members)
-    cache = runner.allocate_cache(batch=len(batch), max_len=longest_ctx + longest_cont - 1)
-    prefill = runner.hidden(_right_padded(contexts, device=device), cache=cache)
-    first = prefill[owner_ctx.to(device), (ctx_len[owner_ctx] - 1).to(device)]  # predicts continuation token 0
+    prefixes = [g.prefix for g in batch]
+    widest = max(len(p) for p in prefixes)
+    members = [(g, m) for g, group in enumerate(batch) for m in group.members]
+    cache = None
+    if batch[0].needs_rest:
+        longest_rest = max(len(batch[g].rest(m)) for g, m in members)
+        cache = runner.allocate_cache(batch=len(batch), max_len=widest + longest_rest)
+    prefill = runner.hidden(_right_padded(prefixes, device=device), cache=cache)
+    pieces = [prefill.reshape(-1, prefill.shape[-1])]
+    rest_start = [0] * len(members)  # where each member's remainder starts in the stacked hidden states
+    if cache is not None:
+        rest, offsets = _rest_hidden(runner, batch, members, cache, widest=widest)
+        pieces.append(rest)
+        rest_start = [pieces[0].shape[0] + o for o in offsets]
+    picks, targets, counts = [], [], []
+    for row, (g, member) in enumerate(members):
+        p = batch[g].prefix_len
+        for t in range(member.start, len(member.input)):
+            picks.append(g * widest + t if t < p else rest_start[row] + (t - p))
+        targets += member.continuation
+        counts.append(len(member.continuation))
+    stacked = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+    return stacked[torch.tensor(picks, device=device)], torch.tensor(targets), counts
 
-    rows = owner_ctx.to(device)
-    expanded = KVCache(keys=[k.index_select(0, rows) for k in cache.keys],
-                       values=[v.index_select(0, rows) for v in cache.values],
-                       key_valid=cache.key_valid.index_select(0, rows).clone(), length=cache.length)
-    slots = torch.arange(cache.key_valid.shape[1], device=device)
-    # Right padding of the shorter contexts sits between them and their continuation: mask it out.
-    own_len = ctx_len[owner_ctx].to(device)
-    expanded.key_valid &= ~((slots[None, :] >= own_len[:, None]) & (slots[None, :] < longest_ctx))
-    steps = longest_cont - 1
-    cont_inputs = _right_padded([list(c[:-1]) or [0] for _, c in members], device=device)[:, :steps]
-    positions = own_len[:, None] + torch.arange(steps, device=device)[None, :]
-    rest = runner.hidden(cont_inputs, positions=positions, cache=expanded)  # predicts tokens 1..n-1
 
-    # Each member's positions contiguous and in token order (its first token from the prefill, the rest after).
-    rest_base = len(members)
-    picks, targets, owners = [], [], []
-    for member, (_, continuation) in enumerate(members):
-        picks += [member] + [rest_base + member * steps + j for j in range(len(continuation) - 1)]
-        targets += continuation
-        owners += [member] * len(continuation)
-    stacked = torch.cat([first, rest.reshape(-1, rest.shape[-1])])
-    return stacked[torch.tensor(picks, device=device)], torch.tensor(targets), torch.tensor(owners)
+REST_CHUNK_FILL = 0.75
+"""Remainders run in chunks of similar length: a chunk ends where a row is shorter than this share of its widest."""
+
+
+def _rest_hidden(runner: LlamaRunner, batch: Sequence[PrefixGroup], members: list[tuple[int, Request]],
+                 cache: KVCache, *, widest: int) -> tuple[Tensor, list[int]]:
+    """Each member's tokens after its group's prefix, over copies of the prefix's cache rows.
+
+    Members run longest remainder first, in chunks of similar length (so padding stays small). Returns the
+    hidden states of all chunks as ``[positions, dim]`` and, per member, where its remainder starts in them.
+    """
+    order = sorted(range(len(members)), key=lambda r: -len(batch[members[r][0]].rest(members[r][1])))
+    chunks: list[list[int]] = []
+    for row in order:
+        width = len(batch[members[row][0]].rest(members[row][1]))
+        if not chunks or width < REST_CHUNK_FILL * _rest_width(batch, members, chunks[-1][0]):
+            chunks.append([])
+        chunks[-1].append(row)
+    pieces, offsets, base = [], [0] * len(members), 0
+    for chunk in chunks:
+        hidden = _rest_chunk(runner, batch, [members[r] for r in chunk], cache, widest=widest)
+        for i, row in enumerate(chunk):
+            offsets[row] = base + i * hidden.shape[1]
+        base += hidden.shape[0] * hidden.shape[1]
+        pieces.append(hidden.reshape(-1, hidden.shape[-1]))
+    return torch.cat(pieces), offsets
+
+
+def _rest_width(batch: Sequence[PrefixGroup], members: list[tuple[int, Request]], row: int) -> int:
+    return max(1, len(batch[members[row][0]].rest(members[row][1])))
+
+
+def _rest_chunk(runner: LlamaRunner, batch: Sequence[PrefixGroup], members: list[tuple[int, Request]],
+                cache: KVCache, *, widest: int) -> Tensor:
+    """One chunk of remainders over its rows of the prefill cache: hidden states ``[rows, width, dim]``."""
+    device = runner.device
+    owner = torch.tensor([g for g, _ in members], device=device)
+    prefix_len = torch.tensor([batch[g].prefix_len for g, _ in members], device=device)
+    rests = [batch[g].rest(m) or (0,) for g, m in members]  # a member ending at its prefix: one ignored slot
+    tokens = _right_padded(rests, device=device)
+    end = widest + tokens.shape[1]  # this chunk's cache rows need no more slots than that
+    expanded = KVCache(keys=[k[:, :, :end].index_select(0, owner) for k in cache.keys],
+                       values=[v[:, :, :end].index_select(0, owner) for v in cache.values],
+                       key_valid=cache.key_valid[:, :end].index_select(0, owner).clone(), length=cache.length)
+    slots = torch.arange(end, device=device)
+    # The right padding of the shorter prefixes sits between them and their remainder: mask it out.
+    expanded.key_valid &= ~((slots[None, :] >= prefix_len[:, None]) & (slots[None, :] < widest))
+    positions = prefix_len[:, None] + torch.arange(tokens.shape[1], device=device)[None, :]
+    return runner.hidden(tokens, positions=positions, cache=expanded)
 
 
 def target_logprobs(runner: LlamaRunner, hidden: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:

@@ -54,6 +54,8 @@ def synthetic_requests(seed: int) -> list[tuple[list[int], list[int]]]:
     requests += [([1] + tokens(rng.randrange(1, 10)), tokens(rng.randrange(1, 8))) for _ in range(6)]
     ctx = [1] + tokens(8)
     requests += [(ctx, [7]), (ctx, [9]), (ctx, [11])]  # all one-token continuations: the plain path
+    start, ending = [1] + tokens(9), tokens(4)  # WinoGrande-like: contexts differing at the end, one continuation
+    requests += [(start + [5], ending), (start + [6, 7], ending)]
     long_ctx = [1] + tokens(30)  # longer than the window: left-truncated as lm-eval does
     requests += [(long_ctx, tokens(3)), (long_ctx, tokens(5)), ([1] + tokens(40), tokens(MAX_LEN))]
     rng.shuffle(requests)
@@ -64,7 +66,11 @@ def synthetic_requests(seed: int) -> list[tuple[list[int], list[int]]]:
 def test_score_requests_equals_one_full_forward_per_request(runner: LlamaRunner, batch_size: int) -> None:
     requests = synthetic_requests(seed=batch_size)
     groups = plan_groups(requests, max_length=MAX_LEN, max_members=batch_size)
-    assert any(g.shares_prefix for g in groups) or batch_size == 1  # the KV-cache path is exercised
+    shared = [g for g in groups if len(g.members) > 1]
+    if batch_size > 1:  # the KV-cache path is exercised, also with a prefix shorter than a context
+        # (``start`` is the last context position: a prefix of at most that many tokens ends inside the context)
+        assert any(g.needs_rest for g in shared) and any(g.prefix_len <= min(m.start for m in g.members)
+                                                        for g in shared)
     got = score_requests(runner, requests, batch_size=batch_size)
     for (ctx, cont), (logprob, greedy) in zip(requests, got, strict=True):
         want_logprob, want_greedy = reference(runner, ctx, cont)
@@ -78,6 +84,16 @@ def test_greedy_flag_is_true_for_the_models_own_greedy_continuation(runner: Llam
     (_, is_greedy), (_, perturbed) = score_requests(runner, [(prompt, greedy), (prompt, greedy[:-1] + [
         (greedy[-1] + 1) % 512])], batch_size=4)
     assert is_greedy and not perturbed
+
+
+def test_plan_groups_shares_long_prefixes_only() -> None:
+    common = list(range(10, 30))
+    requests = [([1, *common, 5], [8, 9]), ([1, *common, 6], [8, 9]), ([1, 2, 3], [4]), ([1, 2, 7], [4])]
+    groups = plan_groups(requests, max_length=64, max_members=8)
+    by_size = sorted(groups, key=lambda g: -len(g.members))
+    assert [m.index for m in by_size[0].members] == [0, 1] and by_size[0].prefix_len == 21
+    assert all(len(g.members) == 1 for g in by_size[1:])  # [1, 2] is too short a prefix to share
+    assert sum(len(g.members) for g in groups) == 4
 
 
 def test_plan_groups_rejects_empty_and_overlong_requests() -> None:
