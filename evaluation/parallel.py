@@ -13,8 +13,8 @@ ranks of one tensor-parallel group share a DP rank and therefore run the same ba
 layers' collectives require. Results are gathered over the DP group at the end of each request type, so every
 rank returns the same answers to lm-eval and the metrics, the log and the output file are those of one process.
 
-The gather is the only collective here (``all_gather_object`` over the DP group: CPU tensors on gloo, device
-tensors on NCCL, where torch serialises through the current CUDA device that ``Topology`` sets).
+The gather is the only collective here: ``model.comm.all_gather_object`` over the DP group (the project's one
+place for collectives; on CUDA it travels over the gloo side of the ``cuda:nccl,cpu:gloo`` group).
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
+
+from model import comm
 
 T = TypeVar("T")
 
@@ -66,10 +68,7 @@ class EvalGroups:
     def gather_by_index(self, indices: Sequence[int], results: Sequence[T], *, total: int) -> list[T]:
         """Every rank's ``results`` (for its ``indices``) merged into one list of ``total`` items, input order."""
         local = list(zip(indices, results, strict=True))
-        parts = [local]
-        if self.dp_size > 1:
-            parts = [None] * self.dp_size  # type: ignore[list-item]
-            torch.distributed.all_gather_object(parts, local, group=self.dp_group)
+        parts = comm.all_gather_object(local, group=self.dp_group) if self.dp_size > 1 else [local]
         merged: list[Any] = [None] * total
         seen = 0
         for part in parts:

@@ -5,7 +5,7 @@
 Read from the source with ``ast``: ``dist.all_reduce(...)`` for any name bound to ``torch.distributed`` (``import
 torch.distributed as dist``, ``from torch import distributed``), ``torch.distributed.barrier(...)`` spelled out,
 and collectives imported by name (``from torch.distributed import all_reduce``). Scanned: model/, data_pipeline/,
-train/, rlhf/, launch/, benchmarks/. Exempt: ``model/comm.py`` itself, and tests/ (test launchers may talk to
+train/, rlhf/, launch/, benchmarks/, evaluation/. Exempt: ``model/comm.py`` itself, and tests/ (test launchers may talk to
 their own process groups directly). Process-group setup (``init_process_group``, ``new_group``, ``get_rank``...)
 is not a collective and stays where it is (``train/topology.py``).
 """
@@ -21,7 +21,7 @@ from tests.conftest import REPO_ROOT
 
 pytestmark = pytest.mark.timeout(60)
 
-SCANNED = ("model", "data_pipeline", "train", "rlhf", "launch", "benchmarks")
+SCANNED = ("model", "data_pipeline", "train", "rlhf", "launch", "benchmarks", "evaluation")
 THE_MODULE = REPO_ROOT / "model" / "comm.py"
 COLLECTIVE_PREFIXES = ("all_reduce", "all_gather", "_all_gather", "all_to_all", "broadcast", "barrier",
                        "monitored_barrier", "gather", "scatter", "reduce", "_reduce_scatter", "send", "recv",
