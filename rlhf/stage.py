@@ -92,12 +92,13 @@ class StageTask:
                                  micro_batch_size=micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,
                                  consumed_samples=consumed_samples)
 
-    def init_weights(self) -> dict[str, Tensor] | None:
+    def init_weights(self) -> Any:
+        """A lazy reader of the init checkpoint (``open_checkpoint``): each rank reads only its TP slices."""
         if not self.cfg.stage.init_checkpoint:
             return None
-        from model.checkpoints import load_checkpoint
+        from model.checkpoints import open_checkpoint
 
-        return load_checkpoint(checkpoint_dir(resolve_path(self.cfg.stage.init_checkpoint)))[1]
+        return open_checkpoint(checkpoint_dir(resolve_path(self.cfg.stage.init_checkpoint)))
 
     def engine_kwargs(self, cfg: Any, model_cfg: Any) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"init_weights": self.init_weights()}

@@ -3,7 +3,8 @@
     engine = TrainEngine(model_cfg=model_cfg, run_cfg=run_cfg, topology=topo)
     result = engine.train_step(micro_batches, lr)     # StepResult(loss, grad_norm, skipped, tokens)
     engine.eval_loss(micro_batches, num_batches); engine.save(dir, client_state); engine.load(dir)
-    engine.consolidated_state_dict()                  # full native weights on global rank 0
+    with engine.exported_weights(out_dir) as reader:  # collective; rank 0 streams the model from every rank's
+        if reader: write_native(reader.source(model_cfg), model_cfg, out_dir)   # fragments, one tensor at a time
 
 Composition (the Megatron-DeepSpeed way): megatron-core tensor-parallel layers inside our Llama
 (``model/parallel.py``), DeepSpeed ``PipelineModule`` over the flat stage list (``train/pipeline.py``) when
@@ -15,11 +16,12 @@ and every DP rank), not a mean of per-micro-batch means, so padding or masked SF
 Each micro-batch's summed token loss is multiplied by ``gas * dp / global_tokens``; DeepSpeed divides by
 ``gas`` in backward and averages over DP, which leaves exactly ``sum(loss) / global_tokens``.
 
-Checkpoints: ``save`` writes DeepSpeed's own sharded checkpoint (exact resume at the same layout) and a
-*portable* copy: per (TP, PP) rank, fp32 master weights and Adam moments keyed by the plain model's parameter
-names with their TP split dimension (``portable/tp00-pp00.safetensors``). ``load`` at a different layout
-(TP2 x PP2 -> TP1 x DP4) assembles the full tensors from the portable files and re-slices them;
-``python -m train.consolidate`` turns them into one native / Hugging Face checkpoint without a launcher.
+Checkpoints (``train/engine_checkpoint.py``): every rank saves, restores and exports only its own shard, its
+ZeRO fragment of its TP slice of its pipeline stage (fp32 master weights + Adam moments), as safetensors with
+the fragment's place in the full tensor (``portable/tp00-pp00-dp000.safetensors``); DeepSpeed's own pickled
+checkpoint is not used. ``load`` reads any saved layout (TP2 x PP2 -> TP1 x DP4): only the slices this rank
+owns; ``python -m train.consolidate`` and the end-of-run export stream the same files one tensor at a time.
+The module's random initialisation runs only for weights no checkpoint provides.
 
 CPU vs GPU: the CPU path (gloo) never calls CUDA; on GPUs the engine uses bf16 (if configured), fused AdamW,
 flash SDPA (automatic for causal bf16 attention) and overlapped ZeRO communication. On CPU: fused AdamW too,
@@ -31,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import logging
 import math
 import os
@@ -51,12 +52,6 @@ import torch.distributed as dist  # noqa: E402
 from deepspeed.pipe import LayerSpec, PipelineModule  # noqa: E402
 from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology  # noqa: E402
 from deepspeed.runtime.utils import partition_uniform  # noqa: E402
-from deepspeed.utils import (  # noqa: E402
-    safe_get_full_fp32_param,
-    safe_get_full_optimizer_state,
-    safe_set_full_fp32_param,
-    safe_set_full_optimizer_state,
-)
 from torch import Tensor, nn  # noqa: E402
 
 from model import comm  # noqa: E402
@@ -65,6 +60,7 @@ from model.layers import LayerFactory, LocalLayers  # noqa: E402
 from model.llama import init_llama_weights  # noqa: E402
 from train import pipeline as pipe  # noqa: E402
 from train.config import ConfigError  # noqa: E402
+from train.engine_checkpoint import EngineCheckpoint  # noqa: E402
 from train.objective import LanguageModelObjective, decay_groups, masked_loss_sum  # noqa: E402
 
 # DeepSpeed's CPU accelerator JIT-compiles a shared-memory all-reduce (~80 s per fresh cache) when its
@@ -74,8 +70,6 @@ if not torch.cuda.is_available():
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
 logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 
-ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
-LAYOUT_FILE = "layout.json"
 
 
 @dataclass
@@ -189,9 +183,11 @@ class TrainEngine:
         # DeepSpeed's communication layer wraps the process group Topology made (PipelineModule needs it).
         deepspeed.init_distributed(dist_backend=topology.backend, dist_init_required=False)
         self.module = self._build_module()
-        self.ds: Any = None  # built lazily so that a portable load can fill the weights first
-        init_llama_weights(self.module, seed=run_cfg.train.seed, n_layers=model_cfg.n_layers,
-                           native_name=self.native_name)
+        self.ds: Any = None  # built lazily so that a checkpoint load can fill the weights first
+        self.io = EngineCheckpoint(self)
+        # Seeded random init only for weights no checkpoint provides: deferred until the DeepSpeed engine is
+        # built (``_engine``), skipped when a resume (``load``) or complete initial weights fill them first.
+        self._weights_filled = False
         if init_weights is not None:
             self.load_weights(init_weights)
         self._nan_steps = {int(s) for s in os.environ.get("LLAMA_TEST_NAN_STEPS", "").split(",") if s}
@@ -217,29 +213,33 @@ class TrainEngine:
             return pipe.native_name(name, n_layers=self.model_cfg.n_layers)
         return self.objective.native_name(name.removeprefix("module."))
 
+    def _seed_init(self) -> None:
+        if not self._weights_filled:
+            init_llama_weights(self.module, seed=self.run_cfg.train.seed, n_layers=self.model_cfg.n_layers,
+                               native_name=self.native_name)
+            self._weights_filled = True
+
     @torch.no_grad()
-    def load_weights(self, weights: dict[str, Tensor], *, strict: bool = False) -> list[str]:
-        """Copy full native tensors into this rank's parameters (before DeepSpeed); returns names not found."""
+    def load_weights(self, weights: Any, *, strict: bool = False) -> list[str]:
+        """Initial weights (before DeepSpeed) from a ``WeightReader`` (``model.checkpoints.open_checkpoint``: only
+        this rank's TP slices are read) or a dict of full tensors by native name. Names the source lacks (a new
+        reward head) get their seeded values; returns them."""
         if self.ds is not None:
             raise RuntimeError("load_weights must come before the first step")
-        missing = []
-        for name, param in self.module.named_parameters():
-            native = self.native_name(name)
-            if native not in weights:
-                missing.append(native)
-                continue
-            full = weights[native]
-            expected = tuple(getattr(param, "tp_full_shape", param.shape))
-            if tuple(full.shape) != expected:
-                raise ConfigError(f"initial weights: {native} has shape {tuple(full.shape)}, the model expects "
-                                 f"{expected}; the checkpoint is for another model config")
-            param.copy_(self._shard(param, full.to(param.dtype)))
+        reader = weights if hasattr(weights, "read_slice") else DictWeights(weights)
+        names = set(reader.names())
+        missing = [self.native_name(n) for n, _ in self.module.named_parameters() if self.native_name(n) not in names]
+        if missing:
+            self._seed_init()  # the few tensors the source lacks keep their seeded values
+        self.io.load_weights(reader)
+        self._weights_filled = True
         if strict and missing:
             raise KeyError(f"initial weights lack {missing[:5]}{'...' if len(missing) > 5 else ''}")
         return missing
 
     def _engine(self) -> Any:
         if self.ds is None:
+            self._seed_init()
             o = self.run_cfg.optim
             # Fused AdamW: one pass over (param, grad, m, v) instead of ~10 elementwise kernels. On CPU it
             # matters more than on GPU: ZeRO flattens each parameter group into one tensor, and the unfused
@@ -363,55 +363,25 @@ class TrainEngine:
                 "zero_stage": self.run_cfg.zero.stage, "offload": self.run_cfg.zero.offload,
                 "dtype": self.run_cfg.train.dtype, "model": self.model_cfg.to_dict()}
 
-    def save(self, checkpoint_dir: Path, client_state: dict[str, Any]) -> None:
-        """DeepSpeed's sharded checkpoint + the portable copy, into ``checkpoint_dir`` (which rank 0 made)."""
-        from train import portable
+    def save(self, checkpoint_dir: Path, client_state: dict[str, Any]) -> dict[str, Any]:
+        """This rank's shard into ``checkpoint_dir`` (which rank 0 made); returns the files written with their size
+        and SHA-256 (``train/engine_checkpoint.py``)."""
+        return self.io.stage(Path(checkpoint_dir), client_state)()
 
-        ds = self._engine()
-        checkpoint_dir = Path(checkpoint_dir)
-        ds.save_checkpoint(str(checkpoint_dir), tag="deepspeed", client_state=client_state, save_latest=False)
-        tensors = self._local_master_state()
-        if self.topo.dp_rank == 0:
-            portable.write_rank_file(checkpoint_dir, tensors=tensors, tp_rank=self.topo.tp_rank,
-                                     pp_rank=self.topo.pp_rank, adam_step=self._adam_step(),
-                                     layout=self.layout())
-        if self.topo.global_rank == 0:
-            (checkpoint_dir / LAYOUT_FILE).write_text(json.dumps(self.layout(), indent=2) + "\n")
+    def stage_save(self, checkpoint_dir: Path, client_state: dict[str, Any]) -> Any:
+        """Asynchronous save: copy this rank's shard to host memory now; the returned function writes it."""
+        return self.io.stage(Path(checkpoint_dir), client_state)
 
     def load(self, checkpoint_dir: Path) -> dict[str, Any]:
-        """Resume: DeepSpeed's own files at the same layout, the portable copy at any other."""
-        from train import portable
+        """Resume from a checkpoint of any layout: this rank reads only its slices and fragments."""
+        result = self.io.load(Path(checkpoint_dir))
+        self._weights_filled = True
+        return result
 
-        checkpoint_dir = Path(checkpoint_dir)
-        saved = json.loads((checkpoint_dir / LAYOUT_FILE).read_text())
-        same = all(saved.get(k) == v for k, v in self.layout().items() if k != "model")
-        if same and os.environ.get("LLAMA_FORCE_PORTABLE_LOAD") != "1":
-            _, client_state = self._engine().load_checkpoint(str(checkpoint_dir), tag="deepspeed",
-                                                             load_lr_scheduler_states=False)
-            return dict(client_state or {})
-        if self.ds is not None:
-            raise RuntimeError("a portable (re-sharding) load must come before the first step")
-        reader = portable.PortableCheckpoint(checkpoint_dir)
-        with torch.no_grad():  # weights go into the plain module before DeepSpeed copies them
-            for name, param in self.module.named_parameters():
-                param.copy_(self._shard(param, reader.full(self.native_name(name), "param")))
-        ds = self._engine()
-        self._create_optimizer_state()
-        self._link_optimizer_state()
-        for name, param in self.module.named_parameters():
-            native = self.native_name(name)
-            safe_set_full_fp32_param(param, self._shard(param, reader.full(native, "param")).to(self.device))
-            for key in ADAM_MOMENTS:
-                value = self._shard(param, reader.full(native, key)).to(self.device)
-                safe_set_full_optimizer_state(param, value, key)
-        self._set_adam_step(reader.adam_step)
-        ds.global_steps = int(reader.meta.get("step", reader.adam_step))
-        return {}  # the loop's counters come from meta.json, which every checkpoint holds
-
-    @staticmethod
-    def _shard(param: Tensor, full: Tensor) -> Tensor:
-        shard = getattr(param, "tp_shard", None)
-        return shard(full) if shard is not None else full
+    def exported_weights(self, out_dir: Path) -> Any:
+        """Collective context: rank 0 gets a reader streaming the whole model one tensor at a time (None elsewhere),
+        built from every rank's own fragments; see ``EngineCheckpoint.exported``."""
+        return self.io.exported(Path(out_dir))
 
     def _create_optimizer_state(self) -> None:
         """Materialise AdamW's lazily created state with a zero-gradient, zero-LR step (changes nothing)."""
@@ -450,47 +420,18 @@ class TrainEngine:
             if "step" in state:
                 state["step"].fill_(step) if torch.is_tensor(state["step"]) else state.update(step=step)
 
-    def _local_master_state(self) -> dict[str, dict[str, Tensor]]:
-        """This rank's fp32 master weights and Adam moments, whole over DP (collective over DP)."""
-        ds = self._engine()
-        out: dict[str, dict[str, Tensor]] = {}
-        has_state = self._adam_step() > 0
-        if has_state:
-            self._link_optimizer_state()
-        for name, param in ds.module.named_parameters():
-            entry = {"param": _full_fp32(param)}
-            for key in ADAM_MOMENTS:
-                value = safe_get_full_optimizer_state(param, key) if has_state else None
-                entry[key] = (value if value is not None else torch.zeros_like(entry["param"])).float().cpu()
-            entry["tp_dim"] = getattr(param, "tp_dim", None)  # type: ignore[assignment]
-            out[self.native_name(name)] = entry
-        return out
 
-    def consolidated_state_dict(self) -> dict[str, Tensor]:
-        """Full native fp32 weights on global rank 0 ({} elsewhere). Collective over every rank."""
-        local = self._local_master_state()
-        weights: dict[str, Tensor] = {}
-        for name, entry in local.items():
-            tensor, dim = entry["param"], entry["tp_dim"]
-            if dim is not None and self.topo.tp_size > 1:
-                parts = comm.all_gather(tensor.to(self.device), group=self.topo.tp_group)
-                tensor = torch.cat(parts, dim=int(dim)).cpu()  # type: ignore[arg-type]
-            weights[name] = tensor
-        mine = weights if (self.topo.tp_rank == 0 and self.topo.dp_rank == 0) else {}
-        if self.topo.world_size == 1:
-            return mine
-        gathered = comm.gather_object(mine, dst=0)
-        if gathered is None:
-            return {}
-        full: dict[str, Tensor] = {}
-        for part in gathered:
-            full.update(part or {})
-        return full
+class DictWeights:
+    """Full tensors by native name (tests, small models) in ``WeightReader``'s shape: names, read, read_slice."""
 
+    def __init__(self, weights: dict[str, Tensor]) -> None:
+        self.weights, self.source = weights, "initial weights"
 
-def _full_fp32(param: Tensor) -> Tensor:
-    """The fp32 master copy of a parameter, whole over ZeRO partitions (the parameter itself without one)."""
-    value = safe_get_full_fp32_param(param)
-    if value is None:
-        value = param.detach()
-    return value.float().cpu().clone()
+    def names(self) -> list[str]:
+        return list(self.weights)
+
+    def read(self, name: str) -> Tensor:
+        return self.weights[name]
+
+    def read_slice(self, name: str, *, dim: int, start: int, stop: int) -> Tensor:
+        return self.weights[name].narrow(dim, start, stop - start)

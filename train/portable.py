@@ -59,8 +59,8 @@ class Fragment:
 
     name: str
     param: Tensor
-    exp_avg: Tensor
-    exp_avg_sq: Tensor
+    exp_avg: Tensor | None  # None: weights only (exports)
+    exp_avg_sq: Tensor | None
     tp_dim: int | None
     tp_shape: tuple[int, ...]
     full_shape: tuple[int, ...]
@@ -77,7 +77,8 @@ def write_rank_fragments(checkpoint_dir: Path, fragments: list[Fragment], *, tp_
     path = rank_file(checkpoint_dir, tp_rank=tp_rank, pp_rank=pp_rank, dp_rank=dp_rank)
     path.parent.mkdir(parents=True, exist_ok=True)
     by_name = {f.name: f for f in fragments}
-    specs = [TensorSpec(f"{key}/{f.name}", (f.param.numel(),), torch.float32) for f in fragments for key in KEYS]
+    specs = [TensorSpec(f"{key}/{f.name}", (f.param.numel(),), torch.float32) for f in fragments for key in KEYS
+             if getattr(f, key) is not None]
     tensors = {f.name: {"tp_dim": f.tp_dim, "tp_shape": list(f.tp_shape), "full_shape": list(f.full_shape),
                         "start": f.start, "stop": f.stop} for f in fragments}
     meta = {"format_version": FORMAT_VERSION, "tensors": tensors, "tp_rank": tp_rank, "pp_rank": pp_rank,
@@ -267,6 +268,27 @@ class PortableCheckpoint:
                                               into=out[a - lo:b - lo])
         return out
 
+    def read_tp_fragment(self, name: str, key: str = "param", *, tp_dim: int | None, start: int, stop: int,
+                         tp_size: int, lo: int, hi: int) -> Tensor:
+        """Elements ``lo:hi`` of a target rank's flattened TP slice (``start:stop`` along ``tp_dim``; the whole
+        tensor when ``tp_dim`` is None): its ZeRO fragment. When the source cut the tensor the same way (same TP,
+        or an unsplit source and a row range) only the overlapping fragments are read; otherwise one TP slice of
+        the tensor is read and cut."""
+        info = self._require(name)
+        full = tuple(info["full_shape"])
+        src_dim, sources = info["tp_dim"], sorted(self._pieces[name])
+        inner = _numel(full[1:])
+        if src_dim is None and (tp_dim is None or tp_dim == 0):  # the source holds whole tensors
+            offset = 0 if tp_dim is None else start * inner
+            return self._flat_range(name, key, sources[0], offset + lo, offset + hi)
+        if src_dim is not None and tp_dim == src_dim and len(sources) == tp_size:
+            for rank in sources:
+                if tp_range(full[src_dim], rank=rank, size=tp_size) == (start, stop):
+                    return self._flat_range(name, key, rank, lo, hi)
+        region = self.full(name, key) if tp_dim is None else self.read_slice(name, key, dim=tp_dim, start=start,
+                                                                             stop=stop)
+        return region.reshape(-1)[lo:hi].clone()
+
     def full_state_dict(self) -> dict[str, Tensor]:
         """Every weight, whole (small models and tests; use ``source()`` to stream large ones)."""
         return {name: self.full(name, "param") for name in self.names()}
@@ -274,6 +296,32 @@ class PortableCheckpoint:
     def source(self, model_cfg: Any) -> PortableSource:
         """A ``TensorSource`` over the fp32 weights in ``model_cfg``'s order, for the streaming writers."""
         return PortableSource(self, model_cfg)
+
+    def specs(self, names: list[str] | None = None) -> list[TensorSpec]:
+        """Every stored weight (or ``names``) as fp32 specs, for writers of formats beyond the plain Llama."""
+        return [TensorSpec(n, self.full_shape(n), torch.float32) for n in (names or self.names())]
+
+
+class StateDictExport:
+    """An in-memory state dict behind ``PortableCheckpoint``'s export interface (one-process engines, tests)."""
+
+    def __init__(self, state_dict: dict[str, Tensor]) -> None:
+        self._tensors = state_dict
+
+    def names(self) -> list[str]:
+        return sorted(self._tensors)
+
+    def full_shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._tensors[name].shape)
+
+    def full(self, name: str, key: str = "param") -> Tensor:
+        return self._tensors[name].float()
+
+    def specs(self, names: list[str] | None = None) -> list[TensorSpec]:
+        return [TensorSpec(n, self.full_shape(n), torch.float32) for n in (names or self.names())]
+
+    def source(self, model_cfg: Any) -> PortableSource:
+        return PortableSource(self, model_cfg)  # type: ignore[arg-type]
 
 
 class PortableSource:

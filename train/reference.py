@@ -42,17 +42,19 @@ class ReferenceEngine:
     """``TrainEngine``'s interface (train_step, eval_loss, save/load, consolidated_state_dict) in one process."""
 
     def __init__(self, *, model_cfg: LlamaConfig, run_cfg: Any, topology: Any = None, objective: Any = None,
-                 init_weights: dict[str, Tensor] | None = None) -> None:
+                 init_weights: Any = None) -> None:
         self.objective = objective or LanguageModelObjective()
         self.module = self.objective.build_module(model_cfg, LocalLayers(), run_cfg)
         init_llama_weights(self.module, seed=run_cfg.train.seed, n_layers=model_cfg.n_layers,
                            native_name=self.objective.native_name)
-        if init_weights is not None:
+        if init_weights is not None:  # a dict of full tensors or a WeightReader (open_checkpoint)
+            names = set(init_weights.names() if hasattr(init_weights, "names") else init_weights)
+            read = init_weights.read if hasattr(init_weights, "read") else init_weights.__getitem__
             with torch.no_grad():
                 for name, param in self.module.named_parameters():
                     native = self.objective.native_name(name)
-                    if native in init_weights:
-                        param.copy_(init_weights[native].to(param.dtype))
+                    if native in names:
+                        param.copy_(read(native).to(param.dtype))
         o = run_cfg.optim
         self.optimizer = torch.optim.AdamW(decay_groups(self.module, o.weight_decay), lr=0.0,
                                            betas=(o.beta1, o.beta2), eps=o.eps)
@@ -113,3 +115,11 @@ class ReferenceEngine:
 
     def consolidated_state_dict(self) -> dict[str, Tensor]:
         return {self.objective.native_name(k): v.detach().clone() for k, v in self.module.named_parameters()}
+
+    def exported_weights(self, out_dir: Path) -> Any:
+        """``TrainEngine.exported_weights`` in one process: the module's own tensors."""
+        import contextlib
+
+        from train.portable import StateDictExport
+
+        return contextlib.nullcontext(StateDictExport(self.consolidated_state_dict()))

@@ -66,11 +66,26 @@ class PretrainTask:
         export_final(engine, model_cfg, out_dir, rank=rank)
 
 
-def export_final(engine: Any, model_cfg: Any, out_dir: Path, *, rank: int) -> None:
-    """Consolidated native-format weights (config.json + model.safetensors) for generation and conversion."""
-    state_dict = engine.consolidated_state_dict()  # collective under ZeRO-3 / PP: every rank calls it
-    if rank == 0 and state_dict:
-        from model.checkpoints.native import save_native
+def exported_weights(engine: Any, out_dir: Path) -> Any:
+    """Collective context yielding, on global rank 0, the whole model's weights to stream from (``names()``,
+    ``full(name)``, ``specs()``, ``source(model_cfg)``), None elsewhere. The engine builds it from every rank's own
+    fragments (``TrainEngine.exported_weights``); engines without it hand over a state dict."""
+    if hasattr(engine, "exported_weights"):
+        return engine.exported_weights(out_dir)
+    import contextlib
 
-        save_native(state_dict, model_cfg, out_dir, overwrite=True)
+    from train.portable import StateDictExport
+
+    state_dict = engine.consolidated_state_dict()
+    return contextlib.nullcontext(StateDictExport(state_dict) if state_dict else None)
+
+
+def export_final(engine: Any, model_cfg: Any, out_dir: Path, *, rank: int) -> None:
+    """Native-format weights (config.json + safetensors) for generation and conversion, streamed: rank 0 writes
+    one tensor at a time, read from every rank's own fragments; no rank gathers the model."""
+    from model.checkpoints.native import write_native
+
+    with exported_weights(engine, out_dir) as weights:  # collective: every rank enters
+        if weights is not None:
+            write_native(weights.source(model_cfg), model_cfg, out_dir, overwrite=True)
     comm.barrier()

@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from torch import Tensor
 
@@ -43,8 +43,8 @@ from model.config import LlamaConfig
 
 Format = Literal["native", "hf", "meta", "llama2c"]
 FORMATS: tuple[str, ...] = ("native", "hf", "meta", "llama2c")
-__all__ = ["FORMATS", "Format", "MemoryReader", "SafetensorsReader", "WeightReader", "detect_format",
-           "load_checkpoint", "open_checkpoint"]
+__all__ = ["FORMATS", "Format", "MemoryReader", "OverlayReader", "SafetensorsFileReader", "SafetensorsReader",
+           "WeightReader", "detect_format", "load_checkpoint", "open_checkpoint"]
 
 
 class SafetensorsReader(WeightReader):
@@ -134,3 +134,43 @@ def open_checkpoint(path: str | Path, *, format: str | None = None) -> WeightRea
                                      ignore=lambda n: bool(hf._IGNORED_HF.search(n)))
     cfg, state_dict = load_checkpoint(path, format=fmt)  # type: ignore[arg-type]
     return MemoryReader(cfg, state_dict, source=path)
+
+
+class SafetensorsFileReader:
+    """Every tensor of one safetensors file by its stored name (no config): ``names``, ``read``, ``read_slice``.
+
+    For weight files outside the Llama formats (a reward model's backbone + head), read slice-wise like the
+    checkpoint readers above.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.file = SafetensorsFile(path)
+        self.source = str(path)
+
+    def names(self) -> list[str]:
+        return self.file.keys()
+
+    def read(self, name: str) -> Tensor:
+        return self.file.read(name)
+
+    def read_slice(self, name: str, *, dim: int, start: int, stop: int) -> Tensor:
+        return self.file.read_slice(name, dim=dim, start=start, stop=stop)
+
+
+class OverlayReader:
+    """A reader with some names dropped and some in-memory tensors added (a value head over a policy)."""
+
+    def __init__(self, base: Any, *, drop: tuple[str, ...] = (), extra: dict[str, Tensor] | None = None) -> None:
+        self.base, self.drop, self.extra = base, set(drop), dict(extra or {})
+        self.source = getattr(base, "source", "weights")
+
+    def names(self) -> list[str]:
+        return [n for n in self.base.names() if n not in self.drop and n not in self.extra] + list(self.extra)
+
+    def read(self, name: str) -> Tensor:
+        return self.extra[name] if name in self.extra else self.base.read(name)
+
+    def read_slice(self, name: str, *, dim: int, start: int, stop: int) -> Tensor:
+        if name in self.extra:
+            return self.extra[name].narrow(dim, start, stop - start)
+        return self.base.read_slice(name, dim=dim, start=start, stop=stop)

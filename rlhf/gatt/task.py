@@ -77,9 +77,10 @@ class GAttTask(PretrainTask):
     def engine_kwargs(self, cfg: Any, model_cfg: Any) -> dict[str, Any]:
         if not self.section.init:
             return {}
-        from model.checkpoints import load_checkpoint
+        from model.checkpoints import open_checkpoint
 
-        ckpt_cfg, weights = load_checkpoint(self.section.init)
+        weights = open_checkpoint(self.section.init)  # lazy: each rank reads its TP slices only
+        ckpt_cfg = weights.cfg
         if (ckpt_cfg.dim, ckpt_cfg.n_layers, ckpt_cfg.vocab_size) != (model_cfg.dim, model_cfg.n_layers,
                                                                       model_cfg.vocab_size):
             raise ConfigError(f"gatt.init={self.section.init!r} has dim {ckpt_cfg.dim}, {ckpt_cfg.n_layers} layers, "
@@ -89,14 +90,13 @@ class GAttTask(PretrainTask):
 
 
     def export(self, engine: Any, model_cfg: Any, out_dir: Path, *, rank: int) -> None:
-        """The native checkpoint of the fine-tuned model (a tied head, listed once by the engine, re-added)."""
-        from model.checkpoints.native import save_native
+        """The native checkpoint of the fine-tuned model, streamed from every rank's own fragments."""
+        from model.checkpoints.native import write_native
+        from train.task import exported_weights
 
-        state_dict = engine.consolidated_state_dict()  # collective: every rank calls it
-        if rank == 0 and state_dict:
-            if model_cfg.tie_embeddings and "output.weight" not in state_dict:
-                state_dict["output.weight"] = state_dict["tok_embeddings.weight"]
-            save_native(state_dict, model_cfg, out_dir, overwrite=True)
+        with exported_weights(engine, out_dir) as weights:  # collective: every rank enters
+            if weights is not None:
+                write_native(weights.source(model_cfg), model_cfg, out_dir, overwrite=True)
         comm.barrier()
 
 

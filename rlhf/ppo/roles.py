@@ -174,8 +174,13 @@ class ScalarHeadObjective:
         return SCALAR_HEAD if name == "value_head.weight" else name.removeprefix("model.")
 
 
-def zero_head(weights: dict[str, Tensor], *, dim: int) -> dict[str, Tensor]:
-    """Policy weights as a value-model init: the LM head dropped, a zero scalar head added (V = 0 at start)."""
+def zero_head(weights: Any, *, dim: int) -> Any:
+    """Policy weights as a value-model init: the LM head dropped, a zero scalar head added (V = 0 at start).
+    A dict gives a dict; a lazy reader (``open_checkpoint``) gives a reader over it."""
+    if hasattr(weights, "read_slice"):
+        from model.checkpoints.reader import OverlayReader
+
+        return OverlayReader(weights, drop=("output.weight",), extra={SCALAR_HEAD: torch.zeros(1, dim)})
     out = {k: v for k, v in weights.items() if k != "output.weight"}
     out.setdefault(SCALAR_HEAD, torch.zeros(1, dim))
     return out
@@ -193,12 +198,11 @@ def save_scalar_model(state_dict: dict[str, Tensor], config: LlamaConfig, out_di
     return save_reward_model(state_dict, config, out_dir, meta=meta)
 
 
-def load_scalar_model(path: str | Path) -> tuple[LlamaConfig, dict[str, Tensor], dict[str, Any]]:
+def load_scalar_model(path: str | Path) -> tuple[LlamaConfig, Any, dict[str, Any]]:
     """``(backbone config, native weights incl. reward_head.weight, reward_model.json)`` of a reward model
-    exported by ``python -m rlhf.reward`` (or a PPO ``final_value/``), or of its run directory."""
+    exported by ``python -m rlhf.reward`` (or a PPO ``final_value/``), or of its run directory. The weights are a
+    lazy reader (``names``/``read``/``read_slice``): an engine built from them reads only its TP slices."""
     import json
-
-    from safetensors.torch import load_file
 
     from rlhf.paths import checkpoint_dir
     from rlhf.reward.model import FORMAT, META, WEIGHTS
@@ -210,7 +214,9 @@ def load_scalar_model(path: str | Path) -> tuple[LlamaConfig, dict[str, Tensor],
     meta = json.loads((p / META).read_text())
     if meta.get("format") != FORMAT:
         raise ConfigError(f"{p / META}: format {meta.get('format')!r}, expected {FORMAT!r}")
-    weights = load_file(str(p / WEIGHTS))
-    if SCALAR_HEAD not in weights:
+    from model.checkpoints.reader import SafetensorsFileReader
+
+    weights = SafetensorsFileReader(p / WEIGHTS)
+    if SCALAR_HEAD not in weights.names():
         raise ConfigError(f"{p / WEIGHTS}: no {SCALAR_HEAD!r}")
     return LlamaConfig.from_dict(meta["model"]), weights, meta

@@ -57,7 +57,6 @@ from rlhf.ppo.roles import (
     PolicyObjective,
     ScalarHeadObjective,
     load_scalar_model,
-    save_scalar_model,
     zero_head,
 )
 from rlhf.reward.model import RewardObjective
@@ -88,12 +87,14 @@ class PPOResult:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _initial_weights(cfg: PPOConfig, model_cfg: Any) -> dict[str, Tensor]:
-    """The policy's starting weights: the SFT checkpoint, or the seeded init (identical on every rank)."""
+def _initial_weights(cfg: PPOConfig, model_cfg: Any) -> Any:
+    """The policy's starting weights: the SFT checkpoint (a lazy reader: each rank reads its TP slices only), or
+    the seeded init (identical on every rank; tests)."""
     if cfg.ppo.init:
-        from model.checkpoints import load_checkpoint
+        from model.checkpoints import open_checkpoint
 
-        ckpt_cfg, weights = load_checkpoint(checkpoint_dir(resolve_path(cfg.ppo.init)))
+        weights = open_checkpoint(checkpoint_dir(resolve_path(cfg.ppo.init)))
+        ckpt_cfg = weights.cfg
         if ckpt_cfg.dim != model_cfg.dim or ckpt_cfg.n_layers != model_cfg.n_layers:
             raise ConfigError(f"ppo.init={cfg.ppo.init!r} is a {ckpt_cfg.name} (dim {ckpt_cfg.dim}, "
                               f"{ckpt_cfg.n_layers} layers) but model.name={cfg.model.name!r}; make them agree")
@@ -328,18 +329,19 @@ class PPOTrainer:
         """Consolidated weights of the policy (native format) or value model into ``RUN_DIR/name``."""
         out = Path(self.cfg.run.dir) / name
         engine = self.value if value else self.policy
-        weights = engine.consolidated_state_dict()
-        if self.topo.global_rank == 0:
-            if value:
-                save_scalar_model(weights, engine.model_cfg, out, meta={
+        from train.task import exported_weights
+
+        with exported_weights(engine, out) as weights:  # collective: rank 0 streams from every rank's fragments
+            if weights is not None and value:
+                from rlhf.reward.model import write_reward_model
+
+                write_reward_model(weights, engine.model_cfg, out, meta={
                     "role": "ppo value model", "tokenizer": self.cfg.data.tokenizer,
                     "template": self.cfg.prompts.template, "max_len": engine.model_cfg.max_seq_len})
-            else:
-                from model.checkpoints.native import save_native
+            elif weights is not None:
+                from model.checkpoints.native import write_native
 
-                if self.model_cfg.tie_embeddings and "output.weight" not in weights:  # listed once by the engine
-                    weights["output.weight"] = weights["tok_embeddings.weight"]
-                save_native(weights, self.model_cfg, out, overwrite=True)
+                write_native(weights.source(self.model_cfg), self.model_cfg, out, overwrite=True)
         comm.barrier()
         return out
 

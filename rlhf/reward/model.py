@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from model.config import LlamaConfig
@@ -80,12 +80,23 @@ class RewardObjective:
 def save_reward_model(state_dict: dict[str, Tensor], model_cfg: LlamaConfig, out_dir: str | Path, *,
                       meta: dict[str, Any]) -> Path:
     """``reward_model.safetensors`` (native names + ``reward_head.weight``) and ``reward_model.json``."""
-    from model.checkpoints.native import atomic_directory
+    from train.portable import StateDictExport
 
-    if HEAD not in state_dict:
+    return write_reward_model(StateDictExport(dict(state_dict)), model_cfg, out_dir, meta=meta)
+
+
+def write_reward_model(weights: Any, model_cfg: LlamaConfig, out_dir: str | Path, *, meta: dict[str, Any]) -> Path:
+    """``save_reward_model`` streamed from an export (``train.loop.exported_weights``): one tensor at a time."""
+    from model.checkpoints.native import atomic_directory
+    from model.checkpoints.streaming import write_safetensors
+
+    names = weights.names()
+    if HEAD not in names:
         raise ValueError(f"save_reward_model: the state dict has no {HEAD!r}; is this a reward model?")
+    if model_cfg.tie_embeddings and "output.weight" in names:
+        names = [n for n in names if n != "output.weight"]  # safetensors stores a tied tensor once
     with atomic_directory(out_dir, overwrite=True) as tmp:
-        save_file({k: v.detach().contiguous() for k, v in state_dict.items()}, str(tmp / WEIGHTS))
+        write_safetensors(tmp / WEIGHTS, weights.specs(names), lambda name: weights.full(name))
         (tmp / META).write_text(json.dumps({"format": FORMAT, "model": model_cfg.to_dict(), **meta}, indent=2) + "\n")
     return Path(out_dir)
 

@@ -39,7 +39,7 @@ from rlhf.data import PreferencePair, helpfulness_rm_mixture, safety_rm_mixture
 from rlhf.paths import file_list
 from rlhf.reward.config import RewardConfig
 from rlhf.reward.evaluate import evaluate_pairs
-from rlhf.reward.model import RewardObjective, save_reward_model
+from rlhf.reward.model import RewardObjective, write_reward_model
 from rlhf.reward.scorer import RewardScorer
 from rlhf.sources import Split, load_pairs, unique_names
 from rlhf.stage import StageTask, rank, run_stage, stage_main
@@ -109,13 +109,14 @@ class RewardTask(StageTask):
         return RewardObjective()
 
     def export(self, engine: Any, model_cfg: Any, out_dir: Path, *, rank: int) -> None:
+        from train.task import exported_weights
 
-        state_dict = engine.consolidated_state_dict()  # collective: every rank calls it
-        if rank == 0 and state_dict:
-            r = self.cfg.rm
-            save_reward_model(state_dict, model_cfg, out_dir, meta={
-                **self.sidecar(), "mixture": r.mixture, "margin": r.margin, "helpful_files": r.helpful_files,
-                "safety_files": r.safety_files, "init_checkpoint": r.init_checkpoint})
+        with exported_weights(engine, out_dir) as weights:  # collective; streamed from every rank's fragments
+            if weights is not None:
+                r = self.cfg.rm
+                write_reward_model(weights, model_cfg, out_dir, meta={
+                    **self.sidecar(), "mixture": r.mixture, "margin": r.margin, "helpful_files": r.helpful_files,
+                    "safety_files": r.safety_files, "init_checkpoint": r.init_checkpoint})
         comm.barrier()
 
 

@@ -88,16 +88,14 @@ class SFTTask(StageTask):
         return stack_rows(samples)
 
     def export(self, engine: Any, model_cfg: Any, out_dir: Path, *, rank: int) -> None:
-        """``train.task.export_final`` plus the sidecar; a tied head (llama2.c models) is re-added first: the
-        engine lists shared parameters once, and ``save_native`` wants both names (it stores one)."""
-        from model.checkpoints.native import save_native
+        """``train.loop.export_final`` plus the sidecar (streamed; a tied head is stored once, as native does)."""
+        from model.checkpoints.native import write_native
+        from train.task import exported_weights
 
-        state_dict = engine.consolidated_state_dict()  # collective: every rank calls it
-        if rank == 0 and state_dict:
-            if model_cfg.tie_embeddings and "output.weight" not in state_dict:
-                state_dict["output.weight"] = state_dict["tok_embeddings.weight"]
-            save_native(state_dict, model_cfg, out_dir, overwrite=True)
-            (Path(out_dir) / SIDECAR).write_text(json.dumps({"stage": "sft", **self.sidecar()}, indent=2) + "\n")
+        with exported_weights(engine, out_dir) as weights:  # collective: every rank writes its own fragments
+            if weights is not None:
+                write_native(weights.source(model_cfg), model_cfg, out_dir, overwrite=True)
+                (Path(out_dir) / SIDECAR).write_text(json.dumps({"stage": "sft", **self.sidecar()}, indent=2) + "\n")
         comm.barrier()
 
 
@@ -107,8 +105,9 @@ def initial_model(cfg: Any, task: StageTask) -> Llama:
     model = Llama(model_cfg)
     init_llama_weights(model, seed=cfg.train.seed, n_layers=model_cfg.n_layers)
     weights = task.init_weights()
-    if weights:
-        model.load_state_dict({k: v for k, v in weights.items() if k in model.state_dict()}, strict=False)
+    if weights is not None:
+        own = model.state_dict()
+        model.load_state_dict({k: weights.read(k) for k in weights.names() if k in own}, strict=False)
     return model.eval()
 
 

@@ -55,7 +55,7 @@ def _assert_every_checkpoint_readable(run_dir: Path) -> int:
         assert is_complete(path), f"{path} carries a step_ name but is not complete"
         reader = PortableCheckpoint(path)
         assert reader.full_state_dict(), path
-        assert (path / "deepspeed").is_dir(), path
+        assert not (path / "deepspeed").exists(), f"{path}: DeepSpeed's pickled checkpoint is no longer written"
     return len(published)
 
 

@@ -139,3 +139,20 @@ print(json.dumps([base, status("VmHWM:")]))
     assert peak - base <= 3 * largest + 16 * 2**20, (
         f"consolidation grew by {(peak - base) / 2**20:.1f} MiB; largest tensor {largest / 2**20:.1f} MiB, "
         f"model {total / 2**20:.1f} MiB")
+
+
+@pytest.mark.parametrize(("src_tp", "dst_tp"), [(2, 2), (1, 2), (2, 1), (2, 4), (4, 2)])
+def test_tp_fragments_of_another_layout(tmp_path: Path, src_tp: int, dst_tp: int) -> None:
+    """What a rank of the target layout restores: elements lo:hi of its own TP slice, for every dimension."""
+    state = random_state_dict(CFG, seed=src_tp * 7 + dst_tp)
+    reader = PortableCheckpoint(write_portable_checkpoint(tmp_path, state, CFG, tp=src_tp, dp=3))
+    for name, full in state.items():
+        dim = tp_dim_of(name) if dst_tp > 1 else None
+        for rank in range(dst_tp):
+            start, stop = (0, 0) if dim is None else tp_range(full.shape[dim], rank=rank, size=dst_tp)
+            region = full if dim is None else full.narrow(dim, start, stop - start)
+            flat = (region * 3).reshape(-1)
+            for lo, hi in ((0, flat.numel()), (5, flat.numel() // 2), (flat.numel() - 3, flat.numel())):
+                got = reader.read_tp_fragment(name, "exp_avg_sq", tp_dim=dim, start=start, stop=stop,
+                                              tp_size=dst_tp, lo=lo, hi=hi)
+                assert torch.equal(got, flat[lo:hi]), (name, rank, lo, hi)

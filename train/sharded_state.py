@@ -1,0 +1,77 @@
+"""Each rank's share of the training state, read and written without gathering: its ZeRO fragment of its TP slice.
+
+    from train.sharded_state import fragment_range, read_fragment, write_fragment
+    start, stop = fragment_range(param)              # elements of the flattened TP slice this rank's optimizer owns
+    master = read_fragment(param)                    # fp32 master weights of that range (a host copy)
+    write_fragment(param, value, "exp_avg")          # restore Adam's first moment for that range
+
+DeepSpeed keeps the fp32 master weights and Adam moments of a parameter split over the data-parallel group:
+- ZeRO-1/2: all parameters of a group are flattened and the flat buffer is cut into equal partitions, so one
+  parameter's elements ``[start, start + numel)`` on this rank are ``param._hp_mapping.lp_fragment_address``
+  and ``_hp_mapping.get_hp_fragment(key)`` is a view of them (a parameter may have no fragment on a rank);
+- ZeRO-3: every parameter is partitioned on its own: rank ``r`` of its group holds elements
+  ``[r * p, (r + 1) * p)`` (``p = param.ds_tensor.ds_numel``, the last rank padded), and the optimizer's
+  local-partition API reads and writes them.
+Nothing here runs a collective: a rank saves and restores exactly what it owns (``train/portable.py`` stores
+it as one fragment per parameter per rank, and reads any other layout's slices back).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def _zero3(param: Any) -> bool:
+    return hasattr(param, "ds_id") and hasattr(param, "ds_tensor")
+
+
+def fragment_range(param: Any) -> tuple[int, int] | None:
+    """``[start, stop)`` of the flattened TP slice whose optimizer state lives on this rank (None: nothing)."""
+    if _zero3(param):
+        size = int(param.ds_tensor.ds_numel)
+        rank = dist.get_rank(group=param.ds_process_group) if dist.is_initialized() else 0
+        start, stop = rank * size, min((rank + 1) * size, int(param.ds_numel))
+        return (start, stop) if start < stop else None
+    mapping = getattr(param, "_hp_mapping", None)
+    if mapping is None:
+        return None
+    address = mapping.lp_fragment_address
+    return (int(address.start), int(address.start) + int(address.numel)) if address.numel else None
+
+
+def read_fragment(param: Any, key: str | None = None) -> Tensor:
+    """A host copy (fp32, 1-D) of this rank's fragment: master weights (``key=None``) or an Adam moment."""
+    start, stop = fragment_range(param) or (0, 0)
+    if _zero3(param):
+        owner = param._z3_optimizer
+        local = owner.get_local_fp32_param(param, key) if key else owner.get_local_fp32_param(param)
+        value = local.reshape(-1)[: stop - start]
+    else:
+        value = param._hp_mapping.get_hp_fragment(key).reshape(-1)
+    return value.detach().float().cpu().clone()
+
+
+def write_fragment(param: Any, value: Tensor, key: str | None = None) -> None:
+    """Set this rank's fragment of the master weights (``key=None``) or of an Adam moment."""
+    if _zero3(param):
+        size = int(param.ds_tensor.ds_numel)
+        padded = torch.zeros(size, dtype=torch.float32, device=value.device)
+        padded[: value.numel()].copy_(value.reshape(-1))
+        param._z3_optimizer.set_local_hp_param(padded.to(param.ds_tensor.device), param, key)
+        return
+    target = param._hp_mapping.get_hp_fragment(key)
+    target.data.copy_(value.reshape(-1).to(target.device, target.dtype))
+
+
+def write_lp_fragment(param: Any, value: Tensor) -> None:
+    """ZeRO-3: set this rank's partition of the module (low-precision) weight from its fp32 fragment."""
+    size = int(param.ds_tensor.ds_numel)
+    param.ds_tensor.data.reshape(-1)[: value.numel()].copy_(value.reshape(-1).to(param.ds_tensor.dtype))
+    if value.numel() < size:
+        param.ds_tensor.data.reshape(-1)[value.numel():].zero_()
