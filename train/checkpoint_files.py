@@ -39,6 +39,15 @@ def manifest_path(checkpoint_dir: Path, rank: int) -> Path:
     return Path(checkpoint_dir) / MANIFESTS / f"rank_{rank:05d}.json"
 
 
+def read_json_file(path: Path) -> Any:
+    """A checkpoint's JSON file; anything else (a pickle, a truncated write) is a ValueError naming the file."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not a readable JSON file ({type(err).__name__}: {err}); the checkpoint is "
+                         "damaged or was not written by this program") from err
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write via a temporary name + fsync + rename, so readers see the whole file or none."""
     path.parent.mkdir(parents=True, exist_ok=True)

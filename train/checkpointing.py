@@ -59,6 +59,7 @@ from train.checkpoint_files import (
     COMPLETE,
     META,
     RNG_DIR,
+    read_json_file,
     read_manifest,
     rng_state_json,
     seal,
@@ -354,7 +355,7 @@ class CheckpointManager:
         client_state = dict(engine.load(path) or {})
         rng_file = path / RNG_DIR / f"rank_{self.rank:05d}.json"
         if rng_file.is_file():
-            set_rng_state_json(json.loads(rng_file.read_text()), source=rng_file)
+            set_rng_state_json(read_json_file(rng_file), source=rng_file)
         elif (path / RNG_DIR / f"rank_{self.rank:05d}.pkl").is_file():
             self._note(f"{path / RNG_DIR}: RNG state saved as a pickle by an older version; not read (pickles can "
                        "run code), so this rank's random streams restart from the seed")
@@ -363,4 +364,4 @@ class CheckpointManager:
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:
-    return json.loads((Path(path) / META).read_text())
+    return read_json_file(Path(path) / META)

@@ -191,5 +191,7 @@ class EngineCheckpoint:
 
 
 def _read_engine_state(checkpoint_dir: Path) -> dict[str, Any]:
+    from train.checkpoint_files import read_json_file
+
     path = checkpoint_dir / ENGINE_STATE
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return read_json_file(path) if path.is_file() else {}

@@ -137,7 +137,9 @@ class PortableCheckpoint:
             self._index(path)
         self._check_complete()
         meta_file = self.dir / "meta.json"
-        self.meta: dict[str, Any] = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+        from train.checkpoint_files import read_json_file
+
+        self.meta: dict[str, Any] = read_json_file(meta_file) if meta_file.is_file() else {}
 
     # ---- index -------------------------------------------------------------------------------------
     def _index(self, path: Path) -> None:
