@@ -351,12 +351,18 @@ class CheckpointManager:
 
     # ---- load --------------------------------------------------------------------------------------
     def load(self, path: Path, *, engine: Any) -> dict[str, Any]:
-        """Restore the engine and this rank's RNG states; returns the engine's client_state plus ``meta``."""
-        client_state = dict(engine.load(path) or {})
-        rng_file = path / RNG_DIR / f"rank_{self.rank:05d}.json"
-        if rng_file.is_file():
-            set_rng_state_json(read_json_file(rng_file), source=rng_file)
-        elif (path / RNG_DIR / f"rank_{self.rank:05d}.pkl").is_file():
+        """Restore the engine and this rank's RNG states; returns the engine's client_state plus ``meta``.
+        A file that is not what this program writes (a pickle, a truncated header) is a ``CheckpointError``."""
+        try:
+            client_state = dict(engine.load(path) or {})
+            rng_file = path / RNG_DIR / f"rank_{self.rank:05d}.json"
+            if rng_file.is_file():
+                set_rng_state_json(read_json_file(rng_file), source=rng_file)
+        except CheckpointError:
+            raise
+        except (ValueError, FileNotFoundError) as err:
+            raise CheckpointError(f"cannot resume from {path}: {err}") from err
+        if not rng_file.is_file() and (path / RNG_DIR / f"rank_{self.rank:05d}.pkl").is_file():
             self._note(f"{path / RNG_DIR}: RNG state saved as a pickle by an older version; not read (pickles can "
                        "run code), so this rank's random streams restart from the seed")
         client_state["meta"] = read_meta(path)
