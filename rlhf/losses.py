@@ -1,4 +1,4 @@
-"""Losses and tensor math of the alignment stage (reward models, PPO, SFT), as small pure torch functions.
+"""Losses and tensor math of the alignment stage (reward models, PPO, SFT, DPO), as small pure torch functions.
 
 Nothing here owns a model or an optimizer: every function takes tensors and returns tensors, so each one is
 tested against hand-computed numbers in ``tests/unit/test_losses.py``
@@ -16,11 +16,14 @@ Conventions shared by every function:
 Sources: Llama 2 (Touvron et al. 2023) sec. 3.2.2 (ranking loss with margin) and 3.2.3 (combined reward,
 WHITEN(LOGIT(.)), KL penalty); InstructGPT (Ouyang et al. 2022) for the per-token KL penalty;
 PPO (Schulman et al. 2017) and GAE (Schulman et al. 2016); the masked statistics follow trl/OpenRLHF.
+DPO (Rafailov et al. 2023), IPO (Azar et al. 2023), conservative DPO (Mitchell 2023), the Llama 3 variant
+(Llama 3 Herd sec. 4.1.4: formatting tokens masked, NLL on the chosen answer as in Pang et al. 2024).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -376,11 +379,81 @@ def sft_loss(logits: Tensor, labels: Tensor, loss_mask: Tensor) -> Tensor:
     return masked_mean(nll, loss_mask)
 
 
+# ----------------------------------------------------------------------------------------------------- DPO
+
+DPO_LOSSES: tuple[str, ...] = ("sigmoid", "ipo")
+
+
+class DPOTerms(NamedTuple):
+    """Per-pair DPO quantities, all ``[b]``: the loss terms and the (detached) implicit rewards."""
+
+    losses: Tensor
+    chosen_rewards: Tensor
+    """``beta * (log pi(y_w|x) - log pi_ref(y_w|x))``."""
+    rejected_rewards: Tensor
+
+
+def sequence_logps(token_logps: Tensor, mask: Tensor) -> Tensor:
+    """``sum_t mask * log pi(token_t)`` per row, ``[b]`` (masked-out positions may hold inf/nan)."""
+    return _filled(token_logps, mask)[0].sum(-1)
+
+
+def without_formatting_tokens(labels: Tensor, mask: Tensor, formatting_ids: Sequence[int]) -> Tensor:
+    """``mask`` with the positions whose label is a formatting token (header, end-of-turn ids) set to 0.
+
+    Llama 3 masks these from both answers of the DPO loss: they are identical in chosen and rejected, and
+    pushing their probabilities apart ("tail repetition, abrupt termination") hurt its models."""
+    keep = torch.ones_like(labels, dtype=torch.bool)
+    for token in formatting_ids:
+        keep &= labels != token
+    return mask * keep.to(mask.dtype) if mask.dtype != torch.bool else mask & keep
+
+
+def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor, *,
+             beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
+             chosen_tokens: Tensor | None = None, rejected_tokens: Tensor | None = None) -> DPOTerms:
+    """DPO per pair from sequence log-probs (sums over each answer's counted tokens), ``[b]`` each.
+
+    With ``d = beta * ((pc - rc) - (pr - rr))``:
+    ``"sigmoid"``: ``-(1 - eps) log sigmoid(d) - eps log sigmoid(-d)`` (``eps = label_smoothing``: conservative
+    DPO, noisy preference labels; 0 = plain DPO). ``"ipo"``: ``(hc / nc - hr / nr - 1 / (2 beta))^2`` with
+    ``h = policy - ref`` and ``n`` the answers' token counts (``chosen_tokens``/``rejected_tokens``; the per-token
+    normalisation TRL uses, confirmed by the IPO authors), without counts the paper's unnormalised form.
+    """
+    if loss_type not in DPO_LOSSES:
+        raise ValueError(f"dpo loss_type={loss_type!r}: use one of {list(DPO_LOSSES)}")
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing={label_smoothing}: must be in [0, 0.5)")
+    chosen_ratio, rejected_ratio = policy_chosen - ref_chosen, policy_rejected - ref_rejected
+    if loss_type == "sigmoid":
+        d = beta * (chosen_ratio - rejected_ratio)
+        losses = -(1.0 - label_smoothing) * F.logsigmoid(d) - label_smoothing * F.logsigmoid(-d)
+    else:
+        if label_smoothing:
+            raise ValueError("label_smoothing applies to the sigmoid loss only; IPO has no label noise term")
+        if chosen_tokens is not None and rejected_tokens is not None:
+            chosen_ratio = chosen_ratio / chosen_tokens.to(chosen_ratio).clamp(min=1.0)
+            rejected_ratio = rejected_ratio / rejected_tokens.to(rejected_ratio).clamp(min=1.0)
+        losses = (chosen_ratio - rejected_ratio - 1.0 / (2.0 * beta)) ** 2
+    return DPOTerms(losses, beta * (policy_chosen - ref_chosen).detach(),
+                    beta * (policy_rejected - ref_rejected).detach())
+
+
+def chosen_nll(chosen_logps: Tensor, chosen_tokens: Tensor) -> Tensor:
+    """Length-normalised NLL of the chosen answers, ``-log pi(y_w|x) / |y_w|`` per pair ``[b]`` (Pang et al.
+    2024; Llama 3 adds it to DPO with weight 0.2)."""
+    return -chosen_logps / chosen_tokens.to(chosen_logps).clamp(min=1.0)
+
+
 __all__ = [
+    "DPO_LOSSES",
     "KL_KINDS",
     "MARGIN_TABLES",
     "RATINGS",
+    "DPOTerms",
+    "chosen_nll",
     "combined_reward",
+    "dpo_loss",
     "entropy_from_logits",
     "gae",
     "kl_estimate",
@@ -394,7 +467,9 @@ __all__ = [
     "masked_whiten",
     "policy_loss",
     "ranking_loss",
+    "sequence_logps",
     "sft_loss",
     "value_loss",
     "whiten",
+    "without_formatting_tokens",
 ]
