@@ -164,10 +164,40 @@ class RunSection:
     ones are left) or a checkpoint directory."""
 
 
+@dataclass(frozen=True)
+class LoopEvalSection:
+    """Benchmarks and held-out perplexity on the live model during training (``evaluation/in_loop.py``)."""
+
+    every: int = 0
+    """Run them every N steps and after the last step; 0 = never."""
+    tasks: list[str] = field(default_factory=list)
+    """lm-eval task names (``python -m evaluation tasks``: lambada_openai, hellaswag, piqa, arc_easy, winogrande,
+    boolq, wikitext), or the include_path folders' own."""
+    limit: int = 100
+    """Documents per task (the same first ones every time, so evaluations compare)."""
+    data_dir: str = ""
+    """Directory holding eval/ and wikipedia/ for the tasks; "" = $LLAMA_DATA_DIR (or ../shared/data)."""
+    include_path: list[str] = field(default_factory=list)
+    """Folders of your own lm-eval task YAMLs."""
+    tokenizer: str = ""
+    """Tokenizer file for the tasks' text; "" = data.tokenizer, else the one the data manifest names."""
+    perplexity_data: str = ""
+    """Held-out text for perplexity (a text/JSONL file, .bin/.idx shards or a prepare directory); "" = none."""
+    perplexity_split: str = "none"
+    """Text files: one document ("none"), one per line ("lines") or per WikiText article ("wikitext-articles")."""
+    perplexity_docs: int = 50
+    """The first N documents of perplexity_data."""
+    batch_size: int = 16
+    """Sequences per forward during evaluation."""
+    hook: str = "evaluation.in_loop:LoopEvaluator"
+    """``module:callable(cfg=, topology=)`` that runs the evaluation; train/ names it instead of importing it,
+    because evaluation/ imports train/ (see train/hooks.py)."""
+
+
 SECTIONS: dict[str, type] = {
     "model": ModelSection, "data": DataSection, "train": TrainSection, "optim": OptimSection,
     "parallel": ParallelSection, "zero": ZeroSection, "checkpoint": CheckpointSection,
-    "logging": LoggingSection, "run": RunSection,
+    "logging": LoggingSection, "run": RunSection, "eval": LoopEvalSection,
 }
 
 
@@ -193,6 +223,7 @@ class RunConfig(RootConfig):
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
     run: RunSection = field(default_factory=RunSection)
+    eval: LoopEvalSection = field(default_factory=LoopEvalSection)
 
     @classmethod
     def coerce_table(cls, section: str, key: str, table: dict[str, Any], *, source: str) -> dict[str, Any]:
@@ -235,7 +266,29 @@ class RunConfig(RootConfig):
                f"data.synthetic_document_length={d.synthetic_document_length}: must be >= 0 (0 = 4-47 tokens)")
         _check(d.synthetic or d.path, "data.path is empty and data.synthetic=false: point --data.path at a "
                "`python -m data_pipeline prepare` output directory or pass --data.synthetic=true")
+        self._validate_eval()
         return self.validate_shared(model, world_size=world_size)
+
+    def _validate_eval(self) -> None:
+        """``[eval]``'s own values; task names and files are checked by the evaluator, also before training."""
+        e = self.eval
+        _check(e.every >= 0, f"eval.every={e.every}: must be >= 0 (0 = off)")
+        if not e.every:
+            return
+        _check(bool(e.tasks) or bool(e.perplexity_data),
+               f"eval.every={e.every} with no eval.tasks and no eval.perplexity_data: give at least one")
+        _check(e.limit > 0 and e.batch_size > 0 and e.perplexity_docs > 0,
+               f"eval.limit={e.limit}, batch_size={e.batch_size}, perplexity_docs={e.perplexity_docs}: positive")
+        _check(e.perplexity_split in ("none", "lines", "wikitext-articles"),
+               f"eval.perplexity_split={e.perplexity_split!r}: use none, lines or wikitext-articles")
+        _check(self.parallel.pp == 1,
+               f"eval.every={e.every} with parallel.pp={self.parallel.pp}: in-loop evaluation runs the model at "
+               "pipeline size 1 (tensor and data parallel are fine); set eval.every=0 or evaluate the exported "
+               "checkpoint with `python -m evaluation run`")
+        _check(self.zero.stage < 3,
+               f"eval.every={e.every} with zero.stage=3: in-loop evaluation reads the weights whole on each rank "
+               "(ZeRO 1/2); use zero.stage 1 or 2, or evaluate the saved checkpoint with `python -m evaluation run`")
+        _check(":" in e.hook, f"eval.hook={e.hook!r}: give module:callable")
 
     def validate_shared(self, model: Any, *, world_size: int | None = None) -> RunConfig:
         """The checks of the sections every stage reads (batch, optimizer, layout, logging, resume)."""

@@ -55,7 +55,8 @@ def check(ok: bool, message: str, *, what: str = "run config") -> None:
 
 
 def coerce(value: Any, typ: Any, *, where: str) -> Any:
-    """Convert a TOML value or a command-line string to ``typ`` (bool/int/float/str/Optional/dict)."""
+    """Convert a TOML value or a command-line string to ``typ`` (bool/int/float/str/Optional/dict/list; a list
+    from the command line is comma-separated: ``--eval.tasks=boolq,piqa``)."""
     origin = typing.get_origin(typ)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(typ) if a is not type(None)]
@@ -66,6 +67,13 @@ def coerce(value: Any, typ: Any, *, where: str) -> Any:
         if isinstance(value, dict):
             return dict(value)
         raise ConfigError(f"{where}: expected a table, got {value!r}")
+    if origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item,) = typing.get_args(typ) or (str,)
+        return [coerce(v, item, where=f"{where}[{i}]") for i, v in enumerate(value)]
     if typ is bool:
         if isinstance(value, bool):
             return value
@@ -138,13 +146,15 @@ def _did_you_mean(name: str, valid: typing.Iterable[str]) -> str:
 
 
 def toml_value(v: Any) -> str:
-    """One value in TOML syntax (bool, number, string, inline table)."""
+    """One value in TOML syntax (bool, number, string, inline table, array)."""
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, (int, float)):
         return repr(v)
     if isinstance(v, dict):
         return "{" + ", ".join(f"{k} = {toml_value(x)}" for k, x in v.items()) + "}"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
     return json.dumps(str(v))  # a JSON string is a valid TOML basic string
 
 
@@ -169,6 +179,8 @@ def field_docs(cls: type) -> dict[str, str]:
 def _type_name(typ: Any) -> str:
     if typing.get_origin(typ) is dict or typ is dict:
         return "table"
+    if typing.get_origin(typ) is list:
+        return "list"
     return getattr(typ, "__name__", str(typ).replace("typing.", ""))
 
 

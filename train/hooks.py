@@ -3,6 +3,7 @@
     topology = default_topology(cfg)            # LLAMA_TRAIN_TOPOLOGY="module:callable" replaces Topology
     engine = default_engine(model_cfg=..., run_cfg=cfg, topology=topology)   # LLAMA_TRAIN_ENGINE="module:Class"
     hang_if_asked(rank, step)                   # LLAMA_TEST_HANG=RANK:STEP: that rank stops answering
+    evaluator = loop_evaluator(cfg, topology)   # [eval]'s evaluator (cfg.eval.hook), or None when off
 
 They let unit tests run the real loop with a small local engine (``tests/unit/test_train_loop.py``) and the
 hang tests make one rank stop (``tests/distributed/test_hang.py``). Other hooks live where they act:
@@ -17,7 +18,7 @@ import os
 import time
 from typing import Any
 
-from train.config import RunConfig
+from train.config import ConfigError, RunConfig
 
 
 def _import(spec: str) -> Any:
@@ -42,6 +43,24 @@ def default_engine(*, model_cfg: Any, run_cfg: RunConfig, topology: Any, **kwarg
     from train.engine import TrainEngine
 
     return TrainEngine(model_cfg=model_cfg, run_cfg=run_cfg, topology=topology, **kwargs)
+
+
+def loop_evaluator(cfg: RunConfig, topology: Any) -> Any:
+    """The in-loop evaluator named by ``cfg.eval.hook`` (``module:callable(cfg=, topology=)``), or None when off.
+
+    Named, not imported: the default, ``evaluation.in_loop.LoopEvaluator``, lives in evaluation/, which imports
+    train/ (the topology, this config), so an import from here would close a circle. The evaluator checks its task
+    names, data files and tokenizer when it is built, which the loop does before the data and the engine: a bad
+    ``[eval]`` stops the run in seconds with a ``ConfigError``. Its ``evaluate(engine, step=)`` returns flat
+    metrics (``{"eval/hellaswag/acc": ...}``) and is collective.
+    """
+    if not cfg.eval.every:
+        return None
+    try:
+        factory = _import(cfg.eval.hook)
+    except (ImportError, AttributeError) as err:
+        raise ConfigError(f"eval.hook={cfg.eval.hook!r}: cannot import it ({err})") from None
+    return factory(cfg=cfg, topology=topology)
 
 
 def hang_if_asked(rank: int, step: int) -> None:

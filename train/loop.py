@@ -10,7 +10,7 @@ One optimizer step per iteration (``train`` below, on one screen)::
     result = engine.train_step(micro_batches, lr)        # grad accumulation, clip, AdamW (train/engine.py)
     health.observe(...)                                  # NaN/Inf steps skipped and counted, spikes logged
     metrics.log_step(...)                                # JSONL + console + wandb (rank 0)
-    periodic validation; checkpoint every N steps, at the end, and at the first step boundary after
+    periodic validation and [eval] benchmarks; checkpoint every N steps, at the end, and at the first step boundary after
     SIGTERM/SIGUSR1 (pre-emption), then exit: code 0 after SIGUSR1 (SLURM requeue), 143 after SIGTERM.
 
 The parts live in their own modules: what is trained (``train/task.py``: the ``Task`` protocol, ``PretrainTask``),
@@ -41,7 +41,7 @@ from train.checkpointing import CheckpointManager
 from train.config import RunConfig
 from train.data import seed_everything
 from train.health import HealthMonitor, guard_collectives
-from train.hooks import default_engine, default_topology, hang_if_asked
+from train.hooks import default_engine, default_topology, hang_if_asked, loop_evaluator
 from train.metrics import MetricsLogger, Throughput, peak_flops_per_device
 from train.preemption import EXIT_CODES, PreemptionFlag
 from train.schedule import schedule_from_config
@@ -73,6 +73,8 @@ def train(cfg: RunConfig, *, task: Task | None = None, engine_factory: Callable[
             if run.valid_ds is not None and cfg.train.eval_every and (
                     step % cfg.train.eval_every == 0 or step == cfg.train.steps):
                 last_val = run.validate(step)
+            if run.evaluator is not None and (step % cfg.eval.every == 0 or step == cfg.train.steps):
+                run.benchmark(step)
             hang_if_asked(run.rank, step)
             stop = run.guard("all_reduce (pre-emption check)", lambda: comm.any_rank(preempt.signum is not None))
             if stop or step == cfg.train.steps or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
@@ -101,6 +103,7 @@ class Run:
         self.cfg, self.task, self.model_cfg = cfg, task, cfg.model_config()
         cfg.validate(world_size=int(os.environ.get("WORLD_SIZE", "1")))
         self.topo = topology_factory(cfg)
+        self.evaluator = loop_evaluator(cfg, self.topo)  # [eval]: checked now, before any data or weights
         self.rank, self.run_dir = self.topo.global_rank, cfg.run_dir
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -187,6 +190,12 @@ class Run:
         loss = evaluate(self.cfg, self.engine, self.valid_ds, self.topo, self.eod, task=self.task)
         self.logger.log_validation(step=step, loss=loss)
         return loss
+
+    def benchmark(self, step: int) -> dict[str, float]:
+        """``[eval]``: lm-eval tasks and held-out perplexity on the live model, logged as one record."""
+        metrics = self.guard("in-loop evaluation", lambda: self.evaluator.evaluate(self.engine, step=step))
+        self.logger.log_benchmarks(step=step, metrics=metrics)
+        return metrics
 
     def save(self, step: int) -> None:
         client = {"step": step, "consumed_samples": self.loader.consumed_samples, "health": self.health.state_dict()}

@@ -317,6 +317,21 @@ class MetricsLogger:
             self.tb.add_scalar("val/loss", loss, step)
         return rec
 
+    def log_benchmarks(self, *, step: int, metrics: dict[str, float]) -> dict[str, Any]:
+        """One ``{"type": "benchmark", "step", "eval/<task>/<metric>": value, ...}`` record ([eval] in the loop)."""
+        rec = {"type": "benchmark", "step": step, **metrics}
+        if not self.enabled:
+            return rec
+        self._write(rec)
+        shown = " | ".join(f"{k.removeprefix('eval/')} {v:.4g}" for k, v in metrics.items())
+        self.print(f"benchmarks step {step} | {shown}", flush=True)
+        if self.wandb_run is not None:
+            self.wandb_run.log(dict(metrics), step=step)
+        if self.tb is not None:
+            for key, value in metrics.items():
+                self.tb.add_scalar(key, value, step)
+        return rec
+
     def log_event(self, message: str) -> None:
         if self.enabled:
             self.print(message, flush=True)

@@ -3,7 +3,8 @@
     python -m train.report RUN_DIR [--output RUN_DIR/report]
 
 Writes ``loss.png`` (training loss with validation loss on top), ``throughput.png`` (tokens/s and MFU),
-``lr.png``, ``grad_norm.png``, ``all_metrics.png`` (every numeric key present, one panel each, so other stages,
+``lr.png``, ``grad_norm.png``, ``eval.png`` (the in-loop benchmarks of ``[eval]``: one panel per task, one per
+perplexity figure), ``all_metrics.png`` (every numeric key present, one panel each, so other stages,
 e.g. PPO, get plots without code here), for PPO runs ``ppo.png`` (rewards, held-out reward, KL, entropy, clip
 fraction, value loss, length, time per iteration) and ``summary.md`` (config, final/best losses, throughput, time).
 """
@@ -21,19 +22,41 @@ from typing import Any
 SKIP_KEYS = {"step", "type", "skipped", "spike", "peak_flops", "tokens"}
 
 
-def read_metrics(run_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(train records, validation records); lines cut by a crash are skipped."""
+def read_records(run_dir: Path) -> list[dict[str, Any]]:
+    """Every record of metrics.jsonl; lines cut by a crash are skipped."""
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no metrics log; is {run_dir} a run directory (--run.dir)?")
-    train, valid = [], []
+    records = []
     for line in path.read_text().splitlines():
         try:
-            rec = json.loads(line)
+            records.append(json.loads(line))
         except json.JSONDecodeError:
             continue
-        (valid if rec.get("type") == "validation" else train).append(rec)
-    return train, valid
+    return records
+
+
+def read_metrics(run_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(train records, validation records); [eval] benchmark records are ``read_benchmarks``'."""
+    records = [r for r in read_records(run_dir) if r.get("type") != "benchmark"]
+    return ([r for r in records if r.get("type") != "validation"],
+            [r for r in records if r.get("type") == "validation"])
+
+
+def read_benchmarks(run_dir: Path) -> list[dict[str, Any]]:
+    """The ``{"type": "benchmark"}`` records of the in-loop evaluation ([eval]), in step order."""
+    return [r for r in read_records(run_dir) if r.get("type") == "benchmark"]
+
+
+def benchmark_panels(records: list[dict[str, Any]]) -> list[tuple[str, list[tuple[str, list[int], list[float]]]]]:
+    """One panel per task (a line per metric), one per perplexity figure (their scales differ)."""
+    keys = sorted({k for r in records for k in r if k.startswith("eval/")})
+    by_task: dict[str, list[str]] = {}
+    for key in keys:
+        _, task, metric = key.split("/", 2)
+        by_task.setdefault(key if task == "perplexity" else task, []).append(key)
+    return [(name.removeprefix("eval/"), [(k.split("/", 2)[2] if len(group) > 1 else "", *_series(records, k))
+                                          for k in group]) for name, group in by_task.items()]
 
 
 def _series(recs: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
@@ -99,8 +122,23 @@ def write_report(run_dir: str | Path, output: str | Path | None = None) -> Path:
         _plot(out / "ppo.png", f"{name}: PPO", [(label, [(k.replace("reward/", "") if len(keys) > 1 else "",
                                                           *_series(train, k)) for k in keys])
                                                for label, keys in PPO_PANELS])
-    (out / "summary.md").write_text(summarize(run_dir, train, valid))
+    benchmarks = read_benchmarks(run_dir)
+    if benchmarks:
+        _plot(out / "eval.png", f"{name}: benchmarks during training ([eval])", benchmark_panels(benchmarks))
+    (out / "summary.md").write_text(summarize(run_dir, train, valid) + summarize_benchmarks(benchmarks))
     return out
+
+
+def summarize_benchmarks(records: list[dict[str, Any]]) -> str:
+    """The last in-loop evaluation's figures (and the first, to compare), for summary.md."""
+    if not records:
+        return ""
+    first, last = records[0], records[-1]
+    lines = [f"## Benchmarks during training ([eval], {len(records)} evaluations; eval.png)", "",
+             f"| metric | step {first['step']} | step {last['step']} |", "|---|---|---|"]
+    for key in sorted(k for k in last if k.startswith("eval/")):
+        lines.append(f"| {key.removeprefix('eval/')} | {first.get(key, float('nan')):.4g} | {last[key]:.4g} |")
+    return "\n".join(lines) + "\n"
 
 
 # The curves of a PPO run (rlhf/ppo/metrics.py): one panel per entry, a line per key.
@@ -125,9 +163,10 @@ def summarize(run_dir: Path, train: list[dict[str, Any]], valid: list[dict[str, 
     if (run_dir / "config.toml").is_file():
         from train.config import RunConfig, tomllib
 
-        # A stage's config.toml is the run sections plus its own ([sft], [rm], [gatt]): read the run sections.
+        # A stage's config.toml is the run sections plus its own ([sft], [rm], [gatt]): read the run sections
+        # (not [eval]: PPO has a section of that name with other keys, and the summary does not need it).
         tables = tomllib.loads((run_dir / "config.toml").read_text())
-        cfg = RunConfig.from_dict({k: v for k, v in tables.items() if k in RunConfig.sections()},
+        cfg = RunConfig.from_dict({k: v for k, v in tables.items() if k in RunConfig.sections() and k != "eval"},
                                   source=str(run_dir / "config.toml"))
         m = cfg.model_config()
         lines += [f"- model: {m.name} ({m.num_params() / 1e6:.2f}M parameters, dim {m.dim}, {m.n_layers} layers, "

@@ -21,6 +21,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from train.config_reader import ConfigError
+
 TASK_TEMPLATE_DIR = Path(__file__).resolve().parent
 PLACEHOLDER = "${LLAMA_DATA_DIR}"
 # The multiple-choice / cloze benchmarks every model gets a table of (the LLaMA paper's set that has public data).
@@ -29,8 +31,10 @@ PERPLEXITY_TASKS: tuple[str, ...] = ("wikitext",)
 _DATA_PATH = re.compile(re.escape(PLACEHOLDER) + r"/([^\s'\"]+)")
 
 
-class TaskError(ValueError):
-    """A requested task cannot run: unknown name or missing data file (raised before any model is loaded)."""
+class TaskError(ConfigError):
+    """A requested task cannot run: unknown name or missing data file (raised before any model is loaded).
+
+    A ``ConfigError`` (a ``ValueError``): in a training run's ``[eval]``, ``python -m train`` prints it as one line."""
 
 
 def default_data_dir() -> Path:

@@ -53,6 +53,9 @@ class RewardConfig(StageConfig):
         check(self.parallel.pp == 1, f"parallel.pp={self.parallel.pp}: the reward model runs under tensor "
                "parallelism and ZeRO 1-3 but not pipeline parallelism (its head reads hidden states the pipeline's "
                "last stage turns into logits); use --parallel.pp=1 and --parallel.tp / --zero.stage instead")
+        check(self.eval.every == 0, f"eval.every={self.eval.every}: [eval] runs language-model benchmarks, and a "
+              "reward model has a scalar head instead; set eval.every=0 and measure it with "
+              "`python -m rlhf.evaluate_rm` (held-out preference accuracy)")
         check(r.mixture in MIXTURES, f"rm.mixture={r.mixture!r}: use one of {list(MIXTURES)}")
         check(r.margin in MARGIN_TABLES, f"rm.margin={r.margin!r}: use one of {sorted(MARGIN_TABLES)}")
         check(0.0 < r.safety_fraction <= 1.0, f"rm.safety_fraction={r.safety_fraction}: must be in (0, 1]")

@@ -4,8 +4,9 @@
         DATA_DIR USER_TASKS
 
 Writes ``OUT/<layout>.rank<R>.json`` for layouts ``single`` (rank 0 alone, no collective), ``dp2`` and ``tp2``:
-every sample's responses, the metrics, and ``evaluation perplexity`` figures on two WikiText articles.
-``tests/distributed/test_eval_parallel.py`` compares them.
+every sample's responses, the metrics, and ``evaluation perplexity`` figures on two WikiText articles. Then a
+tiny pretraining run at TP2 with the real engine and ``[eval]`` (benchmarks on the live sharded model) into
+``OUT/train_tp2``. ``tests/distributed/test_eval_parallel.py`` compares them.
 """
 
 from __future__ import annotations
@@ -23,7 +24,21 @@ from evaluation.parallel import EvalGroups
 from evaluation.perplexity import document_perplexity, read_documents
 from evaluation.tasks import task_manager
 from tests.eval_helpers import SAMPLES, SHORT_WIKITEXT_ARTICLES, TASKS, metrics, per_sample
+from train.config import RunConfig
+from train.loop import train
 from train.topology import Topology
+
+IN_LOOP_TASKS = "boolq,piqa"
+
+
+def in_loop_config(out: Path, tokenizer: Path, data: Path) -> RunConfig:
+    """A 2-step TP2 pretraining run whose [eval] runs at its last step (tests read it back)."""
+    return RunConfig.from_toml(str(Path(__file__).resolve().parents[2] / "configs/pretrain/tiny_cpu.toml"), [
+        f"--run.dir={out / 'train_tp2'}", "--train.steps=2", "--checkpoint.every=0", "--train.eval_every=0",
+        "--parallel.tp=2", "--eval.every=2", f"--eval.tasks={IN_LOOP_TASKS}", "--eval.limit=3",
+        f"--eval.tokenizer={tokenizer}", f"--eval.data_dir={data}", "--eval.batch_size=4",
+        f"--eval.perplexity_data={data / 'wikipedia/wikitext-2-raw.test.txt'}", "--eval.perplexity_split=lines",
+        "--eval.perplexity_docs=3"])
 
 
 def evaluate(groups: EvalGroups, *, native: Path, tokenizer: Path, data: Path, manager: object) -> dict:
@@ -53,6 +68,7 @@ def main() -> None:
         result = evaluate(groups, **kwargs)
         (out / f"{layout}.rank{rank}.json").write_text(json.dumps(result))
         dist.barrier()
+    train(in_loop_config(out, tokenizer, data), print_fn=lambda *a, **k: None)
     dist.destroy_process_group()
 
 

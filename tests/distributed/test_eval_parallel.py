@@ -5,7 +5,8 @@ launch: single process (rank 0 alone), DP2 (requests split over the two ranks, r
 rank holds half of every layer and of the vocabulary; logits gathered at the scored positions only). Acceptance
 (with ``tests/parity/test_eval_parity.py``, single process == lm-eval's hf backend): identical accuracies,
 per-sample log-likelihoods within 1e-4 (+1e-6 relative), identical generated text, identical perplexity figures,
-and both ranks of a layout return the same answers.
+and both ranks of a layout return the same answers. In-loop: a TP2 pretraining run with the DeepSpeed engine logs
+``[eval]`` benchmarks of its live sharded model equal to an evaluation of the weights it exports.
 Run: ``pytest tests/distributed/test_eval_parallel.py`` (~1 min on 2 cores; skips without the shared data).
 """
 
@@ -70,3 +71,25 @@ def test_layout_equals_single_process(runs: Path, layout: str) -> None:
 def test_every_rank_returns_the_same_answers(runs: Path, layout: str) -> None:
     rank0, rank1 = _load(runs, f"{layout}.rank0"), _load(runs, f"{layout}.rank1")
     assert rank0["samples"] == rank1["samples"] and rank0["metrics"] == rank1["metrics"]
+
+
+def test_in_loop_eval_of_the_live_tp2_model_equals_its_export(runs: Path, shared_data: Path) -> None:
+    from evaluation.adapter import LlamaLM
+    from evaluation.cli import evaluate_tasks
+    from evaluation.perplexity import document_perplexity, read_documents
+    from evaluation.tasks import task_manager
+    from tests.distributed.run_eval_layouts import IN_LOOP_TASKS, in_loop_config
+
+    cfg = in_loop_config(runs, shared_data / "checkpoints/stories260K/tok512.model", shared_data)
+    records = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    bench = [r for r in records if r.get("type") == "benchmark"]
+    assert [r["step"] for r in bench] == [2]
+    lm = LlamaLM.from_checkpoint(cfg.run_dir / "final_model", tokenizer=cfg.eval.tokenizer, batch_size=4)
+    results = evaluate_tasks(lm, IN_LOOP_TASKS.split(","), manager=task_manager(data_dir=shared_data), limit=3,
+                             num_fewshot=None, log_samples=False, bootstrap_iters=0, seed=cfg.train.seed)
+    for task in IN_LOOP_TASKS.split(","):
+        assert bench[0][f"eval/{task}/acc"] == results["results"][task]["acc,none"], task
+    docs = list(read_documents(Path(cfg.eval.perplexity_data), split="lines", text_field="text",
+                               tokenizer=lm.llama_tokenizer))[:3]
+    ppl = document_perplexity(lm.runner, lm.llama_tokenizer, docs, batch_size=4)
+    assert math.isclose(bench[0]["eval/perplexity/bits_per_byte"], ppl["bits_per_byte"], rel_tol=1e-5)
