@@ -1,4 +1,4 @@
-"""Llama 2 and Llama 3 chat formats: dialogs -> token ids + a loss mask over the assistant's tokens.
+"""Llama 2, Llama 3 and Llama 3.1 chat formats: dialogs -> token ids + a loss mask over the assistant's tokens.
 
     from model.chat import encode_chat, parse_messages
     msgs = parse_messages([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}])
@@ -11,7 +11,15 @@ Token-exact with Meta's references: Llama 2 ``Llama.chat_completion`` (llama/gen
 prompt merged into the first user message) and Llama 3 ``ChatFormat`` (llama3/tokenizer.py: header =
 special id, encode(role), special id, encode("\\n\\n"); content stripped; ``<|eot_id|>``).
 Temporal perception (Llama 2 sec. 5.1, Llama 3.1 system prompts): ``date=`` prepends
-"Cutting Knowledge Date: December 2023\\nToday Date: 26 Jul 2024\\n\\n" to the system prompt.
+"Cutting Knowledge Date: December 2023\\nToday Date: 26 Jul 2024\\n\\n" to the system prompt (llama2/llama3;
+the date as Hugging Face's Llama 3.1 chat template writes it).
+
+``template="llama3_1"`` is Meta's llama-models (``models/llama3/chat_format.py`` ``ChatFormat`` with the
+``SystemDefaultGenerator`` preamble that llama-stack's ``augment_messages_for_tools_llama_3_1`` puts in every
+Llama 3.1 dialog): message contents are encoded as given (no strip, unlike the llama3 repository), and the
+system message is always ``"Cutting Knowledge Date: December 2023\\nToday Date: {%d %B %Y}\\n"`` (full month
+name: "26 July 2024"), followed by ``"\\n" + system`` when the dialog has one (``llama3_1_system_prompt``).
+The date defaults to 26 July 2024 (the release) so that training data does not depend on the day it is built.
 Tests: ``pytest tests/unit/test_chat.py``.
 """
 
@@ -26,8 +34,11 @@ from typing import Any
 from model.tokenizer import Tokenizer
 
 ROLES = ("system", "user", "assistant")
-TEMPLATES = ("llama2", "llama3")
+TEMPLATES = ("llama2", "llama3", "llama3_1")
 KNOWLEDGE_CUTOFF = "December 2023"
+LLAMA3_1_DEFAULT_DATE = datetime.date(2024, 7, 26)
+_MONTH_NAMES = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
+                "November", "December")
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
 # Meta llama/generation.py
@@ -82,20 +93,31 @@ def parse_messages(obj: Any) -> list[Message]:
     return out
 
 
-def _format_date(date: datetime.date | str) -> str:
-    """"26 Jul 2024" (``%d %b %Y`` in the C locale, without depending on the process locale)."""
+def _format_date(date: datetime.date | str, *, full_month: bool = False) -> str:
+    """"26 Jul 2024" (``%d %b %Y`` in the C locale, without depending on the process locale); ``full_month``:
+    "26 July 2024" (``%d %B %Y``, llama-models)."""
     if isinstance(date, str):
-        m = re.fullmatch(r"(\d{1,2}) ([A-Z][a-z]{2}) (\d{4})", date.strip())
-        if m and m.group(2) in _MONTHS:
-            date = datetime.date(int(m.group(3)), _MONTHS.index(m.group(2)) + 1, int(m.group(1)))
+        m = re.fullmatch(r"(\d{1,2}) ([A-Z][a-z]+) (\d{4})", date.strip())
+        month = m and (_MONTHS.index(m.group(2)) + 1 if m.group(2) in _MONTHS else
+                       _MONTH_NAMES.index(m.group(2)) + 1 if m.group(2) in _MONTH_NAMES else None)
+        if m and month:
+            date = datetime.date(int(m.group(3)), month, int(m.group(1)))
         else:
             try:
                 date = datetime.date.fromisoformat(date.strip())
             except ValueError:
-                raise ValueError(f"date: {date!r} is neither ISO (2024-07-26) nor '26 Jul 2024'") from None
+                raise ValueError(f"date: {date!r} is neither ISO (2024-07-26) nor '26 Jul 2024' / '26 July 2024'") from None
     if not isinstance(date, datetime.date):
         raise ValueError(f"date: expected datetime.date or str, got {type(date).__name__}")
-    return f"{date.day:02d} {_MONTHS[date.month - 1]} {date.year}"
+    month = (_MONTH_NAMES if full_month else _MONTHS)[date.month - 1]
+    return f"{date.day:02d} {month} {date.year}"
+
+
+def llama3_1_system_prompt(system: str | None = None, *, date: datetime.date | str = LLAMA3_1_DEFAULT_DATE) -> str:
+    """The system message llama-stack gives every Llama 3.1 dialog (no tools): the default preamble, then
+    ``"\\n" + system`` when there is one. ``"Cutting Knowledge Date: December 2023\\nToday Date: 26 July 2024\\n"``."""
+    preamble = f"Cutting Knowledge Date: {KNOWLEDGE_CUTOFF}\nToday Date: {_format_date(date, full_month=True)}\n"
+    return preamble + ("\n" + system if system else "")
 
 
 def _with_date(messages: list[Message], date: datetime.date | str | None) -> list[Message]:
@@ -178,8 +200,10 @@ def _special(tok: Tokenizer, name: str) -> int:
         raise ValueError(f"template 'llama3' needs a Llama 3 tokenizer with {name}; got {tok!r}") from None
 
 
-def _encode_llama3(tok: Tokenizer, messages: list[Message], *, add_generation_prompt: bool) -> ChatEncoding:
-    """Meta's Llama 3 ChatFormat.encode_dialog_prompt (the final assistant header only if asked)."""
+def _encode_llama3(tok: Tokenizer, messages: list[Message], *, add_generation_prompt: bool,
+                   strip: bool = True) -> ChatEncoding:
+    """Meta's Llama 3 ChatFormat.encode_dialog_prompt (the final assistant header only if asked); ``strip``: the
+    llama3 repository strips every content, llama-models (Llama 3.1) encodes it as given."""
     start, end, eot = (_special(tok, n) for n in ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"))
     newlines = tok.encode("\n\n")
 
@@ -192,7 +216,7 @@ def _encode_llama3(tok: Tokenizer, messages: list[Message], *, add_generation_pr
     n_assistant = 0
     for m in messages:
         h = header(m.role)
-        body = tok.encode(m.content.strip()) + [eot]
+        body = tok.encode(m.content.strip() if strip else m.content) + [eot]
         ids += h + body
         mask += [0] * len(h)
         turn += [-1] * len(h)
@@ -219,7 +243,7 @@ def encode_chat(
     add_generation_prompt: bool = False,
     date: datetime.date | str | None = None,
 ) -> ChatEncoding:
-    """Encode a dialog with the ``"llama2"`` or ``"llama3"`` chat format.
+    """Encode a dialog with the ``"llama2"``, ``"llama3"`` or ``"llama3_1"`` chat format (module docstring).
 
     A dialog ending with an assistant message (and ``add_generation_prompt=False``) is a training example;
     ``add_generation_prompt=True`` makes a prompt to generate from (llama3: an open assistant header; llama2:
@@ -233,6 +257,12 @@ def encode_chat(
     if not msgs:
         raise ValueError("messages: the dialog is empty")
     _check_system_first(msgs)
+    if template == "llama3_1":
+        system = msgs[0].content if msgs[0].role == "system" else None
+        rest = msgs[1:] if system is not None else msgs
+        full = [Message("system", llama3_1_system_prompt(system, date=LLAMA3_1_DEFAULT_DATE if date is None
+                                                         else date))] + rest
+        return _encode_llama3(tokenizer, full, add_generation_prompt=add_generation_prompt, strip=False)
     dated = _with_date(msgs, date)
     if template == "llama2":
         _validate_llama2(msgs)

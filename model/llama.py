@@ -253,7 +253,7 @@ def init_llama_weights(model: nn.Module, *, seed: int, std: float = 0.02, n_laye
     the plain ``Llama`` (pipeline stages call their blocks ``3.attention.wq.weight``, not
     ``layers.2.attention.wq.weight``). Linear and embedding weights ~ N(0, std); the output projections of
     each residual branch (``wo``, ``w2``) use ``std / sqrt(2 * n_layers)`` (GPT-2 / Megatron scaled init);
-    norms are ones.
+    norms are ones; a parameter with an ``init_std`` attribute uses that (LoRA: A ~ N(0, 1/r), B = 0).
     """
     import zlib
 
@@ -267,7 +267,9 @@ def init_llama_weights(model: nn.Module, *, seed: int, std: float = 0.02, n_laye
                 continue
             full_shape = getattr(param, "tp_full_shape", param.shape)
             generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-            scale = depth_std if name.endswith(("wo.weight", "w2.weight")) else std
+            scale = getattr(param, "init_std", None)  # set by parameters with their own init (LoRA adapters)
+            if scale is None:
+                scale = depth_std if name.endswith(("wo.weight", "w2.weight")) else std
             full = torch.randn(full_shape, generator=generator) * scale
             shard = getattr(param, "tp_shard", None)
             param.copy_(shard(full) if shard is not None else full)

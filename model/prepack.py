@@ -79,7 +79,7 @@ class PackedWeights:
 
 
 def _plain(*modules: nn.Module) -> bool:
-    return all(isinstance(m, nn.Linear) and m.bias is None and m.weight.shape == (m.out_features, m.in_features)
+    return all(isinstance(m, nn.Linear) and not getattr(m, "needs_call", False) and m.bias is None and m.weight.shape == (m.out_features, m.in_features)
                for m in modules)
 
 

@@ -38,8 +38,9 @@ QKVPath = Callable[[Any, Tensor, tuple[Tensor, Tensor], Any], QKV]
 
 
 def all_plain_linear(*modules: nn.Module) -> bool:
-    """Whether every module is a plain ``nn.Linear`` (not a tensor-parallel layer)."""
-    return all(isinstance(m, nn.Linear) for m in modules)
+    """Whether every module is a plain ``nn.Linear`` (not a tensor-parallel layer) whose forward is only its
+    weight's product (``needs_call``: LoRA adapters or dtype hooks on it, ``model/lora.py``)."""
+    return all(isinstance(m, nn.Linear) and not getattr(m, "needs_call", False) for m in modules)
 
 
 def fused_linear(x: Tensor, *layers: nn.Linear) -> tuple[Tensor, ...]:

@@ -28,7 +28,7 @@ from typing import Any
 from rlhf.paths import checkpoint_dir, data_dir, resolve_path
 from train.config import ConfigError, RunConfig, TrainSection, check
 
-TEMPLATES = ("llama2", "llama3")
+TEMPLATES = ("llama2", "llama3", "llama3_1")  # model.chat.TEMPLATES
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,8 @@ class StageSection:
     """Pretrained / SFT model to start from (native dir, HF dir, llama2.c file, or a run dir holding
     final_model/); "" = seeded random init of ``model.name``."""
     template: str = "llama2"
-    """Chat format: "llama2" (``[INST] ... [/INST]``) or "llama3" (header tokens; needs a Llama 3 tokenizer)."""
+    """Chat format: "llama2" (``[INST] ... [/INST]``), "llama3" (header tokens; needs a Llama 3 tokenizer) or
+    "llama3_1" (Meta's llama-models format: dated default system prompt, contents not stripped; ``model.chat``)."""
     epochs: int = 1
     """Passes over the training data when ``train.steps = 0``."""
     valid_fraction: float = 0.1

@@ -98,7 +98,7 @@ class PromptsSection:
     """"synthetic" (random token prompts), an HH-RLHF directory (helpful-base/ and harmless-base/; harmless
     prompts are safety-flagged), or a JSONL file of dialogues / preference pairs (``is_safety`` per record)."""
     template: str = "llama2"
-    """Chat format of the prompts: "llama2" or "llama3"."""
+    """Chat format of the prompts: "llama2", "llama3" or "llama3_1"."""
     max_tokens: int = 128
     """Longer prompts are dropped (and counted); + rollout.max_new_tokens must fit the model context."""
     heldout: int = 64
@@ -250,7 +250,8 @@ class PPOConfig(RunConfig):
         _check(0 <= p.gamma <= 1 and 0 <= p.lam <= 1, f"ppo.gamma={p.gamma}, lam={p.lam}: must be in [0, 1]")
         _check(self.frozen_stage in (1, 2, 3),
                f"ppo.frozen_zero_stage={p.frozen_zero_stage}: use 1, 2 or 3 (or -1 = zero.stage)")
-        _check(d.template in ("llama2", "llama3"), f"prompts.template={d.template!r}: use \"llama2\" or \"llama3\"")
+        _check(d.template in ("llama2", "llama3", "llama3_1"),
+               f"prompts.template={d.template!r}: use \"llama2\", \"llama3\" or \"llama3_1\"")
         _check(d.heldout >= 2, f"prompts.heldout={d.heldout}: need >= 2 for early stopping")
         model = self.model_config()
         _check(ro.max_new_tokens + d.max_tokens <= model.max_seq_len,

@@ -238,3 +238,46 @@ def test_encode_chat_errors() -> None:
 def test_llama3_template_needs_llama3_tokenizer(l2: SentencePieceTokenizer) -> None:
     with pytest.raises(ValueError, match=re.escape("needs a Llama 3 tokenizer with <|start_header_id|>")):
         encode_chat(l2, DIALOG[1:2], template="llama3")
+
+
+# ---------------------------------------------------------------- Llama 3.1 (llama-models)
+# What Meta's llama-models ChatFormat.encode_dialog_prompt produces after llama-stack's
+# augment_messages_for_tools_llama_3_1 (SystemDefaultGenerator: "%d %B %Y", template ends with a newline; an
+# existing system prompt follows after one more "\n"; contents not stripped), written out by hand.
+L31_SYSTEM = ("<|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\n"
+              "Today Date: 26 July 2024\n")
+
+
+def test_llama3_1_format_by_hand() -> None:
+    tok = ByteTokenizer()
+    enc = encode_chat(tok, DIALOG, template="llama3_1")
+    assert tok.decode(enc.ids) == (
+        "<s>" + L31_SYSTEM + "\nBe brief.<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nHi!<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\nHello.<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\n2+2?<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n 4\n<|eot_id|>")
+    assert masked_text(tok, enc, 1) == " 4\n<|eot_id|>"  # llama-models keeps the content's spaces
+    prompt = encode_chat(tok, DIALOG[1:2], template="llama3_1", add_generation_prompt=True)
+    assert tok.decode(prompt.ids) == ("<s>" + L31_SYSTEM + "<|eot_id|><|start_header_id|>user<|end_header_id|>"
+                                      "\n\nHi!<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+    dated = encode_chat(tok, DIALOG[1:2], template="llama3_1", date="2024-12-05")
+    assert "Today Date: 05 December 2024\n<|eot_id|>" in tok.decode(dated.ids)
+    assert tok.decode(encode_chat(tok, DIALOG[1:2], template="llama3_1", date="5 March 2025").ids).count(
+        "Today Date: 05 March 2025\n") == 1
+
+
+def test_llama3_1_tokens_with_the_real_tokenizer(l3: Llama3Tokenizer) -> None:
+    """Special ids written out (begin_of_text 128000, start/end header 128006/128007, eot 128009) and the whole
+    formatted string encoded with specials give the same ids as the per-message encoding."""
+    enc = encode_chat(l3, DIALOG[:3], template="llama3_1")
+    system = "Cutting Knowledge Date: December 2023\nToday Date: 26 July 2024\n\nBe brief."
+    expected = ([128000, 128006] + l3.encode("system") + [128007] + l3.encode("\n\n") + l3.encode(system) + [128009]
+                + [128006] + l3.encode("user") + [128007] + l3.encode("\n\n") + l3.encode("Hi!") + [128009]
+                + [128006] + l3.encode("assistant") + [128007] + l3.encode("\n\n") + l3.encode("Hello.") + [128009])
+    assert enc.ids == expected
+    text = ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n" + system + "<|eot_id|>"
+            "<|start_header_id|>user<|end_header_id|>\n\nHi!<|eot_id|>"
+            "<|start_header_id|>assistant<|end_header_id|>\n\nHello.<|eot_id|>")
+    assert l3.encode_with_special(text) == enc.ids
+    assert l3.decode([i for i, m in zip(enc.ids, enc.assistant_mask) if m]) == "Hello.<|eot_id|>"
