@@ -163,3 +163,26 @@ def test_adapter_directory_errors_name_the_file(tmp_path: Path) -> None:
     config.write_text(config.read_text().replace('"use_dora": false', '"use_dora": true'))
     with pytest.raises(ValueError, match=r"adapter_config.json: use_dora=True"):
         read_peft_adapter(tmp_path / "a")
+
+
+def test_merge_lora_cli_native_and_hf(tmp_path: Path) -> None:
+    """``python -m rlhf.merge_lora``: base (native) + PEFT adapter -> native and HF checkpoints, same logits."""
+    from model.checkpoints import from_pretrained, save_checkpoint
+    from rlhf.merge_lora import main
+
+    save_checkpoint(base_model().state_dict(), CFG, tmp_path / "base", format="native")
+    model = base_model()
+    spec = LoRASpec(rank=4, alpha=8, targets=("q", "v", "gate", "down"))
+    apply_lora(model, spec, seed=7)
+    train_adapters(model)
+    write_peft_adapter(adapter_state_dict(model), spec, tmp_path / "adapter")
+    inputs, _ = batch(3)
+    with torch.no_grad():
+        expected = model(inputs)
+    for fmt in ("native", "hf"):
+        out = tmp_path / f"merged_{fmt}"
+        assert main(["--base", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"), "--output", str(out),
+                     "--format", fmt]) == 0
+        with torch.no_grad():
+            assert (from_pretrained(out)(inputs) - expected).abs().max().item() <= 1e-5
+    assert main(["--base", str(tmp_path / "base"), "--adapter", str(tmp_path), "--output", str(tmp_path / "x")]) == 2
