@@ -48,7 +48,11 @@ def _plan_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seq-len", type=int, required=True)
     p.add_argument("--global-batch-tokens", type=int, required=True)
     p.add_argument("--tp", type=int)
+    p.add_argument("--cp", type=int, help="context-parallel ranks per sequence (2 x CP chunks, Llama 3)")
     p.add_argument("--pp", type=int)
+    p.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction, default=None,
+                   help="plan Megatron sequence parallelism at TP > 1 (default off: train/ does not run it yet; "
+                        "every TP > 1 plan prints both figures)")
     p.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3))
     p.add_argument("--micro-batch", type=int)
     p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None,
@@ -96,7 +100,7 @@ def _print_plan(cfg, plan: planner.Plan, args, hw: planner.Hardware) -> None:
         print(f"  {name:<30}{_gib(value)}")
     print(f"  fits in {hw.memory_bytes / planner.GiB:.0f} GiB: {'yes' if plan.fits else 'NO'}")
     print(f"model FLOPs/step {flops:.3e} (6N + 6*head + 12*L*d*s/2, causal); step {st.step_s:.2f} s "
-          f"(compute {st.compute_s:.2f}, TP {st.tp_comm_s:.2f}, p2p {st.pp_p2p_s:.2f}, bubble {st.bubble_s:.2f}, "
+          f"(compute {st.compute_s:.2f}, TP {st.tp_comm_s:.2f}, CP {st.cp_comm_s:.2f}, p2p {st.pp_p2p_s:.2f}, bubble {st.bubble_s:.2f}, "
           f"DP exposed {st.dp_exposed_s:.2f}, optimizer {st.optimizer_s:.3f}); MFU {st.mfu:.1%}")
     for note in plan.notes:
         print(f"  - {note}")
@@ -121,14 +125,16 @@ def _print_table(cfg, plans: list[planner.Plan], hw: planner.Hardware, storage: 
     print(f"checkpoint storage model: {storage.node_write_gbps:g} GB/s per node, {storage.aggregate_gbps:g} GB/s "
           f"filesystem, {storage.host_copy_gbps:g} GB/s device->host per GPU (--storage-node-gbps, "
           "--storage-aggregate-gbps, --host-copy-gbps)")
-    print(f"{'#':>2} {'layout':<52} {'mem GiB':>8} {'step s':>7} {'bubble':>7} {'MFU':>6} "
-          f"{'ckpt GB/rank':>12} {'ckpt GB':>8} {'stall s':>7} {'write s':>7}")
+    print(f"{'#':>2} {'layout':<62} {'mem GiB':>8} {'step s':>7} {'bubble':>7} {'MFU':>6} "
+          f"{'ckpt GB/rank':>12} {'ckpt GB':>8} {'stall s':>7} {'write s':>7} {'runs':>5}")
     for i, plan in enumerate(plans, 1):
         cost = checkpoint_plan.checkpoint_cost(cfg, plan.layout, storage=storage)
-        print(f"{i:>2} {plan.layout.describe():<52} {plan.memory.total / planner.GiB:8.1f} "
+        print(f"{i:>2} {plan.layout.describe():<62} {plan.memory.total / planner.GiB:8.1f} "
               f"{plan.step.step_s:7.2f} {plan.step.bubble_fraction:7.0%} {plan.step.mfu:6.1%} "
               f"{cost.bytes_per_rank_max / 1e9:12.2f} {cost.total_bytes / 1e9:8.0f} {cost.stall_s:7.2f} "
-              f"{cost.write_s:7.1f}")
+              f"{cost.write_s:7.1f} {'yes' if plan.runnable else 'NO':>5}")
+    if any(not plan.runnable for plan in plans):
+        print("runs = NO: the engine in train/ cannot run that layout yet; the notes below say why")
     best = plans[0]
     for i, plan in enumerate(plans, 1):
         print(f"#{i} {plan.layout.describe()}:")
@@ -142,11 +148,13 @@ def _print_table(cfg, plans: list[planner.Plan], hw: planner.Hardware, storage: 
 def why_slower(plan: planner.Plan, best: planner.Plan | None) -> str:
     """The step-time components in which ``plan`` loses to ``best`` (or its own largest costs)."""
     parts = {"compute+recompute": plan.step.compute_s, "TP comm": plan.step.tp_comm_s,
+             "CP K/V comm": plan.step.cp_comm_s,
              "pipeline bubble": plan.step.bubble_s, "exposed DP comm": plan.step.dp_exposed_s,
              "p2p": plan.step.pp_p2p_s}
     if best is None:
         return ", ".join(f"{k} {v:.2f} s" for k, v in parts.items() if v > 0.005)
     ref = {"compute+recompute": best.step.compute_s, "TP comm": best.step.tp_comm_s,
+           "CP K/V comm": best.step.cp_comm_s,
            "pipeline bubble": best.step.bubble_s, "exposed DP comm": best.step.dp_exposed_s,
            "p2p": best.step.pp_p2p_s}
     worse = sorted(((parts[k] - ref[k], k) for k in parts if parts[k] - ref[k] > 0.005), reverse=True)
@@ -191,17 +199,20 @@ def cmd_plan(args: argparse.Namespace) -> int:
                               peak_tflops=args.peak_tflops, matmul_efficiency=args.matmul_efficiency,
                               ib_gbps=args.ib_gbps, nvlink_gbps=args.nvlink_gbps, reserved_bytes=args.reserved)
     kw = dict(seq_len=args.seq_len, global_batch_tokens=args.global_batch_tokens, hardware=hw)
-    pinned = {k: getattr(args, k) for k in ("tp", "pp", "zero_stage", "micro_batch", "virtual_stages",
-                                            "activation_checkpointing") if getattr(args, k) is not None}
+    pinned = {k: getattr(args, k) for k in ("tp", "cp", "pp", "zero_stage", "micro_batch", "virtual_stages",
+                                            "activation_checkpointing", "sequence_parallel")
+              if getattr(args, k) is not None}
     if args.global_batch_tokens % args.seq_len:
         raise ValueError(f"--global-batch-tokens {args.global_batch_tokens} is not a multiple of --seq-len "
                          f"{args.seq_len}")
     if all(k in pinned for k in ("tp", "pp", "zero_stage", "micro_batch")):
-        if args.gpus % (args.tp * args.pp):
-            raise ValueError(f"--gpus {args.gpus} is not divisible by --tp {args.tp} x --pp {args.pp}")
-        layout = planner.Layout(tp=args.tp, pp=args.pp, dp=args.gpus // (args.tp * args.pp),
+        cp = args.cp or 1
+        if args.gpus % (args.tp * cp * args.pp):
+            raise ValueError(f"--gpus {args.gpus} is not divisible by --tp {args.tp} x --cp {cp} x --pp {args.pp}")
+        layout = planner.Layout(tp=args.tp, cp=cp, pp=args.pp, dp=args.gpus // (args.tp * cp * args.pp),
                                 zero_stage=args.zero_stage, micro_batch=args.micro_batch,
-                                virtual_stages=args.virtual_stages or 1)
+                                virtual_stages=args.virtual_stages or 1,
+                                sequence_parallel=bool(args.sequence_parallel))
         plan = planner.fit_checkpointing(cfg, layout, buffers=planner.ZeroBuffers(),
                                          checkpointing=args.activation_checkpointing, **kw)
         if args.json:

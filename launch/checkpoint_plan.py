@@ -72,14 +72,14 @@ class CheckpointCost:
 def rank_checkpoint_bytes(cfg: LlamaConfig, layout: Layout, stage: int) -> float:
     """Bytes one rank of pipeline stage ``stage`` writes (its ZeRO partition; at ZeRO-0 DP rank 0 writes all)."""
     params = stage_params(cfg, layout, stage)
-    owned = params / layout.dp if layout.zero_stage >= 1 else params
+    owned = params / layout.shard_ranks if layout.zero_stage >= 1 else params  # ZeRO spans DP x CP
     return CHECKPOINT_BYTES_PER_PARAM * owned
 
 
 def checkpoint_cost(cfg: LlamaConfig, layout: Layout, *, storage: Storage = Storage()) -> CheckpointCost:
     """Bytes and times of one checkpoint of ``cfg`` at ``layout`` (see the module docstring)."""
     per_stage = [rank_checkpoint_bytes(cfg, layout, s) for s in range(layout.pp)]
-    writers_per_stage = layout.tp * (layout.dp if layout.zero_stage >= 1 else 1)
+    writers_per_stage = layout.tp * (layout.shard_ranks if layout.zero_stage >= 1 else 1)
     total = sum(b * writers_per_stage for b in per_stage)
     # A node holds gpus_per_node consecutive ranks; the heaviest stage bounds the busiest node.
     per_node = max(per_stage) * min(storage.gpus_per_node, layout.gpus)

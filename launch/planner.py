@@ -90,9 +90,13 @@ class ZeroBuffers:
 
 @dataclass(frozen=True)
 class Layout:
-    """One way to lay a model out: TP x PP x DP GPUs, ZeRO stage, micro-batch, recomputation."""
+    """One way to lay a model out: TP x CP x PP x DP GPUs, ZeRO stage, micro-batch, recomputation."""
 
     tp: int = 1
+    cp: int = 1
+    """Context parallelism (Llama 3): each sequence cut into 2 x CP chunks, CP rank i holds chunks i and
+    2CP-1-i; attention all-gathers K/V over the CP group. Weights are replicated over CP, so gradients and
+    ZeRO partitions span DP x CP."""
     pp: int = 1
     dp: int = 1
     zero_stage: int = 1
@@ -102,15 +106,26 @@ class Layout:
     """With checkpointing: layers per stage recomputed (Megatron's block method); None = all of them."""
     virtual_stages: int = 1
     """Interleaved 1F1B chunks per stage. DeepSpeed's PipelineModule only runs 1 (Megatron/Meta run more)."""
-    sequence_parallel: bool = True
-    """Megatron sequence parallelism (norm/residual activations sharded over TP); only matters when tp > 1."""
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism (norm/residual activations sharded over TP); only matters when tp > 1.
+    Off by default because ``train/`` does not run it yet (``engine_refusals``): a plan must count what runs."""
     flash_attention: bool = True
     fused_norm: bool = True
     """Fused RMSNorm saves input + fp32 rstd; the eager reference form also keeps an fp32 copy of the input."""
 
     @property
     def gpus(self) -> int:
-        return self.tp * self.pp * self.dp
+        return self.tp * self.cp * self.pp * self.dp
+
+    @property
+    def shard_ranks(self) -> int:
+        """Ranks that hold the same weights and split the gradient reduction and ZeRO partitions: DP x CP."""
+        return self.dp * self.cp
+
+    @property
+    def sp(self) -> int:
+        """The factor sequence parallelism divides the norm/residual activations by (1 when off or tp 1)."""
+        return self.tp if (self.sequence_parallel and self.tp > 1) else 1
 
     def recomputed(self, stage_layers: int) -> int:
         if not self.activation_checkpointing:
@@ -121,8 +136,26 @@ class Layout:
         ckpt = "off" if not self.activation_checkpointing else (
             "full" if self.recompute_layers is None else f"{self.recompute_layers} layers/stage")
         v = f" v{self.virtual_stages}" if self.virtual_stages > 1 else ""
-        return (f"TP {self.tp} PP {self.pp}{v} DP {self.dp} ZeRO-{self.zero_stage} "
+        sp = "+SP" if self.sp > 1 else ""
+        cp = f" CP {self.cp}" if self.cp > 1 else ""
+        return (f"TP {self.tp}{sp}{cp} PP {self.pp}{v} DP {self.dp} ZeRO-{self.zero_stage} "
                 f"mb {self.micro_batch} ckpt {ckpt}")
+
+
+def engine_refusals(layout: Layout, *, seq_len: int) -> list[str]:
+    """Why ``train/`` cannot run ``layout`` as planned (empty: it can). The search still ranks such layouts
+    (they say what a better engine would gain) but every plan carries these reasons and the CLI prints them."""
+    reasons = []
+    if layout.virtual_stages > 1:
+        reasons.append("interleaved 1F1B: DeepSpeed's PipelineModule runs one chunk per stage")
+    if layout.sp > 1:
+        reasons.append("sequence parallelism is not implemented in train/ (issue 22 item 1): plan with it off")
+    if layout.cp > 1 and seq_len % (2 * layout.cp):
+        reasons.append(f"seq_len {seq_len} is not divisible by 2 x CP = {2 * layout.cp}")
+    if layout.cp > 1:
+        reasons.append("context parallelism runs in model/ (model.context_parallel) but is not wired into the "
+                       "training engine yet")
+    return reasons
 
 
 # ---------------------------------------------------------------------------------------------- params
@@ -203,7 +236,7 @@ def model_state_bytes(
 ) -> dict[str, float]:
     """Weights, grads, optimizer states, fp32 grad partition and ZeRO-3 gathered layer, in bytes."""
     p = stage_params(cfg, layout, stage)
-    z, dp = layout.zero_stage, layout.dp
+    z, dp = layout.zero_stage, layout.shard_ranks
     fp32_grad_elems = p / dp if z >= 1 else p
     if z == 3:  # stage3 casts the bf16 grad partition to fp32 one sub group at a time
         fp32_grad_elems = min(p / dp, buffers.sub_group_size)
@@ -217,12 +250,15 @@ def model_state_bytes(
 
 
 def activation_bytes_per_token(cfg: LlamaConfig, layout: Layout, seq_len: int) -> float:
-    """Bytes one transformer block keeps for backward, per token, on one TP rank (no recomputation).
+    """Bytes one transformer block keeps for backward, per token this rank holds, on one TP rank (no
+    recomputation). With context parallelism a rank holds ``seq_len / cp`` tokens of each sequence.
 
     Korthikanti et al. 2022 give sbh(34 + 5as/h) for a GPT block; ours, tensor by tensor (h = dim,
-    k = kv_heads * head_dim, f = ffn_dim, a = n_heads, t = TP, r = t with sequence parallelism else 1):
-      attention: norm input 2h/r, rstd 4/r, norm output 2h/r (input of wq/wk/wv), q/k/v after RoPE
-                 2(h + 2k)/t, attention output 2h/t (also the wo input), logsumexp 4a/t (fp32);
+    k = kv_heads * head_dim, f = ffn_dim, a = n_heads, t = TP, r = t with sequence parallelism else 1,
+    c = CP):
+      attention: norm input 2h/r, rstd 4/r, norm output 2h/r (input of wq/wk/wv), q after RoPE 2h/t, k/v
+                 after RoPE 2 x 2k/t, all-gathered over CP for the whole sequence (c x the local tokens' k/v:
+                 2 x 2kc/t per local token), attention output 2h/t (also the wo input), logsumexp 4a/t (fp32);
       ffn:       norm input 2h/r, rstd 4/r, norm output 2h/r, w1 out 2f/t, w3 out 2f/t, silu out 2f/t,
                  silu*w3 (w2 input) 2f/t.
     Flash attention (the default) saves only the output and logsumexp and recomputes the probabilities, so
@@ -234,10 +270,9 @@ def activation_bytes_per_token(cfg: LlamaConfig, layout: Layout, seq_len: int) -
     """
     h, f, a = cfg.dim, cfg.ffn_dim, cfg.n_heads
     k = cfg.kv_heads * cfg.head_dim
-    t = layout.tp
-    r = t if (layout.sequence_parallel and t > 1) else 1
+    t, r, c = layout.tp, layout.sp, layout.cp
     norm = 2 * h + FP32 + 2 * h + (0 if layout.fused_norm else FP32 * h)  # input, rstd, output (+fp32 copy)
-    attention = 2 * norm / r + (2 * (h + 2 * k) + 2 * h + FP32 * a) / t
+    attention = 2 * norm / r + (2 * (h + 2 * k * c) + 2 * h + FP32 * a) / t
     if not layout.flash_attention:
         attention += 2 * a * seq_len / t
     ffn = 8 * f / t
@@ -260,9 +295,9 @@ def _stage_memory(cfg: LlamaConfig, layout: Layout, stage: int, *, seq_len: int,
                   buffers: ZeroBuffers, hardware: Hardware) -> MemoryBreakdown:
     states = model_state_bytes(cfg, layout, stage, buffers=buffers)
     layers = split_layers(cfg.n_layers, layout.pp)[stage]
-    tokens = layout.micro_batch * seq_len
+    tokens = layout.micro_batch * seq_len / layout.cp  # this rank's chunks of each sequence
     per_layer = activation_bytes_per_token(cfg, layout, seq_len) * tokens
-    r = layout.tp if (layout.sequence_parallel and layout.tp > 1) else 1
+    r = layout.sp
     kept_input = BF16 * cfg.dim / r * tokens  # a checkpointed block keeps only its input
     recomputed = layout.recomputed(layers)
     flight = in_flight(layout, stage, microbatches)
@@ -313,6 +348,9 @@ class StepEstimate:
 
     compute_s: float
     tp_comm_s: float
+    cp_comm_s: float
+    """K/V all-gathers (forward, recompute) and dK/dV reduce-scatters (backward) over the CP group; not
+    overlapped with compute (Llama 3 all-gathers K/V before the local attention)."""
     pp_p2p_s: float
     bubble_s: float
     dp_comm_s: float
@@ -351,8 +389,9 @@ def _layer_flops_per_token(cfg: LlamaConfig, seq_len: int) -> float:
 def _dp_comm(layout: Layout, *, params: float, layers: int, recomputed: int,
              microbatches: int, t_mb: float, hardware: Hardware, buffers: ZeroBuffers) -> tuple[float, float]:
     """(total seconds of data-parallel collectives per step, the part not hidden behind compute)."""
-    gbps, lat = _link(hardware, layout.tp * layout.dp)
-    nbytes, dp, z, m = BF16 * params, layout.dp, layout.zero_stage, microbatches
+    # Weights are replicated over CP: the gradient reduction and ZeRO partitions span DP x CP ranks.
+    gbps, lat = _link(hardware, layout.tp * layout.cp * layout.dp)
+    nbytes, dp, z, m = BF16 * params, layout.shard_ranks, layout.zero_stage, microbatches
     buckets = max(1, math.ceil(params / buffers.reduce_bucket_size))
     gather = _ring_seconds(nbytes, dp, gbps=gbps, latency_us=0, allreduce=False)
     one_lat = (dp - 1) * lat * 1e-6 if dp > 1 else 0.0
@@ -376,16 +415,19 @@ def estimate_step(cfg: LlamaConfig, layout: Layout, *, seq_len: int, global_batc
     """Seconds per optimizer step of ``layout``: the slowest pipeline stage paces 1F1B, plus the bubble
     (p - 1) / v slots, plus exposed DP collectives and the (memory-bound) Adam step."""
     m = microbatches_per_step(layout, seq_len=seq_len, global_batch_tokens=global_batch_tokens)
-    tokens = layout.micro_batch * seq_len
-    r = layout.tp if (layout.sequence_parallel and layout.tp > 1) else 1
+    tokens = layout.micro_batch * seq_len / layout.cp  # this rank's share of its micro-batch
+    r = layout.sp
     layer_f = _layer_flops_per_token(cfg, seq_len)
     speed = hardware.peak_tflops * 1e12 * hardware.matmul_efficiency / (1 + hardware.nonmatmul_overhead)
     tp_gbps, tp_lat = _link(hardware, layout.tp)
-    pp_gbps, pp_lat = _link(hardware, layout.tp * layout.dp * 2)
+    pp_gbps, pp_lat = _link(hardware, layout.gpus // layout.pp * 2)
     tp_allreduce = _ring_seconds(BF16 * cfg.dim * tokens, layout.tp, gbps=tp_gbps, latency_us=tp_lat,
                                  allreduce=True)
+    cp_gbps, cp_lat = _link(hardware, layout.tp * layout.cp)
+    kv_bytes = BF16 * 2 * cfg.kv_heads * cfg.head_dim / layout.tp * layout.micro_batch * seq_len  # whole K+V
+    kv_gather = _ring_seconds(kv_bytes, layout.cp, gbps=cp_gbps, latency_us=cp_lat, allreduce=False)
     p2p = 2 * layout.virtual_stages * (BF16 * cfg.dim / r * tokens / (pp_gbps * 1e9) + pp_lat * 1e-6)
-    slowest = (0.0, 0.0, 0.0, 0.0, 0.0, 0)
+    slowest = (0.0, 0.0, 0.0, 0.0, 0.0, 0, 0.0)
     for stage, layers in enumerate(split_layers(cfg.n_layers, layout.pp)):
         rec = layout.recomputed(layers)
         flops = layers * layer_f + rec * layer_f / 3
@@ -395,11 +437,12 @@ def estimate_step(cfg: LlamaConfig, layout: Layout, *, seq_len: int, global_batc
             model += 6.0 * cfg.vocab_size * cfg.dim
         compute = flops * tokens / layout.tp / speed
         tp = (4 * layers + 2 * rec) * tp_allreduce
+        cp = (2 * layers + rec) * kv_gather  # gather fwd, reduce-scatter bwd, gather again when recomputing
         pp = p2p if layout.pp > 1 else 0.0
-        total = compute + tp + pp
+        total = compute + tp + cp + pp
         if total > slowest[0]:
-            slowest = (total, compute, tp, pp, flops / model - 1, rec)
-    t_mb, compute, tp, pp, overhead, rec = slowest
+            slowest = (total, compute, tp, pp, flops / model - 1, rec, cp)
+    t_mb, compute, tp, pp, overhead, rec, cp = slowest
     stage_max = max(range(layout.pp), key=lambda s: stage_params(cfg, layout, s))
     params = stage_params(cfg, layout, stage_max)
     layers = split_layers(cfg.n_layers, layout.pp)[stage_max]
@@ -407,11 +450,11 @@ def estimate_step(cfg: LlamaConfig, layout: Layout, *, seq_len: int, global_batc
                                    t_mb=t_mb, hardware=hardware, buffers=buffers)
     slots = (layout.pp - 1) / layout.virtual_stages
     bubble = t_mb * slots
-    optimizer = 30 * params / (layout.dp if layout.zero_stage >= 1 else 1) / (hardware.hbm_gbps * 1e9)
+    optimizer = 30 * params / (layout.shard_ranks if layout.zero_stage >= 1 else 1) / (hardware.hbm_gbps * 1e9)
     step = t_mb * m + bubble + dp_exposed + optimizer
     useful = model_flops_per_token(cfg, seq_len) * global_batch_tokens
     mfu = useful / (step * layout.gpus * hardware.peak_tflops * 1e12)
-    return StepEstimate(compute_s=compute * m, tp_comm_s=tp * m, pp_p2p_s=pp * m, bubble_s=bubble,
+    return StepEstimate(compute_s=compute * m, tp_comm_s=tp * m, cp_comm_s=cp * m, pp_p2p_s=pp * m, bubble_s=bubble,
                         dp_comm_s=dp_comm, dp_exposed_s=dp_exposed, optimizer_s=optimizer, step_s=step,
                         mfu=mfu, bubble_fraction=slots / (m + slots), recompute_overhead=overhead)
 
@@ -438,11 +481,17 @@ class Plan:
     microbatches: int
     fits: bool
     notes: list[str] = field(default_factory=list)
+    refusals: list[str] = field(default_factory=list)
+    """Why ``train/`` cannot run this layout as planned (``engine_refusals``); empty when it can."""
+
+    @property
+    def runnable(self) -> bool:
+        return not self.refusals
 
     def to_dict(self) -> dict[str, object]:
         return {"layout": dataclasses.asdict(self.layout), "microbatches": self.microbatches,
                 "fits": self.fits, "memory": self.memory.to_dict(), "step": self.step.to_dict(),
-                "notes": self.notes}
+                "notes": self.notes, "runnable": self.runnable, "refusals": self.refusals}
 
 
 def evaluate(cfg: LlamaConfig, layout: Layout, *, seq_len: int, global_batch_tokens: int,
@@ -452,8 +501,17 @@ def evaluate(cfg: LlamaConfig, layout: Layout, *, seq_len: int, global_batch_tok
     memory = plan_memory(cfg, layout, seq_len=seq_len, microbatches=m, buffers=buffers, hardware=hardware)
     step = estimate_step(cfg, layout, seq_len=seq_len, global_batch_tokens=global_batch_tokens,
                          hardware=hardware, buffers=buffers)
-    plan = Plan(layout, memory, step, m, memory.total <= hardware.memory_bytes)
+    plan = Plan(layout, memory, step, m, memory.total <= hardware.memory_bytes,
+                refusals=engine_refusals(layout, seq_len=seq_len))
     plan.notes = explain(cfg, plan, hardware)
+    if layout.tp > 1:  # both figures: what SP would save, or what turning it off costs
+        other = dataclasses.replace(layout, sequence_parallel=not layout.sequence_parallel)
+        alt = plan_memory(cfg, other, seq_len=seq_len, microbatches=m, buffers=buffers, hardware=hardware)
+        on, off = (memory, alt) if layout.sp > 1 else (alt, memory)
+        plan.notes.append(f"sequence parallelism {'on' if layout.sp > 1 else 'off'}: {memory.total / GiB:.1f} "
+                          f"GiB/GPU; SP on {on.total / GiB:.1f} GiB, SP off {off.total / GiB:.1f} GiB "
+                          f"(activations {on.activations / GiB:.1f} vs {off.activations / GiB:.1f} GiB)")
+    plan.notes += [f"the engine cannot run this layout: {reason}" for reason in plan.refusals]
     return plan
 
 
@@ -461,6 +519,11 @@ def explain(cfg: LlamaConfig, plan: Plan, hardware: Hardware) -> list[str]:
     """Why this layout behaves as it does, one reason per parallel dimension."""
     lay, mem, st = plan.layout, plan.memory, plan.step
     notes = []
+    if lay.cp > 1:
+        where = "NVLink" if lay.tp * lay.cp <= hardware.gpus_per_node else "InfiniBand"
+        notes.append(f"CP {lay.cp}: {lay.micro_batch} x {lay.cp * 2} chunks per micro-batch, each rank holds 2 "
+                     f"(activations / {lay.cp}); K/V all-gathers on {where} take {st.cp_comm_s / st.step_s:.0%} "
+                     "of the step; gradients and ZeRO span DP x CP")
     if lay.tp > 1:
         where = "NVLink" if lay.tp <= hardware.gpus_per_node else "InfiniBand (crosses nodes!)"
         notes.append(f"TP {lay.tp} keeps TP all-reduces on {where} ({st.tp_comm_s / st.step_s:.0%} of the "
@@ -491,22 +554,30 @@ def _powers_of_two(limit: int) -> Iterator[int]:
 
 def candidate_layouts(cfg: LlamaConfig, *, gpus: int, seq_len: int, global_batch_tokens: int,
                       hardware: Hardware, fixed: dict[str, object], max_virtual_stages: int = 1,
-                      max_micro_batch: int = 16) -> Iterator[Layout]:
-    """Every TP x PP x DP x ZeRO x micro-batch x v the engine can run (checkpointing is chosen later).
+                      max_micro_batch: int = 16, max_cp: int = 32,
+                      min_cp_tokens: int = 4096) -> Iterator[Layout]:
+    """Every TP x CP x PP x DP x ZeRO x micro-batch x v (checkpointing is chosen later).
 
     TP in powers of two up to a node (TP across nodes is rejected: its per-layer all-reduces would run on
-    InfiniBand); TP must divide the query and the KV heads. PP is any value up to n_layers (uneven stages
-    allowed). ZeRO-2/3 only with PP 1 (DeepSpeed refuses them with a PipelineModule). Interleaving needs
-    micro-batches divisible by PP (Megatron's rule) and at least v layers on each stage.
+    InfiniBand); TP must divide the query and the KV heads. CP in powers of two up to ``max_cp`` with
+    ``seq_len`` divisible by 2 x CP (the load-balanced chunking) and at least ``min_cp_tokens`` tokens per CP
+    rank: the time model assumes full-size GEMMs and attention tiles and a K/V gather whose latency is
+    amortised, which short chunks do not give (Llama 3 ran CP 1 at 8K and CP 16 at 128K: 8K tokens a rank). PP is any value up to n_layers (uneven
+    stages allowed). ZeRO-2/3 only with PP 1 (DeepSpeed refuses them with a PipelineModule). Interleaving
+    needs micro-batches divisible by PP (Megatron's rule) and at least v layers on each stage.
+    ``fixed["sequence_parallel"]`` turns SP on for every TP > 1 layout (default off: what the engine runs).
     """
     seqs = global_batch_tokens // seq_len
-    for tp in _powers_of_two(hardware.gpus_per_node):
-        if cfg.n_heads % tp or cfg.kv_heads % tp or fixed.get("tp", tp) != tp:
+    sp = bool(fixed.get("sequence_parallel", False))
+    for tp, cp in ((t, c) for t in _powers_of_two(hardware.gpus_per_node) for c in _powers_of_two(max_cp)):
+        if cfg.n_heads % tp or cfg.kv_heads % tp or fixed.get("tp", tp) != tp or fixed.get("cp", cp) != cp:
+            continue
+        if cp > 1 and (seq_len % (2 * cp) or seq_len // cp < min_cp_tokens):
             continue
         for pp in range(1, cfg.n_layers + 1):
-            if gpus % (tp * pp) or fixed.get("pp", pp) != pp:
+            if gpus % (tp * cp * pp) or fixed.get("pp", pp) != pp:
                 continue
-            dp = gpus // (tp * pp)
+            dp = gpus // (tp * cp * pp)
             if seqs % dp:
                 continue
             for mb in _powers_of_two(min(max_micro_batch, seqs // dp)):
@@ -521,7 +592,8 @@ def candidate_layouts(cfg: LlamaConfig, *, gpus: int, seq_len: int, global_batch
                             continue
                         if fixed.get("virtual_stages", v) != v:
                             continue
-                        yield Layout(tp=tp, pp=pp, dp=dp, zero_stage=zero, micro_batch=mb, virtual_stages=v)
+                        yield Layout(tp=tp, cp=cp, pp=pp, dp=dp, zero_stage=zero, micro_batch=mb,
+                                     virtual_stages=v, sequence_parallel=sp)
 
 
 def fit_checkpointing(cfg: LlamaConfig, layout: Layout, *, seq_len: int, global_batch_tokens: int,
@@ -554,9 +626,10 @@ def search(cfg: LlamaConfig, *, gpus: int, seq_len: int, global_batch_tokens: in
            hardware: Hardware = Hardware(), buffers: ZeroBuffers = ZeroBuffers(),
            fixed: dict[str, object] | None = None, max_virtual_stages: int = 1, top_k: int = 5,
            distinct: bool = True) -> list[Plan]:
-    """Layouts that fit, fastest first. ``distinct`` keeps only the best variant of each TP x PP x DP.
+    """Layouts that fit, fastest first. ``distinct`` keeps only the best variant of each TP x CP x PP x DP.
 
-    ``fixed`` pins any of tp, pp, zero_stage, micro_batch, virtual_stages, activation_checkpointing."""
+    ``fixed`` pins any of tp, cp, pp, zero_stage, micro_batch, virtual_stages, activation_checkpointing,
+    sequence_parallel. Layouts the engine cannot run are ranked too; their ``Plan.refusals`` say why."""
     fixed = dict(fixed or {})
     checkpointing = fixed.pop("activation_checkpointing", None)
     plans = []
@@ -568,10 +641,10 @@ def search(cfg: LlamaConfig, *, gpus: int, seq_len: int, global_batch_tokens: in
             plans.append(plan)
     plans.sort(key=lambda p: p.step.step_s)
     if distinct:
-        seen: set[tuple[int, int, int]] = set()
+        seen: set[tuple[int, int, int, int]] = set()
         unique = []
         for plan in plans:
-            key = (plan.layout.tp, plan.layout.pp, plan.layout.dp)
+            key = (plan.layout.tp, plan.layout.cp, plan.layout.pp, plan.layout.dp)
             if key not in seen:
                 seen.add(key)
                 unique.append(plan)

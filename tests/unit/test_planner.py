@@ -86,17 +86,72 @@ def test_split_layers_gives_short_stages_to_the_ends():
 
 
 def test_405b_finds_metas_layout():
-    """Llama 3.1 405B, 16,384 x 80 GiB GPUs, 8K sequences, 16M-token batches: TP 8, PP 16, DP 128 in the top 5,
-    both with DeepSpeed's plain 1F1B and when interleaving (Meta's schedule) is allowed."""
+    """Llama 3.1 405B, 16,384 x 80 GiB GPUs, 8K sequences, 16M-token batches, as Meta ran it (sequence
+    parallelism on, CP 1 at 8K): TP 8, PP 16, DP 128 in the top 5, both with DeepSpeed's plain 1F1B and when
+    interleaving (Meta's schedule) is allowed. SP and interleaving are flagged: train/ runs neither."""
     cfg = get_config("llama3_1_405b")
     for max_v in (1, 8):
         plans = search(cfg, gpus=16384, seq_len=8192, global_batch_tokens=16 * 1024 * 1024,
-                       hardware=planner.Hardware(memory_bytes=80 * GiB), max_virtual_stages=max_v, top_k=5)
+                       hardware=planner.Hardware(memory_bytes=80 * GiB), max_virtual_stages=max_v, top_k=5,
+                       fixed={"cp": 1, "sequence_parallel": True})
         layouts = [(p.layout.tp, p.layout.pp, p.layout.dp) for p in plans]
         assert (8, 16, 128) in layouts, layouts
         meta = plans[layouts.index((8, 16, 128))]
         assert meta.fits and meta.layout.zero_stage in (0, 1) and meta.notes
+        assert not meta.runnable and any("sequence parallelism" in r for r in meta.refusals)
     assert 0.30 < meta.step.mfu < 0.45  # interleaved: Meta reports 38-43%
+
+
+def test_405b_at_128k_tokens_chooses_context_parallelism():
+    """The long-context stage (Llama 3 table 4: TP 8, CP 16, PP 16, DP 8 at 131,072 tokens, 38% MFU). Without
+    CP the best the old search found was TP 8 PP 16 DP 128, one micro-batch per step: 3.1% MFU (with SP)."""
+    cfg = get_config("llama3_1_405b")
+    kw = dict(gpus=16384, seq_len=131072, global_batch_tokens=16 * 1024 * 1024,
+              hardware=planner.Hardware(memory_bytes=80 * GiB), top_k=5)
+    old = planner.evaluate(cfg, Layout(tp=8, pp=16, dp=128, sequence_parallel=True,
+                                       activation_checkpointing=True), **{k: kw[k] for k in kw if k not in
+                                                                          ("gpus", "top_k")})
+    assert old.step.mfu < 0.04
+    # As Meta ran it (SP on, interleaved 1F1B allowed): CP > 1 everywhere in the top 5, >= 10x the old MFU,
+    # and Meta's own layout among them near its reported 38%.
+    plans = search(cfg, fixed={"sequence_parallel": True}, max_virtual_stages=4, **kw)
+    assert plans and all(p.layout.cp > 1 and p.fits for p in plans)
+    assert plans[0].step.mfu >= 10 * 0.031
+    layouts = [(p.layout.tp, p.layout.cp, p.layout.pp, p.layout.dp) for p in plans]
+    assert (8, 16, 16, 8) in layouts, layouts
+    assert 0.33 < plans[layouts.index((8, 16, 16, 8))].step.mfu < 0.45
+    assert plans[0].step.cp_comm_s > 0 and any("K/V all-gathers" in n for n in plans[0].notes)
+    # What the engine's dimensions give (no SP, plain 1F1B): still CP first, 9x the old figure.
+    plain = search(cfg, **kw)
+    assert plain[0].layout.cp > 1 and plain[0].layout.sp == 1 and plain[0].step.mfu > 0.25
+
+
+def test_sequence_parallel_counted_only_when_on():
+    """Llama 2 70B, TP 8 PP 8 DP 16, 4K: the issue's figures, 40.4 GiB without SP (what train/ runs, the
+    default) and 22.8 GiB with it; every TP > 1 plan states both."""
+    cfg = get_config("llama2_70b")
+    kw = dict(seq_len=4096, global_batch_tokens=4 * 1024 * 1024, hardware=planner.Hardware(memory_bytes=80 * GiB))
+    off = planner.evaluate(cfg, Layout(tp=8, pp=8, dp=16), **kw)
+    on = planner.evaluate(cfg, Layout(tp=8, pp=8, dp=16, sequence_parallel=True), **kw)
+    assert off.memory.total / GiB == pytest.approx(40.4, abs=0.05)
+    assert on.memory.total / GiB == pytest.approx(22.8, abs=0.05)
+    assert off.runnable and not on.runnable
+    for plan in (off, on):
+        assert any("SP on 22.8 GiB, SP off 40.4 GiB" in n for n in plan.notes), plan.notes
+    # At TP 1 the flag changes nothing.
+    assert (planner.activation_bytes_per_token(cfg, Layout(sequence_parallel=True), 4096)
+            == planner.activation_bytes_per_token(cfg, Layout(), 4096))
+
+
+def test_context_parallel_divides_activations_and_shards_states():
+    """Per rank: activations fall ~1/CP (the all-gathered K/V of the whole sequence stays), ZeRO partitions
+    span DP x CP, and seq_len must split into 2 x CP chunks."""
+    cfg = get_config("llama3_1_8b")
+    acts = [plan_memory(cfg, Layout(cp=cp), seq_len=8192).activations for cp in (1, 2, 4)]
+    assert 0.5 < acts[1] / acts[0] <= 0.55 and 0.25 < acts[2] / acts[0] <= 0.3
+    states = [plan_memory(cfg, Layout(cp=cp, dp=4), seq_len=8192).optimizer_states for cp in (1, 2)]
+    assert states[1] == pytest.approx(states[0] / 2)
+    assert any("2 x CP" in r for r in planner.engine_refusals(Layout(cp=4), seq_len=8196))
 
 
 def test_cli_plan_json_and_errors(capsys):
@@ -112,6 +167,11 @@ def test_cli_plan_json_and_errors(capsys):
                  "--global-batch-tokens", "4194305"]) == 2
     assert main(["plan", "--model", "llama2_70b", "--gpus", "1", "--gpu-memory", "24GiB", "--seq-len", "4096",
                  "--global-batch-tokens", "4194304"]) == 1
+    assert main(["plan", "--model", "llama3_1_8b", "--gpus", "16", "--seq-len", "131072", "--global-batch-tokens",
+                 str(4 * 131072), "--tp", "8", "--cp", "2", "--pp", "1", "--zero-stage", "1",
+                 "--micro-batch", "1", "--json"]) in (0, 1)
+    data = json.loads(capsys.readouterr().out)["plan"]
+    assert data["layout"]["cp"] == 2 and data["layout"]["dp"] == 1 and not data["runnable"]
 
 
 def test_cpu_plan_terms_by_hand():
