@@ -1,10 +1,11 @@
-"""PPO's roles as training-engine objectives: the policy (log-probs, clipped surrogate) and a scalar-head model
-(the value model, and the reward-model adapter), each trainable or frozen under TP x ZeRO.
+"""PPO's roles as training-engine objectives: the policy (log-probs, clipped surrogate) and the value model (the
+scalar-head model of ``rlhf.scalar_head`` with the clipped value loss), each trainable or frozen under TP x ZeRO.
+Frozen reward models are ``rlhf.reward.model.RewardObjective`` engines.
 
     policy = TrainEngine(model_cfg=m, run_cfg=cfg.engine_run_config(role="policy"), topology=topo,
                          objective=PolicyObjective(clip=0.2, temperature=1.0), init_weights=sft_weights)
     logp = policy.forward(input_ids=ids, labels=labels)                 # [b, t] log pi(label | prefix)
-    value = TrainEngine(..., objective=ScalarHeadObjective(clip=0.2))
+    value = TrainEngine(..., objective=ValueObjective(clip=0.2))
     v = value.forward(input_ids=ids)                                    # [b, t] V(prefix)
 
 Both modules follow the engine's objective contract: ``forward(**batch, scale)`` returns the SUM of per-token
@@ -14,14 +15,12 @@ The per-micro-batch diagnostics (clip fraction, approximate KL, entropy) are sum
 
 Tensor parallelism: the head's logits are vocab-parallel; log-probs come from megatron-core's
 ``vocab_parallel_cross_entropy`` and the entropy from three all-reduces (``vocab_parallel_entropy``), so the
-full ``[b, t, V]`` logits are never gathered. The scalar head is a replicated ``Linear(dim, 1)``: its input
-(the final norm's output) is identical on every TP rank, so are its gradients.
+full ``[b, t, V]`` logits are never gathered.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,7 +30,7 @@ from model import comm
 from model.config import LlamaConfig
 from model.llama import Llama
 from rlhf.losses import logprobs_from_logits, policy_loss, value_loss
-from train.config_reader import ConfigError
+from rlhf.scalar_head import ScalarHeadModel, native_name
 
 
 def token_logprobs(logits: Tensor, labels: Tensor, *, tp_size: int) -> Tensor:
@@ -128,25 +127,18 @@ class PolicyObjective:
         return name.removeprefix("model.")
 
 
-SCALAR_HEAD = "reward_head.weight"
-"""Native name of the scalar head: the reward model's (``rlhf/reward/model.py``), so a value model starts from a
-helpfulness RM (Llama 2) and exports in the same format."""
-
-
-class ScalarHeadModule(nn.Module):
-    """Llama backbone (no LM head) + ``Linear(dim, 1)``: values ``[b, t]``, or the clipped value loss."""
+class ValueModel(ScalarHeadModel):
+    """The value model: the scalar-head model (``rlhf.scalar_head``) whose ``forward`` gives the values ``[b, t]``
+    or the scaled clipped value loss."""
 
     def __init__(self, model: Llama, *, clip: float) -> None:
-        super().__init__()
-        model.output = nn.Identity()  # the backbone's LM head is never used: no parameters, no gradients
-        self.model, self.clip = model, clip
-        self.value_head = nn.Linear(model.config.dim, 1, bias=False)
+        super().__init__(model)
+        self.clip = clip
         self.stats = _Stats()
 
     def forward(self, input_ids: Tensor, response_mask: Tensor | None = None, old_values: Tensor | None = None,
                 returns: Tensor | None = None, scale: Tensor | None = None) -> Tensor:
-        hidden = self.model(input_ids, return_hidden=True)
-        values = self.value_head(hidden).squeeze(-1).float()
+        values = self.values(input_ids)
         if scale is None:
             return values
         loss = value_loss(values, old_values, returns, response_mask, clip=self.clip)
@@ -155,8 +147,8 @@ class ScalarHeadModule(nn.Module):
         return loss * n * scale
 
 
-class ScalarHeadObjective:
-    """The value model (trained with the clipped value loss) and, frozen, a scalar reward model."""
+class ValueObjective:
+    """The value model, trained with the clipped value loss (frozen reward models use ``RewardObjective``)."""
 
     input_keys: tuple[str, ...] = ("input_ids", "response_mask", "old_values", "returns")
     weight_key: str = "response_mask"
@@ -168,55 +160,7 @@ class ScalarHeadObjective:
     def build_module(self, model_cfg: LlamaConfig, factory: Any, run_cfg: Any) -> nn.Module:
         model = Llama(model_cfg, layers=factory)
         model.checkpoint_every = run_cfg.parallel.activation_checkpoint_every
-        return ScalarHeadModule(model, clip=self.clip)
+        return ValueModel(model, clip=self.clip)
 
     def native_name(self, name: str) -> str:
-        return SCALAR_HEAD if name == "value_head.weight" else name.removeprefix("model.")
-
-
-def zero_head(weights: Any, *, dim: int) -> Any:
-    """Policy weights as a value-model init: the LM head dropped, a zero scalar head added (V = 0 at start).
-    A dict gives a dict; a lazy reader (``open_checkpoint``) gives a reader over it."""
-    if hasattr(weights, "read_slice"):
-        from model.checkpoints.reader import OverlayReader
-
-        return OverlayReader(weights, drop=("output.weight",), extra={SCALAR_HEAD: torch.zeros(1, dim)})
-    out = {k: v for k, v in weights.items() if k != "output.weight"}
-    out.setdefault(SCALAR_HEAD, torch.zeros(1, dim))
-    return out
-
-
-# ------------------------------------------------------------------------------------ scalar-head checkpoints
-
-
-def save_scalar_model(state_dict: dict[str, Tensor], config: LlamaConfig, out_dir: str | Path, *,
-                      meta: dict[str, Any]) -> Path:
-    """A value model in the reward-model format of ``rlhf/reward/model.py`` (``reward_model.safetensors`` with the head
-    as ``reward_head.weight`` + ``reward_model.json``), so value models and reward models load the same way."""
-    from rlhf.reward.model import save_reward_model
-
-    return save_reward_model(state_dict, config, out_dir, meta=meta)
-
-
-def load_scalar_model(path: str | Path) -> tuple[LlamaConfig, Any, dict[str, Any]]:
-    """``(backbone config, native weights incl. reward_head.weight, reward_model.json)`` of a reward model
-    exported by ``python -m rlhf.reward`` (or a PPO ``final_value/``), or of its run directory. The weights are a
-    lazy reader (``names``/``read``/``read_slice``): an engine built from them reads only its TP slices."""
-    import json
-
-    from rlhf.paths import checkpoint_dir
-    from rlhf.reward.model import FORMAT, META, WEIGHTS
-
-    p = checkpoint_dir(path)
-    if not (p / META).is_file():
-        raise ConfigError(f"{path}: no {META}; expected a reward model exported by `python -m rlhf.reward` "
-                          "(RUN_DIR/final_model or the run directory)")
-    meta = json.loads((p / META).read_text())
-    if meta.get("format") != FORMAT:
-        raise ConfigError(f"{p / META}: format {meta.get('format')!r}, expected {FORMAT!r}")
-    from model.checkpoints.reader import SafetensorsFileReader
-
-    weights = SafetensorsFileReader(p / WEIGHTS)
-    if SCALAR_HEAD not in weights.names():
-        raise ConfigError(f"{p / WEIGHTS}: no {SCALAR_HEAD!r}")
-    return LlamaConfig.from_dict(meta["model"]), weights, meta
+        return native_name(name)

@@ -53,13 +53,9 @@ from rlhf.ppo.rewards import (
     build_scorer,
     global_masked_whiten,
 )
-from rlhf.ppo.roles import (
-    PolicyObjective,
-    ScalarHeadObjective,
-    load_scalar_model,
-    zero_head,
-)
+from rlhf.ppo.roles import PolicyObjective, ValueObjective
 from rlhf.reward.model import RewardObjective
+from rlhf.scalar_head import read_scalar_model, write_scalar_model, zero_head
 from train.config_reader import ConfigError, add_config_arguments
 
 
@@ -149,19 +145,19 @@ class PPOTrainer:
     def _value_engine(self, policy_weights: dict[str, Tensor]) -> Any:
         """Llama 2 initialises the value model from the (helpfulness) reward model; "policy" and "" are for
         runs without one."""
-        init, objective = self.cfg.ppo.value_init, ScalarHeadObjective(clip=self.cfg.ppo.value_clip)
+        init, objective = self.cfg.ppo.value_init, ValueObjective(clip=self.cfg.ppo.value_clip)
         if init == "policy":
             return self._engine("value", objective, self.model_cfg, zero_head(policy_weights, dim=self.model_cfg.dim))
         if init == "":
             return self._engine("value", objective, self.model_cfg, None)
-        model_cfg, weights, _ = load_scalar_model(resolve_path(self.cfg.reward.helpful if init == "helpful_rm"
+        model_cfg, weights, _ = read_scalar_model(resolve_path(self.cfg.reward.helpful if init == "helpful_rm"
                                                                else init))
         return self._engine("value", objective, model_cfg, weights)
 
     def _scorer(self, spec: str) -> Any:
         if not resolve_path(spec).is_dir():
             return build_scorer(spec, tokenizer=self.tokenizer, vocab_size=self.model_cfg.vocab_size)
-        model_cfg, weights, meta = load_scalar_model(resolve_path(spec))  # a reward model: a frozen engine under TP x ZeRO
+        model_cfg, weights, meta = read_scalar_model(resolve_path(spec))  # a reward model: a frozen engine under TP x ZeRO
         self._check_same_tokens(spec, meta)
         engine = self._engine("frozen", RewardObjective(), model_cfg, weights)
         return RewardModelScorer(engine, micro_batch_size=self.cfg.train.micro_batch_size, pad_id=self.pad_id,
@@ -333,9 +329,7 @@ class PPOTrainer:
 
         with exported_weights(engine, out) as weights:  # collective: rank 0 streams from every rank's fragments
             if weights is not None and value:
-                from rlhf.reward.model import write_reward_model
-
-                write_reward_model(weights, engine.model_cfg, out, meta={
+                write_scalar_model(weights, engine.model_cfg, out, meta={
                     "role": "ppo value model", "tokenizer": self.cfg.data.tokenizer,
                     "template": self.cfg.prompts.template, "max_len": engine.model_cfg.max_seq_len})
             elif weights is not None:

@@ -39,8 +39,9 @@ from rlhf.data import PreferencePair, helpfulness_rm_mixture, safety_rm_mixture
 from rlhf.paths import file_list
 from rlhf.reward.config import RewardConfig
 from rlhf.reward.evaluate import evaluate_pairs
-from rlhf.reward.model import RewardObjective, write_reward_model
+from rlhf.reward.model import RewardObjective
 from rlhf.reward.scorer import RewardScorer
+from rlhf.scalar_head import write_scalar_model
 from rlhf.sources import Split, load_pairs, unique_names
 from rlhf.stage import StageTask, rank, run_stage, stage_main
 
@@ -114,7 +115,7 @@ class RewardTask(StageTask):
         with exported_weights(engine, out_dir) as weights:  # collective; streamed from every rank's fragments
             if weights is not None:
                 r = self.cfg.rm
-                write_reward_model(weights, model_cfg, out_dir, meta={
+                write_scalar_model(weights, model_cfg, out_dir, meta={
                     **self.sidecar(), "mixture": r.mixture, "margin": r.margin, "helpful_files": r.helpful_files,
                     "safety_files": r.safety_files, "init_checkpoint": r.init_checkpoint})
         comm.barrier()

@@ -30,8 +30,9 @@ from rlhf.ppo.rewards import (
     build_scorer,
     global_masked_whiten,
 )
-from rlhf.ppo.roles import PolicyModule, ScalarHeadModule, vocab_parallel_entropy, zero_head
+from rlhf.ppo.roles import PolicyModule, ValueModel, vocab_parallel_entropy
 from rlhf.ppo.rollout import Prompt, Sample, answer_slices, collate, padded, sample_rollouts
+from rlhf.scalar_head import zero_head
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -278,10 +279,10 @@ def test_value_module_and_zero_head() -> None:
     init_llama_weights(model, seed=1)
     weights = zero_head(model.state_dict(), dim=cfg.dim)
     assert "output.weight" not in weights and float(weights["reward_head.weight"].abs().sum()) == 0
-    module = ScalarHeadModule(Llama(cfg), clip=0.2)
+    module = ValueModel(Llama(cfg), clip=0.2)
     assert not any(n.startswith("model.output") for n, _ in module.named_parameters())
     with torch.no_grad():
-        module.value_head.weight.fill_(0.01)
+        module.reward_head.weight.fill_(0.01)
     ids = torch.tensor([[1, 5, 6, 7]])
     values = module(ids)
     assert values.shape == (1, 4)

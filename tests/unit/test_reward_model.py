@@ -20,7 +20,8 @@ from rlhf.data import PreferencePair, read_dialogues_jsonl
 from rlhf.losses import ranking_loss
 from rlhf.rejection_sampling import best_of_k_curve, score_answers, write_outputs
 from rlhf.reward.evaluate import length_baseline, pair_accuracy, summarize
-from rlhf.reward.model import RewardModel, RewardObjective, load_reward_model, save_reward_model
+from rlhf.reward.model import RewardModel, RewardObjective, load_reward_model
+from rlhf.scalar_head import save_scalar_model as save_reward_model
 from rlhf.sources import Prompt
 
 pytestmark = pytest.mark.timeout(60)
