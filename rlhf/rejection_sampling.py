@@ -40,7 +40,8 @@ from rlhf.data import Dialogue, read_dialogues_jsonl
 from rlhf.losses import combined_reward, logit
 from rlhf.paths import checkpoint_dir
 from rlhf.reward.scorer import RewardScorer
-from rlhf.sources import Prompt, load_prompts
+from rlhf.sources import Prompt, load_prompts, report_dict
+from train.config_reader import ConfigError
 
 
 class VocabMask(torch.nn.Module):
@@ -134,20 +135,32 @@ def read_previous(paths: Sequence[str]) -> dict[str, dict[str, Any]]:
     return previous
 
 
+def read_prompt_files(args: argparse.Namespace, *, split: dict[str, Any]) -> list[Prompt]:
+    """The prompts of ``--prompts`` on the ``--split`` side of the reward model's hash split; with none left,
+    ``OUT/data_report.json`` says what each file gave and skipped before the run stops."""
+    prompts: list[Prompt] = []
+    readers = []
+    for path in args.prompts:
+        found, report = load_prompts(path, side=args.split, valid_fraction=split["valid_fraction"], seed=split["seed"],
+                                     is_safety="harmless" in path or "safety" in path)
+        print(f"[rs] {path} ({args.split} side): {len(found)} prompts; reader: {report}".splitlines()[0])
+        readers.append({"path": path, "side": args.split, "prompts": len(found), **report_dict(report)})
+        prompts += found[: args.max_prompts] if args.max_prompts else found
+    if not prompts:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "data_report.json").write_text(json.dumps({"readers": readers}, indent=2) + "\n")
+        raise ConfigError(f"no prompts on the {args.split!r} side of {list(args.prompts)}; what each file gave and "
+                          f"skipped: {out / 'data_report.json'}")
+    return prompts
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     model, tok, template = load_policy(args.policy, tokenizer=args.tokenizer, template=args.template)
     scorers = {"helpful": RewardScorer.from_checkpoint(args.reward_model, batch_size=args.batch_size)}
     if args.safety_reward_model:
         scorers["safety"] = RewardScorer.from_checkpoint(args.safety_reward_model, batch_size=args.batch_size)
-    split = scorers["helpful"].meta["split"]  # type: ignore[attr-defined]
-    prompts: list[Prompt] = []
-    for path in args.prompts:
-        found, report = load_prompts(path, side=args.split, valid_fraction=split["valid_fraction"], seed=split["seed"],
-                                     is_safety="harmless" in path or "safety" in path)
-        print(f"[rs] {path} ({args.split} side): {len(found)} prompts; reader: {report}".splitlines()[0])
-        prompts += found[: args.max_prompts] if args.max_prompts else found
-    if not prompts:
-        raise ValueError(f"no prompts on the {args.split!r} side of {list(args.prompts)}")
+    prompts = read_prompt_files(args, split=scorers["helpful"].meta["split"])  # type: ignore[attr-defined]
     torch.manual_seed(args.seed)
     answers = sample_answers(model, tok, prompts, template=template, k=args.k, temperature=args.temperature,
                              top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed,

@@ -20,6 +20,7 @@ Nothing is dropped silently: the readers' ``ReadReport`` s travel with the recor
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import json
@@ -86,6 +87,17 @@ class Split(Generic[T]):
         cap = f" (first {len(self.train) + len(self.valid)} of {self.capped_from} records)" if self.capped_from else ""
         return (f"{self.path} [{self.format}]: {len(self.train)} train / {len(self.valid)} held out{cap}; "
                 f"reader: {self.report}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """For ``data_report.json``: the counts, and every skip reason with its first examples (file, line)."""
+        return {"path": str(self.path), "format": self.format, "train": len(self.train), "valid": len(self.valid),
+                "capped_from": self.capped_from, **report_dict(self.report), "notes": list(self.notes)}
+
+
+def report_dict(report: ReadReport) -> dict[str, Any]:
+    """A reader's ``ReadReport`` as JSON: read, kept, skipped by reason, repaired, and the example skips."""
+    return {"read": report.read, "kept": report.kept, "skipped": dict(report.skipped),
+            "repaired": dict(report.repaired), "skip_examples": [dataclasses.asdict(e) for e in report.examples]}
 
 
 def dataset_name(path: str | Path) -> str:

@@ -62,7 +62,13 @@ class StageTask:
         if not self._built:
             self.build()
             self._built = True
-        cfg = cfg.with_schedule(num_samples=len(self.train_set))
+        try:
+            cfg = cfg.with_schedule(num_samples=len(self.train_set))
+        except ConfigError as err:  # too few usable records: say which were skipped and why before exiting
+            if rank() == 0:
+                self.write_report(cfg.run_dir)
+            raise ConfigError(f"{err}. What each file gave and which records were skipped: "
+                              f"{cfg.run_dir / 'data_report.json'}") from None
         available = len(self.valid_set) // (cfg.train.micro_batch_size * cfg.dp_size(world_size))
         if cfg.train.eval_every and available < cfg.train.eval_batches:
             note = (f"validation: {len(self.valid_set)} held-out samples give {available} micro-batches per DP "

@@ -9,6 +9,8 @@ puts the loss on the last assistant turn only (``train_turns = "last"``; ``"all"
 
 from __future__ import annotations
 
+import json
+import os
 import random
 import typing
 from dataclasses import dataclass, field
@@ -57,7 +59,15 @@ class GAttTask(PretrainTask):
         common = {"tokenizer": tok, "template": s.template, "train_turns": s.train_turns, "truncate": s.truncate}
         train_ex, report = training_examples([d for d, v in zip(dialogues, valid_mask) if not v], seed=t.seed,
                                              **common)
-        valid_ex, _ = training_examples([d for d, v in zip(dialogues, valid_mask) if v], seed=t.seed + 1, **common)
+        valid_ex, valid_report = training_examples([d for d, v in zip(dialogues, valid_mask) if v], seed=t.seed + 1,
+                                                   **common)
+        too_long = sum(len(e.ids) > cfg.data.seq_len + 1 for e in train_ex)
+        if int(os.environ.get("RANK", "0")) == 0:  # before the datasets, which refuse zero usable examples
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "data_report.json").write_text(json.dumps({
+                "file": str(cfg.data.path), "dialogues": len(dialogues), "held_out": sum(valid_mask),
+                "train": dict(report), "valid": dict(valid_report),
+                f"train examples longer than data.seq_len={cfg.data.seq_len} (dropped)": too_long}, indent=2) + "\n")
         n_valid = t.eval_batches * t.micro_batch_size * dp_size if t.eval_every > 0 and valid_ex else 0
         train_ds = ExampleDataset(train_ex, seq_len=cfg.data.seq_len, num_samples=t.steps * t.global_batch_size,
                                   seed=t.seed, pad_id=tok.pad_id)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf.paths import resolve_path
-from rlhf.sources import Prompt, hh_files, load_prompts, sniff_format
+from rlhf.sources import Prompt, hh_files, load_prompts, report_dict, sniff_format
 from train.config_reader import ConfigError
 
 SAFETY_MARKER = 3
@@ -51,14 +51,16 @@ def _encode(tokenizer: Any, messages: list[dict[str, str]], template: str) -> li
     return encode_chat(tokenizer, messages, template=template, add_generation_prompt=True).ids
 
 
-def _read_prompts(path: Path, *, print_fn: Any) -> list[Prompt]:
+def _read_prompts(path: Path, *, print_fn: Any, report: dict[str, Any]) -> list[Prompt]:
     """Every prompt of an HH-RLHF directory or one file (``rlhf.sources.load_prompts``), marked with its side of
     the split the reward models trained on (the defaults), so held-out PPO prompts were never seen by them."""
     files = hh_files(path) if path.is_dir() else [(path, False)]
     prompts: list[Prompt] = []
+    readers = report.setdefault("readers", [])
     for file, is_safety in files:
         found, report = load_prompts(file, side="all", is_safety=is_safety)
         print_fn(f"prompts: {file}: {report}")
+        readers.append({"path": str(file), "prompts": len(found), **report_dict(report)})
         if not path.is_dir() and sniff_format(file) == "dialogues":
             # No reward model trained on a dialogue file: any of its prompts may be held out.
             found = [dataclasses.replace(p, heldout_side=True) for p in found]
@@ -66,9 +68,12 @@ def _read_prompts(path: Path, *, print_fn: Any) -> list[Prompt]:
     return prompts
 
 
-def prompt_set(data: Any, *, tokenizer: Any, vocab_size: int, seed: int, print_fn: Any = print) -> list[Prompt]:
+def prompt_set(data: Any, *, tokenizer: Any, vocab_size: int, seed: int, print_fn: Any = print,
+               report: dict[str, Any] | None = None) -> list[Prompt]:
     """The configured prompt set (``data`` is ``PPOConfig.prompts``), chat-encoded, deduplicated, too-long ones
-    dropped and counted; ``Prompt.index`` numbers them."""
+    dropped and counted; ``Prompt.index`` numbers them. ``report`` (if given) receives what each file gave and
+    skipped, for ``data_report.json``."""
+    report = {} if report is None else report
     if data.source == "synthetic":
         return synthetic_prompts(n=data.synthetic_count, vocab_size=vocab_size, min_len=data.synthetic_min_len,
                                  max_len=data.synthetic_max_len, seed=seed,
@@ -79,16 +84,21 @@ def prompt_set(data: Any, *, tokenizer: Any, vocab_size: int, seed: int, print_f
     out: list[Prompt] = []
     seen: set[tuple[int, ...]] = set()
     too_long = 0
-    for prompt in _read_prompts(resolve_path(data.source), print_fn=print_fn):
+    duplicates = 0
+    for prompt in _read_prompts(resolve_path(data.source), print_fn=print_fn, report=report):
         # The system prompt of a dialogue file is not part of a PPO prompt (the turns are).
         ids = tuple(_encode(tokenizer, list(prompt.turns), data.template))
         if len(ids) > data.max_tokens:
             too_long += 1
             continue
         if ids in seen:
+            duplicates += 1
             continue
         seen.add(ids)
         out.append(dataclasses.replace(prompt, index=len(out), ids=ids))
+    report.update({"unique_prompts": len(out), "safety_flagged": sum(p.is_safety for p in out),
+                   f"longer than prompts.max_tokens={data.max_tokens} (dropped)": too_long,
+                   "duplicates of an earlier prompt (dropped)": duplicates})
     print_fn(f"prompts: {len(out)} unique prompts ({sum(p.is_safety for p in out)} safety-flagged); "
              f"{too_long} longer than prompts.max_tokens={data.max_tokens} dropped")
     return out

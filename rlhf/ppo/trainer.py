@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import sys
 import time
@@ -122,19 +123,28 @@ class PPOTrainer:
         self.pad_id = self.tokenizer.pad_id if self.tokenizer else 0
         self.stop_ids = tuple(self.tokenizer.stop_ids) if self.tokenizer else (2,)
         self._engine_cls = TrainEngine
+        self.train_prompts, self.heldout = self._prompts()  # before any engine: a bad prompt set costs nothing
         weights = _initial_weights(cfg, self.model_cfg)
         objective = PolicyObjective(clip=cfg.ppo.clip, temperature=cfg.rollout.temperature)
         self.policy = self._engine("policy", objective, self.model_cfg, weights)
         self.reference = self._engine("frozen", objective, self.model_cfg, weights)
         self.rewards = reward_stage or self._reward_stage()
         self.value = self._value_engine(weights)
-        prompts = prompt_set(cfg.prompts, tokenizer=self.tokenizer, vocab_size=self.model_cfg.vocab_size,
-                               seed=cfg.train.seed, print_fn=self.print)
-        self.train_prompts, self.heldout = split_heldout(prompts, n=cfg.prompts.heldout)
         self.guards = PPOGuards(cfg.guards)
         self.stopper = EarlyStopping(patience=cfg.eval.patience, min_delta=cfg.eval.min_delta)
 
     # ---- construction ----------------------------------------------------------------------------------
+    def _prompts(self) -> tuple[list[Any], list[Any]]:
+        """``(train, held-out)`` prompts; ``RUN_DIR/data_report.json`` says what each file gave and skipped, also
+        when too few prompts are left (the split refuses them)."""
+        cfg, report = self.cfg, {"source": self.cfg.prompts.source}
+        prompts = prompt_set(cfg.prompts, tokenizer=self.tokenizer, vocab_size=self.model_cfg.vocab_size,
+                             seed=cfg.train.seed, print_fn=self.print, report=report)
+        if self.topo.global_rank == 0:
+            Path(cfg.run.dir).mkdir(parents=True, exist_ok=True)
+            (Path(cfg.run.dir) / "data_report.json").write_text(json.dumps(report, indent=2) + "\n")
+        return split_heldout(prompts, n=cfg.prompts.heldout)
+
     def _engine(self, role: str, objective: Any, model_cfg: Any, weights: dict[str, Tensor] | None) -> Any:
         engine = self._engine_cls(model_cfg=model_cfg, run_cfg=self.cfg.engine_run_config(role=role),
                                   topology=self.topo, objective=objective, init_weights=weights)

@@ -96,6 +96,7 @@ class RewardTask(StageTask):
         self.valid_set = [encode[id(p)] for p in mix["valid"][0]]
         self.report = {
             "files": [sp.describe() for sp in (*helpful, *safety)], "mixture": r.mixture,
+            "readers": [sp.to_dict() for sp in (*helpful, *safety)],
             "train_mixture": mix["train"][1], "valid_mixture": mix["valid"][1], "margin": r.margin,
             "encoding": dict(stats), "ratings": dict(Counter(str(p.rating) for p in train_pairs)),
             "summary": [sp.describe() for sp in (*helpful, *safety)] + [

@@ -73,7 +73,7 @@ class SFTTask(StageTask):
         self.valid_set, valid_pack = pack_sft_rows(valid_examples, seq_len=seq_len, pad_id=pad)
         fill = pack["tokens"] / max(1, pack["tokens"] + pack["padding"])
         self.report = {
-            "files": [sp.describe() for sp in splits],
+            "files": [sp.describe() for sp in splits], "readers": [sp.to_dict() for sp in splits],
             "train_encoding": train_stats, "valid_encoding": dict(stats),
             "train_packing": dict(pack), "valid_packing": dict(valid_pack),
             "summary": [sp.describe() for sp in splits] + [
