@@ -86,7 +86,7 @@ def write_scalar_model(weights: Any, model_cfg: LlamaConfig, out_dir: str | Path
 
     names = weights.names()
     if HEAD not in names:
-        raise ValueError(f"write_scalar_model: the weights have no {HEAD!r}; is this a reward / value model?")
+        raise ValueError(f"write_scalar_model: the state dict has no {HEAD!r}; is this a reward / value model?")
     names = [n for n in names if n != "output.weight"]  # a scalar-head model has no LM head (tied or not)
     with atomic_directory(out_dir, overwrite=True) as tmp:
         write_safetensors(tmp / WEIGHTS, weights.specs(names), lambda name: weights.full(name))
