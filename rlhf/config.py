@@ -57,19 +57,13 @@ class StageSection:
 
 def checkpoint_model_config(path: str | Path) -> Any:
     """The ``LlamaConfig`` of a checkpoint without loading its weights where the format allows it."""
-    from model.checkpoints import detect_format, load_checkpoint
-    from model.config import LlamaConfig
+    from model.checkpoints import open_checkpoint
 
     p = checkpoint_dir(path)
     if not p.exists():
         raise ConfigError(f"init_checkpoint {path}: no such file or directory; point it at a pretraining or SFT "
                           "run's final_model/ (or the run directory)")
-    if detect_format(p) == "native":
-        import json
-
-        data = json.loads((p / "config.json").read_text())
-        return LlamaConfig.from_dict({k: v for k, v in data.items() if k not in ("format", "format_version")})
-    return load_checkpoint(p)[0]
+    return open_checkpoint(p).cfg  # native and HF: config.json + safetensors headers, no tensor read
 
 
 @dataclass(frozen=True)

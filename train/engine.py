@@ -62,6 +62,7 @@ from train import pipeline as pipe  # noqa: E402
 from train.config import ConfigError  # noqa: E402
 from train.engine_checkpoint import EngineCheckpoint  # noqa: E402
 from train.objective import LanguageModelObjective, decay_groups, masked_loss_sum  # noqa: E402
+from train.sharded_state import create_zero3_optimizer_state  # noqa: E402
 
 # DeepSpeed's CPU accelerator JIT-compiles a shared-memory all-reduce (~80 s per fresh cache) when its
 # communication backend starts; it only serves inference all-reduce, so training never needs it.
@@ -385,6 +386,8 @@ class TrainEngine:
 
     def _create_optimizer_state(self) -> None:
         """Materialise AdamW's lazily created state with a zero-gradient, zero-LR step (changes nothing)."""
+        if create_zero3_optimizer_state(self._engine().optimizer):
+            return
         base = self.base_optimizer
         saved_lr = [g["lr"] for g in base.param_groups]
         for group in base.param_groups:

@@ -69,6 +69,32 @@ def write_fragment(param: Any, value: Tensor, key: str | None = None) -> None:
     target.data.copy_(value.reshape(-1).to(target.device, target.dtype))
 
 
+@torch.no_grad()
+def create_zero3_optimizer_state(zero_optimizer: Any) -> bool:
+    """ZeRO-3: materialise Adam's lazily created state of every sub-group with a zero-LR, zero-gradient step.
+
+    Stage 3 keeps its base optimizer's ``param_groups[...]["params"]`` empty between steps and puts one
+    sub-group's flat fp32 partition in only while stepping it, so a plain ``optimizer.step()`` creates nothing
+    and a resume (which writes the moments) finds no ``exp_avg``. Returns False for other optimizers.
+    """
+    flat = getattr(zero_optimizer, "fp32_partitioned_groups_flat", None)
+    to_group = getattr(zero_optimizer, "sub_group_to_group_id", None)
+    if flat is None or to_group is None:
+        return False
+    base = zero_optimizer.optimizer
+    for sub_group, fp32 in enumerate(flat):
+        group = base.param_groups[to_group[sub_group]]
+        saved_params, saved_lr = group["params"], group["lr"]
+        group["params"], group["lr"] = [fp32], 0.0
+        fp32.grad = torch.zeros_like(fp32)
+        try:
+            base.step()  # lr 0: AdamW's update and its decoupled weight decay both leave the weights unchanged
+        finally:
+            group["params"], group["lr"] = saved_params, saved_lr
+            fp32.grad = None
+    return True
+
+
 def write_lp_fragment(param: Any, value: Tensor) -> None:
     """ZeRO-3: set this rank's partition of the module (low-precision) weight from its fp32 fragment."""
     size = int(param.ds_tensor.ds_numel)

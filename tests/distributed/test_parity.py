@@ -5,8 +5,9 @@ training loop for several layouts in one launch):
 
 - 4 processes: TP2 x PP2 (checkpoints at steps 3 and 5), TP2 x DP2 with ZeRO-3;
 - 2 processes: TP2, PP2, DP2 with ZeRO-1/2/3, ZeRO-2 with CPU offload, PP2 with activation checkpointing,
-  TP2 with one kv head (replicated kv projections), and a resume at TP1 x DP2 from the TP2 x PP2 checkpoint
-  of step 3 (the portable re-sharding path).
+  TP2 with one kv head (replicated kv projections), and resumes from the step-3 checkpoints of the first launch
+  at another layout (the portable re-sharding path): TP1 x DP2 and DP2 x ZeRO-3 from TP2 x PP2, PP2 from
+  TP2 x DP2 x ZeRO-3.
 
 Every layout above runs the fused CPU kernels (fp32 on CPU). The eager PyTorch formulas, which are the GPU path,
 get the same check at TP2, PP2 and DP2 x ZeRO-3 (``EAGER``: ``kernels.disabled()``, the in-process form of
@@ -46,7 +47,7 @@ TOL = 1e-5
 
 FOUR_PROCESS = {
     "tp2_pp2": ["--parallel.tp=2", "--parallel.pp=2", "--checkpoint.every=3"],
-    "tp2_dp2_zero3": ["--parallel.tp=2", "--zero.stage=3"],
+    "tp2_dp2_zero3": ["--parallel.tp=2", "--zero.stage=3", "--checkpoint.every=3"],
 }
 EAGER_LAYOUTS = {
     "tp2_eager": [EAGER, "--parallel.tp=2"],
@@ -70,7 +71,12 @@ BF16_FOUR_PROCESS = {"tp2_dp2_zero3_bf16": ["--parallel.tp=2", "--zero.stage=3",
 BF16_LOSS_TOL, BF16_WEIGHT_TOL = 1e-3, 1e-2
 REFERENCE_OF = {"tp2_one_kv_head": "reference_kv1", "pp2_causal_no_document_mask": "reference_causal",
                 **{name: "reference_eager" for name in EAGER_LAYOUTS}}
-RESUME = "resume_tp1_dp2_from_tp2_pp2"
+# Resumes at another layout from the step-3 checkpoints of the 4-process launch: (new layout flags, source run).
+RESUMES = {
+    "resume_tp1_dp2_from_tp2_pp2": ([], "tp2_pp2"),
+    "resume_dp2_zero3_from_tp2_pp2": (["--zero.stage=3"], "tp2_pp2"),
+    "resume_pp2_from_tp2_dp2_zero3": (["--parallel.pp=2"], "tp2_dp2_zero3"),
+}
 
 
 def _launch(out: Path, nproc: int, layouts: dict[str, list[str]]) -> None:
@@ -97,8 +103,9 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
         train(parity_config([f"--run.dir={out / 'reference_eager'}"]), engine_factory=ReferenceEngine,
               topology_factory=single_process_topology, **quiet)
     _launch(out, 4, {**FOUR_PROCESS, **BF16_FOUR_PROCESS})
-    resume_from = out / "tp2_pp2" / "checkpoints" / "step_00000003"
-    _launch(out, 2, {**TWO_PROCESS, **EAGER_LAYOUTS, **BF16, RESUME: [f"--run.resume={resume_from}"]})
+    resumes = {name: [*flags, f"--run.resume={out / source / 'checkpoints' / 'step_00000003'}"]
+               for name, (flags, source) in RESUMES.items()}
+    _launch(out, 2, {**TWO_PROCESS, **EAGER_LAYOUTS, **BF16, **resumes})
     return out
 
 
@@ -150,12 +157,15 @@ def test_bf16_mixed_precision_tracks_fp32(runs: Path, layout: str) -> None:
     assert {str(t.dtype) for t in weights.values()} == {"torch.float32"}
 
 
-def test_resume_at_another_layout_continues_the_run(runs: Path) -> None:
-    resumed, ref = _metrics(runs / RESUME), _metrics(runs / "reference")
+@pytest.mark.parametrize("resume", RESUMES)
+def test_resume_at_another_layout_continues_the_run(runs: Path, resume: str) -> None:
+    """TP x PP -> DP (ZeRO-1 and ZeRO-3, Adam moments re-partitioned) and TP x DP ZeRO-3 -> PP: the resumed
+    steps equal the uninterrupted reference (weights, master weights and moments all came back)."""
+    resumed, ref = _metrics(runs / resume), _metrics(runs / "reference")
     assert sorted(resumed) == [4, 5], "the resumed run starts after the step-3 checkpoint"
     for step in (4, 5):
         assert abs(resumed[step]["loss"] - ref[step]["loss"]) <= TOL, (step, resumed[step], ref[step])
-    assert _max_weight_diff(runs / RESUME, runs / "reference") <= TOL
+    assert _max_weight_diff(runs / resume, runs / "reference") <= TOL
 
 
 def test_consolidate_cli_native_and_hf(runs: Path, tmp_path: Path) -> None:
