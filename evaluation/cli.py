@@ -5,6 +5,7 @@ lambada_openai [--include-path MY_TASKS] [--limit 100] [--batch-size 32] [--num-
 [--log-samples]
     torchrun --standalone --nproc-per-node 4 -m evaluation run --tp 2 ...       # TP 2 x DP 2 (gloo or NCCL)
     python -m evaluation tasks                                                  # our task names and their files
+    python -m evaluation win-rate --policy PPO --baseline SFT --judge RM --prompts P.jsonl --output w.json
 
 ``run`` writes lm-eval's results dict (``results``, ``configs``, ``versions``, ``n-shot``, ``n-samples``, and with
 ``--log-samples`` every sample's arguments and log-likelihoods under ``samples``) plus an ``evaluation`` record
@@ -152,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     from evaluation.perplexity import add_parser as add_perplexity
 
     add_perplexity(sub)
+    from evaluation.win_rate import add_parser as add_win_rate
+
+    add_win_rate(sub)
     return parser
 
 
