@@ -21,7 +21,7 @@ The block (``model/llama.py``) only says "attention"; which kernel runs is decid
 Adding a kernel (a context-parallel ring, flash-attn's varlen kernel): write a class with
 ``name``, ``applies(q, k, v, mask)`` and ``__call__(q, k, v, mask)`` and insert it into ``KERNELS`` before
 ``sdpa`` (``register_kernel``), or pin an instance on the modules that must use it (``Attention.kernel``;
-a parallelize step does that for context parallelism). A kernel reads the mask in the form it needs:
+``model.context_parallel.ContextParallel.pin`` does that for context parallelism). A kernel reads the mask in the form it needs:
 ``mask.document_ids`` (the packed documents), ``mask.dense()`` (a boolean ``[b, 1, s, t]`` tensor, built once
 per forward and shared by every block), or its own form built once per forward with ``mask.memo(key, build)``.
 """

@@ -7,6 +7,7 @@
     comm.all_reduce(grad, group=tp_group)                 # in place, a device tensor
     value = comm.broadcast_object(value)                  # rank 0's Python object on every rank
     parts = comm.all_gather(shard, group=tp_group)        # list of every rank's tensor
+    kv = comm.gather_along_dim(k, dim=1, group=cp_group)  # differentiable: backward reduce-scatters
 
 Why one place: NCCL reduces only CUDA tensors, gloo only CPU ones, and a host value (a flag, a loss, a token
 count) is easy to all-reduce on the wrong device: the CPU ``int32`` tensor of the pre-emption check did that on
@@ -115,6 +116,56 @@ def all_gather(tensor: Tensor, *, group: Any = None) -> list[Tensor]:
     parts = [torch.empty_like(local) for _ in range(world_size(group))]
     dist.all_gather(parts, local, group=group)
     return [p.to(tensor.device) for p in parts]
+
+
+def reduce_scatter(tensor: Tensor, *, dim: int, group: Any = None) -> Tensor:
+    """Sum ``tensor`` over ``group`` and return this rank's ``1/world`` slice of the sum along ``dim``."""
+    if not is_multi(group):
+        return tensor
+    device = collective_device(tensor, group)
+    parts = [p.contiguous() for p in tensor.to(device).chunk(world_size(group), dim=dim)]
+    out = torch.empty_like(parts[rank(group)])
+    dist.reduce_scatter(out, parts, group=group)
+    return out.to(tensor.device)
+
+
+class _GatherAlongDim(torch.autograd.Function):
+    """All-gather along ``dim`` (ranks in order); backward reduce-scatters the gradient (each rank's input
+    receives the sum over ranks of the gradient of its slice). Context parallelism's K/V gather, sequence
+    parallelism's gather before a column-parallel matmul."""
+
+    @staticmethod
+    def forward(ctx, tensor: Tensor, dim: int, group: Any) -> Tensor:  # type: ignore[override]
+        ctx.dim, ctx.group = dim, group
+        return torch.cat(all_gather(tensor, group=group), dim=dim)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+        return reduce_scatter(grad.contiguous(), dim=ctx.dim, group=ctx.group), None, None
+
+
+class _ReduceScatterAlongDim(torch.autograd.Function):
+    """Sum over ranks and keep this rank's slice along ``dim``; backward all-gathers the gradient (sequence
+    parallelism's replacement for the all-reduce after a row-parallel matmul)."""
+
+    @staticmethod
+    def forward(ctx, tensor: Tensor, dim: int, group: Any) -> Tensor:  # type: ignore[override]
+        ctx.dim, ctx.group = dim, group
+        return reduce_scatter(tensor.contiguous(), dim=dim, group=group)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+        return torch.cat(all_gather(grad.contiguous(), group=ctx.group), dim=ctx.dim), None, None
+
+
+def gather_along_dim(tensor: Tensor, *, dim: int, group: Any = None) -> Tensor:
+    """Differentiable all-gather along ``dim`` (backward: reduce-scatter); identity in a group of one."""
+    return _GatherAlongDim.apply(tensor, dim, group) if is_multi(group) else tensor
+
+
+def reduce_scatter_along_dim(tensor: Tensor, *, dim: int, group: Any = None) -> Tensor:
+    """Differentiable reduce-scatter along ``dim`` (backward: all-gather); identity in a group of one."""
+    return _ReduceScatterAlongDim.apply(tensor, dim, group) if is_multi(group) else tensor
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,0 +1,125 @@
+"""Worker of tests/distributed/test_context_parallel.py: context-parallel forward/backward vs the dense model.
+
+    torchrun --standalone --nproc-per-node=4 tests/distributed/run_context_parallel.py OUT_DIR
+
+One launch of 4 processes checks CP 2 (groups {0,1} and {2,3}) and CP 4 (all ranks). Every rank builds the same
+seeded model (``debug_llama3_tiny``: grouped-query attention and Llama 3.1 RoPE scaling with an original
+context of 64, so global positions past it matter), computes the single-process reference on the whole batch,
+then the context-parallel run on its two chunks with the loss normalised by the global token count and the
+gradients summed over its CP group. Rank 0 writes ``OUT_DIR/context_parallel.json`` with the largest
+differences (logits of the local tokens, loss, every gradient) per CP size, for both the fused CPU kernels
+and the eager formulas; plus the bytes one block saves for backward per rank (bf16, eager) at each CP size.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from model import comm, kernels, projections
+from model.config import get_config
+from model.context_parallel import ContextParallel
+from model.llama import Llama, init_llama_weights
+
+SEQ, BATCH = 96, 2
+# Document lengths per row: boundaries fall inside chunks (chunk = 24 tokens at CP 2, 12 at CP 4).
+DOCUMENTS = [[5, 19, 30, 10, 32], [40, 3, 3, 50]]
+
+
+def batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(3)
+    tokens = torch.randint(0, 512, (BATCH, SEQ), generator=gen)
+    labels = torch.randint(0, 512, (BATCH, SEQ), generator=gen)
+    docs = torch.stack([torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+                        for lengths in DOCUMENTS])
+    return tokens, labels, docs
+
+
+def loss_sum(model: Llama, tokens, labels, docs, positions=None) -> torch.Tensor:
+    logits = model(tokens, positions=positions, document_ids=docs)
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum"), logits
+
+
+def compare(cp: ContextParallel) -> dict[str, float]:
+    cfg = get_config("debug_llama3_tiny")
+    reference = Llama(cfg)
+    init_llama_weights(reference, seed=11)
+    model = copy.deepcopy(reference)
+    tokens, labels, docs = batch()
+    total = BATCH * SEQ
+    ref_loss, ref_logits = loss_sum(reference, tokens, labels, docs)
+    (ref_loss / total).backward()
+    cp.pin(model)
+    local_loss, logits = loss_sum(model, cp.shard(tokens), cp.shard(labels), cp.shard(docs),
+                                  positions=cp.positions(SEQ))
+    (local_loss / total).backward()
+    loss = comm.all_reduce_values([local_loss.item()], group=cp.group)[0]
+    grads = {}
+    for (name, p), ref in zip(model.named_parameters(), reference.parameters()):
+        grads[name] = (comm.all_reduce(p.grad.clone(), group=cp.group) - ref.grad).abs().max().item()
+    return {"logits": (logits - cp.shard(ref_logits)).abs().max().item(),
+            "loss": abs(loss - ref_loss.item()) / total, "grad": max(grads.values()),
+            "grad_param": max(grads, key=grads.get)}
+
+
+def saved_block_bytes(cp: ContextParallel, seq: int) -> dict[str, float]:
+    """Bytes autograd keeps for backward in one bf16 block of this rank (eager, the GPU's formulas), by
+    storage: minus the parameters, the block input, the RoPE tables and the per-forward mask all blocks share."""
+    from model.attention import AttentionMask
+
+    cfg = get_config("debug_llama3_tiny")
+    model = Llama(cfg)
+    init_llama_weights(model, seed=0)
+    model = model.to(torch.bfloat16)
+    model.layers[0].attention.kernel = cp.kernel  # at CP 1 too: the same kernel, a gather of one
+    local = seq // cp.size
+    x = torch.randn(1, local, cfg.dim, dtype=torch.bfloat16, requires_grad=True)
+    rope = model.rotary(cp.positions(seq))
+    mask = AttentionMask(document_ids=cp.shard(torch.zeros(1, seq, dtype=torch.long)))
+    mask.memo("context_parallel", lambda: cp.kernel.additive_mask(mask, x))
+    shared = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    shared |= {t.untyped_storage().data_ptr() for t in (x, *rope, *mask._forms.values())}
+    saved: dict[int, int] = {}
+
+    def keep(t: torch.Tensor) -> torch.Tensor:
+        if t.untyped_storage().data_ptr() not in shared:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        model.layers[0](x, rope, mask=mask)
+    return {"bytes": float(sum(saved.values())), "tokens": float(local)}
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    groups = {1: None, 2: pairs[rank // 2], 4: dist.new_group([0, 1, 2, 3])}
+    results: dict[str, object] = {}
+    for size in (2, 4):
+        cp = ContextParallel(groups[size])
+        results[f"cp{size}_fused"] = compare(cp)
+        with kernels.disabled():
+            results[f"cp{size}_eager"] = compare(cp)
+    projections_path = projections.choose_path
+    projections.choose_path = lambda *args: "separate"  # the GPU path's projections, as the planner test
+    for size, seq in ((1, 8192), (2, 8192), (4, 8192)):
+        results[f"saved_cp{size}"] = saved_block_bytes(ContextParallel(groups[size]), seq)
+    projections.choose_path = projections_path
+    gathered = comm.all_gather_object(results)
+    if rank == 0:
+        (out / "context_parallel.json").write_text(json.dumps(gathered, indent=1))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
