@@ -83,29 +83,14 @@ def generate(
     batch, prompt_len = len(prompts), max(len(p) for p in prompts)
     total = prompt_len + max_new_tokens
     if total > model.config.max_seq_len:
-        raise ValueError(
-            f"generate: prompt length {prompt_len} + max_new_tokens {max_new_tokens} = {total} exceeds the "
-            f"model context max_seq_len={model.config.max_seq_len}; shorten the prompt or max_new_tokens"
-        )
-    generator: torch.Generator | list[torch.Generator] | None = None
-    if row_seeds is not None:
-        if len(row_seeds) != len(prompts) or seed is not None:
-            raise ValueError(f"generate: row_seeds needs one seed per prompt ({len(row_seeds)} for {len(prompts)} "
-                             "prompts) and no seed=")
-        generator = [torch.Generator(device=device).manual_seed(int(s)) for s in row_seeds]
-    elif seed is not None:
-        generator = torch.Generator(device=device).manual_seed(seed)
-
-    pad_lengths = torch.tensor([prompt_len - len(p) for p in prompts], device=device)
-    tokens = torch.full((batch, prompt_len), pad_id, dtype=torch.long, device=device)
-    for row, prompt in enumerate(prompts):
-        tokens[row, prompt_len - len(prompt) :] = torch.tensor(list(prompt), dtype=torch.long)
+        raise ValueError(f"generate: prompt length {prompt_len} + max_new_tokens {max_new_tokens} = {total} exceeds "
+                         f"the model context max_seq_len={model.config.max_seq_len}; shorten the prompt or "
+                         "max_new_tokens")
+    generator = _generators(seed=seed, row_seeds=row_seeds, rows=len(prompts), device=device)
     cache = KVCache.allocate(model, batch=batch, max_len=total)
+    tokens, positions = _left_padded(prompts, cache=cache, pad_id=pad_id, device=device)
     # On CPU the cache may carry the weights prepacked for decode GEMMs (model/prepack.py), the head's too.
     head = logits_fn if logits_fn is not None else (cache.packed.output_logits if cache.packed else model.output)
-    slots = torch.arange(prompt_len, device=device)
-    cache.key_valid[:, :prompt_len] = slots[None, :] >= pad_lengths[:, None]
-    positions = (slots[None, :] - pad_lengths[:, None]).clamp(min=0)
 
     hidden = model(tokens, positions=positions, cache=cache, return_hidden=True)
     logits = head(hidden[:, -1])
@@ -130,9 +115,40 @@ def generate(
         next_positions = next_positions + 1
 
     generated = torch.stack(outputs, dim=1).tolist() if outputs else [[] for _ in prompts]
-    stop_set = set(stop_ids)
+    return _trimmed(generated, caps=ended_by_fn.tolist(), stop_ids=set(stop_ids))
+
+
+def _left_padded(prompts: Sequence[Sequence[int]], *, cache: KVCache, pad_id: int,
+                 device: torch.device) -> tuple[Tensor, Tensor]:
+    """Prompts left-padded to one length ``[b, s]``, their RoPE positions (0 at each prompt's first token), and
+    the padding slots marked invalid in ``cache.key_valid``."""
+    prompt_len = max(len(p) for p in prompts)
+    pad_lengths = torch.tensor([prompt_len - len(p) for p in prompts], device=device)
+    tokens = torch.full((len(prompts), prompt_len), pad_id, dtype=torch.long, device=device)
+    for row, prompt in enumerate(prompts):
+        tokens[row, prompt_len - len(prompt) :] = torch.tensor(list(prompt), dtype=torch.long)
+    slots = torch.arange(prompt_len, device=device)
+    cache.key_valid[:, :prompt_len] = slots[None, :] >= pad_lengths[:, None]
+    return tokens, (slots[None, :] - pad_lengths[:, None]).clamp(min=0)
+
+
+def _generators(*, seed: int | None, row_seeds: Sequence[int] | None, rows: int,
+                device: torch.device) -> torch.Generator | list[torch.Generator] | None:
+    """One generator for the batch (``seed``), one per row (``row_seeds``), or None (torch's global one)."""
+    if row_seeds is not None:
+        if len(row_seeds) != rows or seed is not None:
+            raise ValueError(f"generate: row_seeds needs one seed per prompt ({len(row_seeds)} for {rows} "
+                             "prompts) and no seed=")
+        return [torch.Generator(device=device).manual_seed(int(s)) for s in row_seeds]
+    if seed is not None:
+        return torch.Generator(device=device).manual_seed(seed)
+    return None
+
+
+def _trimmed(generated: list[list[int]], *, caps: list[int], stop_ids: set[int]) -> list[list[int]]:
+    """Each row up to (not including) its first stop token, and at most its ``stop_fn`` length cap."""
     results = []
-    for row, cap in zip(generated, ended_by_fn.tolist()):
-        cut = next((i for i, t in enumerate(row) if t in stop_set), len(row))
+    for row, cap in zip(generated, caps):
+        cut = next((i for i, t in enumerate(row) if t in stop_ids), len(row))
         results.append(row[: min(cut, cap)])
     return results

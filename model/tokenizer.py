@@ -391,6 +391,17 @@ def _sentences(texts: Iterable[str], max_bytes: int, stats: dict[str, int]) -> I
                 line = line[cut:]
 
 
+LLAMA2_TRAINER_SETTINGS = dict(
+    model_type="bpe", shuffle_input_sentence=True, max_sentencepiece_length=16, split_digits=True,
+    byte_fallback=True, split_by_unicode_script=True, split_by_whitespace=True, split_by_number=True,
+    treat_whitespace_as_suffix=False, allow_whitespace_only_pieces=True, normalization_rule_name="identity",
+    add_dummy_prefix=True, remove_extra_whitespaces=False, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+    vocabulary_output_piece_score=True, hard_vocab_limit=True, self_test_sample_size=0,
+)
+"""The SentencePiece trainer and normalizer settings stored in Meta's Llama 2 ``tokenizer.model`` (read with
+sentencepiece's ``ModelProto``); ``train_sentencepiece`` adds the size, coverage and input settings."""
+
+
 def train_sentencepiece(
     *,
     texts: Iterable[str],
@@ -421,29 +432,13 @@ def train_sentencepiece(
         spm.SentencePieceTrainer.train(
             sentence_iterator=_sentences(texts, max_sentence_length, stats),
             model_prefix=str(prefix),
-            model_type="bpe",
             vocab_size=vocab_size,
             character_coverage=character_coverage,
             input_sentence_size=input_sentence_size,
-            shuffle_input_sentence=True,
             max_sentence_length=max_sentence_length,
-            max_sentencepiece_length=16,
-            split_digits=True,
-            byte_fallback=True,
-            split_by_unicode_script=True,
-            split_by_whitespace=True,
-            split_by_number=True,
-            treat_whitespace_as_suffix=False,
-            allow_whitespace_only_pieces=True,
-            normalization_rule_name="identity",
-            add_dummy_prefix=True,
-            remove_extra_whitespaces=False,
-            unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-            vocabulary_output_piece_score=True,
-            hard_vocab_limit=True,
-            self_test_sample_size=0,
             num_threads=num_threads,
             minloglevel=0 if verbose else 2,
+            **LLAMA2_TRAINER_SETTINGS,
         )
     except RuntimeError as e:
         raise ValueError(
