@@ -68,7 +68,7 @@ def _worker(args: argparse.Namespace) -> None:
                                      f"--train.global_batch_size={args.nproc}", "--train.micro_batch_size=1",
                                      "--reward.helpful=constant:0.5"])
     model_cfg = cfg.model_config()
-    engine = TrainEngine(model_cfg=model_cfg, run_cfg=cfg.engine_run_config(role="policy"), topology=topo,
+    engine = TrainEngine(model_cfg=model_cfg, engine_cfg=cfg.engine_config(role="policy"), topology=topo,
                          objective=PolicyObjective())
     prompts = synthetic_prompts(n=args.batch * topo.world_size, vocab_size=model_cfg.vocab_size,
                                 min_len=args.prompt_len, max_len=args.prompt_len, seed=0)

@@ -117,9 +117,10 @@ def build_contenders(run_cfg: RunConfig) -> tuple[dict[str, Any], Any]:
     """The four contenders (module docstring), all from the same seeded initial weights."""
     model_cfg = run_cfg.model_config()
     topology = Topology.initialize(tp=1, pp=1)
-    ours = TrainEngine(model_cfg=model_cfg, run_cfg=run_cfg, topology=topology)
-    plain = ReferenceEngine(model_cfg=model_cfg, run_cfg=run_cfg)
-    plain_fused = ReferenceEngine(model_cfg=model_cfg, run_cfg=run_cfg)
+    engine_cfg = run_cfg.engine_config()
+    ours = TrainEngine(model_cfg=model_cfg, engine_cfg=engine_cfg, topology=topology)
+    plain = ReferenceEngine(model_cfg=model_cfg, engine_cfg=engine_cfg)
+    plain_fused = ReferenceEngine(model_cfg=model_cfg, engine_cfg=engine_cfg)
     o = run_cfg.optim
     plain_fused.optimizer = torch.optim.AdamW(decay_groups(plain_fused.module, o.weight_decay), lr=0.0,
                                               betas=(o.beta1, o.beta2), eps=o.eps, fused=True)

@@ -187,7 +187,7 @@ def probe(*, zero_stage: int = 1, steps: int = 2) -> dict[str, float]:
     seed_everything(cfg.train.seed)
     model_cfg = cfg.model_config()
     train_ds, _, eod = build_datasets(cfg, model_cfg, dp_size=1, run_dir=cfg.run_dir)
-    engine = TrainEngine(model_cfg=model_cfg, run_cfg=cfg, topology=topo)
+    engine = TrainEngine(model_cfg=model_cfg, engine_cfg=cfg.engine_config(), topology=topo)
     batches = iter(PretrainLoader(train_ds, global_batch_size=2, micro_batch_size=2, dp_rank=0, dp_size=1,
                                   consumed_samples=0, eod_id=eod))
     for _ in range(steps):

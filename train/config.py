@@ -208,6 +208,36 @@ def _llama_field_types() -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
+class EngineConfig:
+    """What a training engine reads (``train.engine.TrainEngine``, ``train.reference.ReferenceEngine``): the
+    parallel layout, ZeRO, the optimizer, precision, seed and batch sizes; no data paths, schedule or logging.
+    ``RunConfig.engine_config()`` gives pretraining's; PPO builds one per role (``PPOConfig.engine_config``)."""
+
+    global_batch_size: int
+    """Sequences (or pairs, or rollouts) per optimizer step over all data-parallel ranks."""
+    micro_batch_size: int
+    """Items per forward/backward on one rank; accumulation = global / (micro x dp)."""
+    seed: int = 1234
+    """Seeds the weights (by parameter name, layout-independent)."""
+    dtype: str = "fp32"
+    """"fp32" or "bf16" (bf16 mixed precision with fp32 master weights)."""
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    """Tensor / pipeline sizes and activation checkpointing."""
+    zero: ZeroSection = field(default_factory=ZeroSection)
+    """ZeRO stage and offload."""
+    optim: OptimSection = field(default_factory=OptimSection)
+    """AdamW betas, eps, weight decay and the gradient clip (the learning rate comes with each step)."""
+    document_mask: bool = True
+    """The document mask of packed sequences (the language-model objective and the pipeline stages)."""
+
+    def dp_size(self, world_size: int) -> int:
+        return world_size // (self.parallel.tp * self.parallel.pp)
+
+    def grad_accum(self, world_size: int) -> int:
+        return self.global_batch_size // (self.micro_batch_size * self.dp_size(world_size))
+
+
+@dataclass(frozen=True)
 class RunConfig(RootConfig):
     """A whole pretraining run: one frozen section per TOML table (the shared run sections)."""
 
@@ -241,6 +271,13 @@ class RunConfig(RootConfig):
             return cfg.replace(**self.model.overrides) if self.model.overrides else cfg
         except ValueError as err:  # an unknown name or inconsistent shapes: the [model] table's fault
             raise ConfigError(f"[model] name={self.model.name!r} overrides={self.model.overrides}: {err}") from None
+
+    def engine_config(self) -> EngineConfig:
+        """The narrow config the training engine reads (layout, ZeRO, optimizer, precision, seed, batches)."""
+        t = self.train
+        return EngineConfig(global_batch_size=t.global_batch_size, micro_batch_size=t.micro_batch_size, seed=t.seed,
+                            dtype=t.dtype, parallel=self.parallel, zero=self.zero, optim=self.optim,
+                            document_mask=self.data.document_mask)
 
     def dp_size(self, world_size: int) -> int:
         return world_size // (self.parallel.tp * self.parallel.pp)

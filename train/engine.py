@@ -1,15 +1,17 @@
-"""The training engine: the only module that builds DeepSpeed engines (ZeRO 1-3, offload, bf16, pipeline).
+"""The training engine: steps, evaluation and checkpoints of one model under TP x PP x ZeRO (DeepSpeed).
 
-    engine = TrainEngine(model_cfg=model_cfg, run_cfg=run_cfg, topology=topo)
+    engine = TrainEngine(model_cfg=model_cfg, engine_cfg=run_cfg.engine_config(), topology=topo)
     result = engine.train_step(micro_batches, lr)     # StepResult(loss, grad_norm, skipped, tokens)
     engine.eval_loss(micro_batches, num_batches); engine.save(dir, client_state); engine.load(dir)
     with engine.exported_weights(out_dir) as reader:  # collective; rank 0 streams the model from every rank's
         if reader: write_native(reader.source(model_cfg), model_cfg, out_dir)   # fragments, one tensor at a time
 
-Composition (the Megatron-DeepSpeed way): megatron-core tensor-parallel layers inside our Llama
-(``model/parallel.py``), DeepSpeed ``PipelineModule`` over the flat stage list (``train/pipeline.py``) when
-``pp > 1``, DeepSpeed ZeRO over the data-parallel group. Without PP, DeepSpeed gets the TP group through the
-``mpu`` adapter (``train/topology.py``); with PP its pipeline grid orders ranks the same way.
+Composition (the Megatron-DeepSpeed way), built by ``train/parallelize.py`` in a fixed order: megatron-core
+tensor-parallel layers inside our Llama (``model/parallel.py``), the objective's wrap, activation checkpointing,
+DeepSpeed ``PipelineModule`` over the flat stage list (``train/pipeline.py``) when ``pp > 1``, DeepSpeed ZeRO
+over the data-parallel group. Without PP, DeepSpeed gets the TP group through the ``mpu`` adapter
+(``train/topology.py``); with PP its pipeline grid orders ranks the same way. The engine reads a narrow
+``train.config.EngineConfig`` (layout, ZeRO, optimizer, precision, seed, batch sizes), not a whole run config.
 
 Loss normalisation: the step's loss is the mean over *all* loss tokens of the global batch (every micro-batch
 and every DP rank), not a mean of per-micro-batch means, so padding or masked SFT prompts weigh nothing.
@@ -25,15 +27,13 @@ The module's random initialisation runs only for weights no checkpoint provides.
 
 CPU vs GPU: the CPU path (gloo) never calls CUDA; on GPUs the engine uses bf16 (if configured), fused AdamW,
 flash SDPA (automatic for causal bf16 attention) and overlapped ZeRO communication. On CPU: fused AdamW too,
-and ZeRO-1 without DeepSpeed's contiguous gradient buffer (``deepspeed_config``): the one-process ZeRO-1 step
+and ZeRO-1 without DeepSpeed's contiguous gradient buffer (``train.parallelize.deepspeed_config``): the one-process ZeRO-1 step
 costs ~1.05x a plain PyTorch loop on the same model (``benchmarks/bench_train.py``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import logging
 import math
 import os
 from dataclasses import dataclass
@@ -41,36 +41,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor, nn
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-
-import sys  # noqa: E402
-
-import deepspeed  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-from deepspeed.pipe import LayerSpec, PipelineModule  # noqa: E402
-from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology  # noqa: E402
-from deepspeed.runtime.utils import partition_uniform  # noqa: E402
-from torch import Tensor, nn  # noqa: E402
-
-from model import comm  # noqa: E402
-from model.config import LlamaConfig  # noqa: E402
-from model.layers import LayerFactory, LocalLayers  # noqa: E402
-from model.llama import init_llama_weights  # noqa: E402
-from train import pipeline as pipe  # noqa: E402
-from train.config import ConfigError  # noqa: E402
-from train.engine_checkpoint import EngineCheckpoint  # noqa: E402
-from train.objective import LanguageModelObjective, decay_groups, masked_loss_sum  # noqa: E402
-from train.sharded_state import create_zero3_optimizer_state  # noqa: E402
-
-# DeepSpeed's CPU accelerator JIT-compiles a shared-memory all-reduce (~80 s per fresh cache) when its
-# communication backend starts; it only serves inference all-reduce, so training never needs it.
-# (``import deepspeed.comm.torch as m`` would bind the real torch: deepspeed.comm re-exports it as ``torch``.)
-if not torch.cuda.is_available():
-    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
-logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-
+from model import comm
+from model.config import LlamaConfig
+from model.llama import init_llama_weights
+from train import pipeline as pipe
+from train.config import ConfigError, EngineConfig
+from train.deepspeed_api import deepspeed
+from train.engine_checkpoint import EngineCheckpoint
+from train.objective import LanguageModelObjective, Objective
+from train.parallelize import apply_zero, layer_factory, parallelize_llama
+from train.sharded_state import create_zero3_optimizer_state
 
 
 @dataclass
@@ -81,110 +63,31 @@ class StepResult:
     tokens: int
 
 
-def layer_factory(topology: Any, *, dtype: torch.dtype = torch.float32) -> LayerFactory:
-    """Plain layers at TP 1 (no megatron import at all), megatron-core layers above."""
-    if topology.tp_size == 1:
-        return LocalLayers()
-    from model.parallel import MegatronLayers
-
-    return MegatronLayers(params_dtype=dtype)
-
-
-def pipeline_partition(model_cfg: LlamaConfig, pp: int) -> list[tuple[int, int]]:
-    """``[(first, last_exclusive)]`` per stage over the flat list (embedding, blocks, head), as DeepSpeed's
-    ``partition_method="uniform"`` cuts it: 405B = 128 entries over 16 stages -> embedding + 7 blocks first,
-    8 blocks in the middle, 7 blocks + head last (Llama 3's own balancing)."""
-    parts = partition_uniform(num_items=model_cfg.n_layers + 2, num_parts=pp)
-    return [(parts[i], parts[i + 1]) for i in range(pp)]
-
-
-def _pipe_loss(tp_size: int, logits: Tensor, targets: tuple[Tensor, Tensor, Tensor]) -> Tensor:
-    labels, loss_mask, scale = targets
-    return masked_loss_sum(logits, labels, loss_mask, tp_size=tp_size) * scale
-
-
-def deepspeed_config(run_cfg: Any, *, dp: int, cuda: bool) -> dict[str, Any]:
-    """The DeepSpeed JSON config, from the typed run config alone."""
-    t, z = run_cfg.train, run_cfg.zero
-    gas = t.global_batch_size // (t.micro_batch_size * dp)
-    # contiguous_gradients copies every gradient into a bucket as backward produces it, so that GPU memory
-    # does not fragment. ZeRO-1 partitions no gradients during backward, and on CPU there is no fragmentation
-    # to avoid: the copy is pure cost (~0.5 s of a 4.7 s step for a 56M model on 2 cores), so CPU ZeRO-1
-    # all-reduces the gradients where autograd left them (the same sums; tests/distributed holds within 1e-5).
-    contiguous = cuda or z.stage != 1
-    zero: dict[str, Any] = {"stage": z.stage, "overlap_comm": cuda, "contiguous_gradients": contiguous,
-                            "reduce_bucket_size": 5e7, "allgather_bucket_size": 5e7}
-    if z.offload:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cuda}
-    if z.stage == 3:
-        zero.update({"stage3_prefetch_bucket_size": 5e7, "stage3_param_persistence_threshold": 1e4})
-    return {
-        "train_batch_size": t.global_batch_size,
-        "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": gas,
-        "gradient_clipping": run_cfg.optim.grad_clip,
-        "zero_optimization": zero,
-        "bf16": {"enabled": t.dtype == "bf16"},
-        "zero_allow_untested_optimizer": True,
-        # ZeRO-Offload with our torch AdamW (DeepSpeedCPUAdam would JIT-compile for minutes on CPU).
-        "zero_force_ds_cpu_optimizer": False,
-        "steps_per_print": 2**31 - 1,
-        "wall_clock_breakdown": False,
-    }
-
-
-def _skip_single_rank_allreduce(optimizer: Any) -> None:
-    """With one data-parallel rank, ZeRO-1/2's gradient all-reduce is the identity, yet DeepSpeed (0.19) still
-    flattens every gradient bucket into one new tensor, divides it by 1, all-reduces it over one rank and
-    copies every gradient back out of it (``allreduce_and_copy``): ~0.1 s of a 4.3 s CPU step for a 56M model,
-    which ZeRO's own step then flattens again. Here the buckets go straight to the partition buffer (the one
-    thing that call does that matters). Only that exact case: stage 1/2 optimizer, one rank, no sequence
-    parallelism, no communication dtype conversion; anything else runs DeepSpeed's code."""
-    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
-
-    if not isinstance(optimizer, DeepSpeedZeroOptimizer) or not hasattr(optimizer, "allreduce_and_copy"):
-        return
-    if dist.get_world_size(group=optimizer.dp_process_group) != 1 or optimizer.sequence_parallel_size != 1:
-        return
-    original = optimizer.allreduce_and_copy
-
-    def allreduce_and_copy(small_bucket: list[Tensor], communication_data_type: torch.dtype, rank: Any = None,
-                           log: Any = None, divide: bool = True, process_group: Any = None,
-                           output_bucket: list[Tensor | None] | None = None) -> None:
-        group = optimizer.dp_process_group if process_group is None else process_group
-        if dist.get_world_size(group=group) != 1 or any(t.dtype != communication_data_type for t in small_bucket):
-            return original(small_bucket, communication_data_type, rank=rank, log=log, divide=divide,
-                            process_group=process_group, output_bucket=output_bucket)
-        for grad, output in zip(small_bucket, output_bucket or [None] * len(small_bucket)):
-            optimizer._add_to_grad_partition_buffer(output, grad)
-
-    optimizer.allreduce_and_copy = allreduce_and_copy
-
-
 class TrainEngine:
     """One model under TP x PP x ZeRO; see the module docstring. Every method is collective."""
 
-    def __init__(self, *, model_cfg: LlamaConfig, run_cfg: Any, topology: Any, objective: Any = None,
-                 init_weights: dict[str, Tensor] | None = None) -> None:
+    def __init__(self, *, model_cfg: LlamaConfig, engine_cfg: EngineConfig, topology: Any,
+                 objective: Objective | None = None, init_weights: dict[str, Tensor] | None = None) -> None:
         """``objective``: what to train (default ``LanguageModelObjective``); ``init_weights``: full tensors by
         native name (a pretrained / SFT checkpoint) copied over the seeded initialisation, each cut to this
         rank's TP slice; names the checkpoint lacks (a new reward head) keep their seeded values."""
-        if run_cfg.zero.stage not in (1, 2, 3):
-            raise ConfigError(f"zero.stage={run_cfg.zero.stage}: the engine runs ZeRO stages 1-3 (stage 1 costs "
-                             "nothing over plain data parallelism and shards the optimizer states)")
-        self.model_cfg, self.run_cfg, self.topo = model_cfg, run_cfg, topology
+        if engine_cfg.zero.stage not in (1, 2, 3):
+            raise ConfigError(f"zero.stage={engine_cfg.zero.stage}: the engine runs ZeRO stages 1-3 (stage 1 costs "
+                              "nothing over plain data parallelism and shards the optimizer states)")
+        self.model_cfg, self.engine_cfg, self.topo = model_cfg, engine_cfg, topology
         self.pipelined = topology.pp_size > 1
-        self.objective = objective or LanguageModelObjective()
+        self.objective = objective or LanguageModelObjective(document_mask=engine_cfg.document_mask)
         if self.pipelined and not self.objective.supports_pipeline:
             raise ConfigError(f"{type(self.objective).__name__} does not run under pipeline parallelism; "
-                             "use --parallel.pp=1 (tensor parallelism and ZeRO work)")
+                              "use --parallel.pp=1 (tensor parallelism and ZeRO work)")
         self.device = topology.device
-        self.gas = run_cfg.grad_accum(topology.world_size)
-        self.factory = layer_factory(topology)
+        self.gas = engine_cfg.grad_accum(topology.world_size)
         # DeepSpeed's communication layer wraps the process group Topology made (PipelineModule needs it).
         deepspeed.init_distributed(dist_backend=topology.backend, dist_init_required=False)
-        self.module = self._build_module()
-        self.ds: Any = None  # built lazily so that a checkpoint load can fill the weights first
+        self.factory = layer_factory(topology)
+        self.module = parallelize_llama(model_cfg, engine_cfg, topology=topology, objective=self.objective,
+                                        layers=self.factory)  # steps 1-4 of train/parallelize.py
+        self.ds: Any = None  # step 5 (ZeRO) lazily, so that a checkpoint load can fill the weights first
         self.io = EngineCheckpoint(self)
         # Seeded random init only for weights no checkpoint provides: deferred until the DeepSpeed engine is
         # built (``_engine``), skipped when a resume (``load``) or complete initial weights fill them first.
@@ -195,19 +98,6 @@ class TrainEngine:
         self._steps_taken = 0
 
     # ---- construction ------------------------------------------------------------------------------
-    def _build_module(self) -> nn.Module:
-        cfg, tp = self.model_cfg, self.topo.tp_size
-        if not self.pipelined:
-            return self.objective.build_module(cfg, self.factory, self.run_cfg)
-        specs = [LayerSpec(cls, cfg, self.factory, *args)
-                 for cls, args in pipe.stage_builders(cfg, document_mask=self.run_cfg.data.document_mask)]
-        topology = PipeModelDataParallelTopology(num_pp=self.topo.pp_size, num_mp=tp, num_dp=self.topo.dp_size)
-        checkpoint_fn = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
-        return PipelineModule(layers=specs, topology=topology, loss_fn=functools.partial(_pipe_loss, tp),
-                              partition_method="uniform",
-                              activation_checkpoint_interval=self.run_cfg.parallel.activation_checkpoint_every,
-                              activation_checkpoint_func=checkpoint_fn, checkpointable_layers=["BlockStage"])
-
     def native_name(self, name: str) -> str:
         """The plain ``Llama`` parameter name of one of this module's parameters."""
         if self.pipelined:
@@ -216,7 +106,7 @@ class TrainEngine:
 
     def _seed_init(self) -> None:
         if not self._weights_filled:
-            init_llama_weights(self.module, seed=self.run_cfg.train.seed, n_layers=self.model_cfg.n_layers,
+            init_llama_weights(self.module, seed=self.engine_cfg.seed, n_layers=self.model_cfg.n_layers,
                                native_name=self.native_name)
             self._weights_filled = True
 
@@ -241,20 +131,7 @@ class TrainEngine:
     def _engine(self) -> Any:
         if self.ds is None:
             self._seed_init()
-            o = self.run_cfg.optim
-            # Fused AdamW: one pass over (param, grad, m, v) instead of ~10 elementwise kernels. On CPU it
-            # matters more than on GPU: ZeRO flattens each parameter group into one tensor, and the unfused
-            # kernels then stream it from memory once per kernel (50M fp32 parameters on 2 cores: 190 ms per
-            # step unfused, 16 ms fused). Same update to float rounding (~1 ulp). CUDA with offload keeps
-            # the unfused one: its optimizer state lives on the host there, a path not tested fused.
-            fused = self.device.type == "cpu" or not self.run_cfg.zero.offload
-            optimizer = torch.optim.AdamW(decay_groups(self.module, o.weight_decay), lr=0.0,
-                                          betas=(o.beta1, o.beta2), eps=o.eps, fused=fused or None)
-            config = deepspeed_config(self.run_cfg, dp=self.topo.dp_size, cuda=self.device.type == "cuda")
-            mpu = None if self.pipelined else self.topo.deepspeed_mpu()
-            self.ds, _, _, _ = deepspeed.initialize(model=self.module, optimizer=optimizer, config=config, mpu=mpu,
-                                                    dist_init_required=False)
-            _skip_single_rank_allreduce(self.ds.optimizer)
+            self.ds = apply_zero(self.module, self.engine_cfg, topology=self.topo)  # step 5
         return self.ds
 
     @property
@@ -302,7 +179,7 @@ class TrainEngine:
         for generation: under ZeRO-3 one gather of all partitions on entry, released on exit (read-only);
         a no-op at stages 1-2, where parameters are never partitioned."""
         ds = self._engine()
-        if self.run_cfg.zero.stage != 3:
+        if self.engine_cfg.zero.stage != 3:
             return contextlib.nullcontext()
         return deepspeed.zero.GatheredParameters(list(ds.module.parameters()), modifier_rank=None)
 
@@ -361,8 +238,8 @@ class TrainEngine:
     # ---- checkpoints -------------------------------------------------------------------------------
     def layout(self) -> dict[str, Any]:
         return {"tp": self.topo.tp_size, "pp": self.topo.pp_size, "dp": self.topo.dp_size,
-                "zero_stage": self.run_cfg.zero.stage, "offload": self.run_cfg.zero.offload,
-                "dtype": self.run_cfg.train.dtype, "model": self.model_cfg.to_dict()}
+                "zero_stage": self.engine_cfg.zero.stage, "offload": self.engine_cfg.zero.offload,
+                "dtype": self.engine_cfg.dtype, "model": self.model_cfg.to_dict()}
 
     def save(self, checkpoint_dir: Path, client_state: dict[str, Any]) -> dict[str, Any]:
         """This rank's shard into ``checkpoint_dir`` (which rank 0 made); returns the files written with their size

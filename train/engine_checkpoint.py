@@ -94,7 +94,7 @@ class EngineCheckpoint:
         topo, layout = engine.topo, engine.layout()
         engine_state = {**layout, "global_steps": int(ds.global_steps), "skipped_steps": int(ds.skipped_steps),
                         "adam_step": adam_step}
-        dp_rank = topo.dp_rank if engine.run_cfg.zero.stage >= 1 else 0
+        dp_rank = topo.dp_rank if engine.engine_cfg.zero.stage >= 1 else 0
         checkpoint_dir = Path(checkpoint_dir)
 
         def write() -> dict[str, FileRecord]:

@@ -1,7 +1,7 @@
 """Test hooks read from the environment, and the production defaults they replace.
 
     topology = default_topology(cfg)            # LLAMA_TRAIN_TOPOLOGY="module:callable" replaces Topology
-    engine = default_engine(model_cfg=..., run_cfg=cfg, topology=topology)   # LLAMA_TRAIN_ENGINE="module:Class"
+    engine = default_engine(model_cfg=..., engine_cfg=cfg.engine_config(), topology=topology)  # LLAMA_TRAIN_ENGINE
     hang_if_asked(rank, step)                   # LLAMA_TEST_HANG=RANK:STEP: that rank stops answering
     evaluator = loop_evaluator(cfg, topology)   # [eval]'s evaluator (cfg.eval.hook), or None when off
 
@@ -18,7 +18,7 @@ import os
 import time
 from typing import Any
 
-from train.config import ConfigError, RunConfig
+from train.config import ConfigError, EngineConfig, RunConfig
 
 
 def _import(spec: str) -> Any:
@@ -35,14 +35,14 @@ def default_topology(cfg: RunConfig) -> Any:
     return Topology.initialize(tp=cfg.parallel.tp, pp=cfg.parallel.pp, timeout_s=cfg.train.collective_timeout_s)
 
 
-def default_engine(*, model_cfg: Any, run_cfg: RunConfig, topology: Any, **kwargs: Any) -> Any:
+def default_engine(*, model_cfg: Any, engine_cfg: EngineConfig, topology: Any, **kwargs: Any) -> Any:
     """``train.engine.TrainEngine``, or the ``LLAMA_TRAIN_ENGINE`` replacement (same interface)."""
     if os.environ.get("LLAMA_TRAIN_ENGINE"):  # test hook: "module:Class" with TrainEngine's interface
-        return _import(os.environ["LLAMA_TRAIN_ENGINE"])(model_cfg=model_cfg, run_cfg=run_cfg, topology=topology,
-                                                         **kwargs)
+        return _import(os.environ["LLAMA_TRAIN_ENGINE"])(model_cfg=model_cfg, engine_cfg=engine_cfg,
+                                                         topology=topology, **kwargs)
     from train.engine import TrainEngine
 
-    return TrainEngine(model_cfg=model_cfg, run_cfg=run_cfg, topology=topology, **kwargs)
+    return TrainEngine(model_cfg=model_cfg, engine_cfg=engine_cfg, topology=topology, **kwargs)
 
 
 def loop_evaluator(cfg: RunConfig, topology: Any) -> Any:

@@ -112,7 +112,7 @@ class Run:
         seed_everything(cfg.train.seed)
         self.train_ds, self.valid_ds, self.eod = task.build_datasets(cfg, self.model_cfg, dp_size=self.topo.dp_size,
                                                                      run_dir=self.run_dir)
-        self.engine = engine_factory(model_cfg=self.model_cfg, run_cfg=cfg, topology=self.topo,
+        self.engine = engine_factory(model_cfg=self.model_cfg, engine_cfg=cfg.engine_config(), topology=self.topo,
                                      **task.engine_kwargs(cfg, self.model_cfg))
         self.ckpt = CheckpointManager(self.run_dir, rank=self.rank, world_size=self.topo.world_size,
                                       keep_last=cfg.checkpoint.keep_last, barrier=comm.barrier,

@@ -1,6 +1,8 @@
-"""The language-model objective and optimizer grouping, shared by the DeepSpeed engine and the plain reference.
+"""The ``Objective`` protocol, the language-model objective and optimizer grouping, shared by the DeepSpeed engine
+and the plain reference.
 
     objective = LanguageModelObjective()                                # what the engines train by default
+    module = objective.wrap(model, layers=LocalLayers())                # done by train.parallelize
     loss_sum = masked_loss_sum(logits, labels, loss_mask, tp_size=1)    # sum of token losses under the mask
     groups = decay_groups(model, weight_decay=0.1)                      # AdamW parameter groups
 
@@ -9,11 +11,10 @@ No DeepSpeed here: ``train/reference.py`` (the exactness reference) must not dep
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 from torch import Tensor, nn
 
-from model.config import LlamaConfig
 from model.layers import LayerFactory
 from model.llama import Llama
 
@@ -49,23 +50,45 @@ class LossModule(nn.Module):
         return masked_loss_sum(logits, labels, loss_mask, tp_size=self.tp_size) * scale
 
 
+class Objective(Protocol):
+    """What to train: how to wrap the model, which batch fields feed it, how its parameters are named.
+
+    ``wrap(model, layers=)`` returns a module whose ``forward(**inputs, scale)`` returns the *sum* of per-item
+    losses times ``scale`` (and, without ``scale``, whatever the objective scores: rewards, values).
+    ``weight_key`` names the batch field whose sum counts the items, so the engine can normalise by the global
+    count. The model is built, tensor-parallel, and checkpointed by ``train.parallelize``; an objective only
+    wraps it (``layers`` gives the TP size and group for vocab-parallel losses).
+    """
+
+    input_keys: tuple[str, ...]
+    """Batch fields passed to the module's forward."""
+    weight_key: str
+    """Batch field whose global sum normalises the loss (tokens, pairs)."""
+    supports_pipeline: bool
+    """Whether the objective runs under pipeline parallelism (the stages end in the LM head)."""
+
+    def wrap(self, model: Llama, *, layers: LayerFactory) -> nn.Module: ...
+
+    def native_name(self, name: str) -> str:
+        """The plain ``Llama`` (or export) name of one of the wrapped module's parameters."""
+        ...
+
+
 class LanguageModelObjective:
     """Next-token prediction under a loss mask (pretraining, SFT, GAtt): the default objective.
 
-    An objective tells the engine what module to train and which batch fields feed it. Its module's
-    ``forward(**inputs, scale)`` returns the *sum* of per-item losses times ``scale``; ``weight_key`` names
-    the batch field whose sum counts the items (tokens here), so the engine can normalise by the global count.
-    Other objectives (the reward model's pairwise loss in ``rlhf/``) implement the same three members.
+    ``document_mask``: packed documents do not attend to each other (the engine passes ``data.document_mask``).
     """
 
     input_keys: tuple[str, ...] = ("input_ids", "labels", "loss_mask", "document_ids")
     weight_key: str = "loss_mask"
     supports_pipeline: bool = True
 
-    def build_module(self, model_cfg: LlamaConfig, factory: LayerFactory, run_cfg: Any) -> nn.Module:
-        model = Llama(model_cfg, layers=factory)
-        model.checkpoint_every = run_cfg.parallel.activation_checkpoint_every
-        return LossModule(model, tp_size=factory.tp_size, document_mask=run_cfg.data.document_mask)
+    def __init__(self, *, document_mask: bool = True) -> None:
+        self.document_mask = document_mask
+
+    def wrap(self, model: Llama, *, layers: LayerFactory) -> nn.Module:
+        return LossModule(model, tp_size=layers.tp_size, document_mask=self.document_mask)
 
     def native_name(self, name: str) -> str:
         return name.removeprefix("model.")

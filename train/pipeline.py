@@ -3,7 +3,7 @@
     from train.pipeline import pipeline_layers, native_name
     layers = pipeline_layers(cfg, factory)      # [EmbeddingStage, BlockStage x n_layers, HeadStage]
 
-DeepSpeed's ``PipelineModule`` (built in ``train/engine.py``, the only module that imports DeepSpeed)
+DeepSpeed's ``PipelineModule`` (built in ``train/parallelize.py``; DeepSpeed is imported only by ``train/deepspeed_api.py``)
 partitions this list over the pipeline stages and runs 1F1B over micro-batches. Activations travel
 between stages as ``(hidden, document_ids)`` so that every block can rebuild the document mask of packed
 sequences; the integer ``document_ids`` carry no gradient.

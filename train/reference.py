@@ -2,12 +2,13 @@
 
     from train.reference import ReferenceEngine, single_process_topology
     result = train(cfg, engine_factory=ReferenceEngine, topology_factory=single_process_topology)
-    engine = ReferenceEngine(model_cfg=m, run_cfg=cfg, objective=RewardObjective())   # reward-model training
+    engine = ReferenceEngine(model_cfg=m, engine_cfg=cfg.engine_config(), objective=RewardObjective())  # an RM
 
 It takes the same ``objective`` and ``init_weights`` arguments as ``train.engine.TrainEngine`` (default: the
 language-model objective of pretraining, SFT and GAtt, ``train.objective.LanguageModelObjective``) and does
-the same thing in the plainest way: the objective's module with plain layers, the layout-independent seeded
-initialisation (``init_llama_weights`` by native name), the initial weights copied over it, the same data order
+the same thing in the plainest way: the objective's module with plain layers (``train.parallelize.build_module``,
+DeepSpeed never imported), the layout-independent seeded initialisation (``init_llama_weights`` by native
+name), the initial weights copied over it, the same data order
 (the loader hands one process the whole global batch), the step's loss as the sum of per-item losses over the
 global count of ``batch[objective.weight_key]``, ``torch.optim.AdamW`` with the same parameter groups,
 ``clip_grad_norm_``, the LR schedule set by the loop. Every distributed layout of pretraining, SFT and the
@@ -29,7 +30,9 @@ from torch import Tensor
 from model.config import LlamaConfig
 from model.layers import LocalLayers
 from model.llama import init_llama_weights
-from train.objective import LanguageModelObjective, decay_groups
+from train.config import EngineConfig
+from train.objective import LanguageModelObjective, Objective, decay_groups
+from train.parallelize import build_module
 
 
 def single_process_topology(cfg: Any = None) -> SimpleNamespace:
@@ -41,11 +44,11 @@ def single_process_topology(cfg: Any = None) -> SimpleNamespace:
 class ReferenceEngine:
     """``TrainEngine``'s interface (train_step, eval_loss, save/load, consolidated_state_dict) in one process."""
 
-    def __init__(self, *, model_cfg: LlamaConfig, run_cfg: Any, topology: Any = None, objective: Any = None,
-                 init_weights: Any = None) -> None:
-        self.objective = objective or LanguageModelObjective()
-        self.module = self.objective.build_module(model_cfg, LocalLayers(), run_cfg)
-        init_llama_weights(self.module, seed=run_cfg.train.seed, n_layers=model_cfg.n_layers,
+    def __init__(self, *, model_cfg: LlamaConfig, engine_cfg: EngineConfig, topology: Any = None,
+                 objective: Objective | None = None, init_weights: Any = None) -> None:
+        self.objective = objective or LanguageModelObjective(document_mask=engine_cfg.document_mask)
+        self.module = build_module(model_cfg, engine_cfg, objective=self.objective, layers=LocalLayers())
+        init_llama_weights(self.module, seed=engine_cfg.seed, n_layers=model_cfg.n_layers,
                            native_name=self.objective.native_name)
         if init_weights is not None:  # a dict of full tensors or a WeightReader (open_checkpoint)
             names = set(init_weights.names() if hasattr(init_weights, "names") else init_weights)
@@ -55,10 +58,10 @@ class ReferenceEngine:
                     native = self.objective.native_name(name)
                     if native in names:
                         param.copy_(read(native).to(param.dtype))
-        o = run_cfg.optim
+        o = engine_cfg.optim
         self.optimizer = torch.optim.AdamW(decay_groups(self.module, o.weight_decay), lr=0.0,
                                            betas=(o.beta1, o.beta2), eps=o.eps)
-        self.gas = run_cfg.train.global_batch_size // run_cfg.train.micro_batch_size
+        self.gas = engine_cfg.global_batch_size // engine_cfg.micro_batch_size
         self.clip = o.grad_clip
 
     @property

@@ -3,7 +3,7 @@
     from rlhf.ppo.config import PPOConfig
     cfg = PPOConfig.from_toml("configs/rlhf/ppo_tiny.toml", ["--ppo.iterations=5", "--run.dir=runs/ppo"])
     cfg.validate(world_size=2)            # ConfigError quoting the bad value and the fix
-    cfg.engine_run_config(role="policy")  # the config the training engine of one role reads
+    cfg.engine_config(role="policy")  # the EngineConfig the training engine of one role reads
 
 Like every stage, PPO reads the run sections of ``train.config.RunConfig`` with their usual meaning (``[model]``
 the policy's architecture, ``[data] tokenizer``, ``[train]`` seed / dtype / batch sizes, ``[optim]``,
@@ -22,10 +22,12 @@ every key.
 
 from __future__ import annotations
 
+import dataclasses
 import typing
 from dataclasses import dataclass, field
 
 from train.config import (
+    EngineConfig,
     LoggingSection,
     OptimSection,
     RunConfig,
@@ -223,15 +225,16 @@ class PPOConfig(RunConfig):
     def frozen_stage(self) -> int:
         return self.ppo.frozen_zero_stage if self.ppo.frozen_zero_stage > 0 else self.zero.stage
 
-    def engine_run_config(self, *, role: str) -> RunConfig:
+    def engine_config(self, *, role: str = "policy") -> EngineConfig:
         """The engine's config for one role: "policy" / "value" train, "frozen" only scores."""
         lr = self.ppo.value_lr if (role == "value" and self.ppo.value_lr > 0) else self.optim.lr
-        # PPO's [eval] (held-out rewards) is its own section, not the run's in-loop benchmarks: the default there.
-        run = RunConfig(**{name: getattr(self, name) for name in RunConfig.sections() if name != "eval"})
-        return run.replace(optim={"lr": lr}, zero={"stage": self.frozen_stage if role == "frozen" else self.zero.stage},
-                           parallel={"activation_checkpoint_every": 0 if role == "frozen"
-                                     else self.parallel.activation_checkpoint_every},
-                           data={"synthetic": True, "seq_len": 8}, logging={"wandb": False})
+        frozen = role == "frozen"
+        base = super().engine_config()
+        return dataclasses.replace(
+            base, optim=dataclasses.replace(self.optim, lr=lr),
+            zero=dataclasses.replace(self.zero, stage=self.frozen_stage if frozen else self.zero.stage),
+            parallel=dataclasses.replace(self.parallel, activation_checkpoint_every=0 if frozen
+                                         else self.parallel.activation_checkpoint_every))
 
     def validate(self, *, world_size: int | None = None) -> PPOConfig:
         r, ro, p, d, t = self.reward, self.rollout, self.ppo, self.prompts, self.train

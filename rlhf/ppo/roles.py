@@ -2,7 +2,7 @@
 scalar-head model of ``rlhf.scalar_head`` with the clipped value loss), each trainable or frozen under TP x ZeRO.
 Frozen reward models are ``rlhf.reward.model.RewardObjective`` engines.
 
-    policy = TrainEngine(model_cfg=m, run_cfg=cfg.engine_run_config(role="policy"), topology=topo,
+    policy = TrainEngine(model_cfg=m, engine_cfg=cfg.engine_config(role="policy"), topology=topo,
                          objective=PolicyObjective(clip=0.2, temperature=1.0), init_weights=sft_weights)
     logp = policy.forward(input_ids=ids, labels=labels)                 # [b, t] log pi(label | prefix)
     value = TrainEngine(..., objective=ValueObjective(clip=0.2))
@@ -27,7 +27,6 @@ import torch
 from torch import Tensor, nn
 
 from model import comm
-from model.config import LlamaConfig
 from model.llama import Llama
 from rlhf.losses import logprobs_from_logits, policy_loss, value_loss
 from rlhf.scalar_head import ScalarHeadModel, native_name
@@ -117,10 +116,8 @@ class PolicyObjective:
     def __init__(self, *, clip: float = 0.2, temperature: float = 1.0) -> None:
         self.clip, self.temperature = clip, temperature
 
-    def build_module(self, model_cfg: LlamaConfig, factory: Any, run_cfg: Any) -> nn.Module:
-        model = Llama(model_cfg, layers=factory)
-        model.checkpoint_every = run_cfg.parallel.activation_checkpoint_every
-        return PolicyModule(model, tp_size=factory.tp_size, tp_group=getattr(factory, "group", None),
+    def wrap(self, model: Llama, *, layers: Any) -> nn.Module:
+        return PolicyModule(model, tp_size=layers.tp_size, tp_group=getattr(layers, "group", None),
                             clip=self.clip, temperature=self.temperature)
 
     def native_name(self, name: str) -> str:
@@ -157,9 +154,7 @@ class ValueObjective:
     def __init__(self, *, clip: float = 0.2) -> None:
         self.clip = clip
 
-    def build_module(self, model_cfg: LlamaConfig, factory: Any, run_cfg: Any) -> nn.Module:
-        model = Llama(model_cfg, layers=factory)
-        model.checkpoint_every = run_cfg.parallel.activation_checkpoint_every
+    def wrap(self, model: Llama, *, layers: Any) -> nn.Module:
         return ValueModel(model, clip=self.clip)
 
     def native_name(self, name: str) -> str:

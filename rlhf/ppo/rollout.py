@@ -110,7 +110,7 @@ def generation_model(engine: Any, *, mode: str) -> Iterator[tuple[Any, Callable[
     ``fixed_steps`` is True when every rank must run all ``max_new_tokens`` forwards (per-token ZeRO-3).
     """
     gather = _vocab_gather(engine)
-    if engine.run_cfg.zero.stage < 3:  # weights are whole already: generate with the training module itself
+    if engine.engine_cfg.zero.stage < 3:  # weights are whole already: generate with the training module itself
         model = engine.trained_module.model
         yield model, (lambda h: gather(model.output(h))), False
         return

@@ -146,7 +146,7 @@ class PPOTrainer:
         return split_heldout(prompts, n=cfg.prompts.heldout)
 
     def _engine(self, role: str, objective: Any, model_cfg: Any, weights: dict[str, Tensor] | None) -> Any:
-        engine = self._engine_cls(model_cfg=model_cfg, run_cfg=self.cfg.engine_run_config(role=role),
+        engine = self._engine_cls(model_cfg=model_cfg, engine_cfg=self.cfg.engine_config(role=role),
                                   topology=self.topo, objective=objective, init_weights=weights)
         if role == "frozen":
             engine.trained_module.eval()

@@ -18,7 +18,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from model.config import LlamaConfig
 from model.llama import Llama
 from rlhf.losses import ranking_loss
 from rlhf.scalar_head import ScalarHeadModel, load_scalar_model, native_name
@@ -47,9 +46,7 @@ class RewardObjective:
     weight_key: str = "pair_weight"
     supports_pipeline: bool = False  # the pipeline stages end in the LM head; TP and ZeRO 1-3 work
 
-    def build_module(self, model_cfg: LlamaConfig, factory: Any, run_cfg: Any) -> nn.Module:
-        model = Llama(model_cfg, layers=factory)
-        model.checkpoint_every = run_cfg.parallel.activation_checkpoint_every
+    def wrap(self, model: Llama, *, layers: Any) -> nn.Module:
         return RewardModel(model)
 
     def native_name(self, name: str) -> str:

@@ -9,7 +9,7 @@ from train.config import RunConfig
 
 
 def test_405b_pipeline_partition_counts_embedding_and_head() -> None:
-    from train.engine import pipeline_partition
+    from train.parallelize import pipeline_partition
 
     cfg = get_config("llama3_1_405b")
     parts = pipeline_partition(cfg, 16)
@@ -22,7 +22,7 @@ def test_405b_pipeline_partition_counts_embedding_and_head() -> None:
 
 
 def test_uneven_partition_spreads_the_remainder() -> None:
-    from train.engine import pipeline_partition
+    from train.parallelize import pipeline_partition
 
     sizes = [b - a for a, b in pipeline_partition(get_config("llama2_70b"), 6)]  # 82 entries over 6 stages
     assert sum(sizes) == 82 and max(sizes) - min(sizes) <= 1

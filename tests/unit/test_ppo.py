@@ -154,10 +154,10 @@ def test_config_defaults_are_llama2() -> None:
         assert default_beta(get_config(name).num_params()) == beta, name
         assert PPOConfig.from_toml(None, [f"--model.name={name}"]).beta == beta
     assert PPOConfig.from_toml(None, ["--reward.beta=0.2"]).beta == 0.2
-    run = cfg.engine_run_config(role="policy")
-    assert (run.train.global_batch_size, run.optim.lr, run.optim.min_lr_ratio, run.optim.warmup_steps) == (
+    run = cfg.engine_config(role="policy")
+    assert (run.global_batch_size, run.optim.lr, run.optim.min_lr_ratio, run.optim.warmup_steps) == (
         64, 1e-6, 1.0, 0)
-    assert PPOConfig.from_toml(None, ["--ppo.value_lr=3e-6"]).engine_run_config(role="value").optim.lr == 3e-6
+    assert PPOConfig.from_toml(None, ["--ppo.value_lr=3e-6"]).engine_config(role="value").optim.lr == 3e-6
 
 
 def test_config_errors_name_the_fix() -> None:

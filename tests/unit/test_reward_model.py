@@ -7,7 +7,6 @@ import json
 import math
 from argparse import Namespace
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ import torch.nn.functional as F
 
 from model.config import get_config
 from model.layers import LocalLayers
-from model.llama import init_llama_weights
+from model.llama import Llama, init_llama_weights
 from rlhf.data import PreferencePair, read_dialogues_jsonl
 from rlhf.losses import ranking_loss
 from rlhf.rejection_sampling import best_of_k_curve, score_answers, write_outputs
@@ -29,8 +28,7 @@ CFG = get_config("debug_tiny")
 
 
 def _model(seed: int = 0) -> RewardModel:
-    rm = RewardObjective().build_module(CFG, LocalLayers(),
-                                        SimpleNamespace(parallel=SimpleNamespace(activation_checkpoint_every=0)))
+    rm = RewardObjective().wrap(Llama(CFG), layers=LocalLayers())
     init_llama_weights(rm, seed=seed, n_layers=CFG.n_layers, native_name=RewardObjective().native_name)
     return rm.eval()
 
@@ -166,7 +164,7 @@ def test_reference_engine_normalises_by_the_global_number_of_pairs() -> None:
 
     cfg = RewardConfig.from_toml(None, ["--train.global_batch_size=4", "--train.micro_batch_size=2",
                                         "--optim.grad_clip=0"])
-    engine = ReferenceEngine(model_cfg=CFG, run_cfg=cfg, objective=RewardObjective())
+    engine = ReferenceEngine(model_cfg=CFG, engine_cfg=cfg.engine_config(), objective=RewardObjective())
     g = torch.Generator().manual_seed(1)
     batches = [{"input_ids": torch.randint(3, 300, (4, 8), generator=g), "score_index": torch.tensor([7, 5, 6, 7]),
                 "margin": torch.tensor([0.0, 1.0]), "pair_weight": torch.ones(2)} for _ in range(2)]

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from model.llama import Llama, init_llama_weights
-from train.config import RunConfig
+from train.config import EngineConfig, RunConfig
 from train.health import NonFiniteAbort
 from train.loop import train
 
@@ -37,13 +37,13 @@ class LocalEngine:
     nan_at_steps: set[int] = set()
     preempt_at_step: int | None = None
 
-    def __init__(self, *, model_cfg: Any, run_cfg: RunConfig, topology: Any) -> None:
+    def __init__(self, *, model_cfg: Any, engine_cfg: EngineConfig, topology: Any) -> None:
         self.model = Llama(model_cfg)
-        init_llama_weights(self.model, seed=run_cfg.train.seed)
-        o = run_cfg.optim
+        init_llama_weights(self.model, seed=engine_cfg.seed)
+        o = engine_cfg.optim
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=0.0, betas=(o.beta1, o.beta2), eps=o.eps,
                                      weight_decay=o.weight_decay)
-        self.accum, self.clip, self.steps = run_cfg.grad_accum(topology.world_size), o.grad_clip, 0
+        self.accum, self.clip, self.steps = engine_cfg.grad_accum(topology.world_size), o.grad_clip, 0
 
     def _loss(self, mb: dict[str, torch.Tensor]) -> torch.Tensor:
         logits = self.model(mb["input_ids"], document_ids=mb["document_ids"])

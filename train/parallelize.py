@@ -1,0 +1,195 @@
+"""One place turns the plain Llama into the module that trains under TP x PP x ZeRO (like torchtitan's
+``parallelize_llama``).
+
+    from train.parallelize import layer_factory, parallelize_llama, apply_zero
+    layers = layer_factory(topology)
+    module = parallelize_llama(model_cfg, engine_cfg, topology=topology, objective=objective, layers=layers)
+    ... fill the weights (seeded init, a pretrained checkpoint, a re-sharding resume) ...
+    ds = apply_zero(module, engine_cfg, topology=topology)      # the DeepSpeed engine
+
+The order, and why it is this one:
+
+1. **Tensor parallelism: the layers.** ``Llama(cfg, layers=...)`` takes its linear and embedding layers from a
+   ``LayerFactory`` (``model/layers.py``: plain at TP 1, megatron-core column/row-parallel above), so each rank
+   holds only its slices from the start; swapping layers after construction would mean building every weight
+   whole first. The model is built here and nowhere else (objectives only wrap it).
+2. **The objective wraps the model** (``Objective.wrap``: the loss module of pretraining/SFT, the reward head,
+   the PPO policy or value module). It comes after TP because some wraps read the TP group (vocab-parallel
+   log-probs), and before checkpointing so that what is recomputed is only the blocks, not the loss.
+3. **Activation checkpointing** of segments of ``parallel.activation_checkpoint_every`` blocks
+   (``Llama.checkpoint_every``; DeepSpeed's ``activation_checkpoint_interval`` on pipeline stages), after the
+   wrap so that every objective gets it the same way.
+4. **Pipeline stages** (``pp > 1``): DeepSpeed's ``PipelineModule`` over the flat stage list of
+   ``train/pipeline.py`` (embedding, blocks, norm + head) with the language-model loss; it builds only this
+   rank's stages (the 405B model never exists whole on one rank), so 1-3 happen per stage there.
+5. **ZeRO** (``apply_zero``): ``deepspeed.initialize`` with our AdamW over the data-parallel group. Last,
+   because ZeRO-3 partitions the parameters it is given: they must be final (TP-sliced, wrapped, and filled)
+   before. ``TrainEngine`` applies it lazily, after initial weights or a re-sharding resume are copied in;
+   between 4 and 5 is where weights are materialised (the seam for meta-device construction filled shard by
+   shard from a checkpoint, and for sequence / context parallelism, which would pin their attention kernel
+   on each block, ``model.attention``, in step 1 or 3).
+
+DeepSpeed is imported only inside steps 4 and 5 (through ``train/deepspeed_api.py``), so the plain reference loop
+(``train/reference.py``) builds its module with ``build_module`` without importing it.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+import torch.utils.checkpoint
+from torch import Tensor, nn
+
+from model import comm
+from model.config import LlamaConfig
+from model.layers import LayerFactory, LocalLayers
+from model.llama import Llama
+from train import pipeline as pipe
+from train.config import EngineConfig
+from train.objective import Objective, decay_groups, masked_loss_sum
+
+
+def layer_factory(topology: Any, *, dtype: torch.dtype = torch.float32) -> LayerFactory:
+    """Step 1: plain layers at TP 1 (no megatron import at all), megatron-core layers above."""
+    if topology.tp_size == 1:
+        return LocalLayers()
+    from model.parallel import MegatronLayers
+
+    return MegatronLayers(params_dtype=dtype)
+
+
+def apply_activation_checkpointing(model: Llama, every: int) -> None:
+    """Step 3: recompute segments of ``every`` blocks in backward (0 = off); bitwise the same result."""
+    model.checkpoint_every = every
+
+
+def build_module(model_cfg: LlamaConfig, cfg: EngineConfig, *, objective: Objective, layers: LayerFactory) -> nn.Module:
+    """Steps 1-3 in one process or one pipeline-less rank: the objective's module around a TP-sliced Llama.
+    (The plain reference loop, ``train/reference.py``, builds its module here too, with ``LocalLayers``.)"""
+    model = Llama(model_cfg, layers=layers)  # 1
+    module = objective.wrap(model, layers=layers)  # 2
+    apply_activation_checkpointing(model, cfg.parallel.activation_checkpoint_every)  # 3
+    return module
+
+
+def pipeline_partition(model_cfg: LlamaConfig, pp: int) -> list[tuple[int, int]]:
+    """``[(first, last_exclusive)]`` per stage over the flat list (embedding, blocks, head), as DeepSpeed's
+    ``partition_method="uniform"`` cuts it: 405B = 128 entries over 16 stages -> embedding + 7 blocks first,
+    8 blocks in the middle, 7 blocks + head last (Llama 3's own balancing)."""
+    from train.deepspeed_api import partition_uniform
+
+    parts = partition_uniform(num_items=model_cfg.n_layers + 2, num_parts=pp)
+    return [(parts[i], parts[i + 1]) for i in range(pp)]
+
+
+def _pipe_loss(tp_size: int, logits: Tensor, targets: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+    labels, loss_mask, scale = targets
+    return masked_loss_sum(logits, labels, loss_mask, tp_size=tp_size) * scale
+
+
+def pipeline_module(model_cfg: LlamaConfig, cfg: EngineConfig, *, topology: Any, layers: LayerFactory) -> nn.Module:
+    """Step 4: this rank's pipeline stages (each built with ``layers``: step 1) with the language-model loss
+    (step 2) and DeepSpeed's activation checkpointing of the blocks (step 3)."""
+    from train.deepspeed_api import LayerSpec, PipelineModule, PipeModelDataParallelTopology
+
+    specs = [LayerSpec(cls, model_cfg, layers, *args)
+             for cls, args in pipe.stage_builders(model_cfg, document_mask=cfg.document_mask)]
+    grid = PipeModelDataParallelTopology(num_pp=topology.pp_size, num_mp=topology.tp_size, num_dp=topology.dp_size)
+    checkpoint_fn = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
+    return PipelineModule(layers=specs, topology=grid, loss_fn=functools.partial(_pipe_loss, topology.tp_size),
+                          partition_method="uniform",
+                          activation_checkpoint_interval=cfg.parallel.activation_checkpoint_every,
+                          activation_checkpoint_func=checkpoint_fn, checkpointable_layers=["BlockStage"])
+
+
+def parallelize_llama(model_cfg: LlamaConfig, cfg: EngineConfig, *, topology: Any, objective: Objective,
+                      layers: LayerFactory) -> nn.Module:
+    """Steps 1-4 (the module docstring): the module ZeRO will wrap. ``layers`` = ``layer_factory(topology)``."""
+    if topology.pp_size > 1:
+        return pipeline_module(model_cfg, cfg, topology=topology, layers=layers)
+    return build_module(model_cfg, cfg, objective=objective, layers=layers)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Step 5: ZeRO
+# ---------------------------------------------------------------------------------------------------
+def deepspeed_config(cfg: EngineConfig, *, dp: int, cuda: bool) -> dict[str, Any]:
+    """The DeepSpeed JSON config, from the typed engine config alone."""
+    z = cfg.zero
+    gas = cfg.global_batch_size // (cfg.micro_batch_size * dp)
+    # contiguous_gradients copies every gradient into a bucket as backward produces it, so that GPU memory
+    # does not fragment. ZeRO-1 partitions no gradients during backward, and on CPU there is no fragmentation
+    # to avoid: the copy is pure cost (~0.5 s of a 4.7 s step for a 56M model on 2 cores), so CPU ZeRO-1
+    # all-reduces the gradients where autograd left them (the same sums; tests/distributed holds within 1e-5).
+    contiguous = cuda or z.stage != 1
+    zero: dict[str, Any] = {"stage": z.stage, "overlap_comm": cuda, "contiguous_gradients": contiguous,
+                            "reduce_bucket_size": 5e7, "allgather_bucket_size": 5e7}
+    if z.offload:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cuda}
+    if z.stage == 3:
+        zero.update({"stage3_prefetch_bucket_size": 5e7, "stage3_param_persistence_threshold": 1e4})
+    return {
+        "train_batch_size": cfg.global_batch_size,
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": gas,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": cfg.dtype == "bf16"},
+        "zero_allow_untested_optimizer": True,
+        # ZeRO-Offload with our torch AdamW (DeepSpeedCPUAdam would JIT-compile for minutes on CPU).
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+def apply_zero(module: nn.Module, cfg: EngineConfig, *, topology: Any) -> Any:
+    """Step 5: the DeepSpeed engine over ``module`` (ZeRO over the data-parallel group, our AdamW)."""
+    from train.deepspeed_api import deepspeed
+
+    o, device = cfg.optim, topology.device
+    # Fused AdamW: one pass over (param, grad, m, v) instead of ~10 elementwise kernels. On CPU it matters more
+    # than on GPU: ZeRO flattens each parameter group into one tensor, and the unfused kernels then stream it
+    # from memory once per kernel (50M fp32 parameters on 2 cores: 190 ms per step unfused, 16 ms fused). Same
+    # update to float rounding (~1 ulp). CUDA with offload keeps the unfused one: its optimizer state lives on
+    # the host there, a path not tested fused.
+    fused = device.type == "cpu" or not cfg.zero.offload
+    optimizer = torch.optim.AdamW(decay_groups(module, o.weight_decay), lr=0.0, betas=(o.beta1, o.beta2), eps=o.eps,
+                                  fused=fused or None)
+    config = deepspeed_config(cfg, dp=topology.dp_size, cuda=device.type == "cuda")
+    # Without PP, DeepSpeed gets the TP group through the mpu adapter; PipelineModule has its own grid.
+    mpu = None if topology.pp_size > 1 else topology.deepspeed_mpu()
+    ds, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=config, mpu=mpu,
+                                       dist_init_required=False)
+    _skip_single_rank_allreduce(ds.optimizer)
+    return ds
+
+
+def _skip_single_rank_allreduce(optimizer: Any) -> None:
+    """With one data-parallel rank, ZeRO-1/2's gradient all-reduce is the identity, yet DeepSpeed (0.19) still
+    flattens every gradient bucket into one new tensor, divides it by 1, all-reduces it over one rank and
+    copies every gradient back out of it (``allreduce_and_copy``): ~0.1 s of a 4.3 s CPU step for a 56M model,
+    which ZeRO's own step then flattens again. Here the buckets go straight to the partition buffer (the one
+    thing that call does that matters). Only that exact case: stage 1/2 optimizer, one rank, no sequence
+    parallelism, no communication dtype conversion; anything else runs DeepSpeed's code."""
+    from train.deepspeed_api import DeepSpeedZeroOptimizer
+
+    if not isinstance(optimizer, DeepSpeedZeroOptimizer) or not hasattr(optimizer, "allreduce_and_copy"):
+        return
+    if comm.world_size(optimizer.dp_process_group) != 1 or optimizer.sequence_parallel_size != 1:
+        return
+    original = optimizer.allreduce_and_copy
+
+    def allreduce_and_copy(small_bucket: list[Tensor], communication_data_type: torch.dtype, rank: Any = None,
+                           log: Any = None, divide: bool = True, process_group: Any = None,
+                           output_bucket: list[Tensor | None] | None = None) -> None:
+        group = optimizer.dp_process_group if process_group is None else process_group
+        if comm.world_size(group) != 1 or any(t.dtype != communication_data_type for t in small_bucket):
+            return original(small_bucket, communication_data_type, rank=rank, log=log, divide=divide,
+                            process_group=process_group, output_bucket=output_bucket)
+        for grad, output in zip(small_bucket, output_bucket or [None] * len(small_bucket)):
+            optimizer._add_to_grad_partition_buffer(output, grad)
+
+    optimizer.allreduce_and_copy = allreduce_and_copy
