@@ -179,11 +179,13 @@ class Run:
         seconds = time.perf_counter() - t0
         event = self.health.observe(step, loss=float(result.loss), grad_norm=float(result.grad_norm),
                                     skipped=bool(result.skipped))
+        # A task may add its own per-step metrics (DPO: implicit rewards, accuracy); collective, like the step.
+        extra = self.task.step_metrics(self.engine) if hasattr(self.task, "step_metrics") else {}
         self.logger.log_step({"step": step, "loss": float(result.loss), "lr": lr,
                               "grad_norm": float(result.grad_norm), "tokens": self.tokens_per_step,
                               **self.throughput.measure(self.tokens_per_step, seconds), "peak_flops": self.peak,
                               "consumed_samples": self.loader.consumed_samples, "skipped": event == "skipped",
-                              "skipped_total": self.health.skipped_total, "spike": event == "spike"})
+                              "skipped_total": self.health.skipped_total, "spike": event == "spike", **extra})
         return float(result.loss)
 
     def validate(self, step: int) -> float:

@@ -1,9 +1,10 @@
-"""SFT and reward-model training under TP2 and ZeRO-3 equal one plain PyTorch process (CPU/gloo, fp32).
+"""SFT, reward-model and DPO training under TP2 and ZeRO-3 equal one plain PyTorch process (CPU/gloo, fp32).
 
-One ``torchrun`` launch of 2 processes runs all five layouts (``run_rlhf_layouts.py``: the real
+One ``torchrun`` launch of 2 processes runs all seven layouts (``run_rlhf_layouts.py``: the real
 ``rlhf.sft`` / ``rlhf.reward`` code with the DeepSpeed engine and megatron-core layers): SFT at TP2, at
 DP2 x ZeRO-3 and at PP2 (DeepSpeed's 1F1B pipeline), the reward model at TP2 and at DP2 x ZeRO-3 (its objective
-refuses pipeline parallelism with a message). Both start from a saved checkpoint, so the initial
+refuses pipeline parallelism with a message), DPO (the Llama 3 variant) at TP2 and at DP2 x ZeRO-3, including the
+reference log-probs each layout scores with its own sharded engine. All start from a saved checkpoint, so the initial
 weights go through the engine's ``init_weights`` TP slicing. The reference is ``train.reference
 .ReferenceEngine`` through the same loop in this process.
 
@@ -30,8 +31,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 TOL = 1e-5
 LAYOUTS = {"sft_tp2": ("sft", "--parallel.tp=2"), "sft_zero3": ("sft", "--zero.stage=3"),
            "sft_pp2": ("sft", "--parallel.pp=2"),
-           "rm_tp2": ("rm", "--parallel.tp=2"), "rm_zero3": ("rm", "--zero.stage=3")}
-WEIGHTS = {"sft": "model.safetensors", "rm": "reward_model.safetensors"}
+           "rm_tp2": ("rm", "--parallel.tp=2"), "rm_zero3": ("rm", "--zero.stage=3"),
+           "dpo_tp2": ("dpo", "--parallel.tp=2"), "dpo_zero3": ("dpo", "--zero.stage=3")}
+WEIGHTS = {"sft": "model.safetensors", "rm": "reward_model.safetensors", "dpo": "model.safetensors"}
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +78,15 @@ def test_layout_matches_single_process(runs: Path, layout: str) -> None:
     assert max(float((ws[k] - wr[k]).abs().max()) for k in wr) <= TOL
     if stage == "rm":
         assert "reward_head.weight" in ws and "output.weight" not in ws
+    if stage == "dpo":  # reference log-probs scored by the sharded engine, DPO metrics and held-out evaluation
+        for name in ("reference_logps.safetensors",):
+            a, b = load_file(runs / layout / name)["ref_logps"], load_file(runs / "reference_dpo" / name)["ref_logps"]
+            assert float(((a - b).abs() / b.abs().clamp(min=1.0)).max()) <= TOL  # sums of ~100 log-probs
+        for step, record in ours.items():
+            for key in ("dpo/reward_accuracy", "dpo/reward_margin", "dpo/logp_chosen", "dpo/nll"):
+                assert abs(record[key] - ref[step][key]) <= TOL * max(1.0, abs(ref[step][key])), (layout, step, key)
+        e, e_ref = (json.loads((runs / r / "dpo_eval.json").read_text()) for r in (layout, "reference_dpo"))
+        assert e["accuracy"] == e_ref["accuracy"] and abs(e["mean_margin"] - e_ref["mean_margin"]) <= TOL
 
 
 def test_training_changed_the_weights(runs: Path) -> None:

@@ -1,4 +1,4 @@
-"""SFT and reward-model runs resume exactly from a checkpoint (the loop's, through the stage tasks' loaders):
+"""SFT, reward-model and DPO runs resume exactly from a checkpoint (the loop's, through the stage tasks' loaders):
 a run continued from its step-3 checkpoint repeats the uninterrupted run's losses at steps 4-6 bit for bit.
 Plain-PyTorch reference engine, in process (the DeepSpeed engine's own resume is tested in tests/e2e)."""
 
@@ -19,7 +19,7 @@ def _losses(run: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in records if r.get("type", r.get("kind", "train")) == "train"}
 
 
-@pytest.mark.parametrize("stage", ["sft", "rm"])
+@pytest.mark.parametrize("stage", ["sft", "rm", "dpo"])
 def test_resume_from_a_checkpoint_repeats_the_run(stage: str, tmp_path: Path) -> None:
     from train.reference import ReferenceEngine, single_process_topology
 
@@ -34,3 +34,8 @@ def test_resume_from_a_checkpoint_repeats_the_run(stage: str, tmp_path: Path) ->
     assert sorted(resumed) == [4, 5, 6]
     assert [resumed[s] for s in (4, 5, 6)] == [full[s] for s in (4, 5, 6)]
     assert len(set(full.values())) == 6, "every step saw different data"
+    if stage == "dpo":  # the resumed run scored its reference log-probs again (a fresh run dir): same table
+        from safetensors.torch import load_file
+
+        a, b = (load_file(tmp_path / r / "reference_logps.safetensors")["ref_logps"] for r in ("full", "resumed"))
+        assert a.equal(b)
