@@ -76,3 +76,4 @@ def test_pair_encoding_and_batch_layout() -> None:
     assert batch["ref_logps"].tolist() == [-1.0, -2.0]
     short = encode_dpo_pair(tok, pair, template="llama3_1", max_len=20, stats=(stats := Counter()))
     assert len(short["chosen"]) == 21 and short["chosen"][0] == tok.bos_id and stats["truncated_left"] == 2
+
