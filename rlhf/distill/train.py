@@ -80,11 +80,6 @@ class DistillObjective:
     def wrap(self, model: Llama, *, layers: Any) -> nn.Module:
         return DistillLoss(model, section=self.section, tp_size=layers.tp_size, document_mask=self.document_mask)
 
-    def build_module(self, model_cfg: Any, factory: Any, run_cfg: Any) -> nn.Module:
-        model = Llama(model_cfg, layers=factory)
-        model.checkpoint_every = run_cfg.parallel.activation_checkpoint_every
-        return self.wrap(model, layers=factory)
-
     def native_name(self, name: str) -> str:
         return name.removeprefix("model.")
 
