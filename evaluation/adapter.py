@@ -13,6 +13,11 @@ in for the Hugging Face one with the same defaults as lm-eval's ``hf`` backend: 
 told not to (``add_bos_token``), the empty-context prefix is BOS, the end-of-text id is EOS. So on the same
 weights and tokenizer both backends see the same token ids; ``tests/parity/test_eval_parity.py`` checks it.
 
+Chat models: with ``chat_format`` (``llama2``, ``llama3``, ``llama3_1``) lm-eval's ``apply_chat_template`` option
+renders each prompt as a dialog with ``model.chat`` (Meta's formats, token-exact), and ``tok_encode`` maps the
+rendered text back to exactly those ids (special tokens included); generation tasks (TruthfulQA-, ToxiGen-style
+prompts) then generate as the chat model was trained to answer (``tests/unit/test_eval_chat_template.py``).
+
 The model work happens in ``evaluation.scoring`` (batched, shared contexts read once, head only at scored
 positions) and, for generation, in ``model.generate`` (KV cache, greedy or sampled; lm-eval's stop strings end
 a row as soon as they appear). Under ``torchrun`` every rank runs the whole evaluation: lm-eval sees one process
@@ -68,7 +73,7 @@ class LlamaLM(TemplateLM):
     """See the module docstring. ``runner`` holds the model; ``tokenizer`` is ours (``model.tokenizer``)."""
 
     def __init__(self, runner: LlamaRunner, tokenizer: Any, *, batch_size: int = 16, add_bos_token: bool = True,
-                 max_gen_toks: int = DEFAULT_MAX_GEN_TOKS) -> None:
+                 max_gen_toks: int = DEFAULT_MAX_GEN_TOKS, chat_format: str | None = None) -> None:
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size}: give a positive number of sequences per forward")
@@ -79,6 +84,15 @@ class LlamaLM(TemplateLM):
         self.batch_size_per_forward = int(batch_size)
         self.add_bos_token = add_bos_token
         self._max_gen_toks = int(max_gen_toks)
+        if chat_format is not None:
+            from model.chat import TEMPLATES
+
+            if chat_format not in TEMPLATES:
+                raise ValueError(f"chat_format={chat_format!r}: use one of {', '.join(TEMPLATES)}")
+        self.chat_format = chat_format
+        # apply_chat_template's rendered text (trailing whitespace cut, as lm-eval's _encode_pair cuts it) ->
+        # (the dialog's exact token ids from model.chat, the whitespace cut): tok_encode maps it back to them.
+        self._chats: dict[str, tuple[list[int], str]] = {}
 
     # ---- construction ------------------------------------------------------------------------------------------
     @classmethod
@@ -136,10 +150,70 @@ class LlamaLM(TemplateLM):
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, left_truncate_len: int | None = None,
                    **kwargs: Any) -> list[int]:
-        """Token ids; BOS first unless ``add_special_tokens=False`` (or ``add_bos_token=False``), like ``hf``."""
-        bos = self.add_bos_token if add_special_tokens is None else bool(add_special_tokens)
-        ids = self.llama_tokenizer.encode(string, bos=bos)
+        """Token ids; BOS first unless ``add_special_tokens=False`` (or ``add_bos_token=False``), like ``hf``.
+
+        A string that starts with a dialog rendered by ``apply_chat_template`` is that dialog's own ids (special
+        tokens included) followed by the rest of the string encoded without BOS."""
+        chat = self._chat_prefix(string)
+        if chat is not None:
+            key, (ids, cut) = chat
+            rest = string[len(key):]
+            rest = rest[len(cut):] if rest.startswith(cut) else rest
+            ids = ids + (self.llama_tokenizer.encode(rest, bos=False) if rest else [])
+        else:
+            bos = self.add_bos_token if add_special_tokens is None else bool(add_special_tokens)
+            ids = self.llama_tokenizer.encode(string, bos=bos)
         return ids[-left_truncate_len:] if left_truncate_len else ids
+
+    def _chat_prefix(self, string: str) -> tuple[str, tuple[list[int], str]] | None:
+        if not self._chats:
+            return None
+        found = [key for key in self._chats if string.startswith(key)]
+        return (max(found, key=len), self._chats[max(found, key=len)]) if found else None
+
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        """The chat format's name (lm-eval logs it); ``apply_chat_template`` does the work."""
+        return self.chat_format
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """``--apply_chat_template``: the dialog in ``chat_format`` (``model.chat``, token-exact with Meta's
+        formats), ending where the assistant answers; without ``add_generation_prompt`` a last assistant message is
+        a prefill the answer continues. Returns a text that ``tok_encode`` turns back into exactly those ids."""
+        from model.chat import encode_chat, parse_messages
+
+        if self.chat_format is None:
+            raise ValueError("apply_chat_template: this LlamaLM has no chat_format; pass chat_format= "
+                             "(`python -m evaluation run --apply-chat-template llama3`)")
+        history, prefill = list(chat_history), ""
+        if not add_generation_prompt and history and history[-1]["role"] == "assistant":
+            prefill = history.pop()["content"]
+        ids = encode_chat(self.llama_tokenizer, parse_messages(history), template=self.chat_format,
+                          add_generation_prompt=True).ids
+        if prefill:
+            ids = ids + self.llama_tokenizer.encode(prefill, bos=False)
+        rendered = self._render(ids)
+        key = rendered.rstrip()
+        while key in self._chats and self._chats[key][0] != ids:  # two dialogs that read alike: keep both exact
+            key += "\u200b"
+        self._chats[key] = (ids, rendered[len(rendered.rstrip()):])
+        return key
+
+    def _render(self, ids: list[int]) -> str:
+        """Readable text of chat ids (lm-eval logs it): special tokens by name, the runs between them decoded."""
+        tok = self.llama_tokenizer
+        special = {tok.bos_id, tok.eos_id, *tok.stop_ids, *getattr(tok, "special_tokens", {}).values()}
+        parts: list[str] = []
+        run: list[int] = []
+        for i in [*ids, None]:
+            if i is None or i in special:
+                if run:
+                    parts.append(tok.decode(run))
+                    run = []
+                if i is not None:
+                    parts.append(tok.id_to_piece(i))
+            else:
+                run.append(i)
+        return "".join(parts)
 
     def tok_decode(self, tokens: Sequence[int]) -> str:
         return self.llama_tokenizer.decode(list(tokens))

@@ -28,6 +28,7 @@ from typing import Any
 from evaluation.parallel import init_groups
 from evaluation.results import count_examples, write_json
 from evaluation.tasks import TaskError, check_tasks, data_files, default_data_dir, parse_task_list, templates
+from model.chat import TEMPLATES
 
 
 def _limit(text: str | None) -> int | float | None:
@@ -47,10 +48,12 @@ def _quiet_lm_eval(*, output_rank: bool) -> None:
 
 def evaluate_tasks(lm: Any, names: list[str], *, manager: Any, limit: int | float | None, num_fewshot: int | None,
                    log_samples: bool, bootstrap_iters: int, seed: int,
-                   samples: dict[str, list[int]] | None = None) -> dict[str, Any]:
+                   samples: dict[str, list[int]] | None = None, apply_chat_template: bool = False,
+                   system_instruction: str | None = None) -> dict[str, Any]:
     """lm-eval's ``simple_evaluate`` on our adapter (every rank runs it; see ``evaluation.parallel``).
 
-    ``samples``: instead of ``limit``, the document indices to score per task (lm-eval's own option)."""
+    ``samples``: instead of ``limit``, the document indices to score per task (lm-eval's own option).
+    ``apply_chat_template``: prompts as dialogs in the adapter's ``chat_format`` (lm-eval's own option)."""
     import lm_eval
 
     # simple_evaluate returns its results only where LOCAL_RANK is 0 (its guess for "the TP rank that writes").
@@ -62,7 +65,8 @@ def evaluate_tasks(lm: Any, names: list[str], *, manager: Any, limit: int | floa
         results = lm_eval.simple_evaluate(
             model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit, samples=samples, log_samples=log_samples,
             task_manager=manager, bootstrap_iters=bootstrap_iters, random_seed=seed, numpy_random_seed=seed,
-            torch_random_seed=seed, fewshot_random_seed=seed)
+            torch_random_seed=seed, fewshot_random_seed=seed, apply_chat_template=apply_chat_template,
+            system_instruction=system_instruction)
     finally:
         if local_rank is None:
             del os.environ["LOCAL_RANK"]
@@ -89,10 +93,13 @@ def _run(args: argparse.Namespace) -> int:
 
         lm = LlamaLM.from_checkpoint(args.checkpoint, tokenizer=args.tokenizer, groups=groups,
                                      batch_size=args.batch_size, max_length=args.max_length,
-                                     max_gen_toks=args.max_gen_toks, add_bos_token=not args.no_bos)
+                                     max_gen_toks=args.max_gen_toks, add_bos_token=not args.no_bos,
+                                     chat_format=args.apply_chat_template)
         start = time.perf_counter()
         results = evaluate_tasks(lm, names, manager=manager, limit=args.limit, num_fewshot=args.num_fewshot,
                                  log_samples=args.log_samples, seed=args.seed,
+                                 apply_chat_template=args.apply_chat_template is not None,
+                                 system_instruction=args.system_instruction,
                                  bootstrap_iters=args.bootstrap_iters if groups.is_output_rank else 0)
         seconds = time.perf_counter() - start
     finally:
@@ -142,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-length", type=int, help="context window in tokens (default: the model's max_seq_len)")
     run.add_argument("--max-gen-toks", type=int, default=256, help="generation tasks: new tokens at most")
     run.add_argument("--no-bos", action="store_true", help="do not start every encoded text with BOS")
+    run.add_argument("--apply-chat-template", choices=TEMPLATES,
+                     help="prompts as dialogs in this chat format (model.chat; generation tasks of chat models)")
+    run.add_argument("--system-instruction", help="with --apply-chat-template: the system message")
     run.add_argument("--bootstrap-iters", type=int, default=100000, help="lm-eval's bootstrap for stderr (0: off)")
     run.add_argument("--seed", type=int, default=1234)
     run.set_defaults(func=_run)
