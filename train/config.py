@@ -113,6 +113,10 @@ class ParallelSection:
     """Tensor-parallel size (megatron-core layers); divides n_heads, n_kv_heads and the GPUs per node."""
     pp: int = 1
     """Pipeline-parallel size (DeepSpeed PipelineModule); divides n_layers sensibly."""
+    cp: int = 1
+    """Context-parallel size (Llama 3, ``model/context_parallel.py``): each sequence is cut into 2 x cp chunks
+    over cp ranks that all-gather K/V in attention; data.seq_len must be a multiple of 2 x cp. Pretraining and
+    SFT (the language-model objective) without pipeline parallelism."""
     activation_checkpoint_every: int = 0
     """Activation checkpointing in segments of N blocks (recomputed in backward; DeepSpeed's interval); 0 = off."""
 
@@ -231,7 +235,7 @@ class EngineConfig:
     """The document mask of packed sequences (the language-model objective and the pipeline stages)."""
 
     def dp_size(self, world_size: int) -> int:
-        return world_size // (self.parallel.tp * self.parallel.pp)
+        return world_size // (self.parallel.tp * self.parallel.pp * self.parallel.cp)
 
     def grad_accum(self, world_size: int) -> int:
         return self.global_batch_size // (self.micro_batch_size * self.dp_size(world_size))
@@ -280,7 +284,7 @@ class RunConfig(RootConfig):
                             document_mask=self.data.document_mask)
 
     def dp_size(self, world_size: int) -> int:
-        return world_size // (self.parallel.tp * self.parallel.pp)
+        return world_size // (self.parallel.tp * self.parallel.pp * self.parallel.cp)
 
     def grad_accum(self, world_size: int) -> int:
         return self.train.global_batch_size // (self.train.micro_batch_size * self.dp_size(world_size))
@@ -301,6 +305,9 @@ class RunConfig(RootConfig):
         _check(d.seq_len > 0, f"data.seq_len={d.seq_len}: must be positive")
         _check(d.synthetic_document_length >= 0,
                f"data.synthetic_document_length={d.synthetic_document_length}: must be >= 0 (0 = 4-47 tokens)")
+        _check(d.seq_len % (2 * self.parallel.cp) == 0,
+               f"data.seq_len={d.seq_len} is not divisible by 2 x parallel.cp = {2 * self.parallel.cp}: context "
+               "parallelism cuts every sequence into 2 x cp equal chunks; choose a multiple of it")
         _check(d.synthetic or d.path, "data.path is empty and data.synthetic=false: point --data.path at a "
                "`python -m data_pipeline prepare` output directory or pass --data.synthetic=true")
         self._validate_eval()
@@ -348,8 +355,11 @@ class RunConfig(RootConfig):
                f"zero.stage={self.zero.stage} with parallel.pp={self.parallel.pp}: DeepSpeed allows only ZeRO 0/1 "
                "with pipeline parallelism (it refuses to partition gradients across pipeline stages); set "
                "--zero.stage=1")
-        _check(self.parallel.tp >= 1 and self.parallel.pp >= 1,
-               f"parallel.tp={self.parallel.tp}, pp={self.parallel.pp}: must be >= 1")
+        _check(self.parallel.tp >= 1 and self.parallel.pp >= 1 and self.parallel.cp >= 1,
+               f"parallel.tp={self.parallel.tp}, pp={self.parallel.pp}, cp={self.parallel.cp}: must be >= 1")
+        _check(self.parallel.cp == 1 or self.parallel.pp == 1,
+               f"parallel.cp={self.parallel.cp} with parallel.pp={self.parallel.pp}: the pipeline stages do not carry "
+               "the chunks' global positions yet; use cp with pp=1 (TP, DP and ZeRO 1-3 combine with it)")
         self._validate_layout(model)
         _check(self.checkpoint.keep_last >= 1, f"checkpoint.keep_last={self.checkpoint.keep_last}: must be >= 1")
         _check(t.max_consecutive_nonfinite >= 1,
@@ -361,10 +371,10 @@ class RunConfig(RootConfig):
                f"run.resume={self.run.resume!r}: use \"none\", \"auto\", \"auto-or-fresh\" or an existing "
                "checkpoint directory")
         if world_size is not None:
-            mp = self.parallel.tp * self.parallel.pp
+            mp = self.parallel.tp * self.parallel.pp * self.parallel.cp
             _check(world_size % mp == 0,
-                   f"world size {world_size} is not a multiple of tp x pp = {self.parallel.tp} x {self.parallel.pp}"
-                   f" = {mp}; launch a multiple of {mp} processes")
+                   f"world size {world_size} is not a multiple of tp x pp x cp = {self.parallel.tp} x "
+                   f"{self.parallel.pp} x {self.parallel.cp} = {mp}; launch a multiple of {mp} processes")
             dp = world_size // mp
             _check(t.global_batch_size % (t.micro_batch_size * dp) == 0,
                    f"train.global_batch_size={t.global_batch_size} is not divisible by micro_batch_size x dp = "

@@ -51,7 +51,7 @@ from train.config import ConfigError, EngineConfig
 from train.deepspeed_api import deepspeed
 from train.engine_checkpoint import EngineCheckpoint
 from train.objective import LanguageModelObjective, Objective
-from train.parallelize import apply_zero, layer_factory, parallelize_llama
+from train.parallelize import apply_zero, context_parallel, layer_factory, parallelize_llama
 from train.sharded_state import create_zero3_optimizer_state
 
 
@@ -85,6 +85,7 @@ class TrainEngine:
         # DeepSpeed's communication layer wraps the process group Topology made (PipelineModule needs it).
         deepspeed.init_distributed(dist_backend=topology.backend, dist_init_required=False)
         self.factory = layer_factory(topology)
+        self.cp = context_parallel(engine_cfg, topology=topology, objective=self.objective)
         self.module = parallelize_llama(model_cfg, engine_cfg, topology=topology, objective=self.objective,
                                         layers=self.factory)  # steps 1-4 of train/parallelize.py
         self.ds: Any = None  # step 5 (ZeRO) lazily, so that a checkpoint load can fill the weights first
@@ -147,6 +148,7 @@ class TrainEngine:
     # ---- steps -------------------------------------------------------------------------------------
     def _global_tokens(self, batches: list[dict[str, Tensor]]) -> float:
         key = self.objective.weight_key
+        # Every CP rank holds the whole batch here (it keeps its chunks only in _to_device): count over DP.
         local = torch.tensor([float(sum(float(mb[key].sum()) for mb in batches))], device=self.device)
         if self.topo.dp_size > 1:
             comm.all_reduce(local, group=self.topo.dp_group)
@@ -157,7 +159,13 @@ class TrainEngine:
             group["lr"] = lr
 
     def _to_device(self, mb: dict[str, Tensor]) -> dict[str, Tensor]:
-        return {k: mb[k].to(self.device, non_blocking=True) for k in self.objective.input_keys}
+        """This rank's inputs: with context parallelism its two chunks of every sequence and their positions."""
+        moved = {k: mb[k].to(self.device, non_blocking=True) for k in self.objective.input_keys}
+        if self.cp.enabled:
+            seq = moved["input_ids"].shape[1]
+            moved = {k: self.cp.shard(v) for k, v in moved.items()}
+            moved["positions"] = self.cp.positions(seq, self.device)
+        return moved
 
     def _pipe_batch(self, mb: dict[str, Tensor], scale: Tensor) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
         d = self._to_device(mb)
@@ -170,6 +178,9 @@ class TrainEngine:
         the DeepSpeed engine, whose prologue lets ZeRO-3 gather parameters a parent module reads from its
         children (the fused q/k/v and gate/up projections); ``module(...)`` directly would see them empty.
         """
+        if self.cp.enabled:
+            raise ConfigError("engine.forward runs whole sequences; with parallel.cp > 1 only training and "
+                              "eval_loss split them (score with parallel.cp=1)")
         ds = self._engine()
         moved = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in inputs.items()}
         return ds.module(**moved) if self.pipelined else ds(**moved)
@@ -189,7 +200,9 @@ class TrainEngine:
         self._steps_taken += 1
         batches = [next(micro_batches) for _ in range(self.gas)]
         global_tokens = self._global_tokens(batches)
-        factor = self.gas * self.topo.dp_size / max(global_tokens, 1.0)
+        # DeepSpeed averages gradients over DP x CP (the ranks holding the same weights); each CP rank's loss sums
+        # only its chunks' tokens, so the sum over DP x CP of the scaled losses is the global token mean.
+        factor = self.gas * self.topo.dp_cp_size / max(global_tokens, 1.0)
         if self._steps_taken in self._nan_steps:  # test hook: a poisoned step must be skipped, not applied
             factor = float("nan")
         scale = torch.tensor(factor, device=self.device)
@@ -204,9 +217,9 @@ class TrainEngine:
                 ds.backward(step_loss)
                 ds.step()
                 total += step_loss.detach().float()
-            if self.topo.dp_size > 1:
-                comm.all_reduce(total, group=self.topo.dp_group)
-            loss = float(total) / (self.gas * self.topo.dp_size)
+            if self.topo.dp_cp_size > 1:
+                comm.all_reduce(total, group=self.topo.dp_cp_group)
+            loss = float(total) / (self.gas * self.topo.dp_cp_size)
         norm = ds.get_global_grad_norm()
         grad_norm = float(norm) if norm is not None else float("nan")
         skipped = ds.skipped_steps > skipped_before or not math.isfinite(loss) or not math.isfinite(grad_norm)
@@ -231,13 +244,14 @@ class TrainEngine:
             sums[0] += ds(**d, scale=torch.tensor(1.0, device=self.device)).float()
             sums[1] += d[self.objective.weight_key].sum()
         ds.module.train()
-        if self.topo.dp_size > 1:
-            comm.all_reduce(sums, group=self.topo.dp_group)
+        if self.topo.dp_cp_size > 1:
+            comm.all_reduce(sums, group=self.topo.dp_cp_group)
         return float(sums[0] / sums[1].clamp(min=1))
 
     # ---- checkpoints -------------------------------------------------------------------------------
     def layout(self) -> dict[str, Any]:
-        return {"tp": self.topo.tp_size, "pp": self.topo.pp_size, "dp": self.topo.dp_size,
+        # "dp" counts the ZeRO partitions (DP x CP): checkpoints do not see context parallelism.
+        return {"tp": self.topo.tp_size, "pp": self.topo.pp_size, "dp": self.topo.dp_cp_size,
                 "zero_stage": self.engine_cfg.zero.stage, "offload": self.engine_cfg.zero.offload,
                 "dtype": self.engine_cfg.dtype, "model": self.model_cfg.to_dict()}
 

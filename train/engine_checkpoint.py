@@ -94,7 +94,9 @@ class EngineCheckpoint:
         topo, layout = engine.topo, engine.layout()
         engine_state = {**layout, "global_steps": int(ds.global_steps), "skipped_steps": int(ds.skipped_steps),
                         "adam_step": adam_step}
-        dp_rank = topo.dp_rank if engine.engine_cfg.zero.stage >= 1 else 0
+        # ZeRO partitions span DP x CP (context-parallel ranks hold the same weights): one file per partition,
+        # so a checkpoint written at CP 2 reads like one of DP 2 and resumes at any CP.
+        dp_rank = getattr(topo, "dp_cp_rank", topo.dp_rank) if engine.engine_cfg.zero.stage >= 1 else 0
         checkpoint_dir = Path(checkpoint_dir)
 
         def write() -> dict[str, FileRecord]:

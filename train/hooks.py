@@ -32,7 +32,8 @@ def default_topology(cfg: RunConfig) -> Any:
         return _import(os.environ["LLAMA_TRAIN_TOPOLOGY"])(cfg)
     from train.topology import Topology
 
-    return Topology.initialize(tp=cfg.parallel.tp, pp=cfg.parallel.pp, timeout_s=cfg.train.collective_timeout_s)
+    return Topology.initialize(tp=cfg.parallel.tp, pp=cfg.parallel.pp, cp=cfg.parallel.cp,
+                               timeout_s=cfg.train.collective_timeout_s)
 
 
 def default_engine(*, model_cfg: Any, engine_cfg: EngineConfig, topology: Any, **kwargs: Any) -> Any:

@@ -45,8 +45,10 @@ class LossModule(nn.Module):
         self.model, self.tp_size, self.document_mask = model, tp_size, document_mask
 
     def forward(self, input_ids: Tensor, labels: Tensor, loss_mask: Tensor, document_ids: Tensor,
-                scale: Tensor) -> Tensor:
-        logits = self.model(input_ids, document_ids=document_ids if self.document_mask else None)
+                scale: Tensor, positions: Tensor | None = None) -> Tensor:
+        """``positions``: the global positions of a context-parallel rank's chunks (default 0..s-1)."""
+        logits = self.model(input_ids, positions=positions,
+                            document_ids=document_ids if self.document_mask else None)
         return masked_loss_sum(logits, labels, loss_mask, tp_size=self.tp_size) * scale
 
 

@@ -44,11 +44,12 @@ from torch import Tensor, nn
 
 from model import comm
 from model.config import LlamaConfig
+from model.context_parallel import ContextParallel
 from model.layers import LayerFactory, LocalLayers
 from model.llama import Llama
 from train import pipeline as pipe
-from train.config import EngineConfig
-from train.objective import Objective, decay_groups, masked_loss_sum
+from train.config import ConfigError, EngineConfig
+from train.objective import LanguageModelObjective, Objective, decay_groups, masked_loss_sum
 
 
 def layer_factory(topology: Any, *, dtype: torch.dtype = torch.float32) -> LayerFactory:
@@ -104,12 +105,29 @@ def pipeline_module(model_cfg: LlamaConfig, cfg: EngineConfig, *, topology: Any,
                           activation_checkpoint_func=checkpoint_fn, checkpointable_layers=["BlockStage"])
 
 
+def context_parallel(cfg: EngineConfig, *, topology: Any, objective: Objective) -> ContextParallel:
+    """This rank's ``ContextParallel`` (``model/context_parallel.py``; off at CP 1), after refusing what it cannot
+    run: a topology of another CP size (a stage that does not build its topology with ``cfg.parallel.cp``),
+    pipeline stages (they do not carry the chunks' positions) and objectives other than the language model."""
+    size = getattr(topology, "cp_size", 1)
+    if cfg.parallel.cp != size:
+        raise ConfigError(f"parallel.cp={cfg.parallel.cp} but this stage runs a topology of cp {size}: context "
+                          "parallelism runs pretraining and SFT-style language-model training; set parallel.cp=1")
+    if size > 1 and (topology.pp_size > 1 or type(objective) is not LanguageModelObjective):
+        raise ConfigError(f"parallel.cp={size} runs the language-model objective without pipeline parallelism; "
+                          f"this run has pp={topology.pp_size} and {type(objective).__name__}: set parallel.cp=1")
+    return ContextParallel(topology.cp_group if size > 1 else None)
+
+
 def parallelize_llama(model_cfg: LlamaConfig, cfg: EngineConfig, *, topology: Any, objective: Objective,
                       layers: LayerFactory) -> nn.Module:
-    """Steps 1-4 (the module docstring): the module ZeRO will wrap. ``layers`` = ``layer_factory(topology)``."""
+    """Steps 1-4 (the module docstring): the module ZeRO will wrap. ``layers`` = ``layer_factory(topology)``.
+    With context parallelism every attention module gets the CP kernel (after step 1: a pinned kernel)."""
     if topology.pp_size > 1:
         return pipeline_module(model_cfg, cfg, topology=topology, layers=layers)
-    return build_module(model_cfg, cfg, objective=objective, layers=layers)
+    module = build_module(model_cfg, cfg, objective=objective, layers=layers)
+    context_parallel(cfg, topology=topology, objective=objective).pin(module)
+    return module
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -159,6 +177,9 @@ def apply_zero(module: nn.Module, cfg: EngineConfig, *, topology: Any) -> Any:
     optimizer = torch.optim.AdamW(decay_groups(module, o.weight_decay), lr=0.0, betas=(o.beta1, o.beta2), eps=o.eps,
                                   fused=fused or None)
     config = deepspeed_config(cfg, dp=topology.dp_size, cuda=device.type == "cuda")
+    # DeepSpeed's data-parallel world is DP x CP (the mpu's group): its batch arithmetic counts each sequence
+    # once per CP rank (each holds 1/cp of it), so the "global batch" it checks is cp times ours.
+    config["train_batch_size"] *= getattr(topology, "cp_size", 1)
     # Without PP, DeepSpeed gets the TP group through the mpu adapter; PipelineModule has its own grid.
     mpu = None if topology.pp_size > 1 else topology.deepspeed_mpu()
     ds, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=config, mpu=mpu,

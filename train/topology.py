@@ -1,13 +1,18 @@
-"""Process topology: one object owning the tensor-, data- and pipeline-parallel sizes, ranks and groups.
+"""Process topology: one object owning the tensor-, context-, data- and pipeline-parallel sizes, ranks and groups.
 
     from train.topology import Topology
-    topo = Topology.initialize(tp=2, pp=2, timeout_s=600)   # under torchrun; or a plain process (world 1)
-    topo.tp_group, topo.dp_rank, topo.is_last_stage, topo.deepspeed_mpu()
+    topo = Topology.initialize(tp=2, cp=2, pp=2, timeout_s=600)   # under torchrun; or a plain process (world 1)
+    topo.tp_group, topo.cp_group, topo.dp_rank, topo.dp_cp_group, topo.is_last_stage, topo.deepspeed_mpu()
 
 Rank layout is megatron-core's ``parallel_state`` order ``tp-cp-ep-dp-pp``: TP innermost (adjacent ranks,
-so a TP group stays inside one node's NVLink domain), then DP, then PP. DeepSpeed's pipeline topology
-(``PipeModelDataParallelTopology``: axes pipe, data, model) orders ranks the same way, so both libraries
-agree on who is whose peer.
+so a TP group stays inside one node's NVLink domain), then CP (context parallelism, ``model/context_parallel.py``),
+then DP, then PP. DeepSpeed's pipeline topology (``PipeModelDataParallelTopology``: axes pipe, data, model) orders
+ranks the same way, so both libraries agree on who is whose peer. Llama 3 orders [TP, CP, PP, DP]; PP stays
+outermost here because DeepSpeed's pipeline grid puts it there (``launch/planner.py`` models the links this way).
+
+Groups: ``dp_group`` holds the ranks that read different data (the loader shards over it); CP ranks read the
+same sequences and each keeps its chunks. ``dp_cp_group`` (DP x CP) holds the ranks whose weights are identical:
+the gradient reduction, ZeRO's partitions, the loss and token counts, and the checkpoint fragments span it.
 
 The default process group: NCCL for CUDA tensors with a gloo side for CPU ones (``"cuda:nccl,cpu:gloo"``)
 when CUDA is available, otherwise gloo. A plain ``python`` process with no
@@ -71,6 +76,21 @@ class Topology:
     pp_group: Any
     dp_group: Any
     backend: str
+    cp_size: int = 1
+    cp_rank: int = 0
+    cp_group: Any = None
+    """None at CP 1 (``model.context_parallel.ContextParallel(None)`` is off)."""
+    dp_cp_group: Any = None
+    """DP x CP: gradient reduction, ZeRO partitions, loss sums; equals ``dp_group`` at CP 1."""
+
+    @property
+    def dp_cp_size(self) -> int:
+        return self.dp_size * self.cp_size
+
+    @property
+    def dp_cp_rank(self) -> int:
+        """This rank's place in ``dp_cp_group`` (its ZeRO partition and checkpoint fragment index)."""
+        return self.dp_rank * self.cp_size + self.cp_rank
 
     @property
     def is_first_stage(self) -> bool:
@@ -87,25 +107,29 @@ class Topology:
         return torch.device("cpu")
 
     @classmethod
-    def initialize(cls, *, tp: int = 1, pp: int = 1, timeout_s: float = 600) -> Topology:
+    def initialize(cls, *, tp: int = 1, pp: int = 1, cp: int = 1, timeout_s: float = 600) -> Topology:
         """Create (or reuse) the default group and megatron-core's model-parallel groups."""
         backend = init_default_group(timeout_s=timeout_s)
         world = dist.get_world_size()
-        if world % (tp * pp):
-            raise ConfigError(f"world size {world} is not a multiple of tp x pp = {tp} x {pp}; launch a multiple "
-                             f"of {tp * pp} processes (torchrun --nproc-per-node)")
+        if world % (tp * cp * pp):
+            raise ConfigError(f"world size {world} is not a multiple of tp x cp x pp = {tp} x {cp} x {pp}; launch a "
+                              f"multiple of {tp * cp * pp} processes (torchrun --nproc-per-node)")
         if parallel_state.model_parallel_is_initialized():
             if (parallel_state.get_tensor_model_parallel_world_size(),
-                    parallel_state.get_pipeline_model_parallel_world_size()) != (tp, pp):
+                    parallel_state.get_pipeline_model_parallel_world_size(),
+                    parallel_state.get_context_parallel_world_size()) != (tp, pp, cp):
                 parallel_state.destroy_model_parallel()
         if not parallel_state.model_parallel_is_initialized():
             parallel_state.initialize_model_parallel(
-                tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, context_parallel_size=cp,
                 distributed_timeout_minutes=max(1, int(timeout_s // 60)),
                 # With gloo as the default backend the extra gloo groups would only duplicate the others.
                 create_gloo_process_groups=backend != "gloo")
         return cls(
-            tp_size=tp, pp_size=pp, dp_size=world // (tp * pp),
+            tp_size=tp, pp_size=pp, dp_size=world // (tp * cp * pp),
+            cp_size=cp, cp_rank=parallel_state.get_context_parallel_rank(),
+            cp_group=parallel_state.get_context_parallel_group() if cp > 1 else None,
+            dp_cp_group=parallel_state.get_data_parallel_group(with_context_parallel=True),
             tp_rank=parallel_state.get_tensor_model_parallel_rank(),
             pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
             dp_rank=parallel_state.get_data_parallel_rank(),
@@ -119,7 +143,8 @@ class Topology:
         return DeepSpeedMPU(self)
 
     def describe(self) -> str:
-        return (f"rank {self.global_rank}/{self.world_size} (tp {self.tp_rank}/{self.tp_size}, "
+        cp = f"cp {self.cp_rank}/{self.cp_size}, " if self.cp_size > 1 else ""
+        return (f"rank {self.global_rank}/{self.world_size} (tp {self.tp_rank}/{self.tp_size}, {cp}"
                 f"pp {self.pp_rank}/{self.pp_size}, dp {self.dp_rank}/{self.dp_size})")
 
 
@@ -147,17 +172,19 @@ class DeepSpeedMPU:
     get_tensor_model_parallel_world_size = get_model_parallel_world_size
     get_tensor_model_parallel_group = get_model_parallel_group
 
+    # DeepSpeed's "data parallel" is every rank holding the same weights: DP x CP (context-parallel ranks
+    # average their gradients and split ZeRO's partitions like data-parallel ones).
     def get_data_parallel_rank(self) -> int:
-        return self.topo.dp_rank
+        return self.topo.dp_cp_rank
 
     def get_data_parallel_world_size(self) -> int:
-        return self.topo.dp_size
+        return self.topo.dp_cp_size
 
     def get_data_parallel_group(self) -> Any:
-        return self.topo.dp_group
+        return self.topo.dp_cp_group
 
     def get_data_parallel_group_ranks(self) -> list[int]:
-        return dist.get_process_group_ranks(self.topo.dp_group)
+        return dist.get_process_group_ranks(self.topo.dp_cp_group)
 
     def get_pipeline_model_parallel_rank(self) -> int:
         return self.topo.pp_rank

@@ -31,3 +31,37 @@ def test_cp1_is_the_identity() -> None:
     tokens = torch.arange(12).view(2, 6)
     assert not cp.enabled and torch.equal(cp.shard(tokens), tokens)
     assert cp.positions(6).tolist() == [list(range(6))]
+
+
+def test_config_refuses_what_context_parallelism_cannot_run() -> None:
+    from train.config import ConfigError, RunConfig
+
+    base = ["--model.name=debug_tiny", "--data.synthetic=true", "--train.global_batch_size=8",
+            "--train.micro_batch_size=2"]
+    RunConfig.from_toml(None, [*base, "--data.seq_len=64", "--parallel.cp=4"]).validate(world_size=4)
+    with pytest.raises(ConfigError, match=r"data.seq_len=60 is not divisible by 2 x parallel.cp = 8"):
+        RunConfig.from_toml(None, [*base, "--data.seq_len=60", "--parallel.cp=4"]).validate()
+    with pytest.raises(ConfigError, match=r"parallel.cp=2 with parallel.pp=2"):
+        RunConfig.from_toml(None, [*base, "--data.seq_len=64", "--parallel.cp=2", "--parallel.pp=2"]).validate()
+    with pytest.raises(ConfigError, match=r"world size 6 is not a multiple of tp x pp x cp"):
+        RunConfig.from_toml(None, [*base, "--data.seq_len=64", "--parallel.cp=4"]).validate(world_size=6)
+
+
+def test_engine_refuses_cp_for_other_objectives_and_stages() -> None:
+    from types import SimpleNamespace
+
+    from train.config import ConfigError, EngineConfig, ParallelSection
+    from train.objective import LanguageModelObjective
+    from train.parallelize import context_parallel
+
+    cfg = EngineConfig(global_batch_size=8, micro_batch_size=2, parallel=ParallelSection(cp=2))
+    cp1 = SimpleNamespace(cp_size=1, pp_size=1, cp_group=None)
+    with pytest.raises(ConfigError, match=r"parallel.cp=2 but this stage runs a topology of cp 1"):
+        context_parallel(cfg, topology=cp1, objective=LanguageModelObjective())
+
+    class ScalarHead(LanguageModelObjective):
+        pass
+
+    cp2 = SimpleNamespace(cp_size=2, pp_size=1, cp_group=object())
+    with pytest.raises(ConfigError, match=r"language-model objective.*ScalarHead"):
+        context_parallel(cfg, topology=cp2, objective=ScalarHead())
