@@ -8,7 +8,8 @@ context of 64, so global positions past it matter), computes the single-process 
 then the context-parallel run on its two chunks with the loss normalised by the global token count and the
 gradients summed over its CP group. Rank 0 writes ``OUT_DIR/context_parallel.json`` with the largest
 differences (logits of the local tokens, loss, every gradient) per CP size, for both the fused CPU kernels
-and the eager formulas; plus the bytes one block saves for backward per rank (bf16, eager) at each CP size.
+and the eager formulas; plus the bytes one block saves for backward per rank (bf16, eager) at each CP size
+(``benchmarks/bench_cp_activations.saved_block_bytes``).
 """
 
 from __future__ import annotations
@@ -22,10 +23,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from model import comm, kernels, projections
-from model.config import get_config
-from model.context_parallel import ContextParallel
-from model.llama import Llama, init_llama_weights
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root: benchmarks/ is not installed
+
+from benchmarks.bench_cp_activations import cp_groups, saved_block_bytes  # noqa: E402
+from model import comm, kernels  # noqa: E402
+from model.config import get_config  # noqa: E402
+from model.context_parallel import ContextParallel  # noqa: E402
+from model.llama import Llama, init_llama_weights  # noqa: E402
 
 SEQ, BATCH = 96, 2
 # Document lengths per row: boundaries fall inside chunks (chunk = 24 tokens at CP 2, 12 at CP 4).
@@ -68,52 +72,19 @@ def compare(cp: ContextParallel) -> dict[str, float]:
             "grad_param": max(grads, key=grads.get)}
 
 
-def saved_block_bytes(cp: ContextParallel, seq: int) -> dict[str, float]:
-    """Bytes autograd keeps for backward in one bf16 block of this rank (eager, the GPU's formulas), by
-    storage: minus the parameters, the block input, the RoPE tables and the per-forward mask all blocks share."""
-    from model.attention import AttentionMask
-
-    cfg = get_config("debug_llama3_tiny")
-    model = Llama(cfg)
-    init_llama_weights(model, seed=0)
-    model = model.to(torch.bfloat16)
-    model.layers[0].attention.kernel = cp.kernel  # at CP 1 too: the same kernel, a gather of one
-    local = seq // cp.size
-    x = torch.randn(1, local, cfg.dim, dtype=torch.bfloat16, requires_grad=True)
-    rope = model.rotary(cp.positions(seq))
-    mask = AttentionMask(document_ids=cp.shard(torch.zeros(1, seq, dtype=torch.long)))
-    mask.memo("context_parallel", lambda: cp.kernel.additive_mask(mask, x))
-    shared = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    shared |= {t.untyped_storage().data_ptr() for t in (x, *rope, *mask._forms.values())}
-    saved: dict[int, int] = {}
-
-    def keep(t: torch.Tensor) -> torch.Tensor:
-        if t.untyped_storage().data_ptr() not in shared:
-            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-        model.layers[0](x, rope, mask=mask)
-    return {"bytes": float(sum(saved.values())), "tokens": float(local)}
-
-
 def main() -> None:
     out = Path(sys.argv[1])
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
-    groups = {1: None, 2: pairs[rank // 2], 4: dist.new_group([0, 1, 2, 3])}
+    groups = cp_groups()
     results: dict[str, object] = {}
     for size in (2, 4):
         cp = ContextParallel(groups[size])
         results[f"cp{size}_fused"] = compare(cp)
         with kernels.disabled():
             results[f"cp{size}_eager"] = compare(cp)
-    projections_path = projections.choose_path
-    projections.choose_path = lambda *args: "separate"  # the GPU path's projections, as the planner test
-    for size, seq in ((1, 8192), (2, 8192), (4, 8192)):
-        results[f"saved_cp{size}"] = saved_block_bytes(ContextParallel(groups[size]), seq)
-    projections.choose_path = projections_path
+    for size in (1, 2, 4):  # the measurement of benchmarks/bench_cp_activations.py
+        results[f"saved_cp{size}"] = saved_block_bytes("debug_llama3_tiny", groups[size], 8192)
     gathered = comm.all_gather_object(results)
     if rank == 0:
         (out / "context_parallel.json").write_text(json.dumps(gathered, indent=1))
