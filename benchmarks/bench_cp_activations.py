@@ -79,6 +79,7 @@ def worker(out: Path, models: list[str], seq: int) -> None:
     import torch.distributed as dist
 
     from launch.planner import Layout, activation_bytes_per_token
+    from model import comm
     from model.config import get_config
 
     dist.init_process_group("gloo")
@@ -101,7 +102,7 @@ def worker(out: Path, models: list[str], seq: int) -> None:
         for row in rows:
             print(f"{row['model']:<18} CP {row['cp']}: {row['saved_bytes_per_rank'] / 2**20:8.2f} MiB per rank "
                   f"(planner {row['planned_bytes_per_rank'] / 2**20:8.2f}), x{row['ratio_vs_cp1']:.3f} of CP 1")
-    dist.barrier()
+    comm.barrier()
     dist.destroy_process_group()
 
 
