@@ -27,6 +27,7 @@ import typing
 from dataclasses import dataclass, field
 
 from train.config import (
+    CheckpointSection,
     EngineConfig,
     LoggingSection,
     OptimSection,
@@ -191,8 +192,7 @@ class PPOConfig(RunConfig):
         "data.path", "data.synthetic", "data.seq_len", "data.split", "data.document_mask", "train.steps",
         "train.eval_every", "train.eval_batches", "train.log_every", "train.max_consecutive_nonfinite",
         "train.spike_factor", "optim.min_lr_ratio", "optim.min_lr", "optim.warmup_steps", "parallel.pp",
-        "zero.offload", "checkpoint.every", "checkpoint.keep_last", "checkpoint.async_save", "logging.tensorboard",
-        "logging.peak_tflops", "logging.gpu", "run.resume")
+        "zero.offload", "logging.tensorboard", "logging.peak_tflops", "logging.gpu")
     DOCS: typing.ClassVar[dict[str, str]] = {
         "model.name": "Registry name of the policy's architecture (``model/config.py``); every role shares it.",
         "train.global_batch_size": "Rollouts per gradient step (one PPO minibatch) over all data-parallel ranks.",
@@ -202,13 +202,19 @@ class PPOConfig(RunConfig):
         "parallel.activation_checkpoint_every": "Activation checkpointing of the trained roles (policy, value), "
                                                 "segments of N blocks; 0 = off.",
         "zero.stage": "ZeRO stage of the trained roles (policy, value); ppo.frozen_zero_stage sets the frozen ones.",
-        "run.dir": "Run directory: metrics.jsonl, ppo_config.toml, best_policy/, final_policy/, final_value/.",
+        "run.dir": "Run directory: metrics.jsonl, ppo_config.toml, checkpoints/, best_policy/, final_policy/, "
+                   "final_value/.",
+        "checkpoint.every": "Checkpoint every N PPO iterations (and on SIGTERM/SIGUSR1 and at the end); 0 = only "
+                            "those. Policy and value shards with their optimizer states, guards, early stopping.",
+        "run.resume": "\"auto\": continue from the newest intact checkpoint in run.dir (none yet: start fresh), at "
+                      "any data-parallel size; \"auto-or-fresh\", \"none\" or a checkpoint directory.",
     }
 
     train: TrainSection = field(default_factory=lambda: TrainSection(global_batch_size=64, micro_batch_size=8))
     optim: OptimSection = field(default_factory=lambda: OptimSection(lr=1e-6, min_lr_ratio=1.0, warmup_steps=0))
     logging: LoggingSection = field(default_factory=lambda: LoggingSection(wandb=False))
     run: RunSection = field(default_factory=lambda: RunSection(dir="runs/ppo"))
+    checkpoint: CheckpointSection = field(default_factory=lambda: CheckpointSection(every=10))
     ppo: PPOSection = field(default_factory=PPOSection)
     reward: RewardSection = field(default_factory=RewardSection)
     prompts: PromptsSection = field(default_factory=PromptsSection)

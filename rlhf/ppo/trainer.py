@@ -6,6 +6,7 @@ each under tensor parallelism x ZeRO, rollouts with the KV-cache generator.
         --parallel.tp=2 --run.dir runs/ppo_tp2
     torchrun --standalone --nproc-per-node 2 -m rlhf.ppo --config configs/rlhf/ppo_tiny.toml \\
         --zero.stage=3 --rollout.gather=once --run.dir runs/ppo_zero3
+    python -m rlhf.ppo --config configs/rlhf/ppo_tiny.toml --run.dir runs/ppo_tiny --resume auto  # continue
     python -m train.report runs/ppo_tiny                                                       # curves
 
 One iteration (``PPOTrainer.iteration``)::
@@ -21,6 +22,11 @@ One iteration (``PPOTrainer.iteration``)::
 Every held-out evaluation samples the held-out prompts with fixed seeds; the best held-out policy is exported
 to ``RUN_DIR/best_policy`` and the run stops early after ``eval.patience`` evaluations without a gain.
 Guards (KL / reward trend alarms, non-finite iterations) are in ``rlhf/ppo/guards.py``.
+
+Checkpoints (``rlhf/ppo/checkpoint.py``, through ``train/checkpointing.py``): every ``checkpoint.every``
+iterations, at the end, and at the first iteration boundary after SIGTERM / SIGUSR1, then the process exits like
+``python -m train``: 0 after SIGUSR1 (SLURM requeues), 143 after SIGTERM. ``--resume auto`` continues from the
+newest intact checkpoint, at any data-parallel size; a resumed run repeats the uninterrupted one bit for bit.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import argparse
 import dataclasses
 import json
 import math
+import signal
 import sys
 import time
 import warnings
@@ -78,10 +85,15 @@ class PPOResult:
     run_dir: Path
     iterations: int
     reason: str
-    """"completed", "early_stop" or "alarm"."""
+    """"completed", "early_stop", "alarm", "preempted:SIGUSR1" or "preempted:SIGTERM"."""
     best_iteration: int
     best_heldout: float
     history: list[dict[str, Any]] = field(default_factory=list)
+    """This process's records (a resumed run's earlier ones are in metrics.jsonl)."""
+    exit_code: int = 0
+    """0, or after a pre-emption: 0 for SIGUSR1 (SLURM requeues), 143 for SIGTERM (train.preemption)."""
+    start_iteration: int = 0
+    """The checkpoint's iteration this process resumed from (0: fresh)."""
 
 
 def _initial_weights(cfg: PPOConfig, model_cfg: Any) -> Any:
@@ -359,45 +371,88 @@ class PPOTrainer:
                       f"-> {self.cfg.run.dir}/best_policy")
 
     def run(self) -> PPOResult:
+        """The whole run, or its continuation from a checkpoint (``--run.resume``); every rank calls it."""
+        from rlhf.ppo import checkpoint as ck
+        from train.preemption import EXIT_CODES, PreemptionFlag
+
         c, run_dir = self.cfg, Path(self.cfg.run.dir)
         if self.topo.global_rank == 0:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "ppo_config.toml").write_text(c.to_toml())
-        log = PPOMetricsLogger(run_dir, config=dataclasses.asdict(c),
-                               enabled=self.topo.global_rank == 0, wandb=c.logging.wandb,
-                               wandb_project=c.logging.wandb_project, wandb_mode_setting=c.logging.wandb_mode,
-                               print_fn=self.print)
-        log.event(f"PPO {self.model_cfg.name} ({self.model_cfg.num_params() / 1e6:.2f}M), world "
-                  f"{self.topo.world_size} (tp {self.topo.tp_size}, dp {self.topo.dp_size}), ZeRO "
-                  f"{c.zero.stage}/{c.frozen_stage}, beta {c.beta}, {len(self.train_prompts)} train / "
-                  f"{len(self.heldout)} held-out prompts")
-        history, reason, it = [], "completed", 0
+        comm.barrier()
+        ckpt, roles = ck.checkpoint_manager(c, self.topo), ck.TrainedRoles(policy=self.policy, value=self.value)
+        state = ck.resume(ckpt, c.run.resume, roles=roles, guards=self.guards, stopper=self.stopper)
+        log = self._logger(run_dir, state, ckpt.warnings)
+        history: list[dict[str, Any]] = []
+        first, preempted = state.iteration, ""
+        preempt = PreemptionFlag().install()
         try:
-            if c.eval.every:
+            if c.eval.every and state.iteration == 0:
                 start = {"step": 0}
                 self._evaluate_and_track(0, start, log)
                 history.append(log.log(start))
-            for it in range(1, c.ppo.iterations + 1):
-                record = self.iteration(it - 1)
-                if c.eval.every and (it % c.eval.every == 0 or it == c.ppo.iterations):
-                    self._evaluate_and_track(it, record, log)
-                history.append(log.log(record))
-                for alarm in record.get("alarms", []):
-                    log.event(f"ALARM {alarm}")
-                if record.get("alarms") and c.guards.stop_on_alarm:
-                    reason = "alarm"
+            last = state.iteration if state.stopped else c.ppo.iterations  # a stopped run only exports again
+            for it in range(state.iteration + 1, last + 1):
+                state.stopped = self._one_iteration(it, log, history)
+                state.iteration = it
+                stop = comm.any_rank(preempt.signum is not None)  # ranks may see the signal at different moments
+                if stop or state.stopped or it == last or (c.checkpoint.every and it % c.checkpoint.every == 0):
+                    path = ck.save(ckpt, state, roles=roles, guards=self.guards, stopper=self.stopper, config=c)
+                    log.event(f"checkpoint iteration {it} -> {path}")
+                if stop:
+                    preempted = signal.Signals(comm.broadcast_object(preempt.signum or signal.SIGTERM)).name
+                    log.event(f"pre-empted ({preempted}) at iteration {it}: checkpoint saved; continue with "
+                              "--resume auto")
                     break
-                if self.stopper.should_stop:
-                    reason = "early_stop"
-                    log.event(f"early stop at iteration {it}: no held-out gain for {c.eval.patience} evaluations "
-                              f"(best {self.stopper.best:.4f} at iteration {self.stopper.best_iteration})")
+                if state.stopped:
                     break
-            self.export("final_policy")
-            self.export("final_value", value=True)
+            if not preempted:
+                self.export("final_policy")
+                self.export("final_value", value=True)
+            ckpt.wait()  # the last checkpoint is published before the run reports its end
+            comm.barrier()
         finally:
+            preempt.restore()
             log.close()
-        return PPOResult(run_dir=run_dir, iterations=it, reason=reason, best_iteration=self.stopper.best_iteration,
-                         best_heldout=self.stopper.best, history=history)
+        reason = f"preempted:{preempted}" if preempted else state.stopped or "completed"
+        return PPOResult(run_dir=run_dir, iterations=state.iteration, reason=reason,
+                         best_iteration=self.stopper.best_iteration, best_heldout=self.stopper.best,
+                         history=history, exit_code=EXIT_CODES[signal.Signals[preempted]] if preempted else 0,
+                         start_iteration=first)
+
+    def _logger(self, run_dir: Path, state: Any, warnings_: list[str]) -> PPOMetricsLogger:
+        c = self.cfg
+        # The metrics position is the iteration: records after the checkpoint are cut (a fresh start clears all).
+        log = PPOMetricsLogger(run_dir, config=dataclasses.asdict(c), enabled=self.topo.global_rank == 0,
+                               wandb=c.logging.wandb, wandb_project=c.logging.wandb_project,
+                               wandb_mode_setting=c.logging.wandb_mode, print_fn=self.print,
+                               start_step=state.iteration if state.resumed_from else -1)
+        for message in warnings_:
+            log.event(f"warning: {message}")
+        log.event(f"PPO {self.model_cfg.name} ({self.model_cfg.num_params() / 1e6:.2f}M), world "
+                  f"{self.topo.world_size} (tp {self.topo.tp_size}, dp {self.topo.dp_size}), ZeRO "
+                  f"{c.zero.stage}/{c.frozen_stage}, beta {c.beta}, {len(self.train_prompts)} train / "
+                  f"{len(self.heldout)} held-out prompts; "
+                  + (f"resumed from {state.resumed_from} at iteration {state.iteration}" if state.resumed_from
+                     else "fresh start"))
+        return log
+
+    def _one_iteration(self, it: int, log: PPOMetricsLogger, history: list[dict[str, Any]]) -> str:
+        """Iteration ``it`` (1-based) with its evaluation and logging; "" to go on, else why the loop ends."""
+        c = self.cfg
+        record = self.iteration(it - 1)
+        if c.eval.every and (it % c.eval.every == 0 or it == c.ppo.iterations):
+            self._evaluate_and_track(it, record, log)
+        history.append(log.log(record))
+        for alarm in record.get("alarms", []):
+            log.event(f"ALARM {alarm}")
+        if record.get("alarms") and c.guards.stop_on_alarm:
+            return "alarm"
+        if self.stopper.should_stop:
+            log.event(f"early stop at iteration {it}: no held-out gain for {c.eval.patience} evaluations "
+                      f"(best {self.stopper.best:.4f} at iteration {self.stopper.best_iteration})")
+            return "early_stop"
+        return ""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -416,4 +471,4 @@ def main(argv: list[str] | None = None) -> int:
     best = (f"best held-out LOGIT(Rc) {result.best_heldout:.4f} at iteration {result.best_iteration}"
             if result.best_iteration >= 0 else "no held-out evaluation (eval.every=0)")
     print(f"PPO {result.reason} after {result.iterations} iterations; {best}; run dir {result.run_dir}")
-    return 0
+    return result.exit_code
