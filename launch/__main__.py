@@ -2,6 +2,7 @@
 
     python -m launch plan --model llama3_1_405b --gpus 16384 --gpu h100-sxm --seq-len 8192 \
         --global-batch-tokens 16777216 [--tp 8 --pp 16 --zero-stage 1 --micro-batch 1] [--json]
+    python -m launch plan --stage ppo --model llama2_70b --gpus 64 --gpu-memory 80GiB [--tp 8 --zero-stage 3]
     python -m launch devices [--match "NVIDIA A100-SXM4-80GB"] [--json]
     python -m launch slurm --config CONFIG --nodes N --gpus-per-node G [--partition P --time T --submit]
     python -m launch torchrun --config CONFIG --nodes N --node-rank R --master ADDR:PORT [--run]
@@ -20,7 +21,7 @@ import re
 import sys
 from collections.abc import Sequence
 
-from launch import checkpoint_plan, cpu_plan, planner, slurm, torchrun
+from launch import checkpoint_plan, cpu_plan, planner, slurm, stage_plan, torchrun
 from model.config import get_config, model_flops_per_token
 from train import devices
 
@@ -45,8 +46,19 @@ def _plan_parser(sub: argparse._SubParsersAction) -> None:
                         "uses: a key of `python -m launch devices` or a name as CUDA reports it (default h100-sxm)")
     p.add_argument("--gpu-memory", type=parse_bytes, help="override the device's memory (e.g. 80GiB)")
     p.add_argument("--gpus-per-node", type=int, default=planner.Hardware.gpus_per_node)
-    p.add_argument("--seq-len", type=int, required=True)
-    p.add_argument("--global-batch-tokens", type=int, required=True)
+    p.add_argument("--seq-len", type=int, help="sequence length (required for pretraining; --stage: 4096)")
+    p.add_argument("--global-batch-tokens", type=int,
+                   help="tokens per optimizer step (required for pretraining; --stage: 64 sequences)")
+    p.add_argument("--stage", choices=stage_plan.STAGES,
+                   help="an alignment stage: memory by role (policy, value, reference, reward models, rollout "
+                        "copy, KV cache) and by phase (launch/stage_plan.py); default: pretraining")
+    p.add_argument("--rollout-batch", type=int, default=stage_plan.StageShape.rollout_batch,
+                   help="--stage ppo: prompts per generate() call per rank (the KV cache's batch)")
+    p.add_argument("--reward-models", type=int, default=stage_plan.StageShape.reward_models,
+                   help="--stage ppo: reward models held in memory (Llama 2: 2)")
+    p.add_argument("--frozen-zero-stage", type=int, choices=(1, 2, 3),
+                   default=stage_plan.StageShape.frozen_zero_stage,
+                   help="--stage ppo: ZeRO stage of the reference and reward models")
     p.add_argument("--tp", type=int)
     p.add_argument("--cp", type=int, help="context-parallel ranks per sequence (2 x CP chunks, Llama 3)")
     p.add_argument("--pp", type=int)
@@ -192,12 +204,18 @@ def cmd_plan_cpu(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    if args.stage and args.device == "cpu":
+        raise ValueError("--stage with --device cpu is not planned yet; leave out --device cpu")
+    if not args.stage and (args.seq_len is None or args.global_batch_tokens is None):
+        raise ValueError("pretraining plans need --seq-len and --global-batch-tokens (or give --stage)")
     if args.device == "cpu":
         return cmd_plan_cpu(args)
     cfg = get_config(args.model)
     hw = planner.hardware_for(args.gpu, memory_bytes=args.gpu_memory, gpus_per_node=args.gpus_per_node,
                               peak_tflops=args.peak_tflops, matmul_efficiency=args.matmul_efficiency,
                               ib_gbps=args.ib_gbps, nvlink_gbps=args.nvlink_gbps, reserved_bytes=args.reserved)
+    if args.stage:
+        return stage_plan.cmd_plan_stage(args, hw)
     kw = dict(seq_len=args.seq_len, global_batch_tokens=args.global_batch_tokens, hardware=hw)
     pinned = {k: getattr(args, k) for k in ("tp", "cp", "pp", "zero_stage", "micro_batch", "virtual_stages",
                                             "activation_checkpointing", "sequence_parallel")

@@ -1,0 +1,85 @@
+"""The alignment stages' memory planner (``launch/stage_plan.py``, ``python -m launch plan --stage``): per role and
+per phase on the pretraining planner's memory model; Llama 2 7B and 70B PPO on 80 GB GPUs."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from launch import planner, stage_plan
+from launch.__main__ import main as launch_main
+from launch.planner import GiB, Layout
+from launch.stage_plan import StageShape, plan_stage, search_stage
+from model.config import get_config
+
+pytestmark = pytest.mark.timeout(120)
+H100_80 = planner.hardware_for("h100-sxm", memory_bytes=80 * GiB)
+
+
+def test_llama2_70b_ppo_fits_64_gpus_only_with_a_tp_sharded_rollout_copy() -> None:
+    cfg = get_config("llama2_70b")
+    plans = search_stage("ppo", cfg, gpus=64, hardware=H100_80)
+    fitting = [p for p in plans if p.fits]
+    assert fitting, [(p.layout.describe(), p.peak / GiB) for p in plans[:3]]
+    best = fitting[0]
+    assert best.layout.tp == 8 and best.layout.zero_stage == 3 and best.peak_phase == "rollout"
+    copy = best.phases["rollout"]["rollout copy"]
+    assert copy == pytest.approx(2 * planner.stage_params(cfg, best.layout, 0))  # bf16, 1/TP of the weights
+    assert copy < 2 * cfg.num_params() / 7.9
+    # The same layout at TP4 holds a twice larger copy and is refused, with the phase and the numbers.
+    tp4 = plan_stage("ppo", cfg, dataclasses.replace(best.layout, tp=4, dp=16), hardware=H100_80)
+    assert not tp4.fits and tp4.peak_phase == "rollout" and tp4.peak > 80 * GiB
+    assert all(p.peak > 80 * GiB for p in plans if not p.fits)
+
+
+def test_llama2_7b_ppo_fits_8_gpus_and_every_role_is_counted() -> None:
+    cfg = get_config("llama2_7b")
+    best = next(p for p in search_stage("ppo", cfg, gpus=8, hardware=H100_80) if p.fits)
+    assert set(best.resident) == {"policy", "value", "reference", "helpfulness RM", "safety RM"}
+    assert set(best.phases) == {"rollout", "scoring", "training"}
+    assert best.peak == max(best.phase_total(p) for p in best.phases) <= 80 * GiB
+
+
+def test_roles_use_the_pretraining_planner_memory_model() -> None:
+    cfg, layout = get_config("llama2_7b"), Layout(tp=2, dp=4, zero_stage=3, activation_checkpointing=True)
+    plan = plan_stage("ppo", cfg, layout, shape=StageShape(seq_len=2048, reward_models=0))
+    states = planner.model_state_bytes(cfg, layout, 0)
+    assert plan.resident["policy"] == {"weights": states["weights"], "optimizer states": states["optimizer_states"]}
+    head = cfg.vocab_size * cfg.dim / layout.tp  # the value model has no vocab head
+    p = planner.stage_params(cfg, layout, 0)
+    assert plan.resident["value"]["weights"] == pytest.approx(states["weights"] * (p - head) / p)
+    mem = planner.plan_memory(cfg, layout, seq_len=2048, microbatches=1,
+                              hardware=planner.Hardware(reserved_bytes=0))
+    assert plan.phases["training"]["activations"] == mem.activations  # the policy trains (the larger)
+    assert plan.resident["reference"] == {"weights": 2 * p / 4, "fp32 master": 4 * p / 4}
+    sft = plan_stage("sft", cfg, layout, shape=StageShape(seq_len=2048))
+    assert sft.resident == {"model": plan.resident["policy"]} and set(sft.phases) == {"training"}
+    dpo = plan_stage("dpo", cfg, layout, shape=StageShape(seq_len=2048))
+    assert dpo.phases["training"]["activations"] == pytest.approx(2 * mem.activations, rel=0.01)  # chosen+rejected
+
+
+def test_kv_cache_bytes_equal_the_generators_allocation() -> None:
+    from model.llama import KVCache, Llama
+
+    cfg = get_config("debug_tiny")
+    model = Llama(cfg).to(torch.bfloat16)
+    cache = KVCache.allocate(model, batch=3, max_len=40, prepack_weights=False)
+    allocated = sum(t.numel() * t.element_size() for t in cache.keys + cache.values)
+    planned = stage_plan.rollout_bytes(cfg, Layout(tp=1), StageShape(seq_len=40, rollout_batch=3))["KV cache"]
+    assert planned == allocated
+
+
+def test_cli_ranks_fitting_layouts_and_refuses_with_numbers(capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["plan", "--stage", "ppo", "--model", "llama2_70b", "--gpus", "64", "--gpu-memory", "80GiB"]
+    assert launch_main([*base, "--json"]) == 0
+    plans = json.loads(capsys.readouterr().out)["plans"]
+    assert plans[0]["fits"] and plans[0]["layout"]["tp"] == 8 and plans[0]["peak_phase"] == "rollout"
+    assert launch_main([*base, "--tp", "4", "--zero-stage", "3", "--activation-checkpointing"]) == 1
+    out = capsys.readouterr()
+    assert "REFUSED: the rollout phase needs" in out.out and "GiB more than the 80 GiB" in out.out
+    assert "no layout of llama2_70b (ppo) fits" in out.err
+    assert launch_main(["plan", "--stage", "sft", "--model", "llama2_7b", "--gpus", "8"]) == 0
+    assert "peak" in capsys.readouterr().out
