@@ -106,10 +106,5 @@ class DPOObjective:
     def wrap(self, model: Llama, *, layers: Any) -> nn.Module:
         return DPOModule(model, tp_size=getattr(layers, "tp_size", 1), loss=self.settings)
 
-    def build_module(self, model_cfg: Any, factory: Any, run_cfg: Any) -> nn.Module:
-        model = Llama(model_cfg, layers=factory)
-        model.checkpoint_every = run_cfg.parallel.activation_checkpoint_every
-        return self.wrap(model, layers=factory)
-
     def native_name(self, name: str) -> str:
         return name.removeprefix("model.")

@@ -77,3 +77,15 @@ def test_pair_encoding_and_batch_layout() -> None:
     short = encode_dpo_pair(tok, pair, template="llama3_1", max_len=20, stats=(stats := Counter()))
     assert len(short["chosen"]) == 21 and short["chosen"][0] == tok.bos_id and stats["truncated_left"] == 2
 
+
+@pytest.mark.parametrize("preset", sorted((REPO_ROOT / "configs/rlhf").glob("llama3_rounds_*.toml")),
+                         ids=lambda p: p.name)
+def test_rounds_presets_load(preset: Path) -> None:
+    from rlhf.rounds import RoundsConfig
+
+    cfg = RoundsConfig.from_toml(preset)
+    assert cfg.rounds.count >= 2 and cfg.rounds.dpo_variants
+    for name in ("sft_preset", "dpo_preset", "rm_preset"):
+        assert (REPO_ROOT / getattr(cfg.rounds, name)).is_file(), name
+    with pytest.raises(ConfigError, match="rounds.init_checkpoint is empty"):
+        cfg.replace(rounds={"init_checkpoint": ""}).validate()
