@@ -3,7 +3,8 @@
 The real loop (``train.loop.train``) with the loop tests' local engine (plain PyTorch, TrainEngine's interface;
 the DeepSpeed engine at TP2 is ``tests/distributed/test_eval_parallel.py``). The model is trained on synthetic
 tokens, so its accuracy is noise: what is checked is that the record is there, is what an evaluation of the
-exported weights gives, reaches the report, and that bad ``[eval]`` input stops the run before any training.
+exported weights gives, reaches the report, and that bad ``[eval]`` input stops the run before any training; an
+SFT run (an alignment stage on the same loop, with the plain-PyTorch reference engine) logs them too.
 Run: ``pytest tests/unit/test_eval_in_loop.py`` (~30 s; skips without the shared data).
 """
 
@@ -113,3 +114,38 @@ def test_eval_lists_round_trip_through_config_toml(shared_data: Path, tmp_path: 
     assert cfg.eval.tasks == ["boolq", "piqa"]
     cfg.save_toml(tmp_path / "c.toml")
     assert RunConfig.from_toml(tmp_path / "c.toml", []) == cfg
+
+
+def test_an_sft_run_logs_benchmarks_of_the_model_it_fine_tunes(shared_data: Path, tmp_path: Path) -> None:
+    """Alignment stages on the loop (SFT here; GAtt is the same loop) get [eval] too, on the model being tuned."""
+    from evaluation.adapter import LlamaLM
+    from evaluation.cli import evaluate_tasks
+    from evaluation.perplexity import document_perplexity, read_documents
+    from evaluation.tasks import task_manager
+    from rlhf.sft.config import SFTConfig
+    from rlhf.sft.train import run_sft
+    from rlhf.synthetic import synthetic_tokenizer, write_synthetic_preferences
+    from train.reference import ReferenceEngine, single_process_topology
+
+    synthetic_tokenizer(tmp_path / "tok")
+    write_synthetic_preferences(tmp_path / "prefs.jsonl", n=64, seed=0, graded=True)
+    cfg = SFTConfig.from_toml(None, [
+        "--model.name=debug_tiny", f"--data.tokenizer={tmp_path / 'tok.model'}", "--data.seq_len=128",
+        f"--sft.files={tmp_path / 'prefs.jsonl'}", "--sft.epochs=1", "--train.global_batch_size=8",
+        "--train.micro_batch_size=8", "--train.eval_every=0", "--checkpoint.every=0", "--logging.wandb=false",
+        f"--run.dir={tmp_path / 'sft'}", "--eval.every=1000", "--eval.tasks=boolq", "--eval.limit=3",
+        f"--eval.data_dir={shared_data}", "--eval.batch_size=4", "--eval.perplexity_split=lines",
+        f"--eval.perplexity_data={shared_data / 'wikipedia/wikitext-2-raw.test.txt'}", "--eval.perplexity_docs=2"])
+    result, _ = run_sft(cfg, engine_factory=ReferenceEngine, topology_factory=single_process_topology,
+                        print_fn=lambda *a, **k: None)
+    records = [json.loads(line) for line in (tmp_path / "sft/metrics.jsonl").read_text().splitlines()]
+    bench = [r for r in records if r.get("type") == "benchmark"]
+    assert [r["step"] for r in bench] == [result.last_step]  # every 1000 steps and after the last
+    lm = LlamaLM.from_checkpoint(tmp_path / "sft/final_model", tokenizer=tmp_path / "tok.model", batch_size=4)
+    results = evaluate_tasks(lm, ["boolq"], manager=task_manager(data_dir=shared_data), limit=3, num_fewshot=None,
+                             log_samples=False, bootstrap_iters=0, seed=cfg.train.seed)
+    assert bench[0]["eval/boolq/acc"] == results["results"]["boolq"]["acc,none"]
+    docs = list(read_documents(Path(cfg.eval.perplexity_data), split="lines", text_field="text",
+                               tokenizer=lm.llama_tokenizer))[:2]
+    ppl = document_perplexity(lm.runner, lm.llama_tokenizer, docs, batch_size=4)
+    assert bench[0]["eval/perplexity/bits_per_byte"] == pytest.approx(ppl["bits_per_byte"], rel=1e-5)
