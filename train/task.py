@@ -40,6 +40,9 @@ class Task(Protocol):
         """Write the trained model (every rank calls it: consolidation is collective)."""
         ...
 
+    # Optional: ``step_metrics(engine) -> dict[str, float]``, called by every rank after each step (collective);
+    # its keys join the step's record in metrics.jsonl / wandb (DPO: implicit rewards, accuracy; rlhf.dpo.train).
+
 
 class PretrainTask:
     """Pretraining: synthetic documents or prepared shards, ``PretrainLoader``, native weights at the end."""
