@@ -119,6 +119,7 @@ class Run:
                                       broadcast=comm.broadcast_object, all_gather=comm.all_gather_object,
                                       async_save=cfg.checkpoint.async_save,
                                       publish_timeout_s=cfg.train.collective_timeout_s)
+        self.repacked = ""
         state, resume_from = self._resume()
         self.start = state["step"]
         self.health = HealthMonitor(max_consecutive_nonfinite=cfg.train.max_consecutive_nonfinite,
@@ -132,6 +133,8 @@ class Run:
         self.schedule = schedule_from_config(cfg)
         self.tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
         self._start_metrics(state["wandb_id"], resume_from, print_fn)
+        if self.repacked:
+            self.logger.log_event(self.repacked)
 
     def _resume(self) -> tuple[dict[str, Any], Path | None]:
         """The loop's counters from the checkpoint to resume from (which also restores the engine), or fresh."""
@@ -143,7 +146,19 @@ class Run:
             meta = client.pop("meta")
             state.update({k: client.get(k, meta.get(k)) for k in state})
             state["wandb_id"] = meta.get("wandb_id")
+            state["consumed_samples"] = self._samples_at_seq_len(state["consumed_samples"], meta)
         return state, resume_from
+
+    def _samples_at_seq_len(self, samples: int, meta: dict[str, Any]) -> int:
+        """A resume at another ``data.seq_len`` (a long-context stage): the loader re-packs the documents into
+        sequences of the new length and continues after the tokens already consumed (rounded down to whole new
+        sequences); the data order is the new packing's."""
+        saved = int(meta.get("config", {}).get("data", {}).get("seq_len", self.cfg.data.seq_len))
+        if saved == self.cfg.data.seq_len:
+            return samples
+        self.repacked = (f"data.seq_len {saved} -> {self.cfg.data.seq_len}: {samples * saved:,} tokens consumed, "
+                         f"continuing at sample {samples * saved // self.cfg.data.seq_len:,} of the re-packed data")
+        return samples * saved // self.cfg.data.seq_len
 
     def _start_metrics(self, wandb_id: str | None, resume_from: Path | None, print_fn: Any) -> None:
         cfg, topo, model_cfg = self.cfg, self.topo, self.model_cfg
