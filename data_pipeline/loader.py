@@ -1,18 +1,18 @@
-"""The training loader: megatron GPTDataset/BlendedDataset splits and a DP-size-independent batch order.
+"""The pretraining datasets: megatron GPTDataset/BlendedDataset splits, and their micro-batch collate.
 
-    from data_pipeline.loader import build_pretrain_datasets, PretrainLoader, check_tokenizer_matches
+    from data_pipeline.loader import build_pretrain_datasets, pretrain_collate, check_tokenizer_matches
+    from data_pipeline.global_batch import GlobalBatchLoader
     train, valid, test = build_pretrain_datasets(data_dir_or_blend="runs/data", seq_len=2048, seed=1234,
                                                  num_samples=(n_train, n_valid, n_test),
                                                  tokenizer_info=tok, cache_dir=None)
-    loader = PretrainLoader(train, global_batch_size=512, micro_batch_size=4, dp_rank=r, dp_size=dp,
-                            consumed_samples=ckpt.get("consumed_samples", 0))
+    loader = GlobalBatchLoader(train, collate=pretrain_collate(train.config.tokenizer.eod), global_batch_size=512,
+                               micro_batch_size=4, dp_rank=r, dp_size=dp,
+                               consumed_samples=ckpt.get("consumed_samples", 0))
     for mb in loader: ...    # {"input_ids", "labels", "loss_mask", "document_ids"}, each [mb, seq_len]
 
-Order: global batch ``b`` is samples ``[c0 + b*G, c0 + (b+1)*G)`` of the (already shuffled, seeded) megatron
-dataset, ``c0`` the consumed count at start; rank ``r`` of ``dp`` takes the ``r``-th contiguous ``G/dp`` of
-it, then splits that into micro-batches. The sequence of global batches therefore does not depend on the DP
-size, and ``consumed_samples`` (global samples, advanced by ``G`` when a rank hands out the last micro-batch
-of a global batch, i.e. the state after that optimizer step) resumes exactly at any DP size.
+Order: ``data_pipeline/global_batch.py`` (the one loader of every stage): global batch ``b`` is samples
+``[c0 + b*G, c0 + (b+1)*G)`` of the (already shuffled, seeded) megatron dataset, each DP rank a contiguous
+``G/dp`` of it, so the order does not depend on the DP size and ``consumed_samples`` resumes exactly.
 
 ``document_ids[t]`` is the number of EOD tokens strictly before position ``t`` in the sample: the tokens of a
 document and its closing EOD share an id, for a block-diagonal (document) attention mask.
@@ -27,9 +27,10 @@ a private single-process gloo group is created for the build and destroyed after
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -161,54 +162,19 @@ def document_ids(tokens: torch.Tensor, eod: int) -> torch.Tensor:
     return torch.cumsum(is_eod, dim=-1) - is_eod
 
 
-class PretrainLoader:
-    """Deterministic micro-batches for one DP rank; the global order is independent of the DP size."""
+def collate_pretrain(samples: Sequence[dict[str, torch.Tensor]], *, eod: int) -> dict[str, torch.Tensor]:
+    """Megatron ``GPTDataset`` samples (``tokens``, ``labels``, ``loss_mask``) -> one micro-batch with the
+    document ids of the packed documents."""
+    tokens = torch.stack([s["tokens"] for s in samples]).long()
+    return {"input_ids": tokens, "labels": torch.stack([s["labels"] for s in samples]).long(),
+            "loss_mask": torch.stack([s["loss_mask"] for s in samples]).float(),
+            "document_ids": document_ids(tokens, eod)}
 
-    def __init__(self, dataset: Any, *, global_batch_size: int, micro_batch_size: int, dp_rank: int, dp_size: int,
-                 consumed_samples: int = 0, eod_id: int | None = None) -> None:
-        if global_batch_size % dp_size:
-            raise ValueError(f"global_batch_size {global_batch_size} is not divisible by dp_size {dp_size}")
-        if (global_batch_size // dp_size) % micro_batch_size:
-            raise ValueError(f"global_batch_size/dp_size = {global_batch_size // dp_size} is not divisible by "
-                             f"micro_batch_size {micro_batch_size}")
-        if not 0 <= dp_rank < dp_size:
-            raise ValueError(f"dp_rank {dp_rank} not in [0, {dp_size})")
-        self.dataset = dataset
-        self.global_batch_size, self.micro_batch_size = global_batch_size, micro_batch_size
-        self.dp_rank, self.dp_size = dp_rank, dp_size
-        self.consumed_samples = int(consumed_samples)
-        self.eod_id = eod_id if eod_id is not None else dataset.config.tokenizer.eod
 
-    def __len__(self) -> int:
-        """Micro-batches left for this rank."""
-        left = (len(self.dataset) - self.consumed_samples) // self.global_batch_size
-        return max(0, left) * (self.global_batch_size // self.dp_size // self.micro_batch_size)
-
-    def _collate(self, indices: range) -> dict[str, torch.Tensor]:
-        samples = [self.dataset[i] for i in indices]
-        tokens = torch.stack([s["tokens"] for s in samples]).long()
-        return {"input_ids": tokens, "labels": torch.stack([s["labels"] for s in samples]).long(),
-                "loss_mask": torch.stack([s["loss_mask"] for s in samples]).float(),
-                "document_ids": document_ids(tokens, self.eod_id)}
-
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        g, per_rank, mb = self.global_batch_size, self.global_batch_size // self.dp_size, self.micro_batch_size
-        start = self.consumed_samples
-        while start + g <= len(self.dataset):
-            base = start + self.dp_rank * per_rank
-            n_micro = per_rank // mb
-            for m in range(n_micro):
-                batch = self._collate(range(base + m * mb, base + (m + 1) * mb))
-                if m == n_micro - 1:
-                    self.consumed_samples = start + g  # the state after this global batch's step
-                yield batch
-            start += g
-
-    def state_dict(self) -> dict[str, int]:
-        return {"consumed_samples": self.consumed_samples}
-
-    def load_state_dict(self, d: dict[str, Any]) -> None:
-        self.consumed_samples = int(d["consumed_samples"])
+def pretrain_collate(eod: int) -> Callable[[Sequence[dict[str, torch.Tensor]]], dict[str, torch.Tensor]]:
+    """The pretraining ``collate`` of ``data_pipeline.global_batch.GlobalBatchLoader`` (``eod``: the tokenizer's
+    end-of-document id, ``dataset.config.tokenizer.eod`` for a megatron dataset)."""
+    return functools.partial(collate_pretrain, eod=int(eod))
 
 
 def check_tokenizer_matches(manifest_dir: str | Path, tokenizer: Any, model_vocab_size: int, *,

@@ -172,7 +172,8 @@ def probe(*, zero_stage: int = 1, steps: int = 2) -> dict[str, float]:
     """Run the training runtime on ``debug_tiny`` in this process and report what it keeps resident."""
     import gc
 
-    from data_pipeline.loader import PretrainLoader
+    from data_pipeline.global_batch import GlobalBatchLoader
+    from data_pipeline.loader import pretrain_collate
     from train.config import RunConfig
     from train.data import build_datasets, seed_everything
     from train.engine import TrainEngine
@@ -188,8 +189,8 @@ def probe(*, zero_stage: int = 1, steps: int = 2) -> dict[str, float]:
     model_cfg = cfg.model_config()
     train_ds, _, eod = build_datasets(cfg, model_cfg, dp_size=1, run_dir=cfg.run_dir)
     engine = TrainEngine(model_cfg=model_cfg, engine_cfg=cfg.engine_config(), topology=topo)
-    batches = iter(PretrainLoader(train_ds, global_batch_size=2, micro_batch_size=2, dp_rank=0, dp_size=1,
-                                  consumed_samples=0, eod_id=eod))
+    batches = iter(GlobalBatchLoader(train_ds, collate=pretrain_collate(eod), global_batch_size=2, micro_batch_size=2,
+                                     dp_rank=0, dp_size=1))
     for _ in range(steps):
         engine.train_step(batches, 1e-3)
     gc.collect()

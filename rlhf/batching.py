@@ -1,10 +1,10 @@
-"""Chat text -> training tensors for SFT and reward models, and a DP-size-independent batch order.
+"""Chat text -> training tensors for SFT and reward models (the collate functions of the global-batch loader).
 
     rows, stats = pack_sft_rows(examples, seq_len=512, pad_id=0)       # several dialogues per sequence
     item = encode_pair(tok, pair, template="llama2", max_len=512, margin_table="large")
     batch = collate_pairs([item, ...])      # {"input_ids" [2B, L], "score_index" [2B], "margin", "pair_weight"}
     loader = GlobalBatchLoader(dataset, collate=stack_rows, global_batch_size=64, micro_batch_size=4,
-                               dp_rank=r, dp_size=dp, consumed_samples=0)
+                               dp_rank=r, dp_size=dp, consumed_samples=0)   # data_pipeline.global_batch
 
 SFT (Llama 2 sec. 3.1, packing as in Llama 3): each dialogue is encoded with its chat format
 (``model.chat.encode_chat``: the loss mask covers the assistant's answers and their end token, never the
@@ -18,15 +18,15 @@ longer than ``max_len`` keeps its first token and its last ``max_len - 1`` token
 counted). Rows of a micro-batch are right-padded to a common length: with causal attention, padding after the
 score position cannot change the score.
 
-Batch order: global batch ``b`` is samples ``[c0 + b*G, c0 + (b+1)*G)`` in dataset order, rank ``r`` takes the
-``r``-th contiguous ``G/dp`` of it (``data_pipeline.loader.PretrainLoader``'s rule), so the sequence of global
-batches does not depend on the DP size and ``consumed_samples`` resumes exactly at any layout.
+Batch order: ``data_pipeline.global_batch.GlobalBatchLoader``, the loader of every stage (pretraining too), with
+``stack_rows`` (SFT) or ``collate_pairs`` (reward model) as its ``collate``: the sequence of global batches does
+not depend on the DP size and ``consumed_samples`` resumes exactly at any layout.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -144,40 +144,3 @@ def collate_pairs(items: Sequence[dict[str, Any]]) -> dict[str, Tensor]:
                                         + [it["rejected_index"] for it in items], dtype=torch.long),
             "margin": torch.tensor([it["margin"] for it in items], dtype=torch.float32),
             "pair_weight": torch.ones(len(items), dtype=torch.float32)}
-
-
-# ------------------------------------------------------------------------------------------------------ order
-class GlobalBatchLoader:
-    """Deterministic micro-batches for one DP rank; the global order is independent of the DP size."""
-
-    def __init__(self, dataset: Sequence[Any], *, collate: Callable[[Sequence[Any]], dict[str, Tensor]],
-                 global_batch_size: int, micro_batch_size: int, dp_rank: int, dp_size: int,
-                 consumed_samples: int = 0) -> None:
-        if global_batch_size % (dp_size * micro_batch_size):
-            raise ValueError(f"global_batch_size {global_batch_size} is not divisible by dp_size x micro_batch_size "
-                             f"= {dp_size} x {micro_batch_size}")
-        if not 0 <= dp_rank < dp_size:
-            raise ValueError(f"dp_rank {dp_rank} not in [0, {dp_size})")
-        self.dataset, self.collate = dataset, collate
-        self.global_batch_size, self.micro_batch_size = global_batch_size, micro_batch_size
-        self.dp_rank, self.dp_size = dp_rank, dp_size
-        self.consumed_samples = int(consumed_samples)
-
-    def __len__(self) -> int:
-        """Micro-batches left for this rank."""
-        left = max(0, (len(self.dataset) - self.consumed_samples) // self.global_batch_size)
-        return left * (self.global_batch_size // self.dp_size // self.micro_batch_size)
-
-    def __iter__(self) -> Iterator[dict[str, Tensor]]:
-        g, mb = self.global_batch_size, self.micro_batch_size
-        per_rank = g // self.dp_size
-        start = self.consumed_samples
-        while start + g <= len(self.dataset):
-            base = start + self.dp_rank * per_rank
-            n_micro = per_rank // mb
-            for m in range(n_micro):
-                batch = self.collate([self.dataset[i] for i in range(base + m * mb, base + (m + 1) * mb)])
-                if m == n_micro - 1:
-                    self.consumed_samples = start + g  # the state after this global batch's step
-                yield batch
-            start += g

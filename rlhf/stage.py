@@ -5,7 +5,7 @@
     result = train(cfg, task=task)            # train.loop: checkpoints, resume, metrics, pre-emption
 
 A task gives ``train.loop.train`` its datasets (lists of samples, the same on every rank: built from the files
-deterministically), a ``GlobalBatchLoader`` (DP-size-independent order, exact resume), the engine objective
+deterministically), a ``data_pipeline.global_batch.GlobalBatchLoader`` (DP-size-independent order, exact resume), the engine objective
 and the initial weights. ``stage_main`` is the body of ``python -m rlhf.sft`` / ``python -m rlhf.reward``.
 """
 
@@ -21,7 +21,7 @@ from typing import Any
 
 from torch import Tensor
 
-from rlhf.batching import GlobalBatchLoader
+from data_pipeline.global_batch import GlobalBatchLoader
 from rlhf.paths import checkpoint_dir, resolve_path
 from train.config_reader import ConfigError, add_config_arguments
 

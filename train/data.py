@@ -5,7 +5,7 @@
     train_ds, valid_ds, eod = build_datasets(cfg, cfg.model_config(), dp_size=1, run_dir=cfg.run_dir)
 
 Both kinds are indexable datasets whose sample ``i`` depends only on (seed, i), so the loader
-(``data_pipeline.loader.PretrainLoader``) can hand any DP layout and any resume point the same data.
+(``data_pipeline.global_batch.GlobalBatchLoader``) can hand any DP layout and any resume point the same data.
 """
 
 from __future__ import annotations

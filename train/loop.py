@@ -18,7 +18,7 @@ the data (``train/data.py``), collectives (``model/comm.py``), pre-emption (``tr
 hooks (``train/hooks.py``), checkpoints (``train/checkpointing.py``), health (``train/health.py``) and metrics
 (``train/metrics.py``); ``Run`` below wires them together once.
 
-Determinism: the data order is a pure function of (seed, consumed_samples) (``PretrainLoader``), the RNG
+Determinism: the data order is a pure function of (seed, consumed_samples) (``data_pipeline.global_batch.GlobalBatchLoader``), the RNG
 states are restored per rank from the checkpoint, so a resumed run on CPU reproduces the uninterrupted run's
 per-step losses bit for bit. ``engine_factory`` / ``topology_factory`` (or the env test hooks
 ``LLAMA_TRAIN_ENGINE`` / ``LLAMA_TRAIN_TOPOLOGY`` = "module:name") let unit tests run the loop with a small

@@ -45,7 +45,7 @@ class Task(Protocol):
 
 
 class PretrainTask:
-    """Pretraining: synthetic documents or prepared shards, ``PretrainLoader``, native weights at the end."""
+    """Pretraining: synthetic documents or prepared shards, ``GlobalBatchLoader``, native weights at the end."""
 
     name = "pretrain"
 
@@ -56,10 +56,12 @@ class PretrainTask:
     def loader(self, dataset: Any, *, global_batch_size: int, micro_batch_size: int, dp_rank: int, dp_size: int,
                consumed_samples: int, eod: int) -> Any:
         """An iterable of micro-batch dicts with a ``consumed_samples`` attribute (global samples so far)."""
-        from data_pipeline.loader import PretrainLoader
+        from data_pipeline.global_batch import GlobalBatchLoader
+        from data_pipeline.loader import pretrain_collate
 
-        return PretrainLoader(dataset, global_batch_size=global_batch_size, micro_batch_size=micro_batch_size,
-                              dp_rank=dp_rank, dp_size=dp_size, consumed_samples=consumed_samples, eod_id=eod)
+        return GlobalBatchLoader(dataset, collate=pretrain_collate(eod), global_batch_size=global_batch_size,
+                                 micro_batch_size=micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,
+                                 consumed_samples=consumed_samples)
 
     def engine_kwargs(self, cfg: RunConfig, model_cfg: Any) -> dict[str, Any]:
         """Extra ``TrainEngine`` arguments (``objective``, ``init_weights``); none for pretraining."""

@@ -29,7 +29,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from data_pipeline.loader import PretrainLoader
 from model.chat import encode_chat
 from rlhf.gatt.instructions import Instruction
 from train.config_reader import ConfigError
@@ -159,7 +158,7 @@ def training_examples(dialogues: Sequence[GAttDialogue | Messages], *, tokenizer
 
 
 class ExampleDataset:
-    """Fixed-length training items from examples, indexable like ``GPTDataset`` (``PretrainLoader`` reads it).
+    """Fixed-length training items from examples, indexable like ``GPTDataset`` (read by ``GlobalBatchLoader``).
 
     Item ``i`` is example ``perm_e[i % n]`` of epoch ``e = i // n`` (a seeded permutation per epoch), so the
     order depends only on the seed. Each item is ``tokens = ids[:-1]``, ``labels = ids[1:]``, ``loss_mask =
@@ -209,15 +208,12 @@ def write_gatt_jsonl(dialogues: Sequence[GAttDialogue], path: str | Path) -> Non
     Path(path).write_text("".join(d.to_json() + "\n" for d in dialogues))
 
 
-class TrimmedLoader(PretrainLoader):
-    """``PretrainLoader`` over an ``ExampleDataset`` whose micro-batches are cut to their longest example (right
-    padding under causal attention: the cut columns change nothing but the cost). No document mask: every
-    turn attends to the first user message."""
-
-    def _collate(self, indices: range) -> dict[str, Tensor]:
-        items = [self.dataset[i] for i in indices]
-        width = max(int(it["length"]) for it in items)
-        tokens = torch.stack([it["tokens"][:width] for it in items]).long()
-        return {"input_ids": tokens, "labels": torch.stack([it["labels"][:width] for it in items]).long(),
-                "loss_mask": torch.stack([it["loss_mask"][:width] for it in items]).float(),
-                "document_ids": torch.zeros_like(tokens)}
+def collate_trimmed(items: Sequence[dict[str, Any]]) -> dict[str, Tensor]:
+    """The ``collate`` of GAtt's ``data_pipeline.global_batch.GlobalBatchLoader``: ``ExampleDataset`` items cut to
+    the micro-batch's longest example (right padding under causal attention: the cut columns change nothing but
+    the cost). No document mask: every turn attends to the first user message."""
+    width = max(int(it["length"]) for it in items)
+    tokens = torch.stack([it["tokens"][:width] for it in items]).long()
+    return {"input_ids": tokens, "labels": torch.stack([it["labels"][:width] for it in items]).long(),
+            "loss_mask": torch.stack([it["loss_mask"][:width] for it in items]).float(),
+            "document_ids": torch.zeros_like(tokens)}

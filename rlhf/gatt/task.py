@@ -79,10 +79,12 @@ class GAttTask(PretrainTask):
 
     def loader(self, dataset: Any, *, global_batch_size: int, micro_batch_size: int, dp_rank: int, dp_size: int,
                consumed_samples: int, eod: int) -> Any:
-        from rlhf.gatt.data import TrimmedLoader
+        from data_pipeline.global_batch import GlobalBatchLoader
+        from rlhf.gatt.data import collate_trimmed
 
-        return TrimmedLoader(dataset, global_batch_size=global_batch_size, micro_batch_size=micro_batch_size,
-                              dp_rank=dp_rank, dp_size=dp_size, consumed_samples=consumed_samples, eod_id=eod)
+        return GlobalBatchLoader(dataset, collate=collate_trimmed, global_batch_size=global_batch_size,
+                                 micro_batch_size=micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,
+                                 consumed_samples=consumed_samples)
 
     def engine_kwargs(self, cfg: Any, model_cfg: Any) -> dict[str, Any]:
         if not self.section.init:

@@ -1,4 +1,5 @@
-"""Training loader: DP-size-independent order, exact resume across DP sizes, document ids.
+"""Pretraining batches: the global-batch loader over megatron datasets (DP-size-independent order, exact resume
+across DP sizes) and the collate's document ids. The loader's own geometry checks: tests/unit/test_global_batch.py.
 
     pytest tests/unit/test_data_loader.py
 """
@@ -12,7 +13,8 @@ import pytest
 import torch
 
 from data_pipeline.cleaning import CleaningConfig
-from data_pipeline.loader import PretrainLoader, build_pretrain_datasets, document_ids
+from data_pipeline.global_batch import GlobalBatchLoader
+from data_pipeline.loader import build_pretrain_datasets, document_ids, pretrain_collate
 from data_pipeline.readers import SourceSpec
 from data_pipeline.tokenize_shards import PrepareConfig, prepare
 from tests.conftest import require_file
@@ -37,14 +39,18 @@ def train_ds(tmp_path_factory, shared_data):
     return train
 
 
+def _loader(ds, *, dp_rank: int, dp_size: int, consumed_samples: int = 0) -> GlobalBatchLoader:
+    return GlobalBatchLoader(ds, collate=pretrain_collate(ds.config.tokenizer.eod), global_batch_size=G,
+                             micro_batch_size=MB, dp_rank=dp_rank, dp_size=dp_size, consumed_samples=consumed_samples)
+
+
 def _rows(batch: dict[str, torch.Tensor]) -> list[tuple[int, ...]]:
     return [tuple(r.tolist()) for r in batch["input_ids"]]
 
 
 def _run(ds, dp: int, consumed: int, max_batches: int | None = None) -> tuple[list[tuple[int, ...]], int]:
     """Global-order rows seen by all ranks (rank r's rows of a global batch after rank r-1's) and the state."""
-    loaders = [PretrainLoader(ds, global_batch_size=G, micro_batch_size=MB, dp_rank=r, dp_size=dp,
-                              consumed_samples=consumed) for r in range(dp)]
+    loaders = [_loader(ds, dp_rank=r, dp_size=dp, consumed_samples=consumed) for r in range(dp)]
     iters = [iter(x) for x in loaders]
     per_rank_micro = G // dp // MB
     rows: list[tuple[int, ...]] = []
@@ -62,7 +68,7 @@ def _run(ds, dp: int, consumed: int, max_batches: int | None = None) -> tuple[li
 
 
 def test_batches_have_shapes_labels_and_document_ids(train_ds):
-    b = next(iter(PretrainLoader(train_ds, global_batch_size=G, micro_batch_size=MB, dp_rank=0, dp_size=2)))
+    b = next(iter(_loader(train_ds, dp_rank=0, dp_size=2)))
     assert set(b) == {"input_ids", "labels", "loss_mask", "document_ids"}
     assert b["input_ids"].shape == (MB, 32) and b["input_ids"].dtype == torch.long
     assert torch.equal(b["input_ids"][:, 1:], b["labels"][:, :-1])
@@ -86,16 +92,9 @@ def test_resume_at_other_dp_sizes_continues_exactly(train_ds):
         seen = first + rest
         assert seen == full  # same order, so the union equals the uninterrupted run's
         assert len(set(seen)) == len(set(full))  # and nothing repeats that the full run does not repeat
-    loader = PretrainLoader(train_ds, global_batch_size=G, micro_batch_size=MB, dp_rank=0, dp_size=4)
+    loader = _loader(train_ds, dp_rank=0, dp_size=4)
     loader.load_state_dict({"consumed_samples": k})
     assert _rows(next(iter(loader))) == full[k : k + MB]
-
-
-def test_bad_batch_geometry_is_refused(train_ds):
-    with pytest.raises(ValueError, match="divisible by dp_size"):
-        PretrainLoader(train_ds, global_batch_size=6, micro_batch_size=1, dp_rank=0, dp_size=4)
-    with pytest.raises(ValueError, match="micro_batch_size"):
-        PretrainLoader(train_ds, global_batch_size=8, micro_batch_size=3, dp_rank=0, dp_size=2)
 
 
 def test_cache_dir_is_used_without_a_process_group(train_ds):

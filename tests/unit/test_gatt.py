@@ -234,13 +234,15 @@ def test_train_config_with_gatt_table(tmp_path: Path) -> None:
 
 
 def test_trimmed_loader_cuts_micro_batches_to_their_longest_example() -> None:
-    from rlhf.gatt.data import TrimmedLoader
+    from data_pipeline.global_batch import GlobalBatchLoader
+    from rlhf.gatt.data import collate_trimmed
 
     tok = ByteTokenizer()
     dialogues = [[{"role": "user", "content": "q" * n}, {"role": "assistant", "content": "a"}] for n in (1, 9, 3, 20)]
     examples, _ = training_examples(dialogues, tokenizer=tok, template="llama2")
     ds = ExampleDataset(examples, seq_len=64, num_samples=4, seed=0)
-    loader = TrimmedLoader(ds, global_batch_size=4, micro_batch_size=2, dp_rank=0, dp_size=1, eod_id=-1)
+    loader = GlobalBatchLoader(ds, collate=collate_trimmed, global_batch_size=4, micro_batch_size=2, dp_rank=0,
+                               dp_size=1)
     batches = list(loader)
     assert len(batches) == 2 and loader.consumed_samples == 4
     for b, idx in zip(batches, ([0, 1], [2, 3])):

@@ -6,7 +6,8 @@ The graph is read from the source (``ast``), every import counted, also those in
 still ties two modules together. Directions (docs/ARCHITECTURE.md): ``model/`` and ``data_pipeline/`` are the
 bottom and import neither ``train/`` nor ``rlhf/``; ``train/`` imports neither ``rlhf/`` nor ``launch/``;
 ``rlhf/`` does not import ``launch/``; one alignment stage never reaches into another stage's private names;
-DeepSpeed is imported by ``train/deepspeed_api.py`` only; model/, train/ and rlhf/ keep files and functions short.
+DeepSpeed is imported by ``train/deepspeed_api.py`` only; model/, train/ and rlhf/ keep files and functions short;
+one global-batch loader (``data_pipeline/global_batch.py``) serves every stage.
 ``evaluation/`` sits on top of ``model/`` and ``train/`` (and reads ``data_pipeline/`` shards): nothing below imports
 it, and it imports neither ``rlhf/`` (a win rate takes reward scores through its own small interface) nor
 ``launch/``.
@@ -185,3 +186,21 @@ def test_files_and_functions_stay_short() -> None:
                     long_functions.append(f"{path.relative_to(REPO_ROOT)}:{node.lineno} {node.name}: {length} lines")
     assert long_files == [], f"split these files by responsibility (limit ~{MAX_FILE_LINES} lines)"
     assert long_functions == [], f"split these functions (limit {MAX_FUNCTION_LINES} lines, or say why: {LONG_OK})"
+
+
+def test_one_global_batch_loader() -> None:
+    """Issue 13: one implementation of "DP-independent global batch order with exact resume" for every stage.
+    A class that hands out batches (``__iter__``) and keeps ``self.consumed_samples`` is such a loader."""
+    loaders = []
+    for module, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.ClassDef):
+                continue
+            methods = {f.name for f in node.body if isinstance(f, ast.FunctionDef)}
+            keeps_count = any(isinstance(t, ast.Attribute) and t.attr == "consumed_samples"
+                              for n in ast.walk(node) if isinstance(n, (ast.Assign, ast.AugAssign))
+                              for t in (n.targets if isinstance(n, ast.Assign) else [n.target]))
+            if "__iter__" in methods and keeps_count:
+                loaders.append(f"{module}.{node.name}")
+    assert loaders == ["data_pipeline.global_batch.GlobalBatchLoader"], \
+        "use data_pipeline.global_batch.GlobalBatchLoader with your collate function"

@@ -1,4 +1,4 @@
-"""SFT packing, reward-model pair encoding, file sniffing and the shared hash split, the batch order.
+"""SFT packing, reward-model pair encoding, file sniffing and the shared hash split (the batch order: test_global_batch.py).
 
 Uses the synthetic SentencePiece model of ``rlhf.synthetic`` (trained once per session, ~2 s), no shared data.
 """
@@ -14,7 +14,6 @@ import torch
 
 from model.chat import encode_chat
 from rlhf.batching import (
-    GlobalBatchLoader,
     collate_pairs,
     encode_answer,
     encode_pair,
@@ -99,28 +98,6 @@ def test_pair_encoding_scores_the_answers_last_token(tok) -> None:
     assert batch["input_ids"].shape[0] == 4 and batch["input_ids"].shape[1] % 8 == 0
     assert batch["score_index"].tolist() == [item["chosen_index"]] * 2 + [item["rejected_index"]] * 2
     assert batch["margin"].tolist() == [2.0, 0.0] and batch["pair_weight"].tolist() == [1.0, 1.0]
-
-
-@pytest.mark.parametrize("dp_size", [1, 2, 4])
-def test_global_batch_order_is_independent_of_dp_and_resumes(dp_size: int) -> None:
-    data = list(range(40))
-
-    def collate(xs):
-        return {"x": torch.tensor(xs)}
-
-    def global_batches(dp: int, consumed: int = 0) -> list[list[int]]:
-        loaders = [GlobalBatchLoader(data, collate=collate, global_batch_size=8, micro_batch_size=2, dp_rank=r,
-                                     dp_size=dp, consumed_samples=consumed) for r in range(dp)]
-        per_rank = [[mb["x"].tolist() for mb in ld] for ld in loaders]
-        steps = len(per_rank[0]) // (8 // dp // 2)
-        n = 8 // dp // 2
-        return [sorted(x for r in range(dp) for mb in per_rank[r][s * n:(s + 1) * n] for x in mb)
-                for s in range(steps)]
-
-    assert global_batches(dp_size) == global_batches(1) == [list(range(i, i + 8)) for i in range(0, 40, 8)]
-    assert global_batches(dp_size, consumed=16) == global_batches(1)[2:]
-    with pytest.raises(ValueError, match="not divisible"):
-        GlobalBatchLoader(data, collate=collate, global_batch_size=6, micro_batch_size=4, dp_rank=0, dp_size=1)
 
 
 def test_sniff_format_and_clear_errors(tmp_path: Path) -> None:
