@@ -7,8 +7,7 @@
 
 They let unit tests run the real loop with a small local engine (``tests/unit/test_train_loop.py``) and the
 hang tests make one rank stop (``tests/distributed/test_hang.py``). Other hooks live where they act:
-``LLAMA_TEST_NAN_STEPS`` in ``train/engine.py``, ``LLAMA_TEST_SLOW_CHECKPOINT`` in ``train/checkpointing.py``,
-``LLAMA_FORCE_PORTABLE_LOAD`` in the engine's ``load``.
+``LLAMA_TEST_NAN_STEPS`` in ``train/engine.py``, ``LLAMA_TEST_SLOW_CHECKPOINT`` in ``train/checkpointing.py``.
 """
 
 from __future__ import annotations
