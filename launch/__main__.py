@@ -60,8 +60,7 @@ def _plan_parser(sub: argparse._SubParsersAction) -> None:
                    default=stage_plan.StageShape.frozen_zero_stage,
                    help="--stage ppo: ZeRO stage of the reference and reward models")
     p.add_argument("--tp", type=int)
-    p.add_argument("--cp", type=int, help="context-parallel ranks per sequence (2 x CP chunks, Llama 3; "
-                                          "train/ runs it with --pp 1)")
+    p.add_argument("--cp", type=int, help="context-parallel ranks per sequence (2 x CP chunks, Llama 3)")
     p.add_argument("--pp", type=int)
     p.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction, default=None,
                    help="plan Megatron sequence parallelism at TP > 1 (default off: train/ does not run it yet; "

@@ -152,9 +152,6 @@ def engine_refusals(layout: Layout, *, seq_len: int) -> list[str]:
         reasons.append("sequence parallelism is not implemented in train/ (issue 22 item 1): plan with it off")
     if layout.cp > 1 and seq_len % (2 * layout.cp):
         reasons.append(f"seq_len {seq_len} is not divisible by 2 x CP = {2 * layout.cp}")
-    if layout.cp > 1 and layout.pp > 1:
-        reasons.append("context parallelism with pipeline stages: train/ runs CP with pp 1 (the stages do not "
-                       "carry the chunks' global positions yet)")
     return reasons
 
 

@@ -116,7 +116,7 @@ class ParallelSection:
     cp: int = 1
     """Context-parallel size (Llama 3, ``model/context_parallel.py``): each sequence is cut into 2 x cp chunks
     over cp ranks that all-gather K/V in attention; data.seq_len must be a multiple of 2 x cp. Pretraining and
-    SFT (the language-model objective) without pipeline parallelism."""
+    SFT (the language-model objective); combines with TP, PP, DP and ZeRO."""
     activation_checkpoint_every: int = 0
     """Activation checkpointing in segments of N blocks (recomputed in backward; DeepSpeed's interval); 0 = off."""
 
@@ -357,9 +357,6 @@ class RunConfig(RootConfig):
                "--zero.stage=1")
         _check(self.parallel.tp >= 1 and self.parallel.pp >= 1 and self.parallel.cp >= 1,
                f"parallel.tp={self.parallel.tp}, pp={self.parallel.pp}, cp={self.parallel.cp}: must be >= 1")
-        _check(self.parallel.cp == 1 or self.parallel.pp == 1,
-               f"parallel.cp={self.parallel.cp} with parallel.pp={self.parallel.pp}: the pipeline stages do not carry "
-               "the chunks' global positions yet; use cp with pp=1 (TP, DP and ZeRO 1-3 combine with it)")
         self._validate_layout(model)
         _check(self.checkpoint.keep_last >= 1, f"checkpoint.keep_last={self.checkpoint.keep_last}: must be >= 1")
         _check(t.max_consecutive_nonfinite >= 1,

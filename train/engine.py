@@ -232,7 +232,8 @@ class TrainEngine:
         ds = self._engine()
         batches = [next(micro_batches) for _ in range(num_batches)]
         if self.pipelined:
-            items = [self._pipe_batch(mb, torch.tensor(1.0 / max(float(mb["loss_mask"].sum()), 1.0),
+            # Each CP rank sums its chunks' tokens and DeepSpeed averages over DP x CP: cp / count is the mean.
+            items = [self._pipe_batch(mb, torch.tensor(self.cp.size / max(float(mb["loss_mask"].sum()), 1.0),
                                                        device=self.device)) for mb in batches]
             loss = ds.eval_batch(iter(items), num_micro_batches=num_batches)
             ds.module.train()

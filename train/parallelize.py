@@ -97,7 +97,9 @@ def pipeline_module(model_cfg: LlamaConfig, cfg: EngineConfig, *, topology: Any,
 
     specs = [LayerSpec(cls, model_cfg, layers, *args)
              for cls, args in pipe.stage_builders(model_cfg, document_mask=cfg.document_mask)]
-    grid = PipeModelDataParallelTopology(num_pp=topology.pp_size, num_mp=topology.tp_size, num_dp=topology.dp_size)
+    # DeepSpeed's data axis is every rank holding the same stage weights: DP x CP (same rank order as ours).
+    grid = PipeModelDataParallelTopology(num_pp=topology.pp_size, num_mp=topology.tp_size,
+                                         num_dp=getattr(topology, "dp_cp_size", topology.dp_size))
     checkpoint_fn = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
     return PipelineModule(layers=specs, topology=grid, loss_fn=functools.partial(_pipe_loss, topology.tp_size),
                           partition_method="uniform",
@@ -113,9 +115,9 @@ def context_parallel(cfg: EngineConfig, *, topology: Any, objective: Objective) 
     if cfg.parallel.cp != size:
         raise ConfigError(f"parallel.cp={cfg.parallel.cp} but this stage runs a topology of cp {size}: context "
                           "parallelism runs pretraining and SFT-style language-model training; set parallel.cp=1")
-    if size > 1 and (topology.pp_size > 1 or type(objective) is not LanguageModelObjective):
-        raise ConfigError(f"parallel.cp={size} runs the language-model objective without pipeline parallelism; "
-                          f"this run has pp={topology.pp_size} and {type(objective).__name__}: set parallel.cp=1")
+    if size > 1 and type(objective) is not LanguageModelObjective:
+        raise ConfigError(f"parallel.cp={size} runs the language-model objective; this run trains "
+                          f"{type(objective).__name__}: set parallel.cp=1")
     return ContextParallel(topology.cp_group if size > 1 else None)
 
 
@@ -123,10 +125,15 @@ def parallelize_llama(model_cfg: LlamaConfig, cfg: EngineConfig, *, topology: An
                       layers: LayerFactory) -> nn.Module:
     """Steps 1-4 (the module docstring): the module ZeRO will wrap. ``layers`` = ``layer_factory(topology)``.
     With context parallelism every attention module gets the CP kernel (after step 1: a pinned kernel)."""
+    context = context_parallel(cfg, topology=topology, objective=objective)
     if topology.pp_size > 1:
-        return pipeline_module(model_cfg, cfg, topology=topology, layers=layers)
-    module = build_module(model_cfg, cfg, objective=objective, layers=layers)
-    context_parallel(cfg, topology=topology, objective=objective).pin(module)
+        module = pipeline_module(model_cfg, cfg, topology=topology, layers=layers)
+        for stage in module.modules():
+            if isinstance(stage, pipe.BlockStage):
+                stage.context = context
+    else:
+        module = build_module(model_cfg, cfg, objective=objective, layers=layers)
+    context.pin(module)
     return module
 
 

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from model.attention import AttentionMask
 from model.config import LlamaConfig
+from model.context_parallel import ContextParallel
 from model.layers import LayerFactory
 from model.llama import RMSNorm, TransformerBlock
 from model.rope import RotaryEmbedding
@@ -48,10 +49,16 @@ class BlockStage(TransformerBlock):
         super().__init__(cfg, layers, layer_index)
         self.rotary = RotaryEmbedding(cfg)  # tables only, no parameters
         self.document_mask = document_mask
+        self.context: ContextParallel | None = None
+        """Context parallelism (set by ``train.parallelize``): the activation holds this rank's two chunks of each
+        sequence, whose global positions RoPE needs."""
 
     def forward(self, inputs: Activation) -> Activation:  # type: ignore[override]
         h, document_ids = inputs
-        positions = torch.arange(h.shape[1], device=h.device)[None]
+        if self.context is not None and self.context.enabled:
+            positions = self.context.positions(h.shape[1] * self.context.size, h.device)
+        else:
+            positions = torch.arange(h.shape[1], device=h.device)[None]
         mask = AttentionMask(document_ids=document_ids if self.document_mask else None)
         return super().forward(h, self.rotary(positions), mask=mask), document_ids
 

@@ -6,11 +6,11 @@ chunks of CP 2 and the 8-token chunks of CP 4):
 
 - 2 processes: CP 2 (checkpoint at step 3), then CP 1 x DP 2 resumed from that checkpoint (checkpoints do not
   see CP: ZeRO's partitions span DP x CP, so the CP 2 checkpoint reads like a DP 2 one);
-- 4 processes: CP 4, TP 2 x CP 2, CP 2 x DP 2 with ZeRO-3.
+- 4 processes: CP 4, TP 2 x CP 2, CP 2 x PP 2 (the stages carry the chunks, RoPE uses their global positions),
+  CP 2 x DP 2 with ZeRO-3.
 
 Every layout's 5 losses and gradient norms and its final weights equal ``train.reference.ReferenceEngine`` (one
-process, plain PyTorch) within 1e-5; the resumed run's steps 4 and 5 too. Not covered here (refused with a
-ConfigError, tests/unit/test_context_parallel.py): CP x PP.
+process, plain PyTorch) within 1e-5; the resumed run's steps 4 and 5 too.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 TWO_PROCESS = {"cp2": ["--parallel.cp=2", "--checkpoint.every=3"]}
 FOUR_PROCESS = {"cp4": ["--parallel.cp=4"], "tp2_cp2": ["--parallel.tp=2", "--parallel.cp=2"],
+                "cp2_pp2": ["--parallel.cp=2", "--parallel.pp=2"],
                 "cp2_dp2_zero3": ["--parallel.cp=2", "--zero.stage=3"]}
 RESUME = "resume_cp1_dp2_from_cp2"
 

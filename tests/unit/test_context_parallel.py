@@ -41,8 +41,10 @@ def test_config_refuses_what_context_parallelism_cannot_run() -> None:
     RunConfig.from_toml(None, [*base, "--data.seq_len=64", "--parallel.cp=4"]).validate(world_size=4)
     with pytest.raises(ConfigError, match=r"data.seq_len=60 is not divisible by 2 x parallel.cp = 8"):
         RunConfig.from_toml(None, [*base, "--data.seq_len=60", "--parallel.cp=4"]).validate()
-    with pytest.raises(ConfigError, match=r"parallel.cp=2 with parallel.pp=2"):
-        RunConfig.from_toml(None, [*base, "--data.seq_len=64", "--parallel.cp=2", "--parallel.pp=2"]).validate()
+    RunConfig.from_toml(None, [*base, "--data.seq_len=64", "--parallel.cp=2", "--parallel.pp=2"]).validate(
+        world_size=4)
+    with pytest.raises(ConfigError, match=r"parallel.tp=1, pp=1, cp=0: must be >= 1"):
+        RunConfig.from_toml(None, [*base, "--data.seq_len=64", "--parallel.cp=0"]).validate()
     with pytest.raises(ConfigError, match=r"world size 6 is not a multiple of tp x pp x cp"):
         RunConfig.from_toml(None, [*base, "--data.seq_len=64", "--parallel.cp=4"]).validate(world_size=6)
 
