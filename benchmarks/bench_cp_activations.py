@@ -28,8 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def saved_block_bytes(model_name: str, cp_group, seq: int) -> dict[str, float]:  # noqa: ANN001
-    """Bytes one bf16 block of this rank keeps for backward, and its token count, at CP = ``cp_group``'s size."""
+def saved_block_bytes(model_name: str, cp_group, seq: int, *, layers=None) -> dict[str, float]:  # noqa: ANN001
+    """Bytes one bf16 block of this rank keeps for backward, and its token count, at CP = ``cp_group``'s size;
+    ``layers``: a ``LayerFactory`` (``model.parallel.MegatronLayers`` for tensor parallelism; default plain)."""
     from model import projections
     from model.attention import AttentionMask
     from model.config import get_config
@@ -38,7 +39,7 @@ def saved_block_bytes(model_name: str, cp_group, seq: int) -> dict[str, float]: 
 
     cp = ContextParallel(cp_group)
     cfg = get_config(model_name)
-    model = Llama(cfg.replace(n_layers=1))
+    model = Llama(cfg.replace(n_layers=1), layers=layers)
     init_llama_weights(model, seed=0)
     model = model.to(torch.bfloat16)
     model.layers[0].attention.kernel = cp.kernel  # at CP 1 too: the same kernel, a gather of one

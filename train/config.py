@@ -305,7 +305,7 @@ class RunConfig(RootConfig):
         _check(d.seq_len > 0, f"data.seq_len={d.seq_len}: must be positive")
         _check(d.synthetic_document_length >= 0,
                f"data.synthetic_document_length={d.synthetic_document_length}: must be >= 0 (0 = 4-47 tokens)")
-        _check(d.seq_len % (2 * self.parallel.cp) == 0,
+        _check(d.seq_len % (2 * max(self.parallel.cp, 1)) == 0,
                f"data.seq_len={d.seq_len} is not divisible by 2 x parallel.cp = {2 * self.parallel.cp}: context "
                "parallelism cuts every sequence into 2 x cp equal chunks; choose a multiple of it")
         _check(d.synthetic or d.path, "data.path is empty and data.synthetic=false: point --data.path at a "

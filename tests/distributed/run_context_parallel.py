@@ -85,6 +85,17 @@ def main() -> None:
             results[f"cp{size}_eager"] = compare(cp)
     for size in (1, 2, 4):  # the measurement of benchmarks/bench_cp_activations.py
         results[f"saved_cp{size}"] = saved_block_bytes("debug_llama3_tiny", groups[size], 8192)
+    # Tensor parallelism 2 (megatron-core layers), without and with CP 2: what one TP rank keeps.
+    from megatron.core import parallel_state
+
+    from model.parallel import MegatronLayers
+
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=2, context_parallel_size=2)
+    tp_layers = MegatronLayers(params_dtype=torch.bfloat16)
+    results["saved_tp2"] = saved_block_bytes("debug_llama3_tiny", None, 2048, layers=tp_layers)
+    results["saved_tp2_cp2"] = saved_block_bytes("debug_llama3_tiny", parallel_state.get_context_parallel_group(),
+                                                 2048, layers=tp_layers)
+    parallel_state.destroy_model_parallel()
     gathered = comm.all_gather_object(results)
     if rank == 0:
         (out / "context_parallel.json").write_text(json.dumps(gathered, indent=1))

@@ -57,3 +57,14 @@ def test_saved_activations_per_rank_fall_with_cp_as_planned(results: list[dict])
         assert measured["bytes"] / measured["tokens"] == planned, cp
     assert saved[2]["bytes"] / saved[1]["bytes"] <= 0.55
     assert saved[4]["bytes"] / saved[1]["bytes"] <= 0.3
+
+
+@pytest.mark.parametrize("case,cp", [("saved_tp2", 1), ("saved_tp2_cp2", 2)])
+def test_saved_activations_per_tensor_parallel_rank_as_planned(results: list[dict], case: str, cp: int) -> None:
+    """megatron-core TP 2 (no sequence parallelism: train/ does not run it), alone and with CP 2."""
+    cfg = get_config("debug_llama3_tiny")
+    planned = activation_bytes_per_token(cfg, Layout(tp=2, cp=cp, fused_norm=False), 2048)
+    for per_rank in results:
+        measured = per_rank[case]
+        assert measured["tokens"] == 2048 / cp
+        assert measured["bytes"] / measured["tokens"] == pytest.approx(planned, rel=0.10)
