@@ -79,7 +79,8 @@ def models(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
     from model.checkpoints import save_checkpoint
     from model.config import get_config
     from model.llama import Llama
-    from rlhf.reward.model import RewardModel, save_reward_model
+    from rlhf.reward.model import RewardModel
+    from rlhf.scalar_head import save_scalar_model
 
     tok = require_file(shared_data / "checkpoints/stories260K/tok512.model")
     root = tmp_path_factory.mktemp("win_rate")
@@ -92,7 +93,7 @@ def models(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
     torch.manual_seed(3)
     rm = RewardModel(Llama(cfg))
     state = {k.removeprefix("model."): v for k, v in rm.state_dict().items()}
-    out["judge"] = save_reward_model(state, cfg, root / "judge", meta={"tokenizer": str(tok), "template": "llama2",
+    out["judge"] = save_scalar_model(state, cfg, root / "judge", meta={"tokenizer": str(tok), "template": "llama2",
                                                                          "max_len": 256})
     out["prompts"] = root / "prompts.jsonl"
     out["prompts"].write_text("".join(json.dumps({"prompt": f"Tell me about the {thing}."}) + "\n" for thing in
