@@ -67,10 +67,14 @@ class TrainEngine:
     """One model under TP x PP x ZeRO; see the module docstring. Every method is collective."""
 
     def __init__(self, *, model_cfg: LlamaConfig, engine_cfg: EngineConfig, topology: Any,
-                 objective: Objective | None = None, init_weights: dict[str, Tensor] | None = None) -> None:
+                 objective: Objective | None = None, init_weights: dict[str, Tensor] | None = None,
+                 inference_only: bool = False) -> None:
         """``objective``: what to train (default ``LanguageModelObjective``); ``init_weights``: full tensors by
         native name (a pretrained / SFT checkpoint) copied over the seeded initialisation, each cut to this
-        rank's TP slice; names the checkpoint lacks (a new reward head) keep their seeded values."""
+        rank's TP slice; names the checkpoint lacks (a new reward head) keep their seeded values.
+        ``inference_only``: a frozen model that only scores (``forward``): no optimizer, no fp32 master
+        weights, weights in the run's dtype (``train.parallelize.apply_zero_inference``)."""
+        self.inference_only = inference_only
         if engine_cfg.zero.stage not in (1, 2, 3):
             raise ConfigError(f"zero.stage={engine_cfg.zero.stage}: the engine runs ZeRO stages 1-3 (stage 1 costs "
                               "nothing over plain data parallelism and shards the optimizer states)")
@@ -132,7 +136,8 @@ class TrainEngine:
     def _engine(self) -> Any:
         if self.ds is None:
             self._seed_init()
-            self.ds = apply_zero(self.module, self.engine_cfg, topology=self.topo)  # step 5
+            self.ds = apply_zero(self.module, self.engine_cfg, topology=self.topo,  # step 5
+                                 inference_only=self.inference_only)
         return self.ds
 
     @property
@@ -185,17 +190,20 @@ class TrainEngine:
         moved = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in inputs.items()}
         return ds.module(**moved) if self.pipelined else ds(**moved)
 
-    def gathered_parameters(self) -> Any:
-        """A context in which every parameter of this rank is whole (its TP shard), e.g. to copy the weights
-        for generation: under ZeRO-3 one gather of all partitions on entry, released on exit (read-only);
-        a no-op at stages 1-2, where parameters are never partitioned."""
+    def gathered_parameters(self, params: list[Tensor] | None = None) -> Any:
+        """A context in which every parameter of this rank (or only ``params``) is whole (its TP shard), e.g. to
+        copy the weights for generation: under ZeRO-3 one gather of those partitions on entry, released on exit
+        (read-only; collective: every rank passes the same parameters); a no-op at stages 1-2."""
         ds = self._engine()
         if self.engine_cfg.zero.stage != 3:
             return contextlib.nullcontext()
-        return deepspeed.zero.GatheredParameters(list(ds.module.parameters()), modifier_rank=None)
+        return deepspeed.zero.GatheredParameters(list(ds.module.parameters()) if params is None else params,
+                                                 modifier_rank=None)
 
     def train_step(self, micro_batches: Any, lr: float) -> StepResult:
         """One optimizer step over ``gas`` micro-batches of this DP rank (see the module docstring)."""
+        if self.inference_only:
+            raise RuntimeError("train_step on an inference-only engine (a frozen role): build it trainable")
         ds = self._engine()
         self._steps_taken += 1
         batches = [next(micro_batches) for _ in range(self.gas)]

@@ -170,9 +170,13 @@ def deepspeed_config(cfg: EngineConfig, *, dp: int, cuda: bool) -> dict[str, Any
     }
 
 
-def apply_zero(module: nn.Module, cfg: EngineConfig, *, topology: Any) -> Any:
-    """Step 5: the DeepSpeed engine over ``module`` (ZeRO over the data-parallel group, our AdamW)."""
+def apply_zero(module: nn.Module, cfg: EngineConfig, *, topology: Any, inference_only: bool = False) -> Any:
+    """Step 5: the DeepSpeed engine over ``module`` (ZeRO over the data-parallel group, our AdamW).
+    ``inference_only``: see ``apply_zero_inference``."""
     from train.deepspeed_api import deepspeed
+
+    if inference_only:
+        return apply_zero_inference(module, cfg, topology=topology)
 
     o, device = cfg.optim, topology.device
     # Fused AdamW: one pass over (param, grad, m, v) instead of ~10 elementwise kernels. On CPU it matters more
@@ -192,6 +196,31 @@ def apply_zero(module: nn.Module, cfg: EngineConfig, *, topology: Any) -> Any:
     ds, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=config, mpu=mpu,
                                        dist_init_required=False)
     _skip_single_rank_allreduce(ds.optimizer)
+    return ds
+
+
+def apply_zero_inference(module: nn.Module, cfg: EngineConfig, *, topology: Any) -> Any:
+    """A frozen model (PPO's reference and reward models) that only runs forwards: no optimizer, hence no fp32
+    master weights, Adam moments or gradient buffers; weights in the run's dtype (bf16 on GPUs). ZeRO-3:
+    DeepSpeed's parameter partitioning without an optimizer (each rank keeps 1/DP of its TP shard and gathers a
+    module while it runs, as in training); ZeRO-1/2 (which partition only optimizer state) become a plain
+    TP-sharded module."""
+    from train.deepspeed_api import deepspeed
+
+    for param in module.parameters():
+        param.requires_grad_(False)
+    config = deepspeed_config(cfg, dp=topology.dp_size, cuda=topology.device.type == "cuda")
+    config["train_batch_size"] *= getattr(topology, "cp_size", 1)
+    config.pop("gradient_clipping")
+    if cfg.zero.stage < 3:
+        config["zero_optimization"] = {"stage": 0}
+        config["bf16"] = {"enabled": False}  # DeepSpeed's bf16 "optimizer" would keep fp32 copies: cast here
+        if cfg.dtype == "bf16":
+            module.to(torch.bfloat16)
+    mpu = None if topology.pp_size > 1 else topology.deepspeed_mpu()
+    ds, _, _, _ = deepspeed.initialize(model=module, optimizer=None, config=config, mpu=mpu,
+                                       dist_init_required=False)
+    ds.eval()
     return ds
 
 

@@ -12,9 +12,10 @@ the same gathered full-vocabulary logits with the same generator, hence the same
 
 ZeRO-3 generation (the peers' 70 s vs 0.8 s complaint, Llama 2's "gather on each node, free after"):
 
-- ``mode="once"``: ``engine.gathered_parameters()`` gathers every partition once; the full (TP-shard) weights
-  are copied into a plain generation copy of the network, the partitions released, the copy generates with no
-  communication at all and is freed when the context exits.
+- ``mode="once"``: each block's partitions are gathered once (``engine.gathered_parameters(params)``) and
+  copied into a plain generation copy of the network (TP-sharded: each rank holds 1/TP of the weights, in
+  their dtype), then released; the copy generates with no communication at all and is freed when the context
+  exits. Peak: the copy plus one gathered block.
 - ``mode="per_token"``: every forward goes through the DeepSpeed engine, which gathers each layer's
   partitions at every token. All data-parallel ranks must then run the same number of forwards, so the loop
   runs ``max_new_tokens`` steps without early stopping (answers are cut at the first stop token after).
@@ -85,20 +86,39 @@ def _vocab_gather(engine: Any) -> Callable[[Tensor], Tensor]:
     return lambda logits: gather_vocab_logits(logits, group=topo.tp_group, tp_size=topo.tp_size)
 
 
+def _copy_groups(model: Llama) -> list[tuple[str, torch.nn.Module]]:
+    """The network cut into the pieces the generation copy is filled from, one gather each: the embedding,
+    every block, the final norm and the head (in this order on every rank: each gather is collective)."""
+    groups: list[tuple[str, torch.nn.Module]] = []
+    for name, child in model.named_children():
+        if isinstance(child, torch.nn.ModuleList):
+            groups += [(f"{name}.{i}", block) for i, block in enumerate(child)]
+        elif any(True for _ in child.parameters()):
+            groups.append((name, child))
+    return groups
+
+
 def _generation_copy(engine: Any) -> Llama:
-    """A plain (TP-sharded, never ZeRO-partitioned) copy of the policy network, filled inside one gather."""
+    """A plain (TP-sharded, never ZeRO-partitioned) copy of the policy network, built directly in the
+    weights' dtype (no fp32 materialisation) and filled one block at a time: each block's partitions are
+    gathered, copied and released before the next, so the peak is the copy plus one gathered block (not the
+    copy plus the whole gathered network)."""
     from model.llama import RotaryEmbedding
 
     source: Llama = engine.trained_module.model
+    dtype = next(source.parameters()).dtype
     with torch.device("meta"):  # no allocation, no random init: the weights are copied in below
         copy = Llama(source.config, layers=engine.factory)
+    copy = copy.to(dtype).to_empty(device=engine.device)  # allocated once, in the weights' dtype
     copy.rotary = RotaryEmbedding(source.config)  # RoPE tables are computed in __init__, not on meta
-    with torch.no_grad(), engine.gathered_parameters():
-        params = dict(source.named_parameters())
-        dtype = next(iter(params.values())).dtype
-        copy = copy.to_empty(device=engine.device).to(dtype)
-        for name, param in copy.named_parameters():
-            param.copy_(params[name].data)
+    targets = dict(copy.named_parameters())
+    with torch.no_grad():
+        for prefix, module in _copy_groups(source):
+            params = list(module.named_parameters(prefix=prefix))
+            with engine.gathered_parameters([p for _, p in params]):
+                for name, param in params:
+                    if name in targets:  # a tied head is the embedding, copied already
+                        targets[name].copy_(param.data)
     copy.eval()
     return copy
 

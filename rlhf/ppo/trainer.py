@@ -158,8 +158,10 @@ class PPOTrainer:
         return split_heldout(prompts, n=cfg.prompts.heldout)
 
     def _engine(self, role: str, objective: Any, model_cfg: Any, weights: dict[str, Tensor] | None) -> Any:
+        # Frozen roles only score: no optimizer, no fp32 master weights (issue 16 item 2).
         engine = self._engine_cls(model_cfg=model_cfg, engine_cfg=self.cfg.engine_config(role=role),
-                                  topology=self.topo, objective=objective, init_weights=weights)
+                                  topology=self.topo, objective=objective, init_weights=weights,
+                                  inference_only=role == "frozen")
         if role == "frozen":
             engine.trained_module.eval()
         return engine

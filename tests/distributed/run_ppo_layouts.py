@@ -25,9 +25,12 @@ warnings.filterwarnings("ignore")
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from model import kernels  # noqa: E402
+from rlhf.ppo import rollout as ro  # noqa: E402
 from rlhf.ppo.config import PPOConfig  # noqa: E402
 from rlhf.ppo.trainer import PPOTrainer  # noqa: E402
 
@@ -43,10 +46,65 @@ ITERATIONS = 2
 EAGER = "@eager"
 
 
+BUILD_COPY = ro._generation_copy  # the real one (each layout's watcher wraps it, not the previous watcher)
+
+
+class _Allocations(TorchDispatchMode):
+    """The largest fp32 tensor any op allocates while the rollout copy is built (a fp32 materialisation)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest_fp32 = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 - torch's protocol
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (list, tuple)) else [out]:
+            if isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.device.type != "meta":
+                self.largest_fp32 = max(self.largest_fp32, t.numel())
+        return out
+
+
+def _watch_rollout_copy(trainer: PPOTrainer) -> dict:
+    """Record, for every rollout copy the policy builds: its dtypes and size, the largest gather it needed and
+    the largest fp32 tensor allocated meanwhile (``rollout_copy`` in result.json)."""
+    seen: dict = {"dtypes": set(), "copy_numel": 0, "largest_gather": 0, "largest_fp32": 0, "copies": 0}
+    engine, build, gathered = trainer.policy, BUILD_COPY, trainer.policy.gathered_parameters
+
+    def counting_gather(params=None):  # noqa: ANN001, ANN202
+        seen["largest_gather"] = max(seen["largest_gather"], sum(p.ds_numel for p in params or []))
+        return gathered(params)
+
+    def watched(eng):  # noqa: ANN001, ANN202
+        eng._engine()  # the training engine's own (lazy) construction is not the copy's
+        with _Allocations() as alloc:
+            copy = build(eng)
+        seen["largest_fp32"] = max(seen["largest_fp32"], alloc.largest_fp32)
+        seen["dtypes"] |= {str(p.dtype) for p in copy.parameters()}
+        seen["copy_numel"] = sum(p.numel() for p in copy.parameters())
+        seen["copies"] += 1
+        return copy
+
+    engine.gathered_parameters = counting_gather
+    ro._generation_copy = watched
+    return seen
+
+
+def _frozen_state(engine) -> dict:  # noqa: ANN001
+    """What a frozen role (the reference) holds beyond its weights: DeepSpeed's optimizer and fp32 master."""
+    opt = engine._engine().optimizer
+    flat = getattr(opt, "fp32_partitioned_groups_flat", None) or getattr(opt, "single_partition_of_fp32_groups", [])
+    params = list(engine.trained_module.parameters())
+    return {"optimizer": type(opt).__name__ if opt is not None else None,
+            "fp32_master_numel": sum(t.numel() for t in flat),
+            "weight_dtypes": sorted({str(getattr(p, "ds_tensor", p).dtype) for p in params}),
+            "trainable": any(p.requires_grad for p in params)}
+
+
 def run_layout(out: Path, name: str, overrides: list[str]) -> None:
     cfg = PPOConfig.from_toml(None, BASE + overrides + [f"--run.dir={out / name}"])
     trainer = PPOTrainer(cfg, print_fn=lambda *a, **k: None)
     topo = trainer.topo
+    copies = _watch_rollout_copy(trainer)
     records = []
     for it in range(ITERATIONS):  # the second one has a policy != reference: the KL penalty is active
         exp, record = trainer.collect(it)
@@ -67,7 +125,10 @@ def run_layout(out: Path, name: str, overrides: list[str]) -> None:
     trainer.export("final_policy")
     trainer.export("final_value", value=True)
     if topo.global_rank == 0:
-        (out / name / "result.json").write_text(json.dumps({"metrics": records, "prompts": per_prompt}))
+        copies["dtypes"] = sorted(copies["dtypes"])
+        (out / name / "result.json").write_text(json.dumps({"metrics": records, "prompts": per_prompt,
+                                                            "rollout_copy": copies,
+                                                            "frozen": _frozen_state(trainer.reference)}))
 
 
 def main() -> None:
