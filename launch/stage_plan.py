@@ -16,9 +16,9 @@ moments, ZeRO partitioning over DP, TP slicing):
 * a trained role (SFT/RM/DPO model; PPO policy and value model): weights + optimizer states all the time; its
   gradients, fp32 gradient partition, ZeRO-3 gathered module, activations (``activation_bytes_per_token``),
   logits and communication buckets only while it trains. The value / reward models have no LM head.
-* a frozen role (PPO reference and reward models): as ``rlhf/ppo`` builds them today, an engine that never
-  steps: bf16 weights (partitioned over DP under ZeRO-3, ``ppo.frozen_zero_stage``) and DeepSpeed's fp32 master
-  partition (4 B/param / DP), no Adam moments (created lazily, never), no gradients.
+* a frozen role (PPO reference and reward models): an inference-only engine (``TrainEngine(inference_only=
+  True)``): bf16 weights only, partitioned over DP under ZeRO-3 (``ppo.frozen_zero_stage``), else the TP shard;
+  no optimizer, fp32 master or gradients.
 * the rollout copy (PPO under ZeRO-3, ``rollout.gather=once``): this rank's TP shard of the policy in bf16,
   built in its dtype and filled one gathered block at a time (``rlhf/ppo/rollout.py``): 2 B/param / TP plus
   one block; without ZeRO-3 the training module generates itself (no copy). KV cache: rollout batch x
@@ -122,10 +122,9 @@ def trained_role(cfg: LlamaConfig, layout: Layout, *, seq_len: int, lm_head: boo
 
 
 def frozen_role(cfg: LlamaConfig, layout: Layout, *, zero_stage: int, lm_head: bool = True) -> dict[str, float]:
-    """A never-stepped engine: bf16 weights (ZeRO-3: partitioned over DP) + DeepSpeed's fp32 master partition."""
+    """An inference-only engine: bf16 weights of this rank's TP shard, partitioned over DP under ZeRO-3."""
     p = planner.stage_params(cfg, layout, 0) - (0.0 if lm_head else _head_params(cfg, layout))
-    dp = layout.shard_ranks
-    return {"weights": BF16 * p / (dp if zero_stage == 3 else 1), "fp32 master": FP32 * p / dp}
+    return {"weights": BF16 * p / (layout.shard_ranks if zero_stage == 3 else 1)}
 
 
 def scoring_bytes(cfg: LlamaConfig, layout: Layout, *, seq_len: int, zero_stage: int) -> dict[str, float]:

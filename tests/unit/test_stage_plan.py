@@ -23,16 +23,17 @@ def test_llama2_70b_ppo_fits_64_gpus_only_with_a_tp_sharded_rollout_copy() -> No
     cfg = get_config("llama2_70b")
     plans = search_stage("ppo", cfg, gpus=64, hardware=H100_80)
     fitting = [p for p in plans if p.fits]
-    assert fitting, [(p.layout.describe(), p.peak / GiB) for p in plans[:3]]
-    best = fitting[0]
-    assert best.layout.tp == 8 and best.layout.zero_stage == 3 and best.peak_phase == "rollout"
-    copy = best.phases["rollout"]["rollout copy"]
-    assert copy == pytest.approx(2 * planner.stage_params(cfg, best.layout, 0))  # bf16, 1/TP of the weights
-    assert copy < 2 * cfg.num_params() / 7.9
-    # The same layout at TP4 holds a twice larger copy and is refused, with the phase and the numbers.
-    tp4 = plan_stage("ppo", cfg, dataclasses.replace(best.layout, tp=4, dp=16), hardware=H100_80)
-    assert not tp4.fits and tp4.peak_phase == "rollout" and tp4.peak > 80 * GiB
+    assert fitting and fitting[0].layout.tp == 8 and all(p.layout.tp >= 4 for p in fitting), \
+        [(p.layout.describe(), p.peak / GiB) for p in plans[:6]]
     assert all(p.peak > 80 * GiB for p in plans if not p.fits)
+    zero3 = next(p for p in fitting if p.layout.zero_stage == 3 and p.layout.tp == 8 and p.layout.activation_checkpointing)
+    assert zero3.peak_phase == "rollout"
+    copy = zero3.phases["rollout"]["rollout copy"]
+    assert copy == pytest.approx(2 * planner.stage_params(cfg, zero3.layout, 0))  # bf16, 1/TP of the weights
+    assert copy < 2 * cfg.num_params() / 7.9
+    # At TP 2 the copy is a quarter of the weights: refused, with the phase and the numbers.
+    tp2 = plan_stage("ppo", cfg, dataclasses.replace(zero3.layout, tp=2, dp=32), hardware=H100_80)
+    assert not tp2.fits and tp2.peak_phase == "rollout" and tp2.peak > 80 * GiB
 
 
 def test_llama2_7b_ppo_fits_8_gpus_and_every_role_is_counted() -> None:
@@ -54,7 +55,7 @@ def test_roles_use_the_pretraining_planner_memory_model() -> None:
     mem = planner.plan_memory(cfg, layout, seq_len=2048, microbatches=1,
                               hardware=planner.Hardware(reserved_bytes=0))
     assert plan.phases["training"]["activations"] == mem.activations  # the policy trains (the larger)
-    assert plan.resident["reference"] == {"weights": 2 * p / 4, "fp32 master": 4 * p / 4}
+    assert plan.resident["reference"] == {"weights": 2 * p / 4}  # inference-only: bf16 ZeRO-3 shard
     sft = plan_stage("sft", cfg, layout, shape=StageShape(seq_len=2048))
     assert sft.resident == {"model": plan.resident["policy"]} and set(sft.phases) == {"training"}
     dpo = plan_stage("dpo", cfg, layout, shape=StageShape(seq_len=2048))
@@ -76,8 +77,8 @@ def test_cli_ranks_fitting_layouts_and_refuses_with_numbers(capsys: pytest.Captu
     base = ["plan", "--stage", "ppo", "--model", "llama2_70b", "--gpus", "64", "--gpu-memory", "80GiB"]
     assert launch_main([*base, "--json"]) == 0
     plans = json.loads(capsys.readouterr().out)["plans"]
-    assert plans[0]["fits"] and plans[0]["layout"]["tp"] == 8 and plans[0]["peak_phase"] == "rollout"
-    assert launch_main([*base, "--tp", "4", "--zero-stage", "3", "--activation-checkpointing"]) == 1
+    assert plans[0]["fits"] and plans[0]["layout"]["tp"] == 8 and plans[0]["peak_phase"] in plans[0]["phases"]
+    assert launch_main([*base, "--tp", "2", "--zero-stage", "3", "--activation-checkpointing"]) == 1
     out = capsys.readouterr()
     assert "REFUSED: the rollout phase needs" in out.out and "GiB more than the 80 GiB" in out.out
     assert "no layout of llama2_70b (ppo) fits" in out.err
