@@ -292,7 +292,9 @@ def cmd_devices(args: argparse.Namespace) -> int:
 
 def _slurm_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("slurm", help="write (and --submit) the sbatch script")
-    p.add_argument("--config", required=True, help="training config passed to `-m train --config`")
+    p.add_argument("--config", required=True, help="training config passed to `-m MODULE --config`")
+    p.add_argument("--module", default="train",
+                   help="program to run: train (default) or a stage that checkpoints and resumes, e.g. rlhf.ppo")
     p.add_argument("--nodes", type=int, required=True)
     p.add_argument("--gpus-per-node", type=int, required=True, help="0 = CPU-only job")
     p.add_argument("--nproc-per-node", type=int, help="processes per node (default: gpus-per-node, or 1)")
@@ -326,7 +328,7 @@ def cmd_slurm(args: argparse.Namespace) -> int:
         job_name=args.job_name, partition=args.partition, time=args.time, account=args.account, qos=args.qos,
         cpus_per_task=args.cpus_per_task, mem=args.mem, exclusive=args.exclusive, signal_lead_s=args.signal_lead,
         log_root=args.log_root, overrides=list(args.overrides), resume=None if args.no_resume else "auto",
-        extra_sbatch=args.sbatch_arg, env=env)
+        extra_sbatch=args.sbatch_arg, env=env, module=args.module)
     path = slurm.write_sbatch(job, args.output)
     print(f"wrote {path}")
     if args.submit:

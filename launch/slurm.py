@@ -74,6 +74,8 @@ class SlurmJob:
     resume: str | None = "auto"
     extra_sbatch: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
+    module: str = "train"
+    """The program torchrun starts (``-m MODULE --config CONFIG``): ``train`` or a stage, e.g. ``rlhf.ppo``."""
 
     @property
     def procs_per_node(self) -> int:
@@ -88,6 +90,8 @@ class SlurmJob:
         if not 60 <= self.signal_lead_s < limit:
             raise ValueError(f"--signal-lead {self.signal_lead_s}s must be >= 60 and below --time {self.time} "
                              f"({limit}s); it is how long training has to checkpoint")
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]*", self.module):
+            raise ValueError(f"--module {self.module!r}: a Python module name such as train or rlhf.ppo")
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.job_name):
             raise ValueError(f"--job-name {self.job_name!r}: use letters, digits, '.', '_' or '-'")
         return self
@@ -143,7 +147,8 @@ def render_sbatch(job: SlurmJob) -> str:
     torchrun = build_torchrun_args(
         nnodes="$SLURM_NNODES", nproc_per_node="$NPROC_PER_NODE", config=job.config, rdzv="c10d",
         master_addr="$MASTER_ADDR", master_port="$MASTER_PORT", rdzv_id="$SLURM_JOB_ID",
-        overrides=job.overrides, resume=job.resume, shutdown_timeout=max(30, job.signal_lead_s - 60))
+        overrides=job.overrides, resume=job.resume, shutdown_timeout=max(30, job.signal_lead_s - 60),
+        module=job.module)
     env = {"PYTHONUNBUFFERED": "1"}
     if job.gpus_per_node > 0:  # CPU jobs run gloo (train/topology.py picks it without CUDA): no NCCL/CUDA env
         env.update({"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1", "NCCL_ASYNC_ERROR_HANDLING": "1",

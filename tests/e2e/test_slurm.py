@@ -9,12 +9,14 @@ One job of the tiny model (2 processes per node, gloo) from ``python -m launch s
  2. ``scontrol requeue``: an operator/preemption requeue (SIGTERM to the job): the workers checkpoint within
     KillWait and SLURM requeues the job.
 Each requeued run must resume from the checkpoint the previous run wrote (never restart), and the last one
-must finish: every step once in metrics.jsonl, the final checkpoint complete, exit code 0.
+must finish: every step once in metrics.jsonl, the final checkpoint complete, exit code 0. A PPO job
+(``--module rlhf.ppo``) is requeued by USR1 the same way and finishes.
 Skips (with the reason) only where the machine cannot run the daemons: not root, binaries missing.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -24,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import REPO_ROOT as REPO
 from tests.e2e.launch_helpers import TINY, read_steps, train_env, wait_for
 from tests.e2e.slurm_cluster import SlurmCluster, SlurmUnavailable
 
@@ -135,3 +138,51 @@ def test_generated_script_runs_requeues_and_resumes(cluster: SlurmCluster, tmp_p
     assert (run_dir / "checkpoints" / f"step_{STEPS:08d}" / "COMPLETE").exists()
     print(f"job {job}: run 1 steps 1-{runs[1][0]} (USR1), run 2 {runs[1][0] + 1}-{runs[2][0]} (requeue), "
           f"run 3 {runs[2][0] + 1}-{STEPS}")
+
+
+PPO_ITERATIONS = 30
+
+
+def _ppo_iterations(run_dir: Path) -> list[int]:
+    path = run_dir / "metrics.jsonl"
+    steps = []
+    for line in (path.read_text().splitlines() if path.is_file() else []):
+        try:
+            steps.append(json.loads(line)["step"])
+        except (json.JSONDecodeError, KeyError):
+            continue  # a line cut mid-write
+    return steps
+
+
+@pytest.mark.timeout(900)
+def test_ppo_job_requeues_on_usr1_and_finishes(cluster: SlurmCluster, tmp_path: Path) -> None:
+    """A PPO job (``--module rlhf.ppo``, 2 processes, ZeRO-3): the time-limit USR1 makes it checkpoint at the
+    next iteration boundary and requeue itself; the requeued run resumes there and finishes."""
+    tmp_path.chmod(0o755)
+    run_dir, logs, script = tmp_path / "ppo", tmp_path / "logs", tmp_path / "ppo.sbatch"
+    subprocess.run([sys.executable, "-m", "launch", "slurm", "--module", "rlhf.ppo", "--config",
+                    str(REPO / "configs" / "rlhf" / "ppo_tiny.toml"), "--nodes", "1", "--gpus-per-node", "0", "--nproc-per-node", "2",
+                    "--job-name", "ppo", "--time", "00:30:00", "--signal-lead", "120", "--log-root", str(logs),
+                    "--output", str(script), "--", f"--ppo.iterations={PPO_ITERATIONS}", "--eval.every=10",
+                    "--eval.patience=0", "--checkpoint.every=5", "--zero.stage=3", f"--run.dir={run_dir}"],
+                   check=True, env=train_env(), timeout=60, cwd=REPO)
+    assert "-m rlhf.ppo --config " in script.read_text()
+    job = cluster.sbatch(script, cwd=REPO)
+    node_log = logs / f"ppo-{job}" / "node0.out"
+    try:
+        wait_for(lambda: len(_ppo_iterations(run_dir)) >= 3, timeout_s=300, what="3 PPO iterations")
+        cluster.run("scancel", "--batch", "--signal=USR1", job)
+        _wait_requeued(cluster, job, 1)
+        info = cluster.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"},
+                                  timeout_s=500)
+    except BaseException:
+        print(cluster.logs(), (logs / f"ppo-{job}.out").read_text() if (logs / f"ppo-{job}.out").exists() else "")
+        raise
+    text, batch_log = node_log.read_text(), (logs / f"ppo-{job}.out").read_text()
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (info, batch_log, text[-3000:])
+    assert int(info["Restarts"]) == 1 and f"requeueing {job}" in batch_log
+    stopped = re.search(r"pre-empted \(SIGUSR1\) at iteration (\d+)", text)
+    assert stopped and 0 < int(stopped.group(1)) < PPO_ITERATIONS, text[-3000:]
+    assert re.search(rf"resumed from \S+step_{int(stopped.group(1)):08d} at iteration {stopped.group(1)}", text)
+    assert _ppo_iterations(run_dir) == list(range(PPO_ITERATIONS + 1))  # every iteration once (0: first eval)
+    assert (run_dir / "final_policy" / "model.safetensors").is_file()
