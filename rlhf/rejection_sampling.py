@@ -37,11 +37,12 @@ from torch import Tensor
 from model.chat import encode_chat
 from rlhf.batching import dialogue_messages
 from rlhf.data import Dialogue, read_dialogues_jsonl
+from rlhf.export import read_sidecar
 from rlhf.losses import combined_reward, logit
 from rlhf.paths import checkpoint_dir
 from rlhf.reward.scorer import RewardScorer
 from rlhf.sources import Prompt, load_prompts, report_dict
-from train.config_reader import ConfigError
+from train.config_reader import ConfigError, FlagHelpFormatter
 
 
 class VocabMask(torch.nn.Module):
@@ -64,10 +65,13 @@ def load_policy(path: str | Path, *, tokenizer: str | None, template: str | None
     from model.tokenizer import load_tokenizer
 
     p = checkpoint_dir(path)
-    sidecar = json.loads((p / "rlhf.json").read_text()) if (p / "rlhf.json").is_file() else {}
+    if not p.exists():
+        raise ConfigError(f"--policy {path} does not exist; pass an SFT/PPO export (RUN_DIR/final_model) or its run dir")
+    sidecar = read_sidecar(p)
     tok_path = tokenizer or sidecar.get("tokenizer")
     if not tok_path:
-        raise ValueError(f"--policy {path}: no rlhf.json beside the weights (not an rlhf.sft export); pass --tokenizer")
+        raise ConfigError(f"--policy {path}: no rlhf.json beside the weights (not an rlhf stage export); "
+                          "pass --tokenizer")
     model, tok = from_pretrained(p).eval(), load_tokenizer(tok_path)
     if model.config.vocab_size > tok.vocab_size:
         model.output = VocabMask(model.output, tok.vocab_size)
@@ -219,7 +223,7 @@ def write_outputs(args: argparse.Namespace, prompts: Sequence[Prompt], answers: 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m rlhf.rejection_sampling", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+                                 formatter_class=FlagHelpFormatter)
     ap.add_argument("--policy", required=True, help="the model to sample from (SFT run dir or checkpoint)")
     ap.add_argument("--reward-model", required=True, help="(helpfulness) reward model run dir or final_model")
     ap.add_argument("--safety-reward-model", default="", help="optional safety RM: Llama 2's combined score")
@@ -229,15 +233,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--max-prompts", type=int, default=0, help="first N prompts per file (0 = all)")
     ap.add_argument("--k", type=int, default=8, help="samples per prompt")
     ap.add_argument("--temperature", type=float, default=1.0, help="Llama 2: 1.2-1.3 is best for 10-100 samples")
-    ap.add_argument("--top-p", type=float, default=1.0)
-    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (1.0 = off)")
+    ap.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit in tokens")
     ap.add_argument("--batch-size", type=int, default=32, help="rows per generation / scoring batch")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="sampling seed")
     ap.add_argument("--round", type=int, default=1, help="this round's number (recorded with each answer)")
     ap.add_argument("--previous", nargs="*", default=[], help="earlier rounds' --out directories")
     ap.add_argument("--tokenizer", default=None, help="default: the policy's rlhf.json")
     ap.add_argument("--template", default=None, help="default: the policy's rlhf.json, else llama2")
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out", required=True, help="output directory (samples.jsonl, best.jsonl, report.json)")
     args = ap.parse_args(argv)
     if args.k < 1:
         ap.error(f"--k {args.k}: need at least one sample per prompt")

@@ -85,12 +85,19 @@ def exported_weights(engine: Any, out_dir: Path) -> Any:
     return contextlib.nullcontext(StateDictExport(state_dict) if state_dict else None)
 
 
-def export_final(engine: Any, model_cfg: Any, out_dir: Path, *, rank: int) -> None:
+def export_final(engine: Any, model_cfg: Any, out_dir: Path, *, rank: int,
+                 sidecars: dict[str, dict[str, Any]] | None = None) -> None:
     """Native-format weights (config.json + safetensors) for generation and conversion, streamed: rank 0 writes
-    one tensor at a time, read from every rank's own fragments; no rank gathers the model."""
+    one tensor at a time, read from every rank's own fragments; no rank gathers the model. A tied head is stored
+    once (``write_native``). ``sidecars``: JSON files written beside the weights (e.g. the alignment stages'
+    ``rlhf.json``: tokenizer, chat template), so the export describes itself. The one export of every stage."""
+    import json
+
     from model.checkpoints.native import write_native
 
     with exported_weights(engine, out_dir) as weights:  # collective: every rank enters
         if weights is not None:
             write_native(weights.source(model_cfg), model_cfg, out_dir, overwrite=True)
+            for name, content in (sidecars or {}).items():
+                (Path(out_dir) / name).write_text(json.dumps(content, indent=2, default=str) + "\n")
     comm.barrier()

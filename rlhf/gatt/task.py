@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from model import comm
 from rlhf.config import TEMPLATES
 from train.config import ConfigError, RunConfig, check
 from train.task import PretrainTask
@@ -44,6 +43,7 @@ class GAttTask(PretrainTask):
 
     def __init__(self, section: GAttSection) -> None:
         self.section = section
+        self.tokenizer = ""  # data.tokenizer, set by build_datasets (the export's rlhf.json names it)
 
     def build_datasets(self, cfg: Any, model_cfg: Any, *, dp_size: int, run_dir: Path) -> tuple[Any, Any, int]:
         from model.tokenizer import load_tokenizer
@@ -52,6 +52,7 @@ class GAttTask(PretrainTask):
         if not cfg.data.tokenizer:
             raise ConfigError("gatt train: set data.tokenizer (the model's tokenizer.model)")
         tok = load_tokenizer(cfg.data.tokenizer)
+        self.tokenizer = cfg.data.tokenizer
         dialogues = read_gatt_jsonl(cfg.data.path)
         rng = random.Random(cfg.train.seed)
         valid_mask = [rng.random() < self.section.valid_fraction for _ in dialogues]
@@ -102,14 +103,12 @@ class GAttTask(PretrainTask):
 
 
     def export(self, engine: Any, model_cfg: Any, out_dir: Path, *, rank: int) -> None:
-        """The native checkpoint of the fine-tuned model, streamed from every rank's own fragments."""
-        from model.checkpoints.native import write_native
-        from train.task import exported_weights
+        """The native checkpoint of the fine-tuned model + ``rlhf.json`` (``rlhf.export``)."""
+        from rlhf.export import export_policy, policy_meta
 
-        with exported_weights(engine, out_dir) as weights:  # collective: every rank enters
-            if weights is not None:
-                write_native(weights.source(model_cfg), model_cfg, out_dir, overwrite=True)
-        comm.barrier()
+        meta = policy_meta(stage="gatt", tokenizer=self.tokenizer, template=self.section.template,
+                           max_len=model_cfg.max_seq_len, init=self.section.init)
+        export_policy(engine, model_cfg, out_dir, rank=rank, meta=meta)
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,7 @@ import torch
 from torch import Tensor
 
 from model import comm
+from rlhf.export import export_policy, policy_meta
 from rlhf.losses import gae, kl_estimate, kl_penalized_rewards, logit
 from rlhf.paths import checkpoint_dir, resolve_path
 from rlhf.ppo import rollout as ro
@@ -351,15 +352,13 @@ class PPOTrainer:
         engine = self.value if value else self.policy
         from train.task import exported_weights
 
+        meta = policy_meta(stage="ppo", tokenizer=self.cfg.data.tokenizer, template=self.cfg.prompts.template,
+                           max_len=engine.model_cfg.max_seq_len)
+        if not value:
+            return export_policy(engine, self.model_cfg, out, rank=comm.rank(), meta=meta)
         with exported_weights(engine, out) as weights:  # collective: rank 0 streams from every rank's fragments
-            if weights is not None and value:
-                write_scalar_model(weights, engine.model_cfg, out, meta={
-                    "role": "ppo value model", "tokenizer": self.cfg.data.tokenizer,
-                    "template": self.cfg.prompts.template, "max_len": engine.model_cfg.max_seq_len})
-            elif weights is not None:
-                from model.checkpoints.native import write_native
-
-                write_native(weights.source(self.model_cfg), self.model_cfg, out, overwrite=True)
+            if weights is not None:
+                write_scalar_model(weights, engine.model_cfg, out, meta={**meta, "role": "ppo value model"})
         comm.barrier()
         return out
 

@@ -29,15 +29,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from model import comm
 from model.llama import Llama, init_llama_weights
 from rlhf.batching import pack_sft_rows, sft_example, stack_rows
+from rlhf.export import export_policy
 from rlhf.paths import file_list
 from rlhf.sft.config import SFTConfig
 from rlhf.sources import load_dialogues
 from rlhf.stage import StageTask, rank, run_stage, stage_main
-
-SIDECAR = "rlhf.json"
 
 
 class SFTTask(StageTask):
@@ -88,15 +86,8 @@ class SFTTask(StageTask):
         return stack_rows(samples)
 
     def export(self, engine: Any, model_cfg: Any, out_dir: Path, *, rank: int) -> None:
-        """``train.loop.export_final`` plus the sidecar (streamed; a tied head is stored once, as native does)."""
-        from model.checkpoints.native import write_native
-        from train.task import exported_weights
-
-        with exported_weights(engine, out_dir) as weights:  # collective: every rank writes its own fragments
-            if weights is not None:
-                write_native(weights.source(model_cfg), model_cfg, out_dir, overwrite=True)
-                (Path(out_dir) / SIDECAR).write_text(json.dumps({"stage": "sft", **self.sidecar()}, indent=2) + "\n")
-        comm.barrier()
+        """The native checkpoint + ``rlhf.json`` (``rlhf.export``)."""
+        export_policy(engine, model_cfg, out_dir, rank=rank, meta={"stage": "sft", **self.sidecar()})
 
 
 def initial_model(cfg: Any, task: StageTask) -> Llama:
