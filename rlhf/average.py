@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from rlhf.paths import checkpoint_dir
-from train.config_reader import ConfigError
+from train.config_reader import ConfigError, FlagHelpFormatter
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SIDECARS = ("rlhf.json",)  # the SFT / DPO exports' sidecar (tokenizer, template, split)
@@ -104,11 +104,11 @@ def average_checkpoints(checkpoints: Sequence[str | Path], output: str | Path, *
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m rlhf.average", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=FlagHelpFormatter)
     parser.add_argument("--checkpoint", action="append", required=True, help="a checkpoint to average (repeat)")
     parser.add_argument("--weights", type=float, nargs="+", help="one weight per --checkpoint (default: equal)")
     parser.add_argument("--output", required=True, help="output directory")
-    parser.add_argument("--format", default="native", choices=("native", "hf", "meta"))
+    parser.add_argument("--format", default="native", choices=("native", "hf", "meta"), help="output format")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="output dtype (default: the first checkpoint's)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     args = parser.parse_args(argv)

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from rlhf.paths import checkpoint_dir
-from train.config_reader import ConfigError
+from train.config_reader import ConfigError, FlagHelpFormatter
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SIDECAR = "rlhf.json"
@@ -55,11 +55,11 @@ def merge_adapter(base: str | Path, adapter: str | Path, output: str | Path, *, 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m rlhf.merge_lora", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=FlagHelpFormatter)
     parser.add_argument("--base", required=True, help="the checkpoint the adapters were trained on")
     parser.add_argument("--adapter", required=True, help="PEFT LoRA directory")
     parser.add_argument("--output", required=True, help="output directory")
-    parser.add_argument("--format", default="native", choices=("native", "hf", "meta"))
+    parser.add_argument("--format", default="native", choices=("native", "hf", "meta"), help="output format")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="output dtype (default: the base's)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     args = parser.parse_args(argv)

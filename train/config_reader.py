@@ -23,6 +23,7 @@ other exception, raised inside training, with its traceback.
 
 from __future__ import annotations
 
+import argparse
 import ast
 import dataclasses
 import difflib
@@ -353,3 +354,15 @@ def add_config_arguments(parser: Any, config_cls: type[RootConfig], *, prog: str
     parser.add_argument("--config", default=None, help=f"a TOML preset ({config_cls.PRESETS}*.toml); "
                         "--section.key=VALUE overrides follow, see below")
     parser.epilog = config_cls.help_text(prog=prog, example=example)
+
+
+class FlagHelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """``--help`` of the flag CLIs (``rlhf.evaluate_rm``, ``rlhf.rejection_sampling``, ``rlhf.gatt build|eval``, ...):
+    the module docstring as written (its example commands) and every flag's default after its help (required
+    flags and switches have none to show)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        shown = not any(action.default is v for v in (None, False, argparse.SUPPRESS)) and not action.required
+        return f"{text} (default: %(default)s)" if shown and "%(default)" not in text else text
+

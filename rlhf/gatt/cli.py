@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf.gatt.task import GAttConfig, GAttTask
-from train.config_reader import ConfigError, add_config_arguments
+from train.config_reader import ConfigError, FlagHelpFormatter, add_config_arguments
 
 # ----------------------------------------------------------------------------------------------- commands
 
@@ -114,27 +114,39 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+_SUBCOMMAND_DOCS = {
+    "build": "GAtt data: answer each dialogue with the instruction on every user turn, keep it in the first only.\n\n"
+             "    python -m rlhf.gatt build --checkpoint runs/rlhf/final_policy --tokenizer TOK \\\n"
+             "        --dialogues dialogues.jsonl --instructions builtin --output runs/gatt/gatt.jsonl",
+    "eval": "Adherence per turn with the instruction in the first message only (adherence.json / .md / .png).\n\n"
+            "    python -m rlhf.gatt eval --checkpoint runs/rlhf/final_policy --label before \\\n"
+            "        --checkpoint runs/gatt/train/final_model --label after --tokenizer TOK --dialogues eval.jsonl \\\n"
+            "        --turns 6 --output runs/gatt/eval",
+}
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m rlhf.gatt", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     for name in ("build", "eval"):
-        s = sub.add_parser(name)
-        s.add_argument("--checkpoint", required=True, action="append" if name == "eval" else "store")
-        s.add_argument("--tokenizer", required=True)
+        s = sub.add_parser(name, formatter_class=FlagHelpFormatter, description=_SUBCOMMAND_DOCS[name])
+        s.add_argument("--checkpoint", required=True, action="append" if name == "eval" else "store",
+                       help="the model that answers (native export or run dir)" + (" (repeat)" if name == "eval" else ""))
+        s.add_argument("--tokenizer", required=True, help="the model's tokenizer.model")
         s.add_argument("--dialogues", required=True, help="JSONL of dialogues (their user turns) or HH-RLHF dir")
         s.add_argument("--instructions", default="builtin", help="'builtin' (hobby/language/figure) or a JSONL")
-        s.add_argument("--template", default="llama2")
+        s.add_argument("--template", default="llama2", help="chat format: llama2 or llama3")
         s.add_argument("--num", type=int, default=0, help="use the first N dialogues (0 = all)")
-        s.add_argument("--max-new-tokens", type=int, default=64)
-        s.add_argument("--temperature", type=float, default=0.0)
-        s.add_argument("--seed", type=int, default=0)
-        s.add_argument("--output", required=True)
+        s.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit in tokens")
+        s.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0 = greedy)")
+        s.add_argument("--seed", type=int, default=0, help="sampling / instruction-choice seed")
+        s.add_argument("--output", required=True, help="output JSONL (build) or directory (eval)")
         if name == "build":
-            s.add_argument("--max-turns", type=int, default=6)
+            s.add_argument("--max-turns", type=int, default=6, help="user turns per dialogue")
         else:
-            s.add_argument("--label", action="append")
-            s.add_argument("--turns", type=int, default=6)
+            s.add_argument("--label", action="append", help="one name per --checkpoint (default: its directory)")
+            s.add_argument("--turns", type=int, default=6, help="turns answered per dialogue")
     t = sub.add_parser("train", formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="fine-tune on GAtt dialogues: the run sections ([data] path = the JSONL) + [gatt]")
     add_config_arguments(t, GAttConfig, prog="python -m rlhf.gatt train",

@@ -29,6 +29,7 @@ from torch import Tensor
 from rlhf.data import PreferencePair, rating_buckets
 from rlhf.reward.scorer import RewardScorer
 from rlhf.sources import load_pairs, read_pairs, unique_names
+from train.config_reader import FlagHelpFormatter
 
 
 def pair_accuracy(chosen: Tensor, rejected: Tensor) -> float:
@@ -164,13 +165,13 @@ def evaluate(checkpoints: Sequence[str], data: Sequence[str], *, side: str = "va
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m rlhf.evaluate_rm", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=FlagHelpFormatter)
     parser.add_argument("--checkpoint", nargs="+", required=True, help="reward model run dirs or final_model dirs")
     parser.add_argument("--data", nargs="+", required=True, help="preference files (PATH or NAME=PATH)")
     parser.add_argument("--split", choices=("valid", "train", "all"), default="valid",
-                        help="which side of the reward models' hash split to evaluate (default: held out)")
+                        help="which side of the reward models' hash split to evaluate (valid = held out)")
     parser.add_argument("--out", default="eval_rm", help="output directory (eval_rm.json, scores_*.png)")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=16, help="pairs scored per forward")
     parser.add_argument("--max-pairs", type=int, default=0, help="first N pairs per test set (0 = all)")
     args = parser.parse_args(argv)
     try:

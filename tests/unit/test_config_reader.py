@@ -131,3 +131,44 @@ def test_help_lists_every_key_with_type_default_and_doc(index: int, capsys: pyte
             assert line in text, line
             doc = (cls.DOCS.get(f"{name}.{f.name}") or field_docs(section)[f.name]).split()
             assert " ".join(doc[:4]) in " ".join(text.split()), f"{name}.{f.name}: docstring missing"
+
+
+def _flag_entry_points() -> dict[str, tuple[Callable[[list[str]], object], list[str]]]:
+    from rlhf.average import main as average
+    from rlhf.gatt.cli import main as gatt
+    from rlhf.merge_lora import main as merge_lora
+    from rlhf.rejection_sampling import main as rejection_sampling
+    from rlhf.reward.evaluate import main as evaluate_rm
+
+    return {"rlhf.evaluate_rm": (evaluate_rm, []), "rlhf.rejection_sampling": (rejection_sampling, []),
+            "rlhf.gatt build": (gatt, ["build"]), "rlhf.gatt eval": (gatt, ["eval"]),
+            "rlhf.average": (average, []), "rlhf.merge_lora": (merge_lora, [])}
+
+
+@pytest.mark.parametrize("name", list(_flag_entry_points()))
+def test_flag_cli_help_explains_every_flag_with_its_default_and_an_example(
+        name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """The flag CLIs (no typed config): every flag has a help text, every optional flag shows its default, and the
+    description carries an example command."""
+    import argparse
+
+    main, argv = _flag_entry_points()[name]
+    captured: list[argparse.ArgumentParser] = []
+    real_parse = argparse.ArgumentParser.parse_known_args
+
+    def spy(self: argparse.ArgumentParser, *a: object, **k: object) -> object:
+        captured.append(self)
+        return real_parse(self, *a, **k)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(argparse.ArgumentParser, "parse_known_args", spy)
+        text = _help(main, argv, capsys)
+    assert f"python -m {name.split()[0]} {' '.join(argv)}".strip() in text, "no example command"
+    parser = captured[-1]
+    for action in parser._actions:
+        if isinstance(action, argparse._HelpAction | argparse._SubParsersAction):
+            continue
+        flag = action.option_strings[-1]
+        assert action.help, f"{name} {flag}: no help text"
+        if not action.required and action.default is not None and action.default is not False:
+            assert f"(default: {action.default})" in " ".join(text.split()), f"{name} {flag}: default not shown"
