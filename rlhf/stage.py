@@ -30,6 +30,8 @@ class StageTask:
     """Base of the SFT and reward-model tasks (the ``train.task.Task`` protocol)."""
 
     name = "stage"
+    validation_loss = "held-out loss"
+    perplexity = False
 
     def __init__(self, cfg: Any) -> None:
         from model.tokenizer import load_tokenizer

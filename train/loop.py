@@ -42,7 +42,7 @@ from train.config import RunConfig
 from train.data import seed_everything
 from train.health import HealthMonitor, guard_collectives
 from train.hooks import default_engine, default_topology, hang_if_asked, loop_evaluator
-from train.metrics import MetricsLogger, Throughput, peak_flops_per_device
+from train.metrics import ComputedTokens, MetricsLogger, Throughput, peak_flops_per_device
 from train.preemption import EXIT_CODES, PreemptionFlag
 from train.schedule import schedule_from_config
 from train.task import PretrainTask, Task
@@ -129,7 +129,7 @@ class Run:
         self.loader = task.loader(self.train_ds, global_batch_size=cfg.train.global_batch_size,
                                   micro_batch_size=cfg.train.micro_batch_size, dp_rank=self.topo.dp_rank,
                                   dp_size=self.topo.dp_size, consumed_samples=state["consumed_samples"], eod=self.eod)
-        self.batches = iter(self.loader)
+        self.batches = ComputedTokens(iter(self.loader), self.model_cfg)  # MFU from the tokens actually computed
         self.schedule = schedule_from_config(cfg)
         self.tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
         self._start_metrics(state["wandb_id"], resume_from, print_fn)
@@ -192,20 +192,25 @@ class Run:
         t0 = time.perf_counter()
         result = self.guard("train_step", lambda: self.engine.train_step(self.batches, lr))
         seconds = time.perf_counter() - t0
+        tokens, flops = comm.all_reduce_values(self.batches.pop(), group=getattr(self.topo, "dp_group", None))
+        if tokens == 0:  # batches without input_ids (test engines): the configured size
+            tokens, flops = self.tokens_per_step, None
         event = self.health.observe(step, loss=float(result.loss), grad_norm=float(result.grad_norm),
                                     skipped=bool(result.skipped))
         # A task may add its own per-step metrics (DPO: implicit rewards, accuracy); collective, like the step.
         extra = self.task.step_metrics(self.engine) if hasattr(self.task, "step_metrics") else {}
         self.logger.log_step({"step": step, "loss": float(result.loss), "lr": lr,
-                              "grad_norm": float(result.grad_norm), "tokens": self.tokens_per_step,
-                              **self.throughput.measure(self.tokens_per_step, seconds), "peak_flops": self.peak,
+                              "grad_norm": float(result.grad_norm), "tokens": int(tokens),
+                              **self.throughput.measure(int(tokens), seconds, flops=flops), "peak_flops": self.peak,
                               "consumed_samples": self.loader.consumed_samples, "skipped": event == "skipped",
                               "skipped_total": self.health.skipped_total, "spike": event == "spike", **extra})
         return float(result.loss)
 
     def validate(self, step: int) -> float:
         loss = evaluate(self.cfg, self.engine, self.valid_ds, self.topo, self.eod, task=self.task)
-        self.logger.log_validation(step=step, loss=loss)
+        self.logger.log_validation(step=step, loss=loss,
+                                   name=getattr(self.task, "validation_loss", "held-out next-token loss"),
+                                   perplexity=getattr(self.task, "perplexity", True))
         return loss
 
     def benchmark(self, step: int) -> dict[str, float]:

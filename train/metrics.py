@@ -15,7 +15,9 @@ checkpoint's step first, so each step appears once, with the values of the run t
 MFU = achieved model FLOP/s per device / peak FLOP/s per device. Model FLOPs per token come from
 ``model.config.model_flops_per_token`` (the single source of truth): 6 x (non-embedding parameters + output
 head) + 12 x n_layers x dim x seq_len x 1/2 (causal attention: QK^T and PV forward+backward, half the square).
-Embedding lookups are not FLOPs; recomputation is not counted. Peak per device (``peak_flops_per_device``),
+Embedding lookups are not FLOPs; recomputation is not counted. The tokens are those the model computed
+(``ComputedTokens``: rows x padded length of every micro-batch, summed over data-parallel ranks), not the
+configured ``global_batch_size x seq_len``, so short padded batches (SFT, GAtt) and pairs (RM) do not inflate it. Peak per device (``peak_flops_per_device``),
 first that applies: ``logging.peak_tflops`` (config), ``LLAMA_PEAK_FLOPS`` (environment); on a GPU the dense
 datasheet peak of the precision the matmuls run in (bf16 for ``train.dtype = "bf16"``, TF32 or FP32 for fp32
 by ``torch.get_float32_matmul_precision()``) from ``train.devices``, matched on ``torch.cuda.get_device_name()``
@@ -164,15 +166,47 @@ def peak_flops_per_device(run_dir: str | Path | None = None, *, dtype: str = "fp
     return peak, source
 
 
+class ComputedTokens:
+    """The micro-batches the engine draws, passed through and counted: tokens the model actually computes (rows x
+    padded length of ``input_ids``, so a reward model's two rows per pair and a stage's short padded batches count
+    as computed, not as ``global_batch_size x seq_len``) and their model FLOPs at that length. ``pop()`` per step."""
+
+    def __init__(self, batches: Any, model_cfg: Any) -> None:
+        self.batches, self.model_cfg = batches, model_cfg
+        self.tokens, self.flops = 0, 0.0
+
+    def __iter__(self) -> ComputedTokens:
+        return self
+
+    def __next__(self) -> Any:
+        from model.config import model_flops_per_token
+
+        batch = next(self.batches)
+        ids = batch.get("input_ids") if isinstance(batch, dict) else None
+        if isinstance(ids, torch.Tensor) and ids.dim() >= 2:
+            n, length = ids.numel(), ids.shape[-1]
+            self.tokens += n
+            self.flops += n * model_flops_per_token(self.model_cfg, length)
+        return batch
+
+    def pop(self) -> tuple[int, float]:
+        """(tokens, FLOPs) drawn since the last call, on this rank."""
+        out, self.tokens, self.flops = (self.tokens, self.flops), 0, 0.0
+        return out
+
+
 class Throughput:
     """tokens/s, TFLOP/s per device and MFU of one step."""
 
     def __init__(self, *, flops_per_token: float, peak_flops: float, devices: int) -> None:
         self.flops_per_token, self.peak_flops, self.devices = flops_per_token, peak_flops, devices
 
-    def measure(self, tokens: int, seconds: float) -> dict[str, float]:
+    def measure(self, tokens: int, seconds: float, *, flops: float | None = None) -> dict[str, float]:
+        """``flops``: the step's model FLOPs over all devices when known (``ComputedTokens``), else
+        ``tokens x flops_per_token``."""
         tokens_per_s = tokens / max(seconds, 1e-9)
-        flops_per_device = self.flops_per_token * tokens_per_s / self.devices
+        total = flops if flops is not None else self.flops_per_token * tokens
+        flops_per_device = total / max(seconds, 1e-9) / self.devices
         return {"tokens_per_s": tokens_per_s, "tflops_per_device": flops_per_device / 1e12,
                 "mfu": flops_per_device / self.peak_flops, "step_time_s": seconds}
 
@@ -304,15 +338,20 @@ class MetricsLogger:
                     self.tb.add_scalar(f"train/{k}", v, rec["step"])
         return rec
 
-    def log_validation(self, *, step: int, loss: float) -> dict[str, Any]:
-        rec = {"type": "validation", "step": step, "val_loss": loss,
-               "val_ppl": math.exp(loss) if loss < 700 else float("inf")}
+    def log_validation(self, *, step: int, loss: float, name: str = "held-out next-token loss",
+                       perplexity: bool = True) -> dict[str, Any]:
+        """One ``{"type": "validation", "step", "val_loss", "val_name"[, "val_ppl"]}`` record; ``val_ppl`` only for
+        a per-token cross-entropy (``perplexity``), never for a ranking loss."""
+        rec: dict[str, Any] = {"type": "validation", "step": step, "val_loss": loss, "val_name": name}
+        if perplexity:
+            rec["val_ppl"] = math.exp(loss) if loss < 700 else float("inf")
         if not self.enabled:
             return rec
         self._write(rec)
-        self.print(f"validation step {step} | loss {loss:.4f} | perplexity {rec['val_ppl']:.2f}", flush=True)
+        ppl = f" | perplexity {rec['val_ppl']:.2f}" if perplexity else ""
+        self.print(f"validation step {step} | {name} {loss:.4f}{ppl}", flush=True)
         if self.wandb_run is not None:
-            self.wandb_run.log({"val/loss": loss, "val/ppl": rec["val_ppl"]}, step=step)
+            self.wandb_run.log({"val/loss": loss, **({"val/ppl": rec["val_ppl"]} if perplexity else {})}, step=step)
         if self.tb is not None:
             self.tb.add_scalar("val/loss", loss, step)
         return rec

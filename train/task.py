@@ -22,6 +22,10 @@ class Task(Protocol):
     """Data, batching, engine arguments and export of one training stage."""
 
     name: str
+    validation_loss: str
+    """What the loop's validation loss is, as printed and logged (e.g. "held-out next-token loss")."""
+    perplexity: bool
+    """Whether exp(validation loss) is a perplexity (a per-token cross-entropy); not for a ranking loss."""
 
     def build_datasets(self, cfg: Any, model_cfg: Any, *, dp_size: int, run_dir: Path) -> tuple[Any, Any, int]:
         """(train dataset, validation dataset or None, end-of-document id or -1)."""
@@ -48,6 +52,8 @@ class PretrainTask:
     """Pretraining: synthetic documents or prepared shards, ``GlobalBatchLoader``, native weights at the end."""
 
     name = "pretrain"
+    validation_loss = "held-out next-token loss"
+    perplexity = True
 
     def build_datasets(self, cfg: RunConfig, model_cfg: Any, *, dp_size: int,
                        run_dir: Path) -> tuple[Any, Any, int]:

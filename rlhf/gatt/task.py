@@ -40,6 +40,8 @@ class GAttTask(PretrainTask):
     """``train.loop`` task: chat-encoded dialogues of ``[data] path`` with the GAtt loss mask."""
 
     name = "gatt"
+    validation_loss = "held-out last-turn answer loss"
+    perplexity = True
 
     def __init__(self, section: GAttSection) -> None:
         self.section = section

@@ -65,6 +65,8 @@ class RewardTask(StageTask):
     """Preference files -> the configured mixture of encoded pairs (all epochs) and held-out pairs."""
 
     name = "rm"
+    validation_loss = "held-out ranking loss"
+    perplexity = False  # exp(ranking loss) is not a perplexity
 
     def splits(self) -> tuple[list[Split[PreferencePair]], list[Split[PreferencePair]]]:
         r = self.cfg.rm

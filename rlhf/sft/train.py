@@ -42,6 +42,8 @@ class SFTTask(StageTask):
     """Dialogue files -> packed rows (all epochs) and held-out rows; the engine's language-model objective."""
 
     name = "sft"
+    validation_loss = "held-out answer-token loss (train.eval_batches micro-batches)"
+    perplexity = True
 
     def build(self) -> None:
         s, seq_len = self.cfg.sft, self.cfg.data.seq_len
@@ -135,8 +137,9 @@ def run_sft(cfg: SFTConfig, *, task: SFTTask | None = None, **loop_kwargs: Any) 
     if rank() == 0 and result.reason == "completed" and task.valid_set:
         evaluation = evaluate_sft(task.cfg, task)
         loop_kwargs.get("print_fn", print)(
-            f"[sft] held-out answer-token loss {evaluation['heldout_loss_before']:.4f} -> "
-            f"{evaluation['heldout_loss_after']:.4f} ({int(evaluation['heldout_answer_tokens'])} tokens)")
+            f"[sft] held-out answer-token loss (all {evaluation['heldout_rows']} held-out rows) "
+            f"{evaluation['heldout_loss_before']:.4f} -> {evaluation['heldout_loss_after']:.4f} "
+            f"({int(evaluation['heldout_answer_tokens'])} tokens)")
     return result, evaluation
 
 

@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO_ROOT, require_file
+from tests.run_checks import assert_honest_mfu
+from train.config import tomllib
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -31,6 +33,9 @@ def test_gatt_makes_the_first_turn_instruction_last(shared_data: Path, tmp_path:
     env = {**os.environ, "LLAMA_DATA_DIR": str(shared_data), "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=560)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for run in (tmp_path / "work" / "base", tmp_path / "work" / "gatt"):  # short padded dialogues
+        cfg = tomllib.loads((run / "config.toml").read_text())
+        assert_honest_mfu(run, max_tokens_per_step=cfg["train"]["global_batch_size"] * cfg["data"]["seq_len"])
     models = json.loads(out.read_text())["adherence"]["models"]
     before = [r["rate"] for r in models["before GAtt"]["adherence"]]
     after = [r["rate"] for r in models["after GAtt"]["adherence"]]

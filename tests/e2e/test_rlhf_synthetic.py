@@ -21,6 +21,7 @@ import pytest
 
 from rlhf.synthetic import synthetic_tokenizer, write_synthetic_preferences
 from tests.conftest import REPO_ROOT
+from tests.run_checks import assert_honest_mfu
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 RATING_ORDER = ("significantly_better", "better", "slightly_better", "negligibly_better")
@@ -49,6 +50,7 @@ def reward_run(data: Path) -> Path:
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "[rm] held out prefs: accuracy" in proc.stdout
+    assert_honest_mfu(run, max_tokens_per_step=2 * 32 * 96)  # two rows (chosen, rejected) per pair
     return run
 
 
@@ -88,6 +90,7 @@ def test_sft_then_best_of_k_beats_a_single_sample(reward_run: Path, data: Path) 
     _, evaluation = run_sft(cfg, engine_factory=ReferenceEngine, topology_factory=single_process_topology,
                             print_fn=lambda *a, **k: None)
     assert evaluation["heldout_loss_after"] < 0.5 * evaluation["heldout_loss_before"], evaluation
+    assert_honest_mfu(data / "sft", max_tokens_per_step=8 * 128)
     common = ["--policy", str(data / "sft"), "--reward-model", str(reward_run), "--prompts",
               str(data / "prefs.jsonl"), "--split", "valid", "--max-prompts", "40", "--k", "8", "--temperature",
               "1.0", "--max-new-tokens", "20", "--batch-size", "64"]

@@ -117,6 +117,8 @@ def test_loop_writes_metrics_checkpoints_and_final_model(tmp_path: Path) -> None
     assert [r["step"] for r in recs] == list(range(1, 9))
     for key in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "tflops_per_device", "mem_gb", "step_time_s"):
         assert all(isinstance(r[key], float) for r in recs), key
+    cfg = _cfg(tmp_path)  # packed pretraining rows: the computed tokens are exactly global batch x seq_len
+    assert all(r["tokens"] == cfg.train.global_batch_size * cfg.data.seq_len for r in recs)
     assert recs[-1]["loss"] < recs[0]["loss"]
     assert [r["step"] for r in _records(tmp_path, "validation")] == [4, 8]
     ckpts = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith("step_"))

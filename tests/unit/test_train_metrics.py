@@ -63,3 +63,23 @@ def test_health_monitor() -> None:
     assert h.skipped_total == 3 and h.spikes == 1
     msg = describe_collective_timeout(RuntimeError("Timed out"), rank=3, op="all_reduce", timeout_s=60)
     assert msg.startswith("rank 3: collective 'all_reduce' did not complete within 60 s")
+
+
+def test_mfu_counts_the_tokens_actually_computed() -> None:
+    """Short padded batches (SFT, GAtt) and two rows per pair (RM) count what the model computed, at its length."""
+    import torch
+
+    from train.metrics import ComputedTokens
+
+    cfg = get_config("debug_tiny")
+    batches = [{"input_ids": torch.zeros(4, 24, dtype=torch.long)}, {"input_ids": torch.zeros(2 * 3, 40)}]
+    counter = ComputedTokens(iter(batches), cfg)
+    assert [next(counter), next(counter)] == batches
+    tokens, flops = counter.pop()
+    assert tokens == 4 * 24 + 6 * 40
+    assert flops == pytest.approx(96 * model_flops_per_token(cfg, 24) + 240 * model_flops_per_token(cfg, 40))
+    assert counter.pop() == (0, 0.0)
+    # The configured global_batch x seq_len (8 x 256) would claim 2048 tokens for this step: 6x too many.
+    tp = Throughput(flops_per_token=model_flops_per_token(cfg, 256), peak_flops=1e12, devices=1)
+    honest, inflated = tp.measure(tokens, 1.0, flops=flops), tp.measure(8 * 256, 1.0)
+    assert honest["tokens_per_s"] == 336 and honest["mfu"] < inflated["mfu"] / 6
