@@ -6,7 +6,11 @@ Writes ``loss.png`` (training loss with validation loss on top), ``throughput.pn
 ``lr.png``, ``grad_norm.png``, ``eval.png`` (the in-loop benchmarks of ``[eval]``: one panel per task, one per
 perplexity figure), ``all_metrics.png`` (every numeric key present, one panel each, so other stages,
 e.g. PPO, get plots without code here), for PPO runs ``ppo.png`` (rewards, held-out reward, KL, entropy, clip
-fraction, value loss, length, time per iteration) and ``summary.md`` (config, final/best losses, throughput, time).
+fraction, value loss, length, time per iteration) and ``summary.md`` (run kind, config, final/best losses, the
+named held-out loss, throughput, time, and exactly the plots written). Every run kind works: pretraining, SFT, RM,
+PPO, GAtt; each stage's own figures come from the JSON files it wrote (``train/report_stages.py``: SFT answer
+loss, RM accuracy per test set vs the length baseline and by rating strength + ``rm_accuracy.png``, PPO reward /
+KL / held-out reward and best iteration, GAtt adherence).
 """
 
 from __future__ import annotations
@@ -94,39 +98,57 @@ def _plot(path: Path, title: str, panels: list[tuple[str, list[tuple[str, list[i
 
 
 def write_report(run_dir: str | Path, output: str | Path | None = None) -> Path:
-    """Write the PNGs and summary.md; returns the output directory."""
+    """Write the PNGs and summary.md (which lists exactly the plots written); returns the output directory."""
+    from train.report_stages import run_kind, stage_figures
+
     run_dir = Path(run_dir)
     out = Path(output) if output else run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     train, valid = read_metrics(run_dir)
     if not train:
         raise ValueError(f"{run_dir}/metrics.jsonl holds no training records yet")
-    name = run_dir.name
-    loss_lines = [("train", *_series(train, "loss"))]
-    if valid:
-        loss_lines.append(("validation", *_series(valid, "val_loss")))
-    if "loss" in train[0]:
-        _plot(out / "loss.png", f"{name}: loss", [("loss (nats/token)", loss_lines)])
-    if "tokens_per_s" in train[0]:
+    written = _training_plots(run_dir.name, train, valid, out)
+    benchmarks = read_benchmarks(run_dir)
+    if benchmarks:
+        _plot(out / "eval.png", f"{run_dir.name}: benchmarks during training ([eval])", benchmark_panels(benchmarks))
+        written.append("eval.png")
+    kind = run_kind(run_dir)
+    stage_lines, stage_plots = stage_figures(run_dir, kind, train, out)
+    written += stage_plots
+    (out / "summary.md").write_text(summarize(run_dir, train, valid, kind=kind, plots=written)
+                                    + "\n".join(stage_lines) + summarize_benchmarks(benchmarks))
+    return out
+
+
+def _training_plots(name: str, train: list[dict[str, Any]], valid: list[dict[str, Any]], out: Path) -> list[str]:
+    """The curves every loop-based run has (only those whose keys were logged); returns the files written."""
+    written = []
+    if any("loss" in r for r in train):
+        loss_lines = [("train", *_series(train, "loss"))]
+        if valid:
+            loss_lines.append((valid[-1].get("val_name", "validation"), *_series(valid, "val_loss")))
+        _plot(out / "loss.png", f"{name}: loss", [("loss (nats)", loss_lines)])
+        written.append("loss.png")
+    if any("tokens_per_s" in r for r in train):
         _plot(out / "throughput.png", f"{name}: throughput",
               [("tokens/s", [("", *_series(train, "tokens_per_s"))]), ("MFU", [("", *_series(train, "mfu"))])])
+        written.append("throughput.png")
     for key in ("lr", "grad_norm"):
-        if key in train[0]:
+        if any(key in r for r in train):
             _plot(out / f"{key}.png", f"{name}: {key}", [(key, [("", *_series(train, key))])])
+            written.append(f"{key}.png")
     keys = sorted({k for r in train for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
                   - SKIP_KEYS)
     panels = [(k, [("", *_series(train, k))]) for k in keys]
-    panels += [(k, [("", *_series(valid, k))]) for k in ("val_loss", "val_ppl") if valid]
+    panels += [(k, [("", *_series(valid, k))]) for k in ("val_loss", "val_ppl") if any(k in r for r in valid)]
     _plot(out / "all_metrics.png", f"{name}: every logged metric", panels)
+    written.append("all_metrics.png")
     if any(r.get("type") == "ppo" for r in train):
         _plot(out / "ppo.png", f"{name}: PPO", [(label, [(k.replace("reward/", "") if len(keys) > 1 else "",
                                                           *_series(train, k)) for k in keys])
                                                for label, keys in PPO_PANELS])
-    benchmarks = read_benchmarks(run_dir)
-    if benchmarks:
-        _plot(out / "eval.png", f"{name}: benchmarks during training ([eval])", benchmark_panels(benchmarks))
-    (out / "summary.md").write_text(summarize(run_dir, train, valid) + summarize_benchmarks(benchmarks))
-    return out
+        written.append("ppo.png")
+    return written
 
 
 def summarize_benchmarks(records: list[dict[str, Any]]) -> str:
@@ -156,10 +178,11 @@ PPO_PANELS: list[tuple[str, list[str]]] = [
 ]
 
 
-def summarize(run_dir: Path, train: list[dict[str, Any]], valid: list[dict[str, Any]]) -> str:
+def summarize(run_dir: Path, train: list[dict[str, Any]], valid: list[dict[str, Any]], *, kind: str = "pretrain",
+              plots: list[str] | None = None) -> str:
     last = train[-1]
     losses = [r["loss"] for r in train if isinstance(r.get("loss"), float) and math.isfinite(r["loss"])]
-    lines = [f"# Run summary: {run_dir}", ""]
+    lines = [f"# Run summary: {run_dir}", "", f"- run kind: {kind}"]
     if (run_dir / "config.toml").is_file():
         from train.config import RunConfig, tomllib
 
@@ -181,9 +204,10 @@ def summarize(run_dir: Path, train: list[dict[str, Any]], valid: list[dict[str, 
     if losses:
         lines += [f"- training loss: first {losses[0]:.4f}, final {losses[-1]:.4f}, best {min(losses):.4f}"]
     if valid:
-        best = min(valid, key=lambda r: r["val_loss"])
-        lines += [f"- validation loss: final {valid[-1]['val_loss']:.4f} (perplexity {valid[-1]['val_ppl']:.2f}) at "
-                  f"step {valid[-1]['step']}; best {best['val_loss']:.4f} at step {best['step']}"]
+        best, final = min(valid, key=lambda r: r["val_loss"]), valid[-1]
+        ppl = f" (perplexity {final['val_ppl']:.2f})" if "val_ppl" in final else ""
+        lines += [f"- {final.get('val_name', 'validation loss')}: final {final['val_loss']:.4f}{ppl} at "
+                  f"step {final['step']}; best {best['val_loss']:.4f} at step {best['step']}"]
     if "tokens_per_s" in last:
         steady = train[1:] or train  # the first step pays warm-up costs
         lines += [f"- throughput: median {statistics.median(r['tokens_per_s'] for r in steady):,.0f} tokens/s, "
@@ -195,7 +219,7 @@ def summarize(run_dir: Path, train: list[dict[str, Any]], valid: list[dict[str, 
     skipped = sum(1 for r in train if r.get("skipped"))
     spikes = sum(1 for r in train if r.get("spike"))
     lines += [f"- health: {skipped} skipped (non-finite) steps, {spikes} loss spikes", "",
-              "Plots: loss.png, throughput.png, lr.png, grad_norm.png, all_metrics.png", ""]
+              "Plots: " + (", ".join(plots) if plots else "none"), ""]
     return "\n".join(lines)
 
 
