@@ -83,6 +83,9 @@ class TrainSection:
     """Seconds before a hung collective fails with the rank and the operation named."""
     spike_factor: float = 3.0
     """A loss above this many times its running mean is logged as a spike."""
+    preflight: bool = True
+    """Before any allocation, estimate this process's memory (model states) and refuse when it exceeds this
+    machine's (CPU RAM per local process, or the GPU's memory); false skips the check."""
 
 
 @dataclass(frozen=True)

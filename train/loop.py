@@ -44,6 +44,7 @@ from train.health import HealthMonitor, guard_collectives
 from train.hooks import default_engine, default_topology, hang_if_asked, loop_evaluator
 from train.metrics import ComputedTokens, MetricsLogger, Throughput, peak_flops_per_device
 from train.preemption import EXIT_CODES, PreemptionFlag
+from train.preflight import check_memory
 from train.schedule import schedule_from_config
 from train.task import PretrainTask, Task
 
@@ -102,6 +103,7 @@ class Run:
                  topology_factory: Callable[[RunConfig], Any], print_fn: Any) -> None:
         self.cfg, self.task, self.model_cfg = cfg, task, cfg.model_config()
         cfg.validate(world_size=int(os.environ.get("WORLD_SIZE", "1")))
+        check_memory(cfg, self.model_cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))  # before allocating
         self.topo = topology_factory(cfg)
         self.evaluator = loop_evaluator(cfg, self.topo)  # [eval]: checked now, before any data or weights
         self.rank, self.run_dir = self.topo.global_rank, cfg.run_dir
