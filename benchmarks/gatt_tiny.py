@@ -121,6 +121,7 @@ def run(args: argparse.Namespace) -> dict:
     gen = ["--tokenizer", str(tok), "--instructions", str(work / "instructions.jsonl"), "--max-new-tokens", "20"]
     _run(["rlhf.gatt", "build", "--checkpoint", str(work / "base" / "final_model"), *gen,
           "--dialogues", str(work / "gatt_users.jsonl"), "--max-turns", str(args.turns),
+          "--temperature", "0",  # greedy, as the recorded results (build's default samples at 0.7)
           "--output", str(work / "gatt.jsonl")], work / "build.log")
     _run(["rlhf.gatt", "train", *common, f"--data.path={work / 'gatt.jsonl'}",
           f"--gatt.init={work / 'base' / 'final_model'}", f"--train.steps={args.gatt_steps}",

@@ -40,6 +40,7 @@ from rlhf.data import Dialogue, read_dialogues_jsonl
 from rlhf.export import read_sidecar
 from rlhf.losses import combined_reward, logit
 from rlhf.paths import checkpoint_dir
+from rlhf.reward.gate import check_reward_model
 from rlhf.reward.scorer import RewardScorer
 from rlhf.sources import Prompt, load_prompts, report_dict
 from train.config_reader import ConfigError, FlagHelpFormatter
@@ -160,6 +161,11 @@ def read_prompt_files(args: argparse.Namespace, *, split: dict[str, Any]) -> lis
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    for key, path in (("--reward-model", args.reward_model), ("--safety-reward-model", args.safety_reward_model)):
+        if path and not Path(path).exists():
+            raise ConfigError(f"{key} {path} does not exist: give a reward-model run directory (python -m rlhf.reward)")
+        if path:
+            check_reward_model(path, key=key, allow_weak=args.allow_weak_rm, flag="--allow-weak-rm")
     model, tok, template = load_policy(args.policy, tokenizer=args.tokenizer, template=args.template)
     scorers = {"helpful": RewardScorer.from_checkpoint(args.reward_model, batch_size=args.batch_size)}
     if args.safety_reward_model:
@@ -241,6 +247,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--previous", nargs="*", default=[], help="earlier rounds' --out directories")
     ap.add_argument("--tokenizer", default=None, help="default: the policy's rlhf.json")
     ap.add_argument("--template", default=None, help="default: the policy's rlhf.json, else llama2")
+    ap.add_argument("--allow-weak-rm", action="store_true",
+                    help="use a reward model whose held-out accuracy is at or below chance or the length baseline")
     ap.add_argument("--out", required=True, help="output directory (samples.jsonl, best.jsonl, report.json)")
     args = ap.parse_args(argv)
     if args.k < 1:

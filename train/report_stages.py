@@ -27,6 +27,8 @@ def run_kind(run_dir: Path) -> str:
     from train.config import tomllib
 
     path = run_dir / "config.toml"
+    if (run_dir / "ppo_config.toml").is_file():  # rlhf.ppo's own name for it
+        return "ppo"
     if not path.is_file():
         return "pretrain"
     tables = tomllib.loads(path.read_text())

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import random
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,20 @@ def _answer_fn(checkpoint: str, tokenizer: Any, args: argparse.Namespace) -> Any
                            temperature=args.temperature, seed=args.seed)
 
 
+def degenerate_answers(answers: list[str]) -> str:
+    """Why the sampled answers are unusable ("" when they are not): most of them empty (or punctuation only,
+    e.g. ".....") or one repeated string."""
+    if not answers:
+        return "no answers were sampled"
+    empty = sum(1 for a in answers if not any(ch.isalnum() for ch in a))
+    if empty > len(answers) / 2:
+        return f"{empty} of {len(answers)} answers are empty or punctuation only"
+    text, count = Counter(answers).most_common(1)[0]
+    if count > len(answers) / 2 and len(answers) >= 4:
+        return f"{count} of {len(answers)} answers are the same string {text[:40]!r}"
+    return ""
+
+
 def cmd_build(args: argparse.Namespace) -> int:
     from model.tokenizer import load_tokenizer
     from rlhf.gatt.data import build_dialogues, write_gatt_jsonl
@@ -77,6 +92,13 @@ def cmd_build(args: argparse.Namespace) -> int:
     turns = _user_turns(args.dialogues, max_turns=args.max_turns)[: args.num or None]
     instructions = _instructions(args.instructions, len(turns), seed=args.seed)
     built = build_dialogues(turns, instructions, answer_fn=_answer_fn(args.checkpoint, tok, args))
+    problem = degenerate_answers([m["content"] for d in built for m in d.messages if m["role"] == "assistant"])
+    if problem and not args.allow_degenerate:
+        raise ConfigError(f"gatt build: --checkpoint {args.checkpoint} at --temperature {args.temperature}: {problem}; "
+                          "GAtt would train on them. Use a stronger model, sample (--temperature 0.7-1.0), or pass "
+                          "--allow-degenerate to write them anyway")
+    if problem:
+        print(f"warning: {problem}", file=sys.stderr)
     write_gatt_jsonl(built, args.output)
     print(f"wrote {len(built)} GAtt dialogues to {args.output}")
     return 0
@@ -139,11 +161,15 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--template", default="llama2", help="chat format: llama2 or llama3")
         s.add_argument("--num", type=int, default=0, help="use the first N dialogues (0 = all)")
         s.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit in tokens")
-        s.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0 = greedy)")
+        s.add_argument("--temperature", type=float, default=0.7 if name == "build" else 0.0,
+                       help="sampling temperature (0 = greedy; build samples: greedy answers of a weak model "
+                            "collapse to one string)")
         s.add_argument("--seed", type=int, default=0, help="sampling / instruction-choice seed")
         s.add_argument("--output", required=True, help="output JSONL (build) or directory (eval)")
         if name == "build":
             s.add_argument("--max-turns", type=int, default=6, help="user turns per dialogue")
+            s.add_argument("--allow-degenerate", action="store_true",
+                           help="write the data even when most answers are empty or one repeated string")
         else:
             s.add_argument("--label", action="append", help="one name per --checkpoint (default: its directory)")
             s.add_argument("--turns", type=int, default=6, help="turns answered per dialogue")

@@ -93,6 +93,9 @@ class RewardSection:
     kl_penalty: str = "k1"
     """Per-token penalty estimator: "k1" (log-ratio; its sum is the sequence log-ratio, as in InstructGPT and
     Llama 2), "k2" or "k3" (>= 0 per token, biased as a penalty). See rlhf/losses.py kl_estimate."""
+    allow_weak_rm: bool = False
+    """Use a reward model whose held-out accuracy (its heldout_eval.json) is at or below chance or below the
+    length baseline; by default PPO refuses it (``rlhf.reward.gate``)."""
 
 
 @dataclass(frozen=True)
@@ -152,9 +155,10 @@ class GuardSection:
     negative_kl_window: int = 3
     """Alarm when the mean k1 estimate is below -0.01 nats for this many iterations (samples not from pi)."""
     reward_drop_window: int = 5
-    """Alarm when the batch reward stays this many iterations below its best by more than reward_drop."""
+    """Alarm when the held-out LOGIT(Rc) stays this many evaluations (eval.every) below its best by more than
+    reward_drop."""
     reward_drop: float = 0.5
-    """Drop of the mean LOGIT(Rc) from its best that counts (nats)."""
+    """Drop of the held-out mean LOGIT(Rc) from its best that counts (nats)."""
     max_consecutive_nonfinite: int = 3
     """Abort after this many iterations in a row with NaN/Inf rewards, log-probs or losses (each is skipped)."""
     stop_on_alarm: bool = False

@@ -13,8 +13,9 @@ The failure modes users of peer systems report, and what is watched:
   ``negative_kl_window`` iterations means the samples are not from pi (log-probs at another temperature, a
   different mask or a stale policy); we log the always-positive k3 estimate next to it for monitoring and keep
   k1 as the penalty (its sum over a sequence is the exact sequence log-ratio, InstructGPT / Llama 2).
-- Reward collapse: the batch's mean LOGIT(Rc) stays more than ``reward_drop`` below its best for
-  ``reward_drop_window`` iterations.
+- Reward collapse: the HELD-OUT LOGIT(Rc) (``observe_heldout``, every ``eval.every`` iterations) stays more than
+  ``reward_drop`` below its best for ``reward_drop_window`` evaluations. The batch reward is not used: it is
+  whitened per batch and noisy, and alarmed in the very iteration where held-out reward was at its best.
 - NaN/Inf in rewards, log-probs or losses: the iteration's update is skipped (every rank agrees), counted, and
   the run aborts after ``max_consecutive_nonfinite`` in a row.
 """
@@ -58,13 +59,19 @@ class PPOGuards:
             alarms.append(f"iteration {iteration}: mean k1 KL {k1_mean:.4f} < 0 for {self.negative_streak} "
                           "iterations: the rollouts are not samples of the policy (temperature, masks or a "
                           "stale policy); see rlhf/ppo/guards.py")
-        self.best_reward = max(self.best_reward, reward)
-        below = reward < self.best_reward - c.reward_drop
+        self.alarms_total += len(alarms)
+        return alarms
+
+    def observe_heldout(self, iteration: int, heldout_reward: float) -> list[str]:
+        """Record one held-out evaluation (LOGIT(Rc) on the held-out prompts); returns the collapse alarm, if any."""
+        c, alarms = self.cfg, []
+        self.best_reward = max(self.best_reward, heldout_reward)
+        below = heldout_reward < self.best_reward - c.reward_drop
         self.below_best_streak = self.below_best_streak + 1 if below else 0
         if self.below_best_streak >= c.reward_drop_window:
-            alarms.append(f"iteration {iteration}: batch reward {reward:.3f} has stayed more than "
+            alarms.append(f"iteration {iteration}: held-out LOGIT(Rc) {heldout_reward:.3f} has stayed more than "
                           f"guards.reward_drop={c.reward_drop} below its best {self.best_reward:.3f} for "
-                          f"{self.below_best_streak} iterations (reward collapse)")
+                          f"{self.below_best_streak} evaluations (reward collapse)")
         self.alarms_total += len(alarms)
         return alarms
 

@@ -63,6 +63,7 @@ from rlhf.ppo.rewards import (
     global_masked_whiten,
 )
 from rlhf.ppo.roles import PolicyObjective, ValueObjective
+from rlhf.reward.gate import check_reward_model
 from rlhf.reward.model import RewardObjective
 from rlhf.scalar_head import read_scalar_model, write_scalar_model, zero_head
 from train.config_reader import ConfigError, add_config_arguments
@@ -179,9 +180,16 @@ class PPOTrainer:
                                                                else init))
         return self._engine("value", objective, model_cfg, weights)
 
-    def _scorer(self, spec: str) -> Any:
+    def _scorer(self, spec: str, *, key: str) -> Any:
         if not resolve_path(spec).is_dir():
+            if ":" not in spec:  # meant as a reward-model directory
+                what = "does not exist" if not resolve_path(spec).exists() else "is not a directory"
+                raise ConfigError(f"{key}={spec!r} {what}: give a reward-model run directory (the --run.dir of "
+                                  "python -m rlhf.reward) or a scorer: target_tokens:IDS, avoid_tokens:IDS, "
+                                  "keyword:WORD, constant:P, module:callable")
             return build_scorer(spec, tokenizer=self.tokenizer, vocab_size=self.model_cfg.vocab_size)
+        check_reward_model(resolve_path(spec), key=key, allow_weak=self.cfg.reward.allow_weak_rm,
+                           flag="--reward.allow_weak_rm=true")
         model_cfg, weights, meta = read_scalar_model(resolve_path(spec))  # a reward model: a frozen engine under TP x ZeRO
         self._check_same_tokens(spec, meta)
         engine = self._engine("frozen", RewardObjective(), model_cfg, weights)
@@ -208,7 +216,8 @@ class PPOTrainer:
 
     def _reward_stage(self) -> RewardStage:
         r = self.cfg.reward
-        return RewardStage(helpful=self._scorer(r.helpful), safety=self._scorer(r.safety) if r.safety else None,
+        return RewardStage(helpful=self._scorer(r.helpful, key="reward.helpful"),
+                           safety=self._scorer(r.safety, key="reward.safety") if r.safety else None,
                            kind=r.kind, threshold=r.safety_threshold, whiten=r.whiten, group=self.topo.dp_group)
 
     # ---- one iteration ---------------------------------------------------------------------------------
@@ -366,6 +375,9 @@ class PPOTrainer:
     def _evaluate_and_track(self, it: int, record: dict[str, Any], log: PPOMetricsLogger) -> None:
         held = self.evaluate()
         record.update(held)
+        alarms = self.guards.observe_heldout(it, held["heldout/reward/logit_combined"])
+        record["alarms"] = [*record.get("alarms", []), *alarms]
+        record["alarms_total"] = self.guards.alarms_total
         if self.stopper.update(held["heldout/reward/logit_combined"], iteration=it):
             self.export("best_policy")
             log.event(f"iteration {it}: best held-out LOGIT(Rc) {held['heldout/reward/logit_combined']:.4f} "

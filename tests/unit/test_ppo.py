@@ -306,9 +306,10 @@ def test_guards_alarms_and_nonfinite_abort() -> None:
     alarms = [g.observe(i, kl=0.0, k1_mean=-0.05, reward=0.0) for i in range(cfg.negative_kl_window)]
     assert "not samples of the policy" in alarms[-1][0] and not alarms[0]
     g = PPOGuards(cfg)
-    g.observe(0, kl=0.0, k1_mean=0.0, reward=2.0)
-    alarms = [g.observe(i, kl=0.0, k1_mean=0.0, reward=0.0) for i in range(1, cfg.reward_drop_window + 1)]
-    assert "reward collapse" in alarms[-1][0] and not alarms[0]
+    assert g.observe(0, kl=0.0, k1_mean=0.0, reward=2.0) == [] and g.observe(1, kl=0.0, k1_mean=0.0, reward=-9.0) == []
+    g.observe_heldout(0, 2.0)  # the collapse alarm watches the held-out reward, per evaluation
+    alarms = [g.observe_heldout(i, 0.0) for i in range(1, cfg.reward_drop_window + 1)]
+    assert "reward collapse" in alarms[-1][0] and "held-out LOGIT(Rc)" in alarms[-1][0] and not alarms[0]
     assert g.alarms_total == 1
     g = PPOGuards(cfg)
     for i in range(cfg.max_consecutive_nonfinite - 1):

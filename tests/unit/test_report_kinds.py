@@ -36,7 +36,7 @@ def _run_dir(root: Path, kind: str) -> Path:
     run = root / kind
     run.mkdir()
     cls = {"pretrain": RunConfig, "sft": SFTConfig, "rm": RewardConfig, "ppo": PPOConfig, "gatt": GAttConfig}[kind]
-    (run / "config.toml").write_text(cls().to_toml())
+    (run / ("ppo_config.toml" if kind == "ppo" else "config.toml")).write_text(cls().to_toml())
     if kind == "ppo":
         records = [{"type": "ppo", "step": i, "reward/combined": 0.5 + 0.01 * i, "kl": 0.1 * i,
                     "heldout/reward/logit_combined": [0.1, 0.4, 0.3][i - 1]} for i in (1, 2, 3)]
