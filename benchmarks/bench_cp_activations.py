@@ -28,9 +28,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def saved_block_bytes(model_name: str, cp_group, seq: int, *, layers=None) -> dict[str, float]:  # noqa: ANN001
+def saved_block_bytes(model_name: str, cp_group, seq: int, *, layers=None, sp: int = 1) -> dict[str, float]:  # noqa: ANN001
     """Bytes one bf16 block of this rank keeps for backward, and its token count, at CP = ``cp_group``'s size;
-    ``layers``: a ``LayerFactory`` (``model.parallel.MegatronLayers`` for tensor parallelism; default plain)."""
+    ``layers``: a ``LayerFactory`` (``model.parallel.MegatronLayers`` for tensor parallelism; default plain);
+    ``sp``: the TP size when ``layers`` are sequence-parallel (the block input is then this rank's slice)."""
     from model import projections
     from model.attention import AttentionMask
     from model.config import get_config
@@ -44,10 +45,11 @@ def saved_block_bytes(model_name: str, cp_group, seq: int, *, layers=None) -> di
     model = model.to(torch.bfloat16)
     model.layers[0].attention.kernel = cp.kernel  # at CP 1 too: the same kernel, a gather of one
     local = seq // cp.size
-    x = torch.randn(1, local, cfg.dim, dtype=torch.bfloat16, requires_grad=True)
+    x = torch.randn(1, local // sp, cfg.dim, dtype=torch.bfloat16, requires_grad=True)
     rope = model.rotary(cp.positions(seq))
     mask = AttentionMask(document_ids=cp.shard(torch.zeros(1, seq, dtype=torch.long)))
-    mask.memo("context_parallel", lambda: cp.kernel.additive_mask(mask, x))
+    queries = torch.empty(1, local, 1, 1, dtype=torch.bfloat16)
+    mask.memo("context_parallel", lambda: cp.kernel.additive_mask(mask, queries))
     shared = {p.untyped_storage().data_ptr() for p in model.parameters()}
     shared |= {t.untyped_storage().data_ptr() for t in (x, *rope, *mask._forms.values())}
     saved: dict[int, int] = {}

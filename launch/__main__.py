@@ -63,8 +63,8 @@ def _plan_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cp", type=int, help="context-parallel ranks per sequence (2 x CP chunks, Llama 3)")
     p.add_argument("--pp", type=int)
     p.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction, default=None,
-                   help="plan Megatron sequence parallelism at TP > 1 (default off: train/ does not run it yet; "
-                        "every TP > 1 plan prints both figures)")
+                   help="plan Megatron sequence parallelism at TP > 1 (default off, like train/'s "
+                        "--parallel.sequence_parallel; every TP > 1 plan prints both figures)")
     p.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3))
     p.add_argument("--micro-batch", type=int)
     p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None,

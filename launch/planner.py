@@ -108,7 +108,8 @@ class Layout:
     """Interleaved 1F1B chunks per stage. DeepSpeed's PipelineModule only runs 1 (Megatron/Meta run more)."""
     sequence_parallel: bool = False
     """Megatron sequence parallelism (norm/residual activations sharded over TP); only matters when tp > 1.
-    Off by default because ``train/`` does not run it yet (``engine_refusals``): a plan must count what runs."""
+    Off by default like ``train/``'s ``parallel.sequence_parallel`` (which runs it with pp 1 and cp 1 only:
+    ``engine_refusals``): a plan must count what runs."""
     flash_attention: bool = True
     fused_norm: bool = True
     """Fused RMSNorm saves input + fp32 rstd; the eager reference form also keeps an fp32 copy of the input."""
@@ -148,8 +149,8 @@ def engine_refusals(layout: Layout, *, seq_len: int) -> list[str]:
     reasons = []
     if layout.virtual_stages > 1:
         reasons.append("interleaved 1F1B: DeepSpeed's PipelineModule runs one chunk per stage")
-    if layout.sp > 1:
-        reasons.append("sequence parallelism is not implemented in train/ (issue 22 item 1): plan with it off")
+    if layout.sp > 1 and (layout.pp > 1 or layout.cp > 1):
+        reasons.append("sequence parallelism runs in train/ with pp 1 and cp 1 only (--parallel.sequence_parallel)")
     if layout.cp > 1 and seq_len % (2 * layout.cp):
         reasons.append(f"seq_len {seq_len} is not divisible by 2 x CP = {2 * layout.cp}")
     return reasons

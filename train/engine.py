@@ -88,7 +88,7 @@ class TrainEngine:
         self.gas = engine_cfg.grad_accum(topology.world_size)
         # DeepSpeed's communication layer wraps the process group Topology made (PipelineModule needs it).
         deepspeed.init_distributed(dist_backend=topology.backend, dist_init_required=False)
-        self.factory = layer_factory(topology)
+        self.factory = layer_factory(topology, sequence_parallel=engine_cfg.parallel.sequence_parallel)
         self.cp = context_parallel(engine_cfg, topology=topology, objective=self.objective)
         self.module = parallelize_llama(model_cfg, engine_cfg, topology=topology, objective=self.objective,
                                         layers=self.factory)  # steps 1-4 of train/parallelize.py

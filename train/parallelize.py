@@ -52,10 +52,16 @@ from train.config import ConfigError, EngineConfig
 from train.objective import LanguageModelObjective, Objective, decay_groups, masked_loss_sum
 
 
-def layer_factory(topology: Any, *, dtype: torch.dtype = torch.float32) -> LayerFactory:
-    """Step 1: plain layers at TP 1 (no megatron import at all), megatron-core layers above."""
+def layer_factory(topology: Any, *, dtype: torch.dtype = torch.float32,
+                  sequence_parallel: bool = False) -> LayerFactory:
+    """Step 1: plain layers at TP 1 (no megatron import at all), megatron-core layers above; with
+    ``sequence_parallel`` their Megatron sequence-parallel forms (``model/sequence_parallel.py``)."""
     if topology.tp_size == 1:
         return LocalLayers()
+    if sequence_parallel:
+        from model.sequence_parallel import SequenceParallelLayers
+
+        return SequenceParallelLayers(params_dtype=dtype)
     from model.parallel import MegatronLayers
 
     return MegatronLayers(params_dtype=dtype)
@@ -134,6 +140,14 @@ def parallelize_llama(model_cfg: LlamaConfig, cfg: EngineConfig, *, topology: An
     else:
         module = build_module(model_cfg, cfg, objective=objective, layers=layers)
     context.pin(module)
+    if cfg.parallel.sequence_parallel:
+        if topology.pp_size > 1 or context.enabled or type(objective) is not LanguageModelObjective:
+            raise ConfigError("parallel.sequence_parallel runs the language-model objective with pp=1 and cp=1 "
+                              f"(this run: pp={topology.pp_size}, cp={context.size}, {type(objective).__name__}); "
+                              "set parallel.sequence_parallel=false")
+        from model.sequence_parallel import sum_norm_grads_over_tp
+
+        sum_norm_grads_over_tp(module, topology.tp_group)
     return module
 
 

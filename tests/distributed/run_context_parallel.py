@@ -95,6 +95,10 @@ def main() -> None:
     results["saved_tp2"] = saved_block_bytes("debug_llama3_tiny", None, 2048, layers=tp_layers)
     results["saved_tp2_cp2"] = saved_block_bytes("debug_llama3_tiny", parallel_state.get_context_parallel_group(),
                                                  2048, layers=tp_layers)
+    from model.sequence_parallel import SequenceParallelLayers
+
+    results["saved_tp2_sp"] = saved_block_bytes("debug_llama3_tiny", None, 2048,
+                                                layers=SequenceParallelLayers(params_dtype=torch.bfloat16), sp=2)
     parallel_state.destroy_model_parallel()
     gathered = comm.all_gather_object(results)
     if rank == 0:

@@ -59,12 +59,22 @@ def test_saved_activations_per_rank_fall_with_cp_as_planned(results: list[dict])
     assert saved[4]["bytes"] / saved[1]["bytes"] <= 0.3
 
 
-@pytest.mark.parametrize("case,cp", [("saved_tp2", 1), ("saved_tp2_cp2", 2)])
-def test_saved_activations_per_tensor_parallel_rank_as_planned(results: list[dict], case: str, cp: int) -> None:
-    """megatron-core TP 2 (no sequence parallelism: train/ does not run it), alone and with CP 2."""
+@pytest.mark.parametrize("case,cp,sp", [("saved_tp2", 1, False), ("saved_tp2_cp2", 2, False),
+                                        ("saved_tp2_sp", 1, True)])
+def test_saved_activations_per_tensor_parallel_rank_as_planned(results: list[dict], case: str, cp: int,
+                                                               sp: bool) -> None:
+    """megatron-core TP 2, alone, with CP 2 and with sequence parallelism (``model/sequence_parallel.py``)."""
     cfg = get_config("debug_llama3_tiny")
-    planned = activation_bytes_per_token(cfg, Layout(tp=2, cp=cp, fused_norm=False), 2048)
+    planned = activation_bytes_per_token(cfg, Layout(tp=2, cp=cp, sequence_parallel=sp, fused_norm=False), 2048)
     for per_rank in results:
         measured = per_rank[case]
         assert measured["tokens"] == 2048 / cp
         assert measured["bytes"] / measured["tokens"] == pytest.approx(planned, rel=0.10)
+
+
+def test_sequence_parallel_halves_the_norm_and_residual_activations(results: list[dict]) -> None:
+    """At TP 2 the norm inputs/outputs and rstd (what sits outside the TP regions) are kept for s / 2 tokens."""
+    cfg = get_config("debug_llama3_tiny")
+    outside = 2 * (2 * cfg.dim + 4 + 2 * cfg.dim + 4 * cfg.dim)  # two eager RMSNorms per block, bytes per token
+    saved = results[0]["saved_tp2"]["bytes"] - results[0]["saved_tp2_sp"]["bytes"]
+    assert saved / 2048 == pytest.approx(outside / 2, rel=0.10)

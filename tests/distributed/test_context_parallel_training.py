@@ -5,7 +5,8 @@ sequences of packed 4-47-token synthetic documents with the document mask, so do
 chunks of CP 2 and the 8-token chunks of CP 4):
 
 - 2 processes: CP 2 (checkpoint at step 3), then CP 1 x DP 2 resumed from that checkpoint (checkpoints do not
-  see CP: ZeRO's partitions span DP x CP, so the CP 2 checkpoint reads like a DP 2 one);
+  see CP: ZeRO's partitions span DP x CP, so the CP 2 checkpoint reads like a DP 2 one); TP 2 with sequence
+  parallelism (``model/sequence_parallel.py``);
 - 4 processes: CP 4, TP 2 x CP 2, CP 2 x PP 2 (the stages carry the chunks, RoPE uses their global positions),
   CP 2 x DP 2 with ZeRO-3.
 
@@ -24,7 +25,8 @@ from train.reference import ReferenceEngine, single_process_topology
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
-TWO_PROCESS = {"cp2": ["--parallel.cp=2", "--checkpoint.every=3"]}
+TWO_PROCESS = {"cp2": ["--parallel.cp=2", "--checkpoint.every=3"],
+               "tp2_sp": ["--parallel.tp=2", "--parallel.sequence_parallel=true"]}
 FOUR_PROCESS = {"cp4": ["--parallel.cp=4"], "tp2_cp2": ["--parallel.tp=2", "--parallel.cp=2"],
                 "cp2_pp2": ["--parallel.cp=2", "--parallel.pp=2"],
                 "cp2_dp2_zero3": ["--parallel.cp=2", "--zero.stage=3"]}
@@ -37,7 +39,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory):
     train(parity_config([f"--run.dir={out / 'reference'}"]), engine_factory=ReferenceEngine,
           topology_factory=single_process_topology, print_fn=lambda *a, **k: None)
     resume = [f"--run.resume={out / 'cp2' / 'checkpoints' / 'step_00000003'}"]
-    _launch(out, 2, {**TWO_PROCESS, RESUME: resume})
+    _launch(out, 2, {"cp2": TWO_PROCESS["cp2"], RESUME: resume, "tp2_sp": TWO_PROCESS["tp2_sp"]})
     _launch(out, 4, FOUR_PROCESS)
     return out
 

@@ -49,6 +49,20 @@ def test_config_refuses_what_context_parallelism_cannot_run() -> None:
         RunConfig.from_toml(None, [*base, "--data.seq_len=64", "--parallel.cp=4"]).validate(world_size=6)
 
 
+def test_config_refuses_sequence_parallelism_it_cannot_run() -> None:
+    from train.config import ConfigError, RunConfig
+
+    base = ["--model.name=debug_tiny", "--data.synthetic=true", "--data.seq_len=64",
+            "--parallel.sequence_parallel=true"]
+    RunConfig.from_toml(None, [*base, "--parallel.tp=2"]).validate(world_size=2)
+    with pytest.raises(ConfigError, match=r"sequence_parallel=true with parallel.tp=1"):
+        RunConfig.from_toml(None, base).validate()
+    with pytest.raises(ConfigError, match=r"sequence_parallel=true with pp=1, cp=2"):
+        RunConfig.from_toml(None, [*base, "--parallel.tp=2", "--parallel.cp=2"]).validate()
+    with pytest.raises(ConfigError, match=r"data.seq_len=66 is not divisible by parallel.tp=4"):
+        RunConfig.from_toml(None, [*base, "--parallel.tp=4", "--data.seq_len=66"]).validate()
+
+
 def test_engine_refuses_cp_for_other_objectives_and_stages() -> None:
     from types import SimpleNamespace
 

@@ -127,8 +127,8 @@ def test_405b_at_128k_tokens_chooses_context_parallelism():
 
 
 def test_sequence_parallel_counted_only_when_on():
-    """Llama 2 70B, TP 8 PP 8 DP 16, 4K: the issue's figures, 40.4 GiB without SP (what train/ runs, the
-    default) and 22.8 GiB with it; every TP > 1 plan states both."""
+    """Llama 2 70B, TP 8 PP 8 DP 16, 4K: the issue's figures, 40.4 GiB without SP (the default) and 22.8 GiB
+    with it; every TP > 1 plan states both. train/ runs SP only with pp 1 and cp 1: flagged here."""
     cfg = get_config("llama2_70b")
     kw = dict(seq_len=4096, global_batch_tokens=4 * 1024 * 1024, hardware=planner.Hardware(memory_bytes=80 * GiB))
     off = planner.evaluate(cfg, Layout(tp=8, pp=8, dp=16), **kw)

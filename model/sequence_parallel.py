@@ -1,0 +1,122 @@
+"""Megatron sequence parallelism (Korthikanti et al. 2022) on top of the tensor-parallel layers.
+
+    from model.sequence_parallel import SequenceParallelLayers, sum_norm_grads_over_tp
+    layers = SequenceParallelLayers()                 # after parallel_state.initialize_model_parallel(tp > 1)
+    model = Llama(cfg, layers=layers); sum_norm_grads_over_tp(model, layers.group)
+    logits = model(tokens)                            # the residual stream holds s / tp tokens per TP rank
+
+Outside the tensor-parallel regions (RMSNorm, the residual adds) each TP rank keeps only its ``s / tp`` slice of
+the sequence instead of a full copy, so those activations shrink by ``tp`` (``launch.planner``: ``Layout.sp``):
+
+    embedding:        vocab-parallel lookup, all-reduced, then this rank's slice (backward: all-gather)
+    q/k/v, w1/w3, head: all-gather the slice along the sequence, then the column-parallel matmul; only the slice is
+                      kept for backward, where it is all-gathered again and the input gradient reduce-scattered
+    wo, w2:           row-parallel matmul, then reduce-scatter along the sequence instead of an all-reduce
+    norm weights:     each rank's gradient covers its slice only: summed over TP (``sum_norm_grads_over_tp``)
+
+RoPE, the attention mask and attention itself see the whole sequence (after the gather), so nothing else changes.
+Every collective is ``model.comm``'s. Training forwards only: a KV-cache step of one token cannot be split, so
+generation builds its model without these layers. Not with ``tp > n_kv_heads`` (replicated K/V projections).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from model import comm
+from model.parallel import MegatronLayers
+
+
+class _GatheredLinear(torch.autograd.Function):
+    """``all_gather(x, seq) @ W^T`` keeping only the local ``x`` for backward (Megatron's SP column matmul)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, group: Any) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x, weight)
+        ctx.group = group
+        return F.linear(torch.cat(comm.all_gather(x.contiguous(), group=group), dim=1), weight)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, None]:  # type: ignore[override]
+        x, weight = ctx.saved_tensors
+        full = torch.cat(comm.all_gather(x.contiguous(), group=ctx.group), dim=1)
+        grad_weight = grad.flatten(0, -2).t().matmul(full.flatten(0, -2).to(grad.dtype))
+        grad_full = grad.matmul(weight.to(grad.dtype))
+        return comm.reduce_scatter(grad_full.contiguous(), dim=1, group=ctx.group), grad_weight.to(weight.dtype), None
+
+
+class _SplitAlongSequence(torch.autograd.Function):
+    """This rank's slice of a replicated ``[b, s, ...]`` tensor; backward all-gathers the gradient."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group: Any) -> Tensor:  # type: ignore[override]
+        ctx.group = group
+        return x.chunk(comm.world_size(group), dim=1)[comm.rank(group)].contiguous()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        return torch.cat(comm.all_gather(grad.contiguous(), group=ctx.group), dim=1), None
+
+
+class SequenceParallelColumn(nn.Module):
+    """A column-parallel layer whose input is this rank's sequence slice (weight: the mcore layer's)."""
+
+    def __init__(self, layer: nn.Module, group: Any) -> None:
+        super().__init__()
+        self.weight, self.group = layer.weight, group
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _GatheredLinear.apply(x, self.weight, self.group)
+
+
+class SequenceParallelRow(nn.Module):
+    """A row-parallel layer whose output is reduce-scattered to this rank's sequence slice."""
+
+    def __init__(self, layer: nn.Module, group: Any) -> None:
+        super().__init__()
+        self.weight, self.group = layer.weight, group
+
+    def forward(self, x: Tensor) -> Tensor:
+        return comm.reduce_scatter_along_dim(F.linear(x, self.weight), dim=1, group=self.group)
+
+
+class SequenceParallelEmbedding(nn.Module):
+    """Vocab-parallel embedding, then this rank's slice of the sequence."""
+
+    def __init__(self, layer: nn.Module, group: Any) -> None:
+        super().__init__()
+        object.__setattr__(self, "lookup", layer)  # not a submodule: its one parameter is registered here
+        self.weight, self.group = layer.weight, group
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return _SplitAlongSequence.apply(self.lookup(tokens), self.group)
+
+
+class SequenceParallelLayers(MegatronLayers):
+    """``MegatronLayers`` with the sequence-parallel forms above (same parameters, same shard metadata)."""
+
+    def column(self, in_features: int, out_features: int) -> nn.Module:
+        return SequenceParallelColumn(super().column(in_features, out_features), self.group)
+
+    def row(self, in_features: int, out_features: int) -> nn.Module:
+        return SequenceParallelRow(super().row(in_features, out_features), self.group)
+
+    def kv_projection(self, in_features: int, *, n_kv_heads: int, head_dim: int) -> nn.Module:
+        if n_kv_heads % self.tp_size:
+            raise ValueError(f"sequence parallelism needs tp={self.tp_size} to divide n_kv_heads={n_kv_heads} "
+                             "(replicated K/V projections are not sequence-parallel); lower tp or turn it off")
+        return self.column(in_features, n_kv_heads * head_dim)
+
+    def embedding(self, vocab_size: int, dim: int) -> nn.Module:
+        return SequenceParallelEmbedding(super().embedding(vocab_size, dim), self.group)
+
+
+def sum_norm_grads_over_tp(model: nn.Module, group: Any) -> None:
+    """Each TP rank's RMSNorm weight gradient covers its sequence slice: sum them over the TP group."""
+    for name, param in model.named_parameters():
+        if name.endswith("norm.weight"):
+            param.register_hook(lambda grad: comm.all_reduce(grad.clone(), group=group))
