@@ -199,7 +199,8 @@ def summarize(run_dir: Path, train: list[dict[str, Any]], valid: list[dict[str, 
                   f" tokens), micro-batch {cfg.train.micro_batch_size}",
                   f"- optimizer: AdamW lr {cfg.optim.lr:g} (warmup {cfg.optim.warmup_steps}, cosine to "
                   f"{cfg.optim.min_lr_ratio:g}x), wd {cfg.optim.weight_decay:g}, clip {cfg.optim.grad_clip:g}; "
-                  f"dtype {cfg.train.dtype}; tp {cfg.parallel.tp} pp {cfg.parallel.pp} ZeRO-{cfg.zero.stage}"]
+                  f"dtype {cfg.train.dtype}; tp {cfg.parallel.tp} cp {cfg.parallel.cp} pp {cfg.parallel.pp} "
+                  f"ZeRO-{cfg.zero.stage}"]
     lines += [f"- steps logged: {len(train)} (last step {last['step']})"]
     if losses:
         lines += [f"- training loss: first {losses[0]:.4f}, final {losses[-1]:.4f}, best {min(losses):.4f}"]

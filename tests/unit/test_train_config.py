@@ -68,7 +68,7 @@ def test_bad_overrides_are_named(override: list[str], match: str) -> None:
     (["--data.seq_len=4096"], 1, "exceeds model 'debug_tiny' max_seq_len=256"),
     (["--train.dtype=fp16"], 1, "use \"fp32\" or \"bf16\""),
     (["--data.synthetic=false"], 1, "data.path is empty"),
-    (["--parallel.tp=2"], 3, "not a multiple of tp x pp = 2 x 1"),
+    (["--parallel.tp=2"], 3, "not a multiple of tp x pp x cp = 2 x 1 x 1"),
     (["--model.overrides.dim=96", "--model.overrides.n_heads=6", "--model.overrides.n_kv_heads=3",
       "--parallel.tp=2"], 2, "kv heads are split when tp divides them and replicated"),
     (["--model.overrides.vocab_size=510", "--parallel.tp=4"], 4, "set --model.overrides.vocab_size=512"),
