@@ -72,6 +72,8 @@ def _plan_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--virtual-stages", type=int, help="pin interleaved chunks per stage")
     p.add_argument("--max-virtual-stages", type=int, default=1,
                    help="search interleaved 1F1B up to this many chunks (DeepSpeed runs 1; Megatron/Meta more)")
+    p.add_argument("--lora-rank", type=int, default=0, help="plan LoRA fine-tuning: adapters of this rank, base frozen")
+    p.add_argument("--lora-targets", default="q,k,v,o", help="LoRA projections (q,k,v,o,gate,up,down)")
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--all-variants", action="store_true", help="do not collapse variants of one TPxPPxDP")
     p.add_argument("--peak-tflops", type=float,
@@ -230,7 +232,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         layout = planner.Layout(tp=args.tp, cp=cp, pp=args.pp, dp=args.gpus // (args.tp * cp * args.pp),
                                 zero_stage=args.zero_stage, micro_batch=args.micro_batch,
                                 virtual_stages=args.virtual_stages or 1,
-                                sequence_parallel=bool(args.sequence_parallel))
+                                sequence_parallel=bool(args.sequence_parallel), lora_rank=args.lora_rank,
+                                lora_targets=args.lora_targets)
         plan = planner.fit_checkpointing(cfg, layout, buffers=planner.ZeroBuffers(),
                                          checkpointing=args.activation_checkpointing, **kw)
         if args.json:

@@ -23,7 +23,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from launch.planner import Layout, split_layers, stage_params
+from launch.planner import Layout, lora_params, split_layers, stage_params
 from model.config import LlamaConfig
 
 CHECKPOINT_BYTES_PER_PARAM = 12  # fp32 master + exp_avg + exp_avg_sq
@@ -71,7 +71,8 @@ class CheckpointCost:
 
 def rank_checkpoint_bytes(cfg: LlamaConfig, layout: Layout, stage: int) -> float:
     """Bytes one rank of pipeline stage ``stage`` writes (its ZeRO partition; at ZeRO-0 DP rank 0 writes all)."""
-    params = stage_params(cfg, layout, stage)
+    # LoRA checkpoints hold the adapters only (the frozen base is the initial checkpoint's).
+    params = lora_params(cfg, layout, stage) if layout.lora_rank else stage_params(cfg, layout, stage)
     owned = params / layout.shard_ranks if layout.zero_stage >= 1 else params  # ZeRO spans DP x CP
     return CHECKPOINT_BYTES_PER_PARAM * owned
 

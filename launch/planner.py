@@ -113,6 +113,11 @@ class Layout:
     flash_attention: bool = True
     fused_norm: bool = True
     """Fused RMSNorm saves input + fp32 rstd; the eager reference form also keeps an fp32 copy of the input."""
+    lora_rank: int = 0
+    """LoRA (``[lora]`` of the alignment stages, ``model/lora.py``): adapters of this rank train, the bf16 base is
+    frozen (no grads, no optimizer state); 0 = full training."""
+    lora_targets: str = "q,k,v,o"
+    """The adapted projections (comma list of q, k, v, o, gate, up, down)."""
 
     @property
     def gpus(self) -> int:
@@ -153,6 +158,8 @@ def engine_refusals(layout: Layout, *, seq_len: int) -> list[str]:
         reasons.append("sequence parallelism runs in train/ with pp 1 and cp 1 only (--parallel.sequence_parallel)")
     if layout.cp > 1 and seq_len % (2 * layout.cp):
         reasons.append(f"seq_len {seq_len} is not divisible by 2 x CP = {2 * layout.cp}")
+    if layout.lora_rank and (layout.pp > 1 or layout.zero_stage == 3):
+        reasons.append("LoRA runs with pp 1 and ZeRO-1/2 only (train/parallelize.py refuses the rest)")
     return reasons
 
 
@@ -188,6 +195,17 @@ def stage_params(cfg: LlamaConfig, layout: Layout, stage: int) -> float:
     if stage == layout.pp - 1:
         params += cfg.dim + (0 if cfg.tie_embeddings and layout.pp == 1 else table)
     return params
+
+
+def lora_params(cfg: LlamaConfig, layout: Layout, stage: int) -> float:
+    """Adapter parameters one GPU of ``stage`` trains: r x (in + out) per adapted projection, / TP (A or B split)."""
+    if not layout.lora_rank:
+        return 0.0
+    kv, q = cfg.kv_heads * cfg.head_dim, cfg.n_heads * cfg.head_dim
+    shapes = {"q": (cfg.dim, q), "k": (cfg.dim, kv), "v": (cfg.dim, kv), "o": (q, cfg.dim),
+              "gate": (cfg.dim, cfg.ffn_dim), "up": (cfg.dim, cfg.ffn_dim), "down": (cfg.ffn_dim, cfg.dim)}
+    per_block = sum(layout.lora_rank * sum(shapes[t.strip()]) for t in layout.lora_targets.split(",") if t.strip())
+    return split_layers(cfg.n_layers, layout.pp)[stage] * per_block / layout.tp
 
 
 def largest_module_params(cfg: LlamaConfig, tp: int) -> float:
@@ -235,6 +253,11 @@ def model_state_bytes(
     """Weights, grads, optimizer states, fp32 grad partition and ZeRO-3 gathered layer, in bytes."""
     p = stage_params(cfg, layout, stage)
     z, dp = layout.zero_stage, layout.shard_ranks
+    if layout.lora_rank:  # frozen bf16 base + adapters; only the adapters have grads and optimizer state
+        a = lora_params(cfg, layout, stage)
+        return {"weights": BF16 * (p + a), "grads": BF16 * a / (dp if z >= 2 else 1),
+                "optimizer_states": 12 * a / (dp if z >= 1 else 1), "fp32_grads": FP32 * a / (dp if z >= 1 else 1),
+                "zero3_gathered": 0.0}
     fp32_grad_elems = p / dp if z >= 1 else p
     if z == 3:  # stage3 casts the bf16 grad partition to fp32 one sub group at a time
         fp32_grad_elems = min(p / dp, buffers.sub_group_size)

@@ -199,6 +199,16 @@ def apply_lora(model: nn.Module, spec: LoRASpec, *, seed: int | None = 0) -> lis
     return adapted
 
 
+def llama_of(module: nn.Module) -> nn.Module:
+    """The ``Llama`` inside an objective's training module (``LossModule.model``, a reward model's body ...)."""
+    from model.llama import Llama
+
+    found = [m for m in module.modules() if isinstance(m, Llama)]
+    if len(found) != 1:
+        raise ValueError(f"LoRA: expected one Llama inside {type(module).__name__}, found {len(found)}")
+    return found[0]
+
+
 def init_lora_weights(model: nn.Module, *, seed: int) -> None:
     """Only the adapters, layout-independent: the same draw as ``init_llama_weights`` gives them."""
     from model.llama import init_llama_weights

@@ -55,6 +55,38 @@ class StageSection:
     """Lower bound of the derived warmup (Llama 2 reward models: 5)."""
 
 
+@dataclass(frozen=True)
+class LoRASection:
+    """``[lora]``: low-rank adapters instead of full fine-tuning, for every stage built on ``StageConfig`` (SFT, reward
+    models, DPO, distillation). The model's own weights are frozen (what a stage adds, e.g. a reward head, still
+    trains); checkpoints hold the adapters; the export is the merged model plus the adapters in the PEFT format
+    (``<final_model>_lora/``). See ``model/lora.py``."""
+
+    rank: int = 0
+    """Adapter rank r; 0 = off (train every weight)."""
+    alpha: float = 16.0
+    """The adapters' output is scaled by alpha / rank."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input."""
+    targets: str = "q,k,v,o"
+    """Comma-separated projections to adapt: q, k, v, o, gate, up, down."""
+    base_dtype: str = "fp32"
+    """Dtype the frozen projection weights are held in: "fp32" or "bf16" (half their memory)."""
+
+    def spec(self) -> Any:
+        """The ``model.lora.LoRASpec``, or None when ``rank = 0``; a ConfigError names the bad field."""
+        if self.rank == 0:
+            return None
+        from model.lora import LoRASpec
+
+        spec = LoRASpec(rank=self.rank, alpha=self.alpha, dropout=self.dropout, base_dtype=self.base_dtype,
+                        targets=tuple(t.strip() for t in self.targets.split(",") if t.strip()))
+        try:
+            return spec.validate()
+        except ValueError as err:
+            raise ConfigError(f"invalid run config: {err}") from err
+
+
 def checkpoint_model_config(path: str | Path) -> Any:
     """The ``LlamaConfig`` of a checkpoint without loading its weights where the format allows it."""
     from model.checkpoints import open_checkpoint
@@ -75,6 +107,12 @@ class StageConfig(RunConfig):
     UNUSED: typing.ClassVar[tuple[str, ...]] = ("data.path", "data.split")
     train: TrainSection = field(default_factory=lambda: TrainSection(steps=0))
     """``train.steps = 0``: the number of steps comes from the data (``with_schedule``)."""
+    lora: LoRASection = field(default_factory=LoRASection)
+    """Low-rank adapters (``rank > 0``) instead of training every weight."""
+
+    def engine_config(self) -> Any:
+        """The run sections' engine config plus the ``[lora]`` adapters (None when off)."""
+        return dataclasses.replace(super().engine_config(), lora=self.lora.spec())
 
     @property
     def stage(self) -> StageSection:
@@ -104,6 +142,8 @@ class StageConfig(RunConfig):
         _check(0.0 <= s.valid_fraction < 1.0, f"{name}.valid_fraction={s.valid_fraction}: must be in [0, 1)")
         _check(0.0 <= s.warmup_fraction <= 1.0, f"{name}.warmup_fraction={s.warmup_fraction}: must be in [0, 1]")
         _check(s.max_records_per_file >= 0, f"{name}.max_records_per_file={s.max_records_per_file}: must be >= 0")
+        _check(self.lora.rank >= 0, f"lora.rank={self.lora.rank}: must be >= 0 (0 = off)")
+        self.lora.spec()
         return self
 
     def _validate_stage(self, *, world_size: int | None) -> None:

@@ -240,6 +240,9 @@ class EngineConfig:
     """AdamW betas, eps, weight decay and the gradient clip (the learning rate comes with each step)."""
     document_mask: bool = True
     """The document mask of packed sequences (the language-model objective and the pipeline stages)."""
+    lora: Any = None
+    """A ``model.lora.LoRASpec``: low-rank adapters on the model, its own weights frozen (None = train them all).
+    The alignment stages set it from their ``[lora]`` section."""
 
     def dp_size(self, world_size: int) -> int:
         return world_size // (self.parallel.tp * self.parallel.pp * self.parallel.cp)

@@ -275,14 +275,19 @@ class TrainEngine:
 
     def load(self, checkpoint_dir: Path) -> dict[str, Any]:
         """Resume from a checkpoint of any layout: this rank reads only its slices and fragments."""
+        if self.engine_cfg.lora is not None:  # LoRA checkpoints hold the adapters: the frozen base is the initial
+            self._seed_init()                 # weights' (or, without any, the seeded init's)
         result = self.io.load(Path(checkpoint_dir))
         self._weights_filled = True
         return result
 
     def exported_weights(self, out_dir: Path) -> Any:
         """Collective context: rank 0 gets a reader streaming the whole model one tensor at a time (None elsewhere),
-        built from every rank's own fragments; see ``EngineCheckpoint.exported``."""
-        return self.io.exported(Path(out_dir))
+        built from every rank's own fragments; see ``EngineCheckpoint.exported``. Trained with LoRA, the reader is the
+        merged model and the adapters are also written in the PEFT format to ``<out_dir>_lora/``."""
+        from model.checkpoints.lora_adapters import lora_export
+
+        return lora_export(self.io.exported(Path(out_dir)), self.engine_cfg.lora, out_dir)
 
     def _create_optimizer_state(self) -> None:
         """Materialise AdamW's lazily created state with a zero-gradient, zero-LR step (changes nothing)."""

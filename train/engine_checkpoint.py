@@ -79,11 +79,17 @@ class EngineCheckpoint:
         if adam_step > 0:
             engine._link_optimizer_state()
         fragments = []
+        first_dp = engine.topo.dp_rank == 0
         for native, param in self._params(ds.module):
             span = fragment_range(param)
-            if span is None:
+            if span is None and not moments and first_dp and not param.requires_grad:
+                # An export also needs the frozen weights (LoRA's base), which no optimizer holds: each TP slice
+                # is whole on every DP rank (ZeRO-1/2), written once by DP rank 0 as one fragment.
+                span, master = (0, param.numel()), param.detach().float().cpu().reshape(-1).clone()
+            elif span is None:
                 continue
-            master = read_fragment(param)
+            else:
+                master = read_fragment(param)
             state = [read_fragment(param, k) if moments and adam_step > 0 else None for k in ADAM_MOMENTS]
             if moments:
                 state = [s if s is not None else torch.zeros_like(master) for s in state]
@@ -151,7 +157,8 @@ class EngineCheckpoint:
         missing = []
         for native, param in self._params(self.engine.module):
             if native not in names:
-                missing.append(native)
+                if param.requires_grad:  # frozen weights (LoRA's base) are never in a training checkpoint
+                    missing.append(native)
                 continue
             dim, start, stop = self._tp_region(param)
             value = read(native, dim, start, stop)

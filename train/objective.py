@@ -31,10 +31,13 @@ def masked_loss_sum(logits: Tensor, labels: Tensor, loss_mask: Tensor, *, tp_siz
 
 
 def decay_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: weight decay on matrices (linear, embedding), none on norm gains (Llama's practice)."""
-    decay = [p for p in module.parameters() if p.ndim >= 2]
-    no_decay = [p for p in module.parameters() if p.ndim < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    """AdamW groups: weight decay on matrices (linear, embedding), none on norm gains (Llama's practice).
+    Only trainable parameters (LoRA freezes the base: its optimizer state is the adapters' alone); empty groups
+    are left out."""
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
 
 
 class LossModule(nn.Module):

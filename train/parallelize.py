@@ -76,7 +76,14 @@ def build_module(model_cfg: LlamaConfig, cfg: EngineConfig, *, objective: Object
     """Steps 1-3 in one process or one pipeline-less rank: the objective's module around a TP-sliced Llama.
     (The plain reference loop, ``train/reference.py``, builds its module here too, with ``LocalLayers``.)"""
     model = Llama(model_cfg, layers=layers)  # 1
-    module = objective.wrap(model, layers=layers)  # 2
+    if cfg.lora is not None and cfg.zero.stage == 3:
+        raise ConfigError("LoRA with zero.stage=3 is not supported (the frozen base would be partitioned and the "
+                          "exports read it whole); use zero.stage=1 or 2: the optimizer state is the adapters' anyway")
+    if cfg.lora is not None:  # 1b: adapters on the TP layers, the model's own weights frozen (model/lora.py)
+        from model.lora import apply_lora
+
+        apply_lora(model, cfg.lora, seed=None)  # drawn by the seeded init (init_std), like every weight
+    module = objective.wrap(model, layers=layers)  # 2: what the wrap adds (a reward head) stays trainable
     apply_activation_checkpointing(model, cfg.parallel.activation_checkpoint_every)  # 3
     return module
 
@@ -133,6 +140,9 @@ def parallelize_llama(model_cfg: LlamaConfig, cfg: EngineConfig, *, topology: An
     With context parallelism every attention module gets the CP kernel (after step 1: a pinned kernel)."""
     context = context_parallel(cfg, topology=topology, objective=objective)
     if topology.pp_size > 1:
+        if cfg.lora is not None:
+            raise ConfigError("LoRA ([lora] rank > 0) does not run under pipeline parallelism yet; use "
+                              "--parallel.pp=1 (tensor parallelism and ZeRO work)")
         module = pipeline_module(model_cfg, cfg, topology=topology, layers=layers)
         for stage in module.modules():
             if isinstance(stage, pipe.BlockStage):

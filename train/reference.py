@@ -47,6 +47,7 @@ class ReferenceEngine:
     def __init__(self, *, model_cfg: LlamaConfig, engine_cfg: EngineConfig, topology: Any = None,
                  objective: Objective | None = None, init_weights: Any = None) -> None:
         self.objective = objective or LanguageModelObjective(document_mask=engine_cfg.document_mask)
+        self.engine_cfg = engine_cfg
         self.module = build_module(model_cfg, engine_cfg, objective=self.objective, layers=LocalLayers())
         init_llama_weights(self.module, seed=engine_cfg.seed, n_layers=model_cfg.n_layers,
                            native_name=self.objective.native_name)
@@ -112,7 +113,7 @@ class ReferenceEngine:
 
     def load(self, path: Path) -> dict[str, Any]:
         state = torch.load(Path(path) / "reference.pt", weights_only=True)
-        self.module.load_state_dict(state["model"])
+        self.module.load_state_dict(state["model"])  # (the whole module, frozen LoRA base included)
         self.optimizer.load_state_dict(state["optimizer"])
         return dict(state["client"])
 
@@ -123,6 +124,8 @@ class ReferenceEngine:
         """``TrainEngine.exported_weights`` in one process: the module's own tensors."""
         import contextlib
 
+        from model.checkpoints.lora_adapters import lora_export
         from train.portable import StateDictExport
 
-        return contextlib.nullcontext(StateDictExport(self.consolidated_state_dict()))
+        export = contextlib.nullcontext(StateDictExport(self.consolidated_state_dict()))
+        return lora_export(export, self.engine_cfg.lora, out_dir)

@@ -108,12 +108,12 @@ class MergedReader:
 
     def __init__(self, base: Any, adapters: Mapping[str, Tensor], spec: LoRASpec) -> None:
         self.base, self.spec, self.cfg = base, spec, base.cfg
-        self.source = f"{base.source} + LoRA"
+        self.source = f"{getattr(base, 'source', 'weights')} + LoRA"
         self.layers: dict[str, tuple[Tensor, Tensor]] = {}
         for name in adapters:
             layer = _ADAPTER.match(name).group(1)  # type: ignore[union-attr]
             if layer + ".weight" not in base.names():
-                raise ValueError(f"adapter {name!r} has no base tensor {layer}.weight in {base.source}: the adapter "
+                raise ValueError(f"adapter {name!r} has no base tensor {layer}.weight in {self.source}: the adapter "
                                  "was trained on another model")
             self.layers[layer + ".weight"] = (adapters[f"{layer}.lora_A.weight"], adapters[f"{layer}.lora_B.weight"])
 
@@ -137,3 +137,55 @@ class MergedReader:
     def read_slice(self, name: str, *, dim: int, start: int, stop: int) -> Tensor:
         return self.read(name).narrow(dim, start, stop - start).clone()
 
+
+
+class MergedExport:
+    """An engine export (``names``/``full``/``specs``/``source``, see ``train.task.exported_weights``) of a model
+    trained with LoRA, seen as the merged model: adapter tensors are hidden and folded into their layers.
+    ``adapters`` keeps them (full tensors, our names) for ``write_peft_adapter``."""
+
+    def __init__(self, weights: Any, spec: LoRASpec) -> None:
+        self.weights, self.spec = weights, spec
+        self.adapters = {n: weights.full(n) for n in weights.names() if _ADAPTER.match(n)}
+
+    def names(self) -> list[str]:
+        return [n for n in self.weights.names() if n not in self.adapters]
+
+    def full_shape(self, name: str) -> tuple[int, ...]:
+        return self.weights.full_shape(name)
+
+    def full(self, name: str, key: str = "param") -> Tensor:
+        tensor = self.weights.full(name, key)
+        layer = name.removesuffix(".weight")
+        if key == "param" and f"{layer}.lora_A.weight" in self.adapters:
+            tensor = merged_weight(tensor, self.adapters[f"{layer}.lora_A.weight"],
+                                   self.adapters[f"{layer}.lora_B.weight"], scale=self.spec.scale)
+        return tensor
+
+    def specs(self, names: list[str] | None = None) -> list[TensorSpec]:
+        return self.weights.specs(names if names is not None else self.names())
+
+    def source(self, model_cfg: Any) -> MergedReader:
+        return MergedReader(self.weights.source(model_cfg), self.adapters, self.spec)
+
+
+def lora_export(export: Any, spec: LoRASpec | None, out_dir: str | Path) -> Any:
+    """Wrap an engine's ``exported_weights`` context for LoRA: on rank 0 the merged view (``MergedExport``) and the
+    adapters written in the PEFT format to ``<out_dir>_lora/``; unchanged without LoRA."""
+    import contextlib
+
+    if spec is None:
+        return export
+
+    @contextlib.contextmanager
+    def merged() -> Any:
+        with export as weights:
+            if weights is None:
+                yield None
+                return
+            view = MergedExport(weights, spec)
+            out = Path(out_dir)
+            write_peft_adapter(view.adapters, spec, out.with_name(out.name + "_lora"))
+            yield view
+
+    return merged()

@@ -8,6 +8,7 @@ and megatron-core layers on ``rlhf_parity_config`` plus the comma-separated over
 
 from __future__ import annotations
 
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -24,7 +25,9 @@ def main() -> None:
     for spec in sys.argv[3:]:
         name, _, rest = spec.partition("=")
         stage, _, overrides = rest.partition(":")
-        cfg = rlhf_parity_config(stage, data, [*(o for o in overrides.split(",") if o), f"--run.dir={out / name}"])
+        # Overrides are split at commas that start a new "--key" (a value may hold commas: --lora.targets=q,k).
+        cfg = rlhf_parity_config(stage, data, [*(o for o in re.split(r",(?=--)", overrides) if o),
+                                               f"--run.dir={out / name}"])
         result = run_stage_config(stage, cfg)
         if result.reason != "completed":
             raise SystemExit(f"layout {name}: {result.reason}")

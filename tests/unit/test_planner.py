@@ -229,3 +229,20 @@ def test_cli_plan_cpu_errors(capsys):
     assert main([*base, "--global-batch-tokens", "2048", "--micro-batch", "2"]) == 0
     out = capsys.readouterr().out
     assert "4 micro-batch(es)/step" in out and "peak in the optimizer step" in out and "400 MiB" in out
+
+
+def test_lora_plan_counts_adapter_states_only() -> None:
+    """LoRA (``--lora-rank``): the bf16 base is held, grads and Adam states exist for the adapters alone."""
+    from launch.planner import Layout, lora_params, model_state_bytes
+    from model.config import get_config
+
+    cfg = get_config("llama3_1_8b")
+    full = model_state_bytes(cfg, Layout(), 0)
+    layout = Layout(lora_rank=16, lora_targets="q,k,v,o,gate,up,down")
+    lora = model_state_bytes(cfg, layout, 0)
+    adapters = lora_params(cfg, layout, 0)
+    # r x (in + out) per projection: 16 x (4096+4096 + 2x(4096+1024) + 4096+4096 + 3x(4096+14336)) x 32 layers
+    assert adapters == 16 * (8192 + 2 * 5120 + 8192 + 3 * 18432) * 32
+    assert lora["optimizer_states"] == 12 * adapters and lora["grads"] == 2 * adapters
+    assert lora["weights"] == full["weights"] + 2 * adapters
+    assert lora["optimizer_states"] < full["optimizer_states"] / 100
