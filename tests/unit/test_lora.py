@@ -42,7 +42,9 @@ def lm_loss(model: Llama, inputs: torch.Tensor, labels: torch.Tensor) -> torch.T
 
 
 def train_adapters(model: Llama, steps: int = 3, lr: float = 1e-2) -> torch.optim.AdamW:
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    from train.objective import decay_groups
+
+    optimizer = torch.optim.AdamW(decay_groups(model, 0.1), lr=lr)  # the engines' grouping: trainable only
     for step in range(steps):
         optimizer.zero_grad()
         lm_loss(model, *batch(step)).backward()
