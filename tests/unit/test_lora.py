@@ -188,3 +188,21 @@ def test_merge_lora_cli_native_and_hf(tmp_path: Path) -> None:
         with torch.no_grad():
             assert (from_pretrained(out)(inputs) - expected).abs().max().item() <= 1e-5
     assert main(["--base", str(tmp_path / "base"), "--adapter", str(tmp_path), "--output", str(tmp_path / "x")]) == 2
+
+
+def test_engine_seam_adapts_the_model_and_keeps_a_reward_head_trainable() -> None:
+    """``EngineConfig.lora`` in ``train.parallelize.build_module``: adapters before the objective's wrap, so what the
+    wrap adds (the reward model's head) trains; the optimizer groups hold exactly those tensors."""
+    from model.layers import LocalLayers
+    from rlhf.reward.model import RewardObjective
+    from train.config import EngineConfig
+    from train.objective import decay_groups
+    from train.parallelize import build_module
+
+    spec = LoRASpec(rank=2, targets=("q", "down"))
+    cfg = EngineConfig(global_batch_size=2, micro_batch_size=1, lora=spec)
+    module = build_module(CFG, cfg, objective=RewardObjective(), layers=LocalLayers())
+    trainable = sorted(n for n, p in module.named_parameters() if p.requires_grad)
+    assert any("reward_head" in n for n in trainable)
+    assert [n for n in trainable if "reward_head" not in n] == sorted(n for n, _ in adapter_parameters(module))
+    assert sum(len(g["params"]) for g in decay_groups(module, 0.1)) == len(trainable)
