@@ -87,13 +87,13 @@ class LoRASection:
             raise ConfigError(f"invalid run config: {err}") from err
 
 
-def checkpoint_model_config(path: str | Path) -> Any:
+def checkpoint_model_config(path: str | Path, *, key: str = "init_checkpoint") -> Any:
     """The ``LlamaConfig`` of a checkpoint without loading its weights where the format allows it."""
     from model.checkpoints import open_checkpoint
 
     p = checkpoint_dir(path)
     if not p.exists():
-        raise ConfigError(f"init_checkpoint {path}: no such file or directory; point it at a pretraining or SFT "
+        raise ConfigError(f"{key} {path}: no such file or directory; point it at a pretraining or SFT "
                           "run's final_model/ (or the run directory)")
     return open_checkpoint(p).cfg  # native and HF: config.json + safetensors headers, no tensor read
 
@@ -177,3 +177,13 @@ def check_files(paths: list[Path], where: str) -> None:
     for p in paths:
         _check(p.is_file(), f"{where}: {p} does not exist (a leading {{data_dir}} expands to {data_dir()}; set "
                "LLAMA_DATA_DIR to move it)")
+
+
+def init_model_config(run_cfg: Any, init: str, *, key: str) -> Any:
+    """The model shape of a stage that starts from ``init``: the checkpoint's own config (plus ``[model.overrides]``,
+    e.g. a longer max_seq_len), so the checkpoint's shape never has to be repeated as flags; without ``init`` the
+    registry's ``[model] name`` (``RunConfig.model_config``)."""
+    if not init:
+        return RunConfig.model_config(run_cfg)
+    cfg = checkpoint_model_config(resolve_path(init), key=key)
+    return cfg.replace(**run_cfg.model.overrides) if run_cfg.model.overrides else cfg

@@ -125,6 +125,12 @@ class GAttConfig(RunConfig):
     }
     gatt: GAttSection = field(default_factory=GAttSection)
 
+    def model_config(self) -> Any:
+        """The shape of ``gatt.init`` (its own config; ``[model.overrides]`` on top), else ``[model] name``."""
+        from rlhf.config import init_model_config
+
+        return init_model_config(self, self.gatt.init, key="gatt.init")
+
     def validate(self, *, world_size: int | None = None) -> GAttConfig:
         g = self.gatt
         check(g.template in TEMPLATES, f"gatt.template={g.template!r}: use one of {list(TEMPLATES)}")

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import typing
 from dataclasses import dataclass, field
+from typing import Any
 
 from train.config import (
     CheckpointSection,
@@ -245,6 +246,12 @@ class PPOConfig(RunConfig):
             zero=dataclasses.replace(self.zero, stage=self.frozen_stage if frozen else self.zero.stage),
             parallel=dataclasses.replace(self.parallel, activation_checkpoint_every=0 if frozen
                                          else self.parallel.activation_checkpoint_every))
+
+    def model_config(self) -> Any:
+        """The shape of ``ppo.init`` (its own config; ``[model.overrides]`` on top), else ``[model] name``."""
+        from rlhf.config import init_model_config
+
+        return init_model_config(self, self.ppo.init, key="ppo.init")
 
     def validate(self, *, world_size: int | None = None) -> PPOConfig:
         r, ro, p, d, t = self.reward, self.rollout, self.ppo, self.prompts, self.train

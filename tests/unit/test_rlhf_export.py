@@ -44,3 +44,24 @@ def test_tied_head_stored_once_and_sidecar_written(tmp_path: Path) -> None:
     assert side == read_sidecar(out) and side["stage"] == "ppo" and side["template"] == "llama2"
     assert Path(side["tokenizer"]).is_absolute() and side["max_len"] == 64
     assert read_sidecar(tmp_path) == {}
+
+
+def test_gatt_and_ppo_take_the_shape_from_their_init_checkpoint(tmp_path: Path) -> None:
+    """No --model.overrides.* flags: the init checkpoint's config.json holds the shape (issue 23 item 2)."""
+    from model.checkpoints.native import save_native
+    from rlhf.gatt.task import GAttConfig
+    from rlhf.ppo.config import PPOConfig
+
+    cfg = get_config("debug_tiny").replace(dim=32, n_layers=3, n_heads=2, n_kv_heads=1, vocab_size=300)
+    save_native(Llama(cfg), cfg, tmp_path / "policy")
+    gatt = GAttConfig.from_toml("configs/rlhf/gatt_tiny.toml", [f"--gatt.init={tmp_path / 'policy'}"])
+    ppo = PPOConfig.from_toml("configs/rlhf/ppo_tiny.toml", [f"--ppo.init={tmp_path / 'policy'}"])
+    assert gatt.model_config() == cfg and ppo.model_config() == cfg
+    longer = GAttConfig.from_toml(None, [f"--gatt.init={tmp_path / 'policy'}", "--model.overrides.max_seq_len=64"])
+    assert longer.model_config() == cfg.replace(max_seq_len=64)
+    import pytest
+
+    from train.config_reader import ConfigError
+
+    with pytest.raises(ConfigError, match=r"gatt.init .*nope: no such file or directory"):
+        GAttConfig.from_toml(None, [f"--gatt.init={tmp_path / 'nope'}"]).model_config()
