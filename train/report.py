@@ -178,6 +178,14 @@ PPO_PANELS: list[tuple[str, list[str]]] = [
 ]
 
 
+def _trained_model_config(run_dir: Path) -> Any:
+    """The exported model's own config (a stage that started from a checkpoint took its shape), or None."""
+    from model.checkpoints.native import is_native_dir, read_native_config
+
+    final = run_dir / "final_model"
+    return read_native_config(final) if final.is_dir() and is_native_dir(final) else None
+
+
 def summarize(run_dir: Path, train: list[dict[str, Any]], valid: list[dict[str, Any]], *, kind: str = "pretrain",
               plots: list[str] | None = None) -> str:
     last = train[-1]
@@ -191,7 +199,7 @@ def summarize(run_dir: Path, train: list[dict[str, Any]], valid: list[dict[str, 
         tables = tomllib.loads((run_dir / "config.toml").read_text())
         cfg = RunConfig.from_dict({k: v for k, v in tables.items() if k in RunConfig.sections() and k != "eval"},
                                   source=str(run_dir / "config.toml"))
-        m = cfg.model_config()
+        m = _trained_model_config(run_dir) or cfg.model_config()
         lines += [f"- model: {m.name} ({m.num_params() / 1e6:.2f}M parameters, dim {m.dim}, {m.n_layers} layers, "
                   f"vocab {m.vocab_size})",
                   f"- data: {'synthetic' if cfg.data.synthetic else cfg.data.path}, seq_len {cfg.data.seq_len}, "
