@@ -36,8 +36,8 @@ def test_every_stage_config_is_the_run_sections_plus_its_own() -> None:
         replaced = {"eval"} if cls is PPOConfig else set()
         assert {k: v for k, v in cls.sections().items() if k in shared and k not in replaced} == {
             k: v for k, v in shared.items() if k not in replaced}, cls.__name__
-    assert set(SFTConfig.sections()) - set(shared) == {"sft"}
-    assert set(RewardConfig.sections()) - set(shared) == {"rm"}
+    assert set(SFTConfig.sections()) - set(shared) == {"sft", "lora"}  # [lora]: every StageConfig stage
+    assert set(RewardConfig.sections()) - set(shared) == {"rm", "lora"}
     assert set(GAttConfig.sections()) - set(shared) == {"gatt"}
     assert set(PPOConfig.sections()) - set(shared) == {"ppo", "reward", "prompts", "rollout", "guards"}
     assert PPOConfig.sections()["eval"] is not shared["eval"]
