@@ -137,12 +137,13 @@ def _flag_entry_points() -> dict[str, tuple[Callable[[list[str]], object], list[
     from rlhf.average import main as average
     from rlhf.gatt.cli import main as gatt
     from rlhf.merge_lora import main as merge_lora
+    from rlhf.recipe import main as recipe
     from rlhf.rejection_sampling import main as rejection_sampling
     from rlhf.reward.evaluate import main as evaluate_rm
 
     return {"rlhf.evaluate_rm": (evaluate_rm, []), "rlhf.rejection_sampling": (rejection_sampling, []),
             "rlhf.gatt build": (gatt, ["build"]), "rlhf.gatt eval": (gatt, ["eval"]),
-            "rlhf.average": (average, []), "rlhf.merge_lora": (merge_lora, [])}
+            "rlhf.average": (average, []), "rlhf.merge_lora": (merge_lora, []), "rlhf.recipe": (recipe, [])}
 
 
 @pytest.mark.parametrize("name", list(_flag_entry_points()))
@@ -168,7 +169,7 @@ def test_flag_cli_help_explains_every_flag_with_its_default_and_an_example(
     for action in parser._actions:
         if isinstance(action, argparse._HelpAction | argparse._SubParsersAction):
             continue
-        flag = action.option_strings[-1]
+        flag = action.option_strings[-1] if action.option_strings else action.dest
         assert action.help, f"{name} {flag}: no help text"
         if not action.required and action.default is not None and action.default is not False:
             assert f"(default: {action.default})" in " ".join(text.split()), f"{name} {flag}: default not shown"

@@ -1,0 +1,167 @@
+"""The Llama 2 recipe as one command: SFT -> helpfulness RM -> safety RM -> RM evaluation -> PPO, each stage a run
+directory under ``--run-dir``, finished stages skipped, each stage's key figure printed, one summary table at the end.
+
+    python -m rlhf.recipe llama2 --pretrained runs/tiny_real --run-dir runs/llama2_tiny
+    python -m rlhf.recipe llama2 --pretrained runs/tiny_real --run-dir runs/llama2_tiny \\
+        --set sft:--train.steps=5 --set ppo:--ppo.iterations=2      # any stage's overrides (repeatable)
+
+A recipe is a small registry (``RECIPES``): an ordered list of ``Stage`` (name, the command it runs, the key figure
+it reports). The commands are the README's ("Alignment I"), with the presets of ``configs/rlhf/*_hh_tiny.toml`` and
+their directories replaced by the run directory's: ``RUN/sft``, ``RUN/rm_helpful``, ``RUN/rm_safety``,
+``RUN/eval_rm``, ``RUN/ppo``. A stage is finished when its ``STAGE_DONE.json`` exists (written after its command
+exited 0); an unfinished one is run again and resumes from its own checkpoints. Other recipes (e.g. Llama 3
+rounds, ``rlhf.rounds``) register their own list of stages. Writes ``RUN/recipe_summary.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from train.config_reader import ConfigError, FlagHelpFormatter
+
+DONE = "STAGE_DONE.json"
+HH = "{data_dir}/preferences/hh-rlhf"
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    """Run directory under --run-dir, and the name in --set NAME:... and the summary."""
+    command: Callable[[argparse.Namespace, Path], list[str]]
+    """The stage's ``python -m ...`` arguments (after ``python``), given the CLI args and the run directory."""
+    figure: Callable[[Path], str]
+    """The stage's key figure, read from what it wrote."""
+
+
+def _read(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _sft_figure(run: Path) -> str:
+    ev = _read(run / "sft" / "sft_eval.json")
+    return (f"held-out answer-token loss {ev['heldout_loss_before']:.4f} -> {ev['heldout_loss_after']:.4f}"
+            if ev else "no sft_eval.json")
+
+
+def _rm_figure(name: str) -> Callable[[Path], str]:
+    def figure(run: Path) -> str:
+        ev = _read(run / name / "heldout_eval.json")
+        if not ev:
+            return "no heldout_eval.json"
+        return "; ".join(f"{k}: accuracy {v['accuracy']:.3f} (length baseline {v['length_baseline']:.3f})"
+                         for k, v in ev.items())
+    return figure
+
+
+def _eval_figure(run: Path) -> str:
+    ev = _read(run / "eval_rm" / "eval_rm.json")
+    if not ev:
+        return "no eval_rm.json"
+    return "; ".join(f"{m} on {s}: {r['accuracy']:.3f}" for m, sets in ev["models"].items() for s, r in sets.items())
+
+
+def _ppo_figure(run: Path) -> str:
+    path = run / "ppo" / "metrics.jsonl"
+    key = "heldout/reward/logit_combined"
+    held = [r for r in map(json.loads, path.read_text().splitlines()) if key in r] if path.is_file() else []
+    if not held:
+        return "no held-out evaluation logged"
+    best = max(held, key=lambda r: r[key])
+    return f"held-out LOGIT(Rc) {held[0][key]:.3f} -> best {best[key]:.3f} at iteration {best['step']}"
+
+
+def _common(args: argparse.Namespace) -> list[str]:
+    return [f"--data.tokenizer={args.tokenizer}", "--logging.wandb=false"]
+
+
+LLAMA2: list[Stage] = [
+    Stage("sft", lambda a, r: ["-m", "rlhf.sft", "--config", "configs/rlhf/sft_hh_tiny.toml", *_common(a),
+                               f"--sft.init_checkpoint={a.pretrained}", f"--run.dir={r / 'sft'}"], _sft_figure),
+    *[Stage(f"rm_{kind}", lambda a, r, kind=kind, preset=preset: [
+        "-m", "rlhf.reward", "--config", f"configs/rlhf/{preset}.toml", *_common(a),
+        f"--rm.init_checkpoint={r / 'sft'}", f"--run.dir={r / f'rm_{kind}'}"], _rm_figure(f"rm_{kind}"))
+      for kind, preset in (("helpful", "rm_helpfulness_hh_tiny"), ("safety", "rm_safety_hh_tiny"))],
+    Stage("eval_rm", lambda a, r: ["-m", "rlhf.evaluate_rm", "--checkpoint", str(r / "rm_helpful"),
+                                   str(r / "rm_safety"), "--data", f"{a.data}/preferences/hh-rlhf/helpful-base/"
+                                   "test.jsonl.gz", f"{a.data}/preferences/hh-rlhf/harmless-base/test.jsonl.gz",
+                                   "--out", str(r / "eval_rm")], _eval_figure),
+    Stage("ppo", lambda a, r: ["-m", "rlhf.ppo", "--config", "configs/rlhf/ppo_hh_tiny.toml", *_common(a),
+                               f"--ppo.init={r / 'sft'}", f"--reward.helpful={r / 'rm_helpful'}",
+                               f"--reward.safety={r / 'rm_safety'}", f"--run.dir={r / 'ppo'}"], _ppo_figure),
+]
+
+RECIPES: dict[str, list[Stage]] = {"llama2": LLAMA2}
+"""Recipe name -> its stages in order (a new recipe adds an entry)."""
+
+
+def stage_overrides(sets: Sequence[str], names: Sequence[str]) -> dict[str, list[str]]:
+    """``--set NAME:ARG`` (repeatable) -> {stage: [ARG, ...]}; an unknown stage name is a ConfigError."""
+    out: dict[str, list[str]] = {n: [] for n in names}
+    for item in sets:
+        name, sep, arg = item.partition(":")
+        if not sep or name not in out:
+            raise ConfigError(f"--set {item!r}: expected STAGE:ARG with STAGE one of {', '.join(names)}")
+        out[name].append(arg)
+    return out
+
+
+def run_recipe(args: argparse.Namespace, *, runner: Callable[[list[str]], int] | None = None,
+               print_fn: Callable[..., None] = print) -> list[tuple[str, str, str]]:
+    """Run (or skip) every stage in order; returns the summary rows (stage, status, key figure)."""
+    stages = RECIPES[args.recipe]
+    extra = stage_overrides(args.set, [s.name for s in stages])
+    run_dir = Path(args.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    runner = runner or (lambda cmd: subprocess.call(cmd))
+    rows = []
+    for stage in stages:
+        done = run_dir / stage.name / DONE
+        cmd = [sys.executable, *stage.command(args, run_dir), *extra[stage.name]]
+        if done.is_file():
+            status = "skipped (finished)"
+        else:
+            print_fn(f"[recipe] {stage.name}: {shlex.join(cmd)}", flush=True)
+            code = runner(cmd)
+            if code != 0:
+                raise ConfigError(f"stage {stage.name} exited {code}: fix it and run the same command again "
+                                  f"(finished stages are skipped); command: {shlex.join(cmd)}")
+            done.parent.mkdir(parents=True, exist_ok=True)
+            done.write_text(json.dumps({"stage": stage.name, "command": cmd}, indent=2) + "\n")
+            status = "ran"
+        figure = stage.figure(run_dir)
+        print_fn(f"[recipe] {stage.name} {status}: {figure}", flush=True)
+        rows.append((stage.name, status, figure))
+    table = ["| stage | status | key figure |", "|---|---|---|", *(f"| {n} | {s} | {f} |" for n, s, f in rows)]
+    (run_dir / "recipe_summary.md").write_text(f"# {args.recipe} recipe: {run_dir}\n\n" + "\n".join(table) + "\n")
+    print_fn("\n".join(table), flush=True)
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m rlhf.recipe", description=__doc__, formatter_class=FlagHelpFormatter)
+    ap.add_argument("recipe", choices=sorted(RECIPES), help="which recipe")
+    ap.add_argument("--pretrained", required=True, help="the pretrained model (e.g. the quickstart's runs/tiny_real)")
+    ap.add_argument("--run-dir", required=True, help="one run directory per stage under it")
+    ap.add_argument("--tokenizer", default=None, help="default: PRETRAINED/tokenizer/tok8192.model (the quickstart's)")
+    ap.add_argument("--data", default="../shared/data", help="the shared data directory (HH-RLHF test files)")
+    ap.add_argument("--set", action="append", default=[], help="STAGE:--section.key=VALUE for one stage (repeat)")
+    args = ap.parse_args(argv)
+    args.tokenizer = args.tokenizer or str(Path(args.pretrained) / "tokenizer" / "tok8192.model")
+    try:
+        run_recipe(args)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""``python -m rlhf.recipe llama2``: the stages in order with connected directories, finished stages skipped, each
+stage's key figure and one summary table. The stages' commands are replaced by a stub that writes what each stage
+writes (the real chain at a few steps is ``tests/e2e/test_rlhf_hh.py``'s, stage by stage)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from rlhf.recipe import RECIPES, run_recipe
+from train.config_reader import ConfigError
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _arg(cmd: list[str], prefix: str) -> str:
+    return next(a.split("=", 1)[1] for a in cmd if a.startswith(prefix))
+
+
+def _stub(calls: list[list[str]]) -> object:
+    def run(cmd: list[str]) -> int:
+        calls.append(cmd)
+        module = cmd[cmd.index("-m") + 1]
+        if module == "rlhf.evaluate_rm":
+            out = Path(cmd[cmd.index("--out") + 1])
+            out.mkdir(parents=True)
+            (out / "eval_rm.json").write_text(json.dumps({"models": {"rm_helpful": {"helpful-base": {"accuracy": 0.7}}}}))
+            return 0
+        run_dir = Path(_arg(cmd, "--run.dir="))
+        run_dir.mkdir(parents=True)
+        if module == "rlhf.sft":
+            (run_dir / "sft_eval.json").write_text(json.dumps({"heldout_loss_before": 3.0, "heldout_loss_after": 2.0}))
+        elif module == "rlhf.reward":
+            (run_dir / "heldout_eval.json").write_text(json.dumps({"h": {"accuracy": 0.66, "length_baseline": 0.6}}))
+        elif module == "rlhf.ppo":
+            (run_dir / "metrics.jsonl").write_text("".join(json.dumps({"step": i, "heldout/reward/logit_combined": v})
+                                                           + "\n" for i, v in ((0, -1.0), (5, -0.5))))
+        return 0
+    return run
+
+
+def test_llama2_recipe_connects_the_stages_and_skips_finished_ones(tmp_path: Path) -> None:
+    args = argparse.Namespace(recipe="llama2", pretrained="runs/tiny_real", run_dir=str(tmp_path / "chain"),
+                              tokenizer="tok.model", data="data", set=["sft:--train.steps=3", "ppo:--ppo.iterations=2"])
+    calls: list[list[str]] = []
+    printed: list[str] = []
+    rows = run_recipe(args, runner=_stub(calls), print_fn=lambda *a, **k: printed.append(" ".join(map(str, a))))
+    assert [r[0] for r in rows] == [s.name for s in RECIPES["llama2"]] == ["sft", "rm_helpful", "rm_safety",
+                                                                          "eval_rm", "ppo"]
+    chain = tmp_path / "chain"
+    sft, rm_h, rm_s, _, ppo = calls
+    assert "--sft.init_checkpoint=runs/tiny_real" in sft and sft[-1] == "--train.steps=3"
+    assert f"--rm.init_checkpoint={chain / 'sft'}" in rm_h and f"--rm.init_checkpoint={chain / 'sft'}" in rm_s
+    assert {f"--ppo.init={chain / 'sft'}", f"--reward.helpful={chain / 'rm_helpful'}",
+            f"--reward.safety={chain / 'rm_safety'}", "--ppo.iterations=2"} <= set(ppo)
+    assert rows[0][2] == "held-out answer-token loss 3.0000 -> 2.0000"
+    assert rows[4][2] == "held-out LOGIT(Rc) -1.000 -> best -0.500 at iteration 5"
+    summary = (chain / "recipe_summary.md").read_text()
+    assert "| rm_helpful | ran | h: accuracy 0.660 (length baseline 0.600) |" in summary
+    # Run again: every stage is finished, nothing runs, the figures are read again.
+    again: list[list[str]] = []
+    rows2 = run_recipe(args, runner=_stub(again), print_fn=lambda *a, **k: None)
+    assert again == [] and all(r[1] == "skipped (finished)" for r in rows2) and rows2[0][2] == rows[0][2]
+
+
+def test_a_failing_stage_stops_the_chain_and_says_how_to_continue(tmp_path: Path) -> None:
+    args = argparse.Namespace(recipe="llama2", pretrained="p", run_dir=str(tmp_path), tokenizer="t", data="d", set=[])
+    with pytest.raises(ConfigError, match="stage sft exited 3: fix it and run the same command again"):
+        run_recipe(args, runner=lambda cmd: 3, print_fn=lambda *a, **k: None)
+    assert not (tmp_path / "sft" / "STAGE_DONE.json").exists()
+    with pytest.raises(ConfigError, match="--set 'sfx:--x=1': expected STAGE:ARG"):
+        run_recipe(argparse.Namespace(**{**vars(args), "set": ["sfx:--x=1"]}), runner=lambda cmd: 0)
