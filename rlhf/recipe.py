@@ -65,7 +65,11 @@ def _eval_figure(run: Path) -> str:
     ev = _read(run / "eval_rm" / "eval_rm.json")
     if not ev:
         return "no eval_rm.json"
-    return "; ".join(f"{m} on {s}: {r['accuracy']:.3f}" for m, sets in ev["models"].items() for s, r in sets.items())
+    # A model's entry holds one mapping per test set plus scalars (``truncated_sequences``): the test sets are
+    # ``length_baseline``'s keys, so iterate those rather than everything under the model.
+    return "; ".join(f"{m} on {s}: {per_set[s]['accuracy']:.3f} (length baseline {base:.3f})"
+                     for m, per_set in ev["models"].items() for s, base in ev["length_baseline"].items()
+                     if s in per_set)
 
 
 def _ppo_figure(run: Path) -> str:

@@ -27,7 +27,8 @@ def _stub(calls: list[list[str]]) -> object:
         if module == "rlhf.evaluate_rm":
             out = Path(cmd[cmd.index("--out") + 1])
             out.mkdir(parents=True)
-            (out / "eval_rm.json").write_text(json.dumps({"models": {"rm_helpful": {"helpful-base": {"accuracy": 0.7}}}}))
+            (out / "eval_rm.json").write_text(json.dumps({"length_baseline": {"helpful-base": 0.65}, "models": {
+                "rm_helpful": {"helpful-base": {"accuracy": 0.7}, "truncated_sequences": 3}}}))  # evaluate_rm's shape
             return 0
         run_dir = Path(_arg(cmd, "--run.dir="))
         run_dir.mkdir(parents=True)
@@ -73,3 +74,41 @@ def test_a_failing_stage_stops_the_chain_and_says_how_to_continue(tmp_path: Path
     assert not (tmp_path / "sft" / "STAGE_DONE.json").exists()
     with pytest.raises(ConfigError, match="--set 'sfx:--x=1': expected STAGE:ARG"):
         run_recipe(argparse.Namespace(**{**vars(args), "set": ["sfx:--x=1"]}), runner=lambda cmd: 0)
+
+
+def test_eval_rm_figure_reads_what_evaluate_rm_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The evaluate_rm stage's figure is read from the eval_rm.json that ``rlhf.reward.evaluate`` really writes
+    (with a fake scorer): each model's entry has one mapping per test set *and* scalars (``truncated_sequences``),
+    which once crashed the driver after the stage had succeeded."""
+    from collections import Counter
+
+    import torch
+
+    from rlhf.reward import evaluate as ev
+
+    class Scorer:
+        def __init__(self, name: str, bonus: float) -> None:
+            self.name, self.bonus, self.meta, self.stats = name, bonus, {"split": {}}, Counter(truncated_left=7)
+
+        def score_pairs(self, pairs: list) -> tuple[torch.Tensor, torch.Tensor]:
+            chosen = torch.tensor([float(len(p.chosen)) + self.bonus for p in pairs])
+            return chosen, torch.tensor([float(len(p.rejected)) for p in pairs])
+
+    monkeypatch.setattr(ev.RewardScorer, "from_checkpoint",
+                        classmethod(lambda cls, path, **k: Scorer(Path(path).name, 100.0 if "help" in path else -100.0)))
+    files = []
+    for name in ("helpful-base", "harmless-base"):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps({"chosen": f"\n\nHuman: q{i}?\n\nAssistant: {'a' * (i + 1)}",
+                                            "rejected": f"\n\nHuman: q{i}?\n\nAssistant: {'b' * (3 - i)}"}) + "\n"
+                                for i in range(3)))
+        files.append(f"{name}={path}")
+    run = tmp_path / "chain"
+    ev.evaluate([str(run / "rm_helpful"), str(run / "rm_safety")], files, side="all", out_dir=run / "eval_rm")
+    written = json.loads((run / "eval_rm" / "eval_rm.json").read_text())
+    assert written["models"]["rm_helpful"]["truncated_sequences"] == 7  # the int that broke the reader
+    figure = next(s for s in RECIPES["llama2"] if s.name == "eval_rm").figure(run)
+    assert figure == ("rm_helpful on helpful-base: 1.000 (length baseline 0.500); "
+                      "rm_helpful on harmless-base: 1.000 (length baseline 0.500); "
+                      "rm_safety on helpful-base: 0.000 (length baseline 0.500); "
+                      "rm_safety on harmless-base: 0.000 (length baseline 0.500)")
