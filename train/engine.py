@@ -163,18 +163,43 @@ class TrainEngine:
         for group in self._engine().optimizer.param_groups:
             group["lr"] = lr
 
-    def _to_device(self, mb: dict[str, Tensor]) -> dict[str, Tensor]:
-        """This rank's inputs: with context parallelism its two chunks of every sequence and their positions."""
-        moved = {k: mb[k].to(self.device, non_blocking=True) for k in self.objective.input_keys}
+    def _to_device(self, mb: dict[str, Tensor], *, keys: tuple[str, ...] | None = None) -> dict[str, Tensor]:
+        """This rank's inputs (``keys``, default the objective's ``input_keys``): with context parallelism its two
+        chunks of every sequence and their positions."""
+        moved = {k: mb[k].to(self.device, non_blocking=True) for k in keys or self.objective.input_keys}
         if self.cp.enabled:
             seq = moved["input_ids"].shape[1]
             moved = {k: self.cp.shard(v) for k, v in moved.items()}
             moved["positions"] = self.cp.positions(seq, self.device)
         return moved
 
-    def _pipe_batch(self, mb: dict[str, Tensor], scale: Tensor) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
-        d = self._to_device(mb)
-        return (d["input_ids"], d["document_ids"]), (d["labels"], d["loss_mask"], scale)
+    def _pipe_batch(self, mb: dict[str, Tensor], scale: Tensor | None,
+                    target_keys: tuple[str, ...] | None = None) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+        """``((tokens, document_ids), (targets..., scale))``: the first stage's inputs, the last stage's loss
+        targets (``objective.pipeline_target_keys``, default labels and loss mask). An objective whose batches have
+        no ``document_ids`` (one sequence per row) gets zeros: every row one document, i.e. causal attention."""
+        keys = target_keys or getattr(self.objective, "pipeline_target_keys", ("labels", "loss_mask"))
+        d = self._to_device(mb, keys=("input_ids", *keys, *(("document_ids",) if "document_ids" in mb else ())))
+        docs = d["document_ids"] if "document_ids" in d else torch.zeros_like(d["input_ids"])
+        return (d["input_ids"], docs), tuple(d[k] for k in keys) + (() if scale is None else (scale,))
+
+    @torch.no_grad()
+    def pipeline_forward(self, batches: list[dict[str, Tensor]], *, target_keys: tuple[str, ...]) -> list[Tensor]:
+        """Pipelined scoring: DeepSpeed's inference schedule over ``batches``, the last stage's loss function called
+        with ``target_keys`` and no scale (an objective's scoring form, e.g. DPO's sequence log-probs: one value per
+        row), one 1-D tensor per micro-batch on every stage (summed over the PP group from zeros: only the last stage has them).
+        Micro-batches must give outputs of one size (DeepSpeed accumulates them). Collective."""
+        ds = self._engine()
+        ds.total_loss = None  # DeepSpeed's eval_batch adds to the last train_batch's scalar otherwise
+        outputs = ds.eval_batch(iter([self._pipe_batch(mb, None, target_keys) for mb in batches]),
+                                reduce_output=None, bcast_loss=False, num_micro_batches=len(batches))
+        ds.total_loss = None
+        ds.module.train()
+        sizes = [int(mb["input_ids"].shape[0]) for mb in batches]  # one score per row
+        flat = (torch.cat([o.reshape(-1).float() for o in outputs]) if self.topo.is_last_stage
+                else torch.zeros(sum(sizes), device=self.device))
+        comm.all_reduce(flat, group=self.topo.pp_group)
+        return list(flat.cpu().split(sizes))
 
     def forward(self, **inputs: Any) -> Any:
         """The training module's forward (no loss scaling) on this rank, e.g. reward scores for evaluation.
@@ -241,7 +266,8 @@ class TrainEngine:
         batches = [next(micro_batches) for _ in range(num_batches)]
         if self.pipelined:
             # Each CP rank sums its chunks' tokens and DeepSpeed averages over DP x CP: cp / count is the mean.
-            items = [self._pipe_batch(mb, torch.tensor(self.cp.size / max(float(mb["loss_mask"].sum()), 1.0),
+            weight = self.objective.weight_key
+            items = [self._pipe_batch(mb, torch.tensor(self.cp.size / max(float(mb[weight].sum()), 1.0),
                                                        device=self.device)) for mb in batches]
             loss = ds.eval_batch(iter(items), num_micro_batches=num_batches)
             ds.module.train()

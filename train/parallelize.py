@@ -20,7 +20,8 @@ The order, and why it is this one:
    (``Llama.checkpoint_every``; DeepSpeed's ``activation_checkpoint_interval`` on pipeline stages), after the
    wrap so that every objective gets it the same way.
 4. **Pipeline stages** (``pp > 1``): DeepSpeed's ``PipelineModule`` over the flat stage list of
-   ``train/pipeline.py`` (embedding, blocks, norm + head) with the language-model loss; it builds only this
+   ``train/pipeline.py`` (embedding, blocks, norm + head) with the objective's loss on the last stage (the
+   language-model loss, or ``objective.pipeline_loss``: DPO); it builds only this
    rank's stages (the 405B model never exists whole on one rank), so 1-3 happen per stage there.
 5. **ZeRO** (``apply_zero``): ``deepspeed.initialize`` with our AdamW over the data-parallel group. Last,
    because ZeRO-3 partitions the parameters it is given: they must be final (TP-sliced, wrapped, and filled)
@@ -103,9 +104,11 @@ def _pipe_loss(tp_size: int, logits: Tensor, targets: tuple[Tensor, Tensor, Tens
     return masked_loss_sum(logits, labels, loss_mask, tp_size=tp_size) * scale
 
 
-def pipeline_module(model_cfg: LlamaConfig, cfg: EngineConfig, *, topology: Any, layers: LayerFactory) -> nn.Module:
-    """Step 4: this rank's pipeline stages (each built with ``layers``: step 1) with the language-model loss
-    (step 2) and DeepSpeed's activation checkpointing of the blocks (step 3)."""
+def pipeline_module(model_cfg: LlamaConfig, cfg: EngineConfig, *, topology: Any, layers: LayerFactory,
+                    objective: Objective | None = None) -> nn.Module:
+    """Step 4: this rank's pipeline stages (each built with ``layers``: step 1) with the objective's loss on the
+    last stage (step 2: ``objective.pipeline_loss(tp_size=)`` when it has one, else the language-model loss) and
+    DeepSpeed's activation checkpointing of the blocks (step 3)."""
     from train.deepspeed_api import LayerSpec, PipelineModule, PipeModelDataParallelTopology
 
     specs = [LayerSpec(cls, model_cfg, layers, *args)
@@ -114,8 +117,10 @@ def pipeline_module(model_cfg: LlamaConfig, cfg: EngineConfig, *, topology: Any,
     grid = PipeModelDataParallelTopology(num_pp=topology.pp_size, num_mp=topology.tp_size,
                                          num_dp=getattr(topology, "dp_cp_size", topology.dp_size))
     checkpoint_fn = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
-    return PipelineModule(layers=specs, topology=grid, loss_fn=functools.partial(_pipe_loss, topology.tp_size),
-                          partition_method="uniform",
+    make_loss = getattr(objective, "pipeline_loss", None)
+    loss_fn = make_loss(tp_size=topology.tp_size) if make_loss else functools.partial(_pipe_loss, topology.tp_size)
+    return PipelineModule(layers=specs, topology=grid, loss_fn=loss_fn, partition_method="uniform",
+                          dynamic_shape=bool(getattr(objective, "pipeline_dynamic_shape", False)),
                           activation_checkpoint_interval=cfg.parallel.activation_checkpoint_every,
                           activation_checkpoint_func=checkpoint_fn, checkpointable_layers=["BlockStage"])
 
@@ -143,7 +148,7 @@ def parallelize_llama(model_cfg: LlamaConfig, cfg: EngineConfig, *, topology: An
         if cfg.lora is not None:
             raise ConfigError("LoRA ([lora] rank > 0) does not run under pipeline parallelism yet; use "
                               "--parallel.pp=1 (tensor parallelism and ZeRO work)")
-        module = pipeline_module(model_cfg, cfg, topology=topology, layers=layers)
+        module = pipeline_module(model_cfg, cfg, topology=topology, layers=layers, objective=objective)
         for stage in module.modules():
             if isinstance(stage, pipe.BlockStage):
                 stage.context = context

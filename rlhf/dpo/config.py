@@ -58,6 +58,3 @@ class DPOConfig(StageConfig):
         check(d.loss == "sigmoid" or d.label_smoothing == 0.0,
               f"dpo.label_smoothing={d.label_smoothing} applies to dpo.loss=\"sigmoid\" only; set it to 0 for IPO")
         check(d.nll_weight >= 0, f"dpo.nll_weight={d.nll_weight}: must be >= 0 (Llama 3 uses 0.2)")
-        check(self.parallel.pp == 1, f"parallel.pp={self.parallel.pp}: DPO runs under tensor parallelism and ZeRO "
-              "1-3 but not yet under pipeline parallelism (its loss pairs two rows of one micro-batch with their "
-              "reference log-probs, which the pipeline's loss function does not receive); use --parallel.pp=1")

@@ -181,14 +181,17 @@ class DPOTask(StageTask):
             it["ref_logps"] = (row[0], row[1])
 
     def step_metrics(self, engine: Any) -> dict[str, float]:
-        """The step's ``dpo/`` metrics: pair-weighted means over every DP rank's micro-batches (collective)."""
+        """The step's ``dpo/`` metrics: pair-weighted means over every DP rank's micro-batches (collective). Under
+        pipeline parallelism the last stage's loss function holds them: summed over the PP group from zeros."""
         module = engine.module
-        stats = module.pop_stats() if hasattr(module, "pop_stats") else {}
+        holder = module if hasattr(module, "pop_stats") else getattr(module, "loss_fn", None)
+        stats = holder.pop_stats() if hasattr(holder, "pop_stats") else {}
         values = torch.tensor([stats.get(k, 0.0) for k in (*STAT_KEYS, "pairs")], dtype=torch.float64)
         topo = getattr(engine, "topo", None)
-        if topo is not None and topo.dp_size > 1:
-            values = values.to(topo.device)
-            comm.all_reduce(values, group=topo.dp_group)
+        for size, group in ((getattr(topo, "dp_size", 1), "dp_group"), (getattr(topo, "pp_size", 1), "pp_group")):
+            if size > 1:
+                values = values.to(topo.device)
+                comm.all_reduce(values, group=getattr(topo, group))
         pairs = max(float(values[-1]), 1.0)
         return {f"dpo/{k}": float(v) / pairs for k, v in zip(STAT_KEYS, values[:-1].tolist())}
 
@@ -225,18 +228,21 @@ def score_pairs(engine: Any, topology: Any, items: Sequence[dict[str, Any]], *, 
     share = -(-len(items) // dp)
     mine = list(items[dp_rank * share: (dp_rank + 1) * share]) or [items[0]]
     mine += [mine[-1]] * (share - len(mine))
-    forward: Callable[..., Tensor] = engine.forward if hasattr(engine, "forward") else engine.module
-    was_training = engine.module.training
-    engine.module.eval()
-    out = []
-    for i in range(0, share, micro_batch_size):
-        chunk = mine[i: i + micro_batch_size]
-        b = collate_dpo(chunk, formatting=formatting, with_reference=False)
-        logps = forward(input_ids=b["input_ids"], labels=b["labels"], loss_mask=b["loss_mask"],
-                        dpo_mask=b["dpo_mask"]).float().cpu()
-        out.append(torch.stack([logps[: len(chunk)], logps[len(chunk):]], dim=1))
-    engine.module.train(was_training)
-    local = torch.cat(out).to(getattr(topology, "device", torch.device("cpu")))
+    if getattr(topology, "pp_size", 1) > 1:  # DeepSpeed's pipeline sums its outputs: equal micro-batches
+        mine += [mine[-1]] * (-len(mine) % micro_batch_size)
+    chunks = [mine[i: i + micro_batch_size] for i in range(0, len(mine), micro_batch_size)]
+    batches = [collate_dpo(chunk, formatting=formatting, with_reference=False) for chunk in chunks]
+    if getattr(topology, "pp_size", 1) > 1:
+        scores = engine.pipeline_forward(batches, target_keys=("labels", "loss_mask", "dpo_mask"))
+    else:
+        forward: Callable[..., Tensor] = engine.forward if hasattr(engine, "forward") else engine.module
+        was_training = engine.module.training
+        engine.module.eval()
+        scores = [forward(input_ids=b["input_ids"], labels=b["labels"], loss_mask=b["loss_mask"],
+                          dpo_mask=b["dpo_mask"]).float().cpu() for b in batches]
+        engine.module.train(was_training)
+    out = [torch.stack([logps[: len(chunk)], logps[len(chunk):]], dim=1) for chunk, logps in zip(chunks, scores)]
+    local = torch.cat(out)[:share].to(getattr(topology, "device", torch.device("cpu")))
     if dp > 1:
         local = torch.cat(comm.all_gather(local, group=topology.dp_group))
     return local.cpu()[: len(items)]

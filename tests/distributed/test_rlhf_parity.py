@@ -1,10 +1,11 @@
 """SFT, reward-model and DPO training under TP2 and ZeRO-3 equal one plain PyTorch process (CPU/gloo, fp32).
 
-One ``torchrun`` launch of 2 processes runs all seven layouts (``run_rlhf_layouts.py``: the real
+One ``torchrun`` launch of 2 processes runs all eight layouts (``run_rlhf_layouts.py``: the real
 ``rlhf.sft`` / ``rlhf.reward`` code with the DeepSpeed engine and megatron-core layers): SFT at TP2, at
 DP2 x ZeRO-3 and at PP2 (DeepSpeed's 1F1B pipeline), the reward model at TP2 and at DP2 x ZeRO-3 (its objective
-refuses pipeline parallelism with a message), DPO (the Llama 3 variant) at TP2 and at DP2 x ZeRO-3, including the
-reference log-probs each layout scores with its own sharded engine. All start from a saved checkpoint, so the initial
+refuses pipeline parallelism with a message), DPO (the Llama 3 variant) at TP2, at DP2 x ZeRO-3 and at PP2 (the
+DPO loss on the last stage, reference and held-out log-probs scored by DeepSpeed's inference schedule), including
+the reference log-probs each layout scores with its own sharded engine. All start from a saved checkpoint, so the initial
 weights go through the engine's ``init_weights`` TP slicing. The reference is ``train.reference
 .ReferenceEngine`` through the same loop in this process.
 
@@ -32,7 +33,8 @@ TOL = 1e-5
 LAYOUTS = {"sft_tp2": ("sft", "--parallel.tp=2"), "sft_zero3": ("sft", "--zero.stage=3"),
            "sft_pp2": ("sft", "--parallel.pp=2"),
            "rm_tp2": ("rm", "--parallel.tp=2"), "rm_zero3": ("rm", "--zero.stage=3"),
-           "dpo_tp2": ("dpo", "--parallel.tp=2"), "dpo_zero3": ("dpo", "--zero.stage=3")}
+           "dpo_tp2": ("dpo", "--parallel.tp=2"), "dpo_zero3": ("dpo", "--zero.stage=3"),
+           "dpo_pp2": ("dpo", "--parallel.pp=2")}
 WEIGHTS = {"sft": "model.safetensors", "rm": "reward_model.safetensors", "dpo": "model.safetensors"}
 
 

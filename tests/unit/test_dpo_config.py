@@ -37,8 +37,8 @@ def test_refusals_name_the_fix() -> None:
     with pytest.raises(ConfigError, match="dpo.label_smoothing=0.1 applies to dpo.loss=\"sigmoid\" only"):
         DPOConfig.from_toml(None, ["--dpo.loss=ipo", "--dpo.label_smoothing=0.1", "--dpo.files=README.md"]
                             )._validate_stage(world_size=1)
-    with pytest.raises(ConfigError, match="parallel.pp=2: DPO runs under tensor parallelism"):
-        DPOConfig.from_toml(None, ["--parallel.pp=2", "--dpo.files=README.md"])._validate_stage(world_size=2)
+    # Pipeline parallelism is no longer refused (tests/distributed/test_rlhf_parity.py: dpo_pp2).
+    DPOConfig.from_toml(None, ["--parallel.pp=2", "--dpo.files=README.md"])._validate_stage(world_size=2)
     with pytest.raises(ConfigError, match="dpo.files is empty"):
         DPOConfig.from_toml(None, [])._validate_stage(world_size=1)
     with pytest.raises(ConfigError, match="dpo.beta=0.0"):
