@@ -3,6 +3,8 @@
     python benchmarks/bench_eval.py                                   # stories260K (real checkpoint), 6 tasks
     python benchmarks/bench_eval.py --checkpoint runs/quickstart_real/final_model \
         --tokenizer runs/quickstart_real/tokenizer/tok8192.model --label quickstart_15m
+    python benchmarks/bench_eval.py --random-model bench_25m --vocab-size 32000 \
+        --tokenizer ../shared/data/tokenizers/llama2/tokenizer.model --label random_56m_llama2tok
 
 The checkpoint is exported by our converter to Hugging Face format; lm-eval's ``HFLM`` runs it with
 ``transformers`` (fp32, CPU) and our ``evaluation.adapter.LlamaLM`` runs the native one. Both evaluate the shared
@@ -43,6 +45,10 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", type=Path, help="native checkpoint directory (default: stories260K, converted)")
     p.add_argument("--tokenizer", type=Path, help="its tokenizer (default: stories260K's tok512.model)")
+    p.add_argument("--random-model", metavar="PRESET",
+                   help="instead of --checkpoint: this model preset with random weights (seed 0), e.g. bench_25m; "
+                        "speed does not depend on the weights, and the two backends must still agree")
+    p.add_argument("--vocab-size", type=int, help="with --random-model: the vocabulary size (that of --tokenizer)")
     p.add_argument("--label", default="stories260k", help="name in the JSON and its file name")
     p.add_argument("--tasks", default=",".join(SHARED_TASKS))
     p.add_argument("--limit", type=int, default=40, help="documents per task")
@@ -63,10 +69,29 @@ def _checkpoints(args: argparse.Namespace, work: Path) -> tuple[Path, Path, Path
     data = Path(args.data_dir or default_data_dir())
     source = args.checkpoint or data / "checkpoints/stories260K/stories260K.bin"
     tokenizer = args.tokenizer or data / "checkpoints/stories260K/tok512.model"
-    cfg, state_dict = load_checkpoint(source)
+    if args.random_model:
+        cfg, state_dict = _random_model(args.random_model, vocab_size=args.vocab_size)
+    else:
+        cfg, state_dict = load_checkpoint(source)
     save_checkpoint(state_dict, cfg, work / "native", format="native", overwrite=True)
     save_checkpoint(state_dict, cfg, work / "hf", format="hf", overwrite=True)
     return work / "native", work / "hf", tokenizer
+
+
+def _random_model(preset: str, *, vocab_size: int | None) -> tuple[Any, dict]:
+    """A registered model shape with random weights (seed 0), its vocabulary resized to the tokenizer's."""
+    import dataclasses
+
+    import torch
+
+    from model.config import get_config
+    from model.llama import Llama
+
+    if vocab_size is None:
+        raise SystemExit("bench_eval: --random-model needs --vocab-size (the size of --tokenizer's vocabulary)")
+    cfg = dataclasses.replace(get_config(preset), vocab_size=vocab_size).validate()
+    torch.manual_seed(0)
+    return cfg, Llama(cfg).state_dict()
 
 
 class ModelClock:
