@@ -2,11 +2,14 @@
 
 - One uninterrupted run; one run of the same config killed with SIGKILL five times at random moments (each
   after it has made progress: mid-iteration, mid-evaluation, mid-checkpoint write, mid-export) and continued
-  with ``--resume auto``, then pre-empted with SIGUSR1 (exit 0 with a checkpoint) and continued to the end:
+  with ``--resume auto``, then pre-empted with SIGTERM (exit 143 with a checkpoint: what SLURM sends before
+  its kill), continued, pre-empted with SIGUSR1 (exit 0 with a checkpoint) and continued to the end:
   its final policy and value weights (and best held-out policy) equal the uninterrupted run's bit for bit,
   and every logged metric (held-out reward curve included) is the same at every iteration.
 - Resume at another data-parallel size: the uninterrupted run's checkpoint of iteration 8, continued by two
   processes under ZeRO-3, ends within 1e-5 of the uninterrupted one (the DP2 parity tolerance).
+- Resume at another tensor-parallel size: the same checkpoint (written at TP1) continued by two processes at
+  TP2 gives the same next losses and final weights within the TP2 parity tolerance.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from tests.conftest import REPO_ROOT
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
-ITERATIONS = 10
+ITERATIONS = 12
 ARGS = ["--config", "configs/rlhf/ppo_tiny.toml", f"--ppo.iterations={ITERATIONS}", "--eval.every=2",
         "--eval.patience=0", "--checkpoint.every=1", f"--checkpoint.keep_last={ITERATIONS}", "--train.dtype=fp32"]
 TIMING = ("gen_time_s", "score_time_s", "train_time_s", "rollout_tokens_per_s", "elapsed_s")
@@ -82,7 +85,7 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run
 
 
-def test_kill9_five_times_and_sigusr1_then_resume_is_bit_identical(uninterrupted: Path, tmp_path: Path) -> None:
+def test_kill9_five_times_sigterm_and_sigusr1_then_resume_is_bit_identical(uninterrupted: Path, tmp_path: Path) -> None:
     run, rng = tmp_path / "killed", random.Random(20261205)
     kills = 0
     while kills < 5:
@@ -93,6 +96,14 @@ def test_kill9_five_times_and_sigusr1_then_resume_is_bit_identical(uninterrupted
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         kills += 1
+    proc = _start(run, "--resume", "auto")
+    assert _wait_for_progress(proc, run, after=max(_records(run), default=-1))
+    proc.send_signal(signal.SIGTERM)  # what SLURM sends before the kill at pre-emption
+    assert proc.wait(timeout=240) == 143, _log(run)  # SIGTERM: checkpoint, exit 143 (like python -m train)
+    assert "pre-empted (SIGTERM)" in _log(run) and not (run / "final_policy").exists(), _log(run)
+    terminated_at = int((run / "checkpoints" / "latest").read_text().strip().removeprefix("step_"))
+    assert terminated_at < ITERATIONS, "SIGTERM arrived after the last iteration: not a pre-emption"
+    assert max(_records(run)) == terminated_at  # the checkpoint is the last logged iteration: nothing lost
     proc = _start(run, "--resume", "auto")
     assert _wait_for_progress(proc, run, after=max(_records(run), default=-1))
     proc.send_signal(signal.SIGUSR1)
@@ -119,11 +130,14 @@ def test_kill9_five_times_and_sigusr1_then_resume_is_bit_identical(uninterrupted
             assert a[key].dtype == b[key].dtype and a[key].equal(b[key]), f"{name}/{key} differs"
 
 
-def test_resume_at_another_data_parallel_size(uninterrupted: Path, tmp_path: Path) -> None:
-    run = tmp_path / "dp2"
+@pytest.mark.parametrize("layout", ["dp2_zero3", "tp2"])
+def test_resume_at_another_layout(layout: str, uninterrupted: Path, tmp_path: Path) -> None:
+    """A TP1 x DP1 checkpoint continued at DP2 x ZeRO-3 or at TP2 (the saved shards are read slice-wise)."""
+    run = tmp_path / layout
     resume_from = uninterrupted / "checkpoints" / f"step_{ITERATIONS - 2:08d}"
+    flags = {"dp2_zero3": ["--zero.stage=3"], "tp2": ["--parallel.tp=2"]}[layout]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "rlhf.ppo",
-           *ARGS, f"--run.dir={run}", f"--run.resume={resume_from}", "--zero.stage=3"]
+           *ARGS, f"--run.dir={run}", f"--run.resume={resume_from}", *flags]
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"resumed from {resume_from} at iteration {ITERATIONS - 2}" in proc.stdout
