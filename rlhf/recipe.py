@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -25,10 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rlhf.paths import data_dir
 from train.config_reader import ConfigError, FlagHelpFormatter
 
 DONE = "STAGE_DONE.json"
-HH = "{data_dir}/preferences/hh-rlhf"
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,23 @@ class Stage:
     """The stage's ``python -m ...`` arguments (after ``python``), given the CLI args and the run directory."""
     figure: Callable[[Path], str]
     """The stage's key figure, read from what it wrote."""
+    summary: Callable[[Path], Path] | None = None
+    """Given the stage's directory, writes (if needed) and returns its ``summary.md``; default ``train.report``'s
+    ``DIR/report/summary.md`` (plots + the stage's own figures)."""
+
+
+def _train_report(stage_dir: Path) -> Path:
+    from train.report import write_report
+
+    done = stage_dir / "report" / "summary.md"  # written once the stage finished; a skipped stage keeps it
+    return done if done.is_file() else write_report(stage_dir) / "summary.md"
+
+
+def _eval_rm_summary(stage_dir: Path) -> Path:
+    from rlhf.reward.evaluate import write_summary
+
+    done = stage_dir / "summary.md"  # rlhf.evaluate_rm writes it next to eval_rm.json
+    return done if done.is_file() else write_summary(stage_dir, json.loads((stage_dir / "eval_rm.json").read_text()))
 
 
 def _read(path: Path) -> Any:
@@ -96,7 +114,7 @@ LLAMA2: list[Stage] = [
     Stage("eval_rm", lambda a, r: ["-m", "rlhf.evaluate_rm", "--checkpoint", str(r / "rm_helpful"),
                                    str(r / "rm_safety"), "--data", f"{a.data}/preferences/hh-rlhf/helpful-base/"
                                    "test.jsonl.gz", f"{a.data}/preferences/hh-rlhf/harmless-base/test.jsonl.gz",
-                                   "--out", str(r / "eval_rm")], _eval_figure),
+                                   "--out", str(r / "eval_rm")], _eval_figure, _eval_rm_summary),
     Stage("ppo", lambda a, r: ["-m", "rlhf.ppo", "--config", "configs/rlhf/ppo_hh_tiny.toml", *_common(a),
                                f"--ppo.init={r / 'sft'}", f"--reward.helpful={r / 'rm_helpful'}",
                                f"--reward.safety={r / 'rm_safety'}", f"--run.dir={r / 'ppo'}"], _ppo_figure),
@@ -118,13 +136,16 @@ def stage_overrides(sets: Sequence[str], names: Sequence[str]) -> dict[str, list
 
 
 def run_recipe(args: argparse.Namespace, *, runner: Callable[[list[str]], int] | None = None,
-               print_fn: Callable[..., None] = print) -> list[tuple[str, str, str]]:
-    """Run (or skip) every stage in order; returns the summary rows (stage, status, key figure)."""
+               print_fn: Callable[..., None] = print) -> list[tuple[str, str, str, str]]:
+    """Run (or skip) every stage in order; returns the summary rows (stage, status, key figure, its summary.md
+    relative to the run directory)."""
     stages = RECIPES[args.recipe]
     extra = stage_overrides(args.set, [s.name for s in stages])
     run_dir = Path(args.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    runner = runner or (lambda cmd: subprocess.call(cmd))
+    # The presets' ``{data_dir}`` paths and the commands' --data paths must name the same directory.
+    env = {**os.environ, "LLAMA_DATA_DIR": str(args.data)}
+    runner = runner or (lambda cmd: subprocess.call(cmd, env=env))
     rows = []
     for stage in stages:
         done = run_dir / stage.name / DONE
@@ -141,9 +162,11 @@ def run_recipe(args: argparse.Namespace, *, runner: Callable[[list[str]], int] |
             done.write_text(json.dumps({"stage": stage.name, "command": cmd}, indent=2) + "\n")
             status = "ran"
         figure = stage.figure(run_dir)
-        print_fn(f"[recipe] {stage.name} {status}: {figure}", flush=True)
-        rows.append((stage.name, status, figure))
-    table = ["| stage | status | key figure |", "|---|---|---|", *(f"| {n} | {s} | {f} |" for n, s, f in rows)]
+        summary = (stage.summary or _train_report)(run_dir / stage.name)
+        print_fn(f"[recipe] {stage.name} {status}: {figure} ({summary})", flush=True)
+        rows.append((stage.name, status, figure, str(summary.relative_to(run_dir))))
+    table = ["| stage | status | key figure | summary |", "|---|---|---|---|",
+             *(f"| {n} | {s} | {f} | {m} |" for n, s, f, m in rows)]
     (run_dir / "recipe_summary.md").write_text(f"# {args.recipe} recipe: {run_dir}\n\n" + "\n".join(table) + "\n")
     print_fn("\n".join(table), flush=True)
     return rows
@@ -155,7 +178,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--pretrained", required=True, help="the pretrained model (e.g. the quickstart's runs/tiny_real)")
     ap.add_argument("--run-dir", required=True, help="one run directory per stage under it")
     ap.add_argument("--tokenizer", default=None, help="default: PRETRAINED/tokenizer/tok8192.model (the quickstart's)")
-    ap.add_argument("--data", default="../shared/data", help="the shared data directory (HH-RLHF test files)")
+    ap.add_argument("--data", default=str(data_dir()), help="the shared data directory (HH-RLHF test files); "
+                    "default $LLAMA_DATA_DIR or ../shared/data; the stages get it as LLAMA_DATA_DIR")
     ap.add_argument("--set", action="append", default=[], help="STAGE:--section.key=VALUE for one stage (repeat)")
     args = ap.parse_args(argv)
     args.tokenizer = args.tokenizer or str(Path(args.pretrained) / "tokenizer" / "tok8192.model")

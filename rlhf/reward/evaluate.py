@@ -10,7 +10,7 @@ table. ``--split valid`` (default) evaluates only the pairs the reward models he
 recorded in their ``reward_model.json``); ``all`` uses every pair of the files (for test sets that were never
 trained on). A pair counts as correct when ``r(chosen) > r(rejected)`` (a tie counts half). The length-only
 baseline predicts "the longer answer (in characters) is chosen" (ties half): a reward model that has learned
-nothing but length gets exactly that. Writes ``OUT/eval_rm.json`` and ``OUT/scores_<rm>.png`` (chosen vs
+nothing but length gets exactly that. Writes ``OUT/eval_rm.json``, ``OUT/summary.md`` and ``OUT/scores_<rm>.png`` (chosen vs
 rejected score histograms per test set) and prints the table.
 """
 
@@ -160,7 +160,19 @@ def evaluate(checkpoints: Sequence[str], data: Sequence[str], *, side: str = "va
         result["models"][name] = per_set
     if out_dir is not None:
         (out_dir / "eval_rm.json").write_text(json.dumps(result, indent=2) + "\n")
+        write_summary(out_dir, result)
     return result
+
+
+def write_summary(out_dir: Path, result: dict[str, Any]) -> Path:
+    """``OUT/summary.md``: the table of ``format_table``, the checkpoints, test files and plots."""
+    lines = [f"# reward-model evaluation ({result['split']} side)", "", "```", format_table(result), "```", "",
+             *(f"- {name}: `{path}`" for name, path in result["checkpoints"].items()),
+             *(f"- test set {name}: `{path}`" for name, path in result["data"].items()), "",
+             "Plots: " + ", ".join(f"scores_{name}.png" for name in result["models"])]
+    path = out_dir / "summary.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -29,9 +29,12 @@ def _stub(calls: list[list[str]]) -> object:
             out.mkdir(parents=True)
             (out / "eval_rm.json").write_text(json.dumps({"length_baseline": {"helpful-base": 0.65}, "models": {
                 "rm_helpful": {"helpful-base": {"accuracy": 0.7}, "truncated_sequences": 3}}}))  # evaluate_rm's shape
+            (out / "summary.md").write_text("# eval\n")
             return 0
         run_dir = Path(_arg(cmd, "--run.dir="))
         run_dir.mkdir(parents=True)
+        (run_dir / "report").mkdir()
+        (run_dir / "report" / "summary.md").write_text("# stub\n")  # train.report's, on a real stage
         if module == "rlhf.sft":
             (run_dir / "sft_eval.json").write_text(json.dumps({"heldout_loss_before": 3.0, "heldout_loss_after": 2.0}))
         elif module == "rlhf.reward":
@@ -60,7 +63,8 @@ def test_llama2_recipe_connects_the_stages_and_skips_finished_ones(tmp_path: Pat
     assert rows[0][2] == "held-out answer-token loss 3.0000 -> 2.0000"
     assert rows[4][2] == "held-out LOGIT(Rc) -1.000 -> best -0.500 at iteration 5"
     summary = (chain / "recipe_summary.md").read_text()
-    assert "| rm_helpful | ran | h: accuracy 0.660 (length baseline 0.600) |" in summary
+    assert "| rm_helpful | ran | h: accuracy 0.660 (length baseline 0.600) | rm_helpful/report/summary.md |" in summary
+    assert rows[3][3] == "eval_rm/summary.md"
     # Run again: every stage is finished, nothing runs, the figures are read again.
     again: list[list[str]] = []
     rows2 = run_recipe(args, runner=_stub(again), print_fn=lambda *a, **k: None)
@@ -107,6 +111,7 @@ def test_eval_rm_figure_reads_what_evaluate_rm_writes(tmp_path: Path, monkeypatc
     ev.evaluate([str(run / "rm_helpful"), str(run / "rm_safety")], files, side="all", out_dir=run / "eval_rm")
     written = json.loads((run / "eval_rm" / "eval_rm.json").read_text())
     assert written["models"]["rm_helpful"]["truncated_sequences"] == 7  # the int that broke the reader
+    assert "rm_safety" in (run / "eval_rm" / "summary.md").read_text()  # the table, for the recipe's summary
     figure = next(s for s in RECIPES["llama2"] if s.name == "eval_rm").figure(run)
     assert figure == ("rm_helpful on helpful-base: 1.000 (length baseline 0.500); "
                       "rm_helpful on harmless-base: 1.000 (length baseline 0.500); "
