@@ -1,12 +1,12 @@
-"""``python -m rlhf.distill`` end to end on CPU: online teacher, offline teacher logits, and a TP2 teacher beside a
-TP1 x DP2 student (one torchrun launch), all giving the same per-step losses.
+"""``python -m rlhf.distill`` end to end on CPU: online teacher, offline teacher logits, a TP2 teacher beside a
+TP1 x DP2 student and a TP2 student beside a TP1 teacher (one torchrun launch), all giving the same per-step losses.
 
     python -m pytest -q tests/e2e/test_distill_tiny.py
 
 Teacher: a seeded debug_tiny saved as a native checkpoint; student: debug_tiny with one layer, synthetic documents,
 top-16 forward KL mixed with 30% hard labels. Online and offline (fp32 store) runs must agree exactly (the same
-numbers reach the loss); the 2-process run (teacher split over both ranks, student data-parallel over them, the
-real DeepSpeed engine) must match the one-process run within 1e-5 per step.
+numbers reach the loss); the 2-process runs (the real DeepSpeed engine: a TP2 teacher beside a TP1 x DP2 student,
+and a TP2 student beside a TP1 teacher) must match the one-process run within 1e-5 per step.
 """
 
 from __future__ import annotations
@@ -79,17 +79,34 @@ def test_offline_logits_give_the_online_losses(out: Path) -> None:
     assert len(losses(out / "online")) == 3
 
 
-def test_tp2_teacher_beside_tp1_dp2_student_matches_one_process(out: Path) -> None:
-    if not (out / "online" / "metrics.jsonl").is_file():
-        run_one_process(out, "online")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "rlhf.distill",
-           *distill_args(out, "teacher_tp2", "--distill.teacher_tp=2")]
+# Two-process layouts, one torchrun launch (tests/e2e/run_distill_layouts.py): the teacher split over both ranks
+# beside a TP1 x DP2 student, and a TP2 student (vocabulary-parallel KL and CE) beside a whole teacher on each rank.
+LAYOUTS = {"teacher_tp2": "--distill.teacher_tp=2", "student_tp2": "--parallel.tp=2"}
+
+
+@pytest.fixture(scope="module")
+def two_process_runs(out: Path) -> Path:
+    specs = [f"{name}={overrides}" for name, overrides in LAYOUTS.items()]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           str(REPO_ROOT / "tests" / "e2e" / "run_distill_layouts.py"), str(out), *specs]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=540)
     if proc.returncode != 0:
         raise AssertionError(f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    ours, ref = losses(out / "teacher_tp2"), losses(out / "online")
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_two_process_layout_matches_one_process(two_process_runs: Path, layout: str) -> None:
+    """``teacher_tp2``: TP2 teacher with a TP1 x DP2 student; ``student_tp2``: TP2 student with a TP1 teacher.
+    Per-step losses equal the one-process online run within 1e-5."""
+    out = two_process_runs
+    if not (out / "online" / "metrics.jsonl").is_file():
+        run_one_process(out, "online")
+    ours, ref = losses(out / layout), losses(out / "online")
     assert sorted(ours) == sorted(ref) == [1, 2, 3]
     for step in ref:
-        assert abs(ours[step] - ref[step]) <= TOL, (step, ours[step], ref[step])
-    assert (out / "teacher_tp2" / "distill_eval.json").is_file()
+        assert abs(ours[step] - ref[step]) <= TOL, (layout, step, ours[step], ref[step])
+    assert ref[1] != ref[3]  # the student trained
+    assert (out / layout / "distill_eval.json").is_file()
