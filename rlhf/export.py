@@ -7,7 +7,8 @@ stored once) plus ``rlhf.json``, what the next stage needs besides the weights (
 
 ``rlhf.json``: ``stage``, ``tokenizer`` (absolute path of the tokenizer.model), ``template`` (chat format),
 ``max_len`` and what the stage adds (SFT: its split). SFT, GAtt, PPO (``final_policy``, ``best_policy``) and DPO
-write it; rejection sampling, PPO and ``gatt build`` read their tokenizer and template from it.
+write it; rejection sampling, PPO and ``gatt build`` read their tokenizer and template from it (a run directory
+means its export: ``rlhf.paths.checkpoint_dir``).
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
     from rlhf.paths import resolve_path, file_list, checkpoint_dir
     resolve_path("{data_dir}/preferences/hh-rlhf")   # $LLAMA_DATA_DIR/..., else ../shared/data/... beside the repo
     checkpoint_dir("runs/sft")                       # runs/sft/final_model when the run directory holds one
+    checkpoint_dir("runs/ppo")                       # a PPO run: its best_policy (else final_policy)
 
 No dependencies beyond the standard library: every stage (and its config) uses these.
 """
@@ -30,7 +31,15 @@ def file_list(value: str) -> list[Path]:
     return [resolve_path(p.strip()) for p in value.split(",") if p.strip()]
 
 
+POLICY_EXPORTS = ("final_model", "best_policy", "final_policy")
+"""What a run directory's policy is, first found: SFT / GAtt / DPO / pretraining export ``final_model``; PPO
+exports ``best_policy`` (the iteration with the best held-out reward, its result) and ``final_policy``."""
+
+
 def checkpoint_dir(path: str | Path) -> Path:
-    """A run directory means its ``final_model/``; anything else is returned as given."""
+    """A run directory means its exported model (``POLICY_EXPORTS``, first found); an export (a directory with
+    ``config.json``) or anything else is returned as given."""
     p = Path(path)
-    return p / "final_model" if (p / "final_model").is_dir() and not (p / "config.json").is_file() else p
+    if (p / "config.json").is_file():
+        return p
+    return next((p / name for name in POLICY_EXPORTS if (p / name).is_dir()), p)

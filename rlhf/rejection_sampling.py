@@ -8,8 +8,9 @@
     python -m rlhf.sft --config configs/rlhf/sft_llama2.toml --sft.files runs/rs_round2/best.jsonl ...
 
 Sampling: the policy's KV-cache generator (``model.generate``, temperature / top-p, batched prompts, seeded) with
-the prompt in the policy's chat format (``final_model/rlhf.json`` of an SFT run, or ``--tokenizer`` /
-``--template``). Scoring: one reward model gives its raw score; with a safety reward model as well, Llama 2's
+the prompt in the policy's chat format. ``--policy`` is an export or any stage's run directory (SFT
+``final_model``, PPO ``best_policy`` else ``final_policy``): its ``config.json`` gives the shape, its ``rlhf.json``
+the tokenizer and template (``--tokenizer`` / ``--template`` override them). Scoring: one reward model gives its raw score; with a safety reward model as well, Llama 2's
 combined score ``logit(Rs if is_safety(prompt) or Rs < 0.15 else Rh)`` on sigmoid-space scores
 (``rlhf.losses.combined_reward``). Selection: per prompt, the best non-empty answer among this round's K samples
 and (``--previous``) the best answers of earlier rounds, re-scored with the current reward model(s): "later
@@ -37,9 +38,9 @@ from torch import Tensor
 from model.chat import encode_chat
 from rlhf.batching import dialogue_messages
 from rlhf.data import Dialogue, read_dialogues_jsonl
-from rlhf.export import read_sidecar
+from rlhf.export import SIDECAR, read_sidecar
 from rlhf.losses import combined_reward, logit
-from rlhf.paths import checkpoint_dir
+from rlhf.paths import POLICY_EXPORTS, checkpoint_dir
 from rlhf.reward.gate import check_reward_model
 from rlhf.reward.scorer import RewardScorer
 from rlhf.sources import Prompt, load_prompts, report_dict
@@ -60,23 +61,39 @@ class VocabMask(torch.nn.Module):
         return logits
 
 
-def load_policy(path: str | Path, *, tokenizer: str | None, template: str | None) -> tuple[Any, Any, str]:
-    """``(model, tokenizer, template)``; tokenizer and template default to the SFT run's ``rlhf.json``."""
+def load_policy(path: str | Path, *, tokenizer: str | None, template: str | None,
+                print_fn: Any = print) -> tuple[Any, Any, str]:
+    """``(model, tokenizer, template)`` from the policy's export alone: the shape from its ``config.json``, the
+    tokenizer and chat template from its ``rlhf.json`` (``--tokenizer`` / ``--template`` override them). ``path``
+    is an export or any stage's run directory (``rlhf.paths.checkpoint_dir``: SFT's ``final_model``, PPO's
+    ``best_policy`` / ``final_policy``)."""
     from model.checkpoints import from_pretrained
     from model.tokenizer import load_tokenizer
 
     p = checkpoint_dir(path)
     if not p.exists():
         raise ConfigError(f"--policy {path} does not exist; pass an SFT/PPO export (RUN_DIR/final_model) or its run dir")
+    if not (p / "config.json").is_file():
+        raise ConfigError(f"--policy {path}: no config.json (the model shape) in {p} and no export under it "
+                          f"({', '.join(POLICY_EXPORTS)}); pass a stage's run directory or its export")
     sidecar = read_sidecar(p)
     tok_path = tokenizer or sidecar.get("tokenizer")
     if not tok_path:
-        raise ConfigError(f"--policy {path}: no rlhf.json beside the weights (not an rlhf stage export); "
+        raise ConfigError(f"--policy {path}: no rlhf.json beside the weights in {p} (not an rlhf stage export); "
                           "pass --tokenizer")
+    if not tokenizer and not Path(tok_path).exists():
+        raise ConfigError(f"{p / SIDECAR}: tokenizer {tok_path} does not exist (the export moved?); pass --tokenizer")
     model, tok = from_pretrained(p).eval(), load_tokenizer(tok_path)
+    if tok.vocab_size > model.config.vocab_size:
+        raise ConfigError(f"--policy {path}: the tokenizer {tok_path} has {tok.vocab_size} ids but the model "
+                          f"{model.config.vocab_size} ({p / 'config.json'}); pass the tokenizer it was trained with")
     if model.config.vocab_size > tok.vocab_size:
         model.output = VocabMask(model.output, tok.vocab_size)
-    return model, tok, template or sidecar.get("template", "llama2")
+    chat = template or sidecar.get("template", "llama2")
+    print_fn(f"[rs] policy {p} ({sidecar.get('stage', 'no rlhf.json')}): model {model.config.name} from its "
+             f"config.json, tokenizer {tok_path}{'' if tokenizer else ' (rlhf.json)'}, template {chat}"
+             f"{'' if template else ' (rlhf.json)' if 'template' in sidecar else ' (default)'}")
+    return model, tok, chat
 
 
 def prompt_ids(tok: Any, prompt: Prompt, *, template: str, max_len: int) -> list[int]:

@@ -43,7 +43,9 @@ def test_tied_head_stored_once_and_sidecar_written(tmp_path: Path) -> None:
     side = json.loads((out / SIDECAR).read_text())
     assert side == read_sidecar(out) and side["stage"] == "ppo" and side["template"] == "llama2"
     assert Path(side["tokenizer"]).is_absolute() and side["max_len"] == 64
-    assert read_sidecar(tmp_path) == {}
+    assert read_sidecar(tmp_path) == side  # tmp_path is laid out as a PPO run directory: its exported policy
+    (tmp_path / "other").mkdir()
+    assert read_sidecar(tmp_path / "other") == {}
 
 
 def test_gatt_and_ppo_take_the_shape_from_their_init_checkpoint(tmp_path: Path) -> None:
