@@ -21,7 +21,7 @@ import re
 import sys
 from collections.abc import Sequence
 
-from launch import checkpoint_plan, cpu_plan, planner, slurm, stage_plan, torchrun
+from launch import checkpoint_plan, cpu_plan, cpu_ppo_plan, planner, slurm, stage_plan, torchrun
 from model.config import get_config, model_flops_per_token
 from train import devices
 
@@ -57,8 +57,8 @@ def _plan_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--reward-models", type=int, default=stage_plan.StageShape.reward_models,
                    help="--stage ppo: reward models held in memory (Llama 2: 2)")
     p.add_argument("--frozen-zero-stage", type=int, choices=(1, 2, 3),
-                   default=stage_plan.StageShape.frozen_zero_stage,
-                   help="--stage ppo: ZeRO stage of the reference and reward models")
+                   help="--stage ppo: ZeRO stage of the reference and reward models (default: 3 on GPUs, "
+                        "--zero-stage with --device cpu, as ppo.frozen_zero_stage=-1)")
     p.add_argument("--tp", type=int)
     p.add_argument("--cp", type=int, help="context-parallel ranks per sequence (2 x CP chunks, Llama 3)")
     p.add_argument("--pp", type=int)
@@ -206,8 +206,11 @@ def cmd_plan_cpu(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    if args.stage == "ppo" and args.device == "cpu":
+        return cpu_ppo_plan.cmd_plan_cpu_ppo(args)
     if args.stage and args.device == "cpu":
-        raise ValueError("--stage with --device cpu is not planned yet; leave out --device cpu")
+        raise ValueError(f"--stage {args.stage} with --device cpu is not planned yet (--stage ppo is); leave out "
+                         "--device cpu")
     if not args.stage and (args.seq_len is None or args.global_batch_tokens is None):
         raise ValueError("pretraining plans need --seq-len and --global-batch-tokens (or give --stage)")
     if args.device == "cpu":

@@ -31,6 +31,7 @@ default *dynamic* threshold, freed activation and gradient tensors stay in the h
 over the first steps: +25-40% over live bytes for bench_25m here, not predictable from the model. Set the
 variable (or use jemalloc/tcmalloc) when the host memory budget matters. Not modelled: ZeRO-3, offload, bf16,
 activation checkpointing, TP/PP on CPU, checkpoint saving (host copies at save time come after the step peak).
+PPO (five roles, ZeRO-3 and TP) has its own plan on these terms: ``launch/cpu_ppo_plan.py``.
 """
 
 from __future__ import annotations

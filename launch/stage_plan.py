@@ -254,7 +254,8 @@ def cmd_plan_stage(args: object, hardware: Hardware) -> int:
 
     cfg = get_config(args.model)
     shape = StageShape(seq_len=args.seq_len or StageShape.seq_len, rollout_batch=args.rollout_batch,
-                       reward_models=args.reward_models, frozen_zero_stage=args.frozen_zero_stage,
+                       reward_models=args.reward_models,
+                       frozen_zero_stage=args.frozen_zero_stage or StageShape.frozen_zero_stage,
                        global_batch=(args.global_batch_tokens // (args.seq_len or StageShape.seq_len)
                                      if args.global_batch_tokens else StageShape.global_batch))
     if (args.pp or 1) != 1:

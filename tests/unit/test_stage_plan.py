@@ -84,3 +84,28 @@ def test_cli_ranks_fitting_layouts_and_refuses_with_numbers(capsys: pytest.Captu
     assert "no layout of llama2_70b (ppo) fits" in out.err
     assert launch_main(["plan", "--stage", "sft", "--model", "llama2_7b", "--gpus", "8"]) == 0
     assert "peak" in capsys.readouterr().out
+
+
+def test_cpu_ppo_plan_cli_prints_every_role_and_phase(capsys: pytest.CaptureFixture[str]) -> None:
+    """``plan --stage ppo --device cpu``: the CPU PPO plan (launch/cpu_ppo_plan.py; checked against measured RSS
+    in tests/e2e/test_cpu_ppo_memory_plan.py), the frozen roles at the trained roles' ZeRO stage by default."""
+    from launch.cpu_ppo_plan import PPOShape, plan_cpu_ppo
+
+    argv = ["plan", "--stage", "ppo", "--device", "cpu", "--model", "bench_25m", "--gpus", "2", "--zero-stage", "3",
+            "--seq-len", "24", "--micro-batch", "4", "--global-batch-tokens", "192", "--rollout-batch", "4",
+            "--reward-models", "1", "--runtime-overhead", "460MB"]
+    assert launch_main([*argv, "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)["plan"]
+    expected = plan_cpu_ppo(get_config("bench_25m"), tp=1, dp=2, zero_stage=3, runtime_overhead=460e6,
+                            shape=PPOShape(seq_len=24, micro_batch=4, local_minibatch=4, rollout_batch=4,
+                                           reward_models=1))
+    assert data["peak"] == pytest.approx(expected.peak) and data["peak_phase"] == expected.peak_phase == "export"
+    assert set(data["resident"]) == {"policy", "value", "reference", "reward model 1"}
+    assert data["resident"]["reference"]["weights"] == pytest.approx(4 * get_config("bench_25m").num_params() / 2)
+    assert launch_main(argv) == 0
+    out = capsys.readouterr().out
+    assert "2 processes" in out and "runtime overhead" in out and "REFUSED" not in out
+    for phase in ("rollout", "scoring", "training", "checkpoint", "export"):
+        assert f"    {phase}" in out
+    assert launch_main([*argv[:10], "2", *argv[11:]]) == 2  # bad input: one error line naming the flag
+    assert "--zero-stage 2: the CPU PPO plan models ZeRO-1 and ZeRO-3" in capsys.readouterr().err
