@@ -1,4 +1,4 @@
-"""LoRA SFT under TP2 and under DP2 x ZeRO-2 equals one plain PyTorch process (CPU/gloo, fp32), one torchrun launch.
+"""LoRA SFT (and DPO / reward model) under TP2 and DP2 x ZeRO-2 equals one plain PyTorch process (CPU/gloo, fp32).
 
     python -m pytest -q tests/distributed/test_lora_parity.py
 
@@ -6,7 +6,9 @@
 alike), the real ``rlhf.sft`` loop with the DeepSpeed engine and megatron-core layers (``run_rlhf_layouts.py``)
 against ``train.reference.ReferenceEngine`` in this process. Acceptance (issue 19): per-step losses, gradient norms
 (clipped every step) and the exported merged weights and adapters within 1e-5; the first step's loss equals full
-fine-tuning's (B = 0); the engine's checkpoint holds only the adapters.
+fine-tuning's (B = 0); the engine's checkpoint holds only the adapters. The same launch runs LoRA DPO under TP2
+and a LoRA reward model under DP2 x ZeRO-2 against their one-process references (losses, grad norms, every exported
+tensor within 1e-5).
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 TOL = 1e-5
 LORA = "--lora.rank=4,--lora.alpha=8,--lora.targets=q,k,v,o,gate,up,down,--checkpoint.every=3"
 LAYOUTS = {"lora_tp2": "--parallel.tp=2", "lora_dp2_zero2": "--zero.stage=2"}
+# The other [lora] stages through the same engine seam: DPO (policy adapted, frozen reference scored by its own
+# engine) under TP2 and the reward model (adapters + its trainable head) under DP2 x ZeRO-2.
+STAGE_LAYOUTS = {"lora_dpo_tp2": ("dpo", "--parallel.tp=2"), "lora_rm_dp2_zero2": ("rm", "--zero.stage=2")}
 
 
 def _split(overrides: str) -> list[str]:
@@ -41,10 +46,13 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     out = tmp_path_factory.mktemp("lora_parity")
     data = make_parity_data(out / "data")
-    for name, extra in (("reference_lora", _split(LORA)), ("reference_full", [])):
-        cfg = rlhf_parity_config("sft", data, [*extra, f"--run.dir={out / name}"])
-        run_stage_config("sft", cfg, engine_factory=ReferenceEngine, topology_factory=single_process_topology)
+    references = [("sft", "reference_lora", _split(LORA)), ("sft", "reference_full", []),
+                  *((stage, f"reference_lora_{stage}", _split(LORA)) for stage, _ in STAGE_LAYOUTS.values())]
+    for stage, name, extra in references:
+        cfg = rlhf_parity_config(stage, data, [*extra, f"--run.dir={out / name}"])
+        run_stage_config(stage, cfg, engine_factory=ReferenceEngine, topology_factory=single_process_topology)
     specs = [f"{name}=sft:{layout},{LORA}" for name, layout in LAYOUTS.items()]
+    specs += [f"{name}={stage}:{layout},{LORA}" for name, (stage, layout) in STAGE_LAYOUTS.items()]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
            str(REPO_ROOT / "tests" / "distributed" / "run_rlhf_layouts.py"), str(out), str(data), *specs]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
@@ -83,3 +91,30 @@ def test_lora_layout_matches_single_process(runs: Path, layout: str) -> None:
     (checkpoint,) = (runs / layout / "checkpoints").glob("step_*")
     saved = PortableCheckpoint(checkpoint).names()
     assert saved and all(".lora_A." in k or ".lora_B." in k for k in saved), sorted(saved)[:5]
+
+
+@pytest.mark.parametrize("layout", list(STAGE_LAYOUTS))
+def test_lora_dpo_and_reward_model_match_single_process(runs: Path, layout: str) -> None:
+    """LoRA DPO (TP2) and LoRA reward model (DP2 x ZeRO-2): losses, grad norms and every exported tensor (merged
+    weights, the reward head, the PEFT adapters) equal one process within 1e-5; only adapters (and the head) train."""
+    stage = STAGE_LAYOUTS[layout][0]
+    ours, ref = _metrics(runs / layout), _metrics(runs / f"reference_lora_{stage}")
+    assert sorted(ours) == sorted(ref) == [1, 2, 3]
+    for step, record in ours.items():
+        assert abs(record["loss"] - ref[step]["loss"]) <= TOL, (layout, step, record["loss"], ref[step]["loss"])
+        g, g_ref = record["grad_norm"], ref[step]["grad_norm"]
+        assert abs(g - g_ref) <= TOL * max(1.0, g_ref), (layout, step, g, g_ref)
+    assert abs(ref[3]["loss"] - ref[1]["loss"]) > 1e-6  # the adapters trained
+    files = sorted(p.relative_to(runs / layout) for p in (runs / layout).glob("final_model*/*.safetensors"))
+    assert any(p.parent.name == "final_model_lora" for p in files), files
+    for rel in files:
+        ws, wr = load_file(runs / layout / rel), load_file(runs / f"reference_lora_{stage}" / rel)
+        assert ws.keys() == wr.keys() and ws, rel
+        assert max(float((ws[k] - wr[k]).abs().max()) for k in wr) <= TOL, (layout, rel)
+    from train.portable import PortableCheckpoint
+
+    (checkpoint,) = (runs / layout / "checkpoints").glob("step_*")
+    saved = PortableCheckpoint(checkpoint).names()
+    assert saved and all(".lora_A." in k or ".lora_B." in k or "reward_head" in k for k in saved), sorted(saved)[:5]
+    if stage == "rm":
+        assert any("reward_head" in k for k in saved)
