@@ -63,7 +63,7 @@ def _plan_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cp", type=int, help="context-parallel ranks per sequence (2 x CP chunks, Llama 3)")
     p.add_argument("--pp", type=int)
     p.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction, default=None,
-                   help="plan Megatron sequence parallelism at TP > 1 (default off, like train/'s "
+                   help="plan Megatron sequence parallelism at TP > 1 (default on, like train/'s "
                         "--parallel.sequence_parallel; every TP > 1 plan prints both figures)")
     p.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3))
     p.add_argument("--micro-batch", type=int)
@@ -235,7 +235,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         layout = planner.Layout(tp=args.tp, cp=cp, pp=args.pp, dp=args.gpus // (args.tp * cp * args.pp),
                                 zero_stage=args.zero_stage, micro_batch=args.micro_batch,
                                 virtual_stages=args.virtual_stages or 1,
-                                sequence_parallel=bool(args.sequence_parallel), lora_rank=args.lora_rank,
+                                sequence_parallel=args.sequence_parallel is not False, lora_rank=args.lora_rank,
                                 lora_targets=args.lora_targets)
         plan = planner.fit_checkpointing(cfg, layout, buffers=planner.ZeroBuffers(),
                                          checkpointing=args.activation_checkpointing, **kw)

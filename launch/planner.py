@@ -106,10 +106,11 @@ class Layout:
     """With checkpointing: layers per stage recomputed (Megatron's block method); None = all of them."""
     virtual_stages: int = 1
     """Interleaved 1F1B chunks per stage. DeepSpeed's PipelineModule only runs 1 (Megatron/Meta run more)."""
-    sequence_parallel: bool = False
+    sequence_parallel: bool = True
     """Megatron sequence parallelism (norm/residual activations sharded over TP); only matters when tp > 1.
-    Off by default like ``train/``'s ``parallel.sequence_parallel`` (which runs it with pp 1 and cp 1 only:
-    ``engine_refusals``): a plan must count what runs."""
+    On by default like ``train/``'s ``parallel.sequence_parallel`` (unset: on at tp > 1 for pretraining, with PP
+    and CP too). The engine turns it off with LoRA adapters and for the alignment stages, so ``sp`` counts it
+    only where it runs (``launch/stage_plan.py`` plans those stages with it off)."""
     flash_attention: bool = True
     fused_norm: bool = True
     """Fused RMSNorm saves input + fp32 rstd; the eager reference form also keeps an fp32 copy of the input."""
@@ -131,7 +132,7 @@ class Layout:
     @property
     def sp(self) -> int:
         """The factor sequence parallelism divides the norm/residual activations by (1 when off or tp 1)."""
-        return self.tp if (self.sequence_parallel and self.tp > 1) else 1
+        return self.tp if (self.sequence_parallel and self.tp > 1 and not self.lora_rank) else 1
 
     def recomputed(self, stage_layers: int) -> int:
         if not self.activation_checkpointing:
@@ -154,8 +155,6 @@ def engine_refusals(layout: Layout, *, seq_len: int) -> list[str]:
     reasons = []
     if layout.virtual_stages > 1:
         reasons.append("interleaved 1F1B: DeepSpeed's PipelineModule runs one chunk per stage")
-    if layout.sp > 1 and (layout.pp > 1 or layout.cp > 1):
-        reasons.append("sequence parallelism runs in train/ with pp 1 and cp 1 only (--parallel.sequence_parallel)")
     if layout.cp > 1 and seq_len % (2 * layout.cp):
         reasons.append(f"seq_len {seq_len} is not divisible by 2 x CP = {2 * layout.cp}")
     if layout.lora_rank and (layout.pp > 1 or layout.zero_stage == 3):
@@ -586,10 +585,11 @@ def candidate_layouts(cfg: LlamaConfig, *, gpus: int, seq_len: int, global_batch
     amortised, which short chunks do not give (Llama 3 ran CP 1 at 8K and CP 16 at 128K: 8K tokens a rank). PP is any value up to n_layers (uneven
     stages allowed). ZeRO-2/3 only with PP 1 (DeepSpeed refuses them with a PipelineModule). Interleaving
     needs micro-batches divisible by PP (Megatron's rule) and at least v layers on each stage.
-    ``fixed["sequence_parallel"]`` turns SP on for every TP > 1 layout (default off: what the engine runs).
+    ``fixed["sequence_parallel"]`` False turns SP off for every layout (default on at TP > 1: what the engine
+    runs for pretraining).
     """
     seqs = global_batch_tokens // seq_len
-    sp = bool(fixed.get("sequence_parallel", False))
+    sp = bool(fixed.get("sequence_parallel", True))
     for tp, cp in ((t, c) for t in _powers_of_two(hardware.gpus_per_node) for c in _powers_of_two(max_cp)):
         if cfg.n_heads % tp or cfg.kv_heads % tp or fixed.get("tp", tp) != tp or fixed.get("cp", cp) != cp:
             continue

@@ -14,9 +14,13 @@ the sequence instead of a full copy, so those activations shrink by ``tp`` (``la
     wo, w2:           row-parallel matmul, then reduce-scatter along the sequence instead of an all-reduce
     norm weights:     each rank's gradient covers its slice only: summed over TP (``sum_norm_grads_over_tp``)
 
-RoPE, the attention mask and attention itself see the whole sequence (after the gather), so nothing else changes.
-Every collective is ``model.comm``'s. Training forwards only: a KV-cache step of one token cannot be split, so
-generation builds its model without these layers. Not with ``tp > n_kv_heads`` (replicated K/V projections).
+RoPE, the attention mask and attention itself see the whole sequence (after the gather), so nothing else changes:
+with context parallelism "the whole sequence" is this rank's two CP chunks (SP splits them over TP; the CP
+kernel gathers K/V over CP after the TP gather); pipeline stages pass the s / tp slice between stages and scale
+RoPE positions by ``sequence_split``. Every collective is ``model.comm``'s. Training forwards only: a KV-cache
+step of one token cannot be split, so generation builds its model without these layers. Not with
+``tp > n_kv_heads`` (replicated K/V projections). On by default at tp > 1 where it can run
+(``train.parallelize.resolve_sequence_parallel``).
 """
 
 from __future__ import annotations
@@ -62,48 +66,101 @@ class _SplitAlongSequence(torch.autograd.Function):
         return torch.cat(comm.all_gather(grad.contiguous(), group=ctx.group), dim=1), None
 
 
+class _AllReduceInBackward(torch.autograd.Function):
+    """Identity forward, gradient summed over TP (the input of a plain column-parallel matmul)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group: Any) -> Tensor:  # type: ignore[override]
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        return comm.all_reduce(grad.contiguous(), group=ctx.group), None
+
+
+class _AllReduceInForward(torch.autograd.Function):
+    """Output summed over TP, gradient passed through (the output of a plain row-parallel matmul)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group: Any) -> Tensor:  # type: ignore[override]
+        return comm.all_reduce(x.contiguous(), group=group)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        return grad, None
+
+
+class SplitState:
+    """Whether this forward splits the sequence, shared by one model's sequence-parallel modules. The embedding
+    sets it per forward: a batch whose length TP does not divide (an in-loop evaluation's varying prompts) runs
+    as plain tensor parallelism (same math, the residual stream kept whole) instead of failing."""
+
+    def __init__(self) -> None:
+        self.split = True
+
+
 class SequenceParallelColumn(nn.Module):
     """A column-parallel layer whose input is this rank's sequence slice (weight: the mcore layer's)."""
 
-    def __init__(self, layer: nn.Module, group: Any) -> None:
+    def __init__(self, layer: nn.Module, group: Any, state: SplitState) -> None:
         super().__init__()
         self.weight, self.group = layer.weight, group
+        object.__setattr__(self, "state", state)
 
     def forward(self, x: Tensor) -> Tensor:
+        if not self.state.split:
+            return F.linear(_AllReduceInBackward.apply(x, self.group), self.weight)
         return _GatheredLinear.apply(x, self.weight, self.group)
 
 
 class SequenceParallelRow(nn.Module):
     """A row-parallel layer whose output is reduce-scattered to this rank's sequence slice."""
 
-    def __init__(self, layer: nn.Module, group: Any) -> None:
+    def __init__(self, layer: nn.Module, group: Any, state: SplitState) -> None:
         super().__init__()
         self.weight, self.group = layer.weight, group
+        object.__setattr__(self, "state", state)
 
     def forward(self, x: Tensor) -> Tensor:
+        if not self.state.split:
+            return _AllReduceInForward.apply(F.linear(x, self.weight), self.group)
         return comm.reduce_scatter_along_dim(F.linear(x, self.weight), dim=1, group=self.group)
 
 
 class SequenceParallelEmbedding(nn.Module):
     """Vocab-parallel embedding, then this rank's slice of the sequence."""
 
-    def __init__(self, layer: nn.Module, group: Any) -> None:
+    def __init__(self, layer: nn.Module, group: Any, state: SplitState) -> None:
         super().__init__()
         object.__setattr__(self, "lookup", layer)  # not a submodule: its one parameter is registered here
+        object.__setattr__(self, "state", state)
         self.weight, self.group = layer.weight, group
 
     def forward(self, tokens: Tensor) -> Tensor:
+        self.state.split = tokens.shape[1] % comm.world_size(self.group) == 0
+        if not self.state.split:
+            return self.lookup(tokens)
         return _SplitAlongSequence.apply(self.lookup(tokens), self.group)
 
 
 class SequenceParallelLayers(MegatronLayers):
     """``MegatronLayers`` with the sequence-parallel forms above (same parameters, same shard metadata)."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.state = SplitState()
+
+    @property
+    def sequence_split(self) -> int:
+        """How many ranks share the residual stream's sequence (pipeline stages scale RoPE positions by it)."""
+        return self.tp_size
+
     def column(self, in_features: int, out_features: int) -> nn.Module:
-        return SequenceParallelColumn(super().column(in_features, out_features), self.group)
+        return SequenceParallelColumn(super().column(in_features, out_features), self.group, self.state)
 
     def row(self, in_features: int, out_features: int) -> nn.Module:
-        return SequenceParallelRow(super().row(in_features, out_features), self.group)
+        return SequenceParallelRow(super().row(in_features, out_features), self.group, self.state)
 
     def kv_projection(self, in_features: int, *, n_kv_heads: int, head_dim: int) -> nn.Module:
         if n_kv_heads % self.tp_size:
@@ -112,7 +169,7 @@ class SequenceParallelLayers(MegatronLayers):
         return self.column(in_features, n_kv_heads * head_dim)
 
     def embedding(self, vocab_size: int, dim: int) -> nn.Module:
-        return SequenceParallelEmbedding(super().embedding(vocab_size, dim), self.group)
+        return SequenceParallelEmbedding(super().embedding(vocab_size, dim), self.group, self.state)
 
 
 def sum_norm_grads_over_tp(model: nn.Module, group: Any) -> None:

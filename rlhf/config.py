@@ -111,8 +111,9 @@ class StageConfig(RunConfig):
     """Low-rank adapters (``rank > 0``) instead of training every weight."""
 
     def engine_config(self) -> Any:
-        """The run sections' engine config plus the ``[lora]`` adapters (None when off)."""
-        return dataclasses.replace(super().engine_config(), lora=self.lora.spec())
+        """The run sections' engine config plus the ``[lora]`` adapters (None when off). ``seq_len`` 0: alignment
+        batches vary in length, so sequence parallelism stays off unless asked for (``parallel.sequence_parallel``)."""
+        return dataclasses.replace(super().engine_config(), lora=self.lora.spec(), seq_len=0)
 
     @property
     def stage(self) -> StageSection:

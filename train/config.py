@@ -122,10 +122,12 @@ class ParallelSection:
     SFT (the language-model objective); combines with TP, PP, DP and ZeRO."""
     activation_checkpoint_every: int = 0
     """Activation checkpointing in segments of N blocks (recomputed in backward; DeepSpeed's interval); 0 = off."""
-    sequence_parallel: bool = False
-    """Megatron sequence parallelism at tp > 1 (``model/sequence_parallel.py``): norms and residuals keep s / tp
-    tokens per TP rank. Language-model training with pp = 1 and cp = 1; data.seq_len a multiple of tp. Off by
-    default (opt in)."""
+    sequence_parallel: bool | None = None
+    """Megatron sequence parallelism (``model/sequence_parallel.py``): norms and residuals keep s / tp tokens per
+    TP rank. Unset (default): on whenever tp > 1 and the run supports it (the language-model objective with a
+    fixed data.seq_len divisible by tp x cp; with PP, CP, ZeRO), otherwise off with one log line naming why
+    (``train.parallelize.resolve_sequence_parallel``). true: required (an error where it cannot run, or at tp 1);
+    false: off."""
 
 
 @dataclass(frozen=True)
@@ -243,6 +245,9 @@ class EngineConfig:
     lora: Any = None
     """A ``model.lora.LoRASpec``: low-rank adapters on the model, its own weights frozen (None = train them all).
     The alignment stages set it from their ``[lora]`` section."""
+    seq_len: int = 0
+    """The fixed length of every training sequence (pretraining's data.seq_len); 0 = batches of varying length
+    (the alignment stages), where sequence parallelism stays off unless asked for."""
 
     def dp_size(self, world_size: int) -> int:
         return world_size // (self.parallel.tp * self.parallel.pp * self.parallel.cp)
@@ -291,7 +296,7 @@ class RunConfig(RootConfig):
         t = self.train
         return EngineConfig(global_batch_size=t.global_batch_size, micro_batch_size=t.micro_batch_size, seed=t.seed,
                             dtype=t.dtype, parallel=self.parallel, zero=self.zero, optim=self.optim,
-                            document_mask=self.data.document_mask)
+                            document_mask=self.data.document_mask, seq_len=self.data.seq_len)
 
     def dp_size(self, world_size: int) -> int:
         return world_size // (self.parallel.tp * self.parallel.pp * self.parallel.cp)
@@ -318,9 +323,10 @@ class RunConfig(RootConfig):
         _check(d.seq_len % (2 * max(self.parallel.cp, 1)) == 0,
                f"data.seq_len={d.seq_len} is not divisible by 2 x parallel.cp = {2 * self.parallel.cp}: context "
                "parallelism cuts every sequence into 2 x cp equal chunks; choose a multiple of it")
-        _check(not self.parallel.sequence_parallel or d.seq_len % self.parallel.tp == 0,
-               f"data.seq_len={d.seq_len} is not divisible by parallel.tp={self.parallel.tp}: sequence parallelism "
-               "splits every sequence over the TP ranks")
+        _check(self.parallel.sequence_parallel is not True
+               or d.seq_len % (self.parallel.tp * self.parallel.cp) == 0,
+               f"data.seq_len={d.seq_len} is not divisible by parallel.tp x cp = {self.parallel.tp * self.parallel.cp}:"
+               " sequence parallelism splits each rank's sequence (its CP share) over the TP ranks")
         _check(d.synthetic or d.path, "data.path is empty and data.synthetic=false: point --data.path at a "
                "`python -m data_pipeline prepare` output directory or pass --data.synthetic=true")
         self._validate_eval()
@@ -370,12 +376,9 @@ class RunConfig(RootConfig):
                "--zero.stage=1")
         _check(self.parallel.tp >= 1 and self.parallel.pp >= 1 and self.parallel.cp >= 1,
                f"parallel.tp={self.parallel.tp}, pp={self.parallel.pp}, cp={self.parallel.cp}: must be >= 1")
-        _check(not self.parallel.sequence_parallel or self.parallel.tp > 1,
+        _check(self.parallel.sequence_parallel is not True or self.parallel.tp > 1,
                "parallel.sequence_parallel=true with parallel.tp=1: sequence parallelism splits the norm and residual "
                "activations over the tensor-parallel ranks; set parallel.tp > 1 or drop the flag")
-        _check(not self.parallel.sequence_parallel or (self.parallel.pp == 1 and self.parallel.cp == 1),
-               f"parallel.sequence_parallel=true with pp={self.parallel.pp}, cp={self.parallel.cp}: it runs with "
-               "pp=1 and cp=1 (not yet combined); drop one of them")
         self._validate_layout(model)
         _check(self.checkpoint.keep_last >= 1, f"checkpoint.keep_last={self.checkpoint.keep_last}: must be >= 1")
         _check(t.max_consecutive_nonfinite >= 1,

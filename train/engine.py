@@ -51,7 +51,13 @@ from train.config import ConfigError, EngineConfig
 from train.deepspeed_api import deepspeed
 from train.engine_checkpoint import EngineCheckpoint
 from train.objective import LanguageModelObjective, Objective
-from train.parallelize import apply_zero, context_parallel, layer_factory, parallelize_llama
+from train.parallelize import (
+    apply_zero,
+    context_parallel,
+    layer_factory,
+    parallelize_llama,
+    resolve_sequence_parallel,
+)
 from train.sharded_state import create_zero3_optimizer_state
 
 
@@ -88,7 +94,9 @@ class TrainEngine:
         self.gas = engine_cfg.grad_accum(topology.world_size)
         # DeepSpeed's communication layer wraps the process group Topology made (PipelineModule needs it).
         deepspeed.init_distributed(dist_backend=topology.backend, dist_init_required=False)
-        self.factory = layer_factory(topology, sequence_parallel=engine_cfg.parallel.sequence_parallel)
+        self.sequence_parallel = resolve_sequence_parallel(model_cfg, engine_cfg, topology=topology,
+                                                           objective=self.objective)
+        self.factory = layer_factory(topology, sequence_parallel=self.sequence_parallel)
         self.cp = context_parallel(engine_cfg, topology=topology, objective=self.objective)
         self.module = parallelize_llama(model_cfg, engine_cfg, topology=topology, objective=self.objective,
                                         layers=self.factory)  # steps 1-4 of train/parallelize.py

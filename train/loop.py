@@ -59,6 +59,8 @@ class RunResult:
     last_loss: float
     last_val_loss: float | None
     skipped_steps: int
+    sequence_parallel: bool = False
+    """Whether the engine ran Megatron sequence parallelism (``parallel.sequence_parallel`` as resolved)."""
 
 
 def train(cfg: RunConfig, *, task: Task | None = None, engine_factory: Callable[..., Any] | None = None,
@@ -92,7 +94,8 @@ def train(cfg: RunConfig, *, task: Task | None = None, engine_factory: Callable[
         run.logger.close()
     exit_code = EXIT_CODES[signal.Signals[reason.split(":")[1]]] if reason != "completed" else 0
     return RunResult(run_dir=run.run_dir, start_step=run.start, last_step=step, reason=reason, exit_code=exit_code,
-                     last_loss=last_loss, last_val_loss=last_val, skipped_steps=run.health.skipped_total)
+                     last_loss=last_loss, last_val_loss=last_val, skipped_steps=run.health.skipped_total,
+                     sequence_parallel=bool(getattr(run.engine, "sequence_parallel", False)))
 
 
 class Run:

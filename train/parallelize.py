@@ -36,6 +36,7 @@ DeepSpeed is imported only inside steps 4 and 5 (through ``train/deepspeed_api.p
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -66,6 +67,49 @@ def layer_factory(topology: Any, *, dtype: torch.dtype = torch.float32,
     from model.parallel import MegatronLayers
 
     return MegatronLayers(params_dtype=dtype)
+
+
+def sequence_parallel_obstacle(model_cfg: LlamaConfig, cfg: EngineConfig, *, tp: int, cp: int,
+                               objective: Objective) -> str:
+    """Why Megatron sequence parallelism cannot run here ("" when it can): it runs the language-model objective
+    (the other objectives' heads read hidden states the sequence split would cut), without LoRA adapters, with
+    TP-sharded K/V projections, and on sequences of a fixed length that TP x CP divides."""
+    if tp == 1:
+        return "parallel.tp=1 (sequence parallelism splits the sequence over the tensor-parallel ranks)"
+    if type(objective) is not LanguageModelObjective:
+        return f"the {type(objective).__name__} objective runs without it (language-model training only)"
+    if cfg.lora is not None:
+        return "LoRA adapters ([lora] rank > 0) run on the full sequence"
+    if model_cfg.n_kv_heads % tp:
+        return f"tp={tp} does not divide n_kv_heads={model_cfg.n_kv_heads} (replicated K/V projections)"
+    if cfg.seq_len == 0:
+        return "this stage's batches vary in length (sequence parallelism splits a fixed length over TP)"
+    if cfg.seq_len % (tp * cp):
+        return f"seq_len={cfg.seq_len} is not divisible by tp x cp = {tp * cp}"
+    return ""
+
+
+def resolve_sequence_parallel(model_cfg: LlamaConfig, cfg: EngineConfig, *, topology: Any, objective: Objective,
+                              print_fn: Any = print) -> bool:
+    """``parallel.sequence_parallel`` as it will run: unset -> on at tp > 1 wherever it can run, else off with one
+    line saying why; ``true`` where it cannot run -> ``ConfigError``; ``false`` -> off."""
+    asked = cfg.parallel.sequence_parallel
+    tp, cp = topology.tp_size, getattr(topology, "cp_size", 1)
+    if asked is False or (asked is None and tp == 1):
+        return False
+    if asked and cfg.seq_len == 0 and tp > 1:  # asked for on a varying length: the embedding checks each batch
+        obstacle = sequence_parallel_obstacle(model_cfg, dataclasses.replace(cfg, seq_len=tp * cp), tp=tp, cp=cp,
+                                              objective=objective)
+    else:
+        obstacle = sequence_parallel_obstacle(model_cfg, cfg, tp=tp, cp=cp, objective=objective)
+    if obstacle and asked:
+        raise ConfigError(f"parallel.sequence_parallel=true cannot run here: {obstacle}; "
+                          "set parallel.sequence_parallel=false (or leave it unset: on wherever it can run)")
+    if obstacle:
+        if getattr(topology, "global_rank", 0) == 0:
+            print_fn(f"sequence parallelism off (tp {tp}): {obstacle}", flush=True)
+        return False
+    return True
 
 
 def apply_activation_checkpointing(model: Llama, every: int) -> None:
@@ -155,12 +199,10 @@ def parallelize_llama(model_cfg: LlamaConfig, cfg: EngineConfig, *, topology: An
     else:
         module = build_module(model_cfg, cfg, objective=objective, layers=layers)
     context.pin(module)
-    if cfg.parallel.sequence_parallel:
-        if topology.pp_size > 1 or context.enabled or type(objective) is not LanguageModelObjective:
-            raise ConfigError("parallel.sequence_parallel runs the language-model objective with pp=1 and cp=1 "
-                              f"(this run: pp={topology.pp_size}, cp={context.size}, {type(objective).__name__}); "
-                              "set parallel.sequence_parallel=false")
+    if getattr(layers, "sequence_split", 1) > 1:  # the layers are sequence-parallel (``resolve_sequence_parallel``)
         from model.sequence_parallel import sum_norm_grads_over_tp
+
+        module.sequence_split = layers.sequence_split  # apply_zero: DeepSpeed's pipe must not re-split them
 
         sum_norm_grads_over_tp(module, topology.tp_group)
     return module
@@ -220,6 +262,11 @@ def apply_zero(module: nn.Module, cfg: EngineConfig, *, topology: Any, inference
     # DeepSpeed's data-parallel world is DP x CP (the mpu's group): its batch arithmetic counts each sequence
     # once per CP rank (each holds 1/cp of it), so the "global batch" it checks is cp times ours.
     config["train_batch_size"] *= getattr(topology, "cp_size", 1)
+    if getattr(module, "sequence_split", 1) > 1:
+        # DeepSpeed's pipe engine cuts the activation it sends between stages into 1/TP pieces and all-gathers
+        # them on the receiving TP group, assuming every TP rank holds the same tensor. Under sequence
+        # parallelism each holds its own s / tp slice already: send it whole, rank to rank.
+        config["pipeline"] = {"pipe_partitioned": False, "grad_partitioned": False}
     # Without PP, DeepSpeed gets the TP group through the mpu adapter; PipelineModule has its own grid.
     mpu = None if topology.pp_size > 1 else topology.deepspeed_mpu()
     ds, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=config, mpu=mpu,

@@ -49,16 +49,19 @@ class BlockStage(TransformerBlock):
         super().__init__(cfg, layers, layer_index)
         self.rotary = RotaryEmbedding(cfg)  # tables only, no parameters
         self.document_mask = document_mask
+        self.sequence_split = getattr(layers, "sequence_split", 1)
         self.context: ContextParallel | None = None
         """Context parallelism (set by ``train.parallelize``): the activation holds this rank's two chunks of each
         sequence, whose global positions RoPE needs."""
 
     def forward(self, inputs: Activation) -> Activation:  # type: ignore[override]
         h, document_ids = inputs
+        # With sequence parallelism ``h`` holds s / tp tokens; q/k/v gather the rest, RoPE needs all s positions.
+        local = h.shape[1] * self.sequence_split
         if self.context is not None and self.context.enabled:
-            positions = self.context.positions(h.shape[1] * self.context.size, h.device)
+            positions = self.context.positions(local * self.context.size, h.device)
         else:
-            positions = torch.arange(h.shape[1], device=h.device)[None]
+            positions = torch.arange(local, device=h.device)[None]
         mask = AttentionMask(document_ids=document_ids if self.document_mask else None)
         return super().forward(h, self.rotary(positions), mask=mask), document_ids
 

@@ -37,7 +37,8 @@ def main() -> None:
         with kernels.disabled() if EAGER in overrides else contextlib.nullcontext():
             result = train(cfg, print_fn=lambda *a, **k: None)
             if int(os.environ.get("RANK", "0")) == 0:  # what this layout ran on, for the test to check
-                (out / name / "kernels.json").write_text(json.dumps({"fused_cpu_kernels": kernels.enabled()}))
+                (out / name / "kernels.json").write_text(json.dumps({"fused_cpu_kernels": kernels.enabled(),
+                                                                     "sequence_parallel": result.sequence_parallel}))
         if result.reason != "completed":
             raise SystemExit(f"layout {name}: {result.reason}")
 

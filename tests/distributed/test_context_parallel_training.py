@@ -7,7 +7,7 @@ chunks of CP 2 and the 8-token chunks of CP 4):
 - 2 processes: CP 2 (checkpoint at step 3), then CP 1 x DP 2 resumed from that checkpoint (checkpoints do not
   see CP: ZeRO's partitions span DP x CP, so the CP 2 checkpoint reads like a DP 2 one); TP 2 with sequence
   parallelism (``model/sequence_parallel.py``);
-- 4 processes: CP 4, TP 2 x CP 2, CP 2 x PP 2 (the stages carry the chunks, RoPE uses their global positions),
+- 4 processes: CP 4, TP 2 x CP 2 (with sequence parallelism, the default at TP > 1), CP 2 x PP 2 (the stages carry the chunks, RoPE uses their global positions),
   CP 2 x DP 2 with ZeRO-3.
 
 Every layout's 5 losses and gradient norms and its final weights equal ``train.reference.ReferenceEngine`` (one
@@ -52,6 +52,15 @@ def test_context_parallel_layout_matches_single_process(runs, layout: str) -> No
         assert abs(record["loss"] - ref[step]["loss"]) <= TOL, (layout, step, record["loss"], ref[step]["loss"])
         assert abs(record["grad_norm"] - ref[step]["grad_norm"]) <= TOL, (layout, step)
     assert _max_weight_diff(runs / layout, runs / "reference") <= TOL
+
+
+def test_sequence_parallel_runs_with_context_parallelism(runs) -> None:
+    """TP 2 x CP 2 runs sequence parallelism by default (each rank's two CP chunks split over TP)."""
+    import json
+
+    ran = {name: json.loads((runs / name / "kernels.json").read_text())["sequence_parallel"]
+           for name in [*TWO_PROCESS, *FOUR_PROCESS]}
+    assert {name for name, sp in ran.items() if sp} == {"tp2_sp", "tp2_cp2"}, ran
 
 
 def test_resume_cp2_checkpoint_at_cp1(runs) -> None:

@@ -4,6 +4,7 @@ Two ``torchrun`` launches serve all layouts (each launch costs seconds; ``run_la
 training loop for several layouts in one launch):
 
 - 4 processes: TP2 x PP2 (checkpoints at steps 3 and 5), TP2 x DP2 with ZeRO-3;
+  every TP 2 layout runs Megatron sequence parallelism (the default at TP > 1), ``tp2_sp_off`` plain TP;
 - 2 processes: TP2, PP2, DP2 with ZeRO-1/2/3, ZeRO-2 with CPU offload, PP2 with activation checkpointing,
   TP2 with one kv head (replicated kv projections), and resumes from the step-3 checkpoints of the first launch
   at another layout (the portable re-sharding path): TP1 x DP2 and DP2 x ZeRO-3 from TP2 x PP2, PP2 from
@@ -64,6 +65,8 @@ TWO_PROCESS = {
     "pp2_activation_checkpointing": ["--parallel.pp=2", "--parallel.activation_checkpoint_every=1"],
     "pp2_causal_no_document_mask": ["--parallel.pp=2", "--data.document_mask=false"],
     "tp2_one_kv_head": ["--parallel.tp=2", "--model.overrides.n_kv_heads=1"],
+    # Sequence parallelism is on by default at TP > 1 (every TP layout above runs it); plain TP stays tested.
+    "tp2_sp_off": ["--parallel.tp=2", "--parallel.sequence_parallel=false"],
 }
 BF16 = {"dp2_zero2_bf16": ["--zero.stage=2", "--train.dtype=bf16"]}
 BF16_FOUR_PROCESS = {"tp2_dp2_zero3_bf16": ["--parallel.tp=2", "--zero.stage=3", "--train.dtype=bf16",
@@ -120,6 +123,15 @@ def _max_weight_diff(a: Path, b: Path) -> float:
     return max(float((wa[k] - wb[k]).abs().max()) for k in wa)
 
 
+def test_sequence_parallel_is_the_default_at_tp_above_one(runs: Path) -> None:
+    """What each layout ran (``RunResult.sequence_parallel``): on at every TP 2 layout, with PP and ZeRO-3 too;
+    off when asked, at TP 1, and with replicated K/V projections (one kv head: the engine falls back)."""
+    ran = {name: json.loads((runs / name / "kernels.json").read_text())["sequence_parallel"]
+           for name in [*FOUR_PROCESS, *TWO_PROCESS, *EAGER_LAYOUTS]}
+    on = {"tp2_pp2", "tp2_dp2_zero3", "tp2", "tp2_eager"}
+    assert {name for name, sp in ran.items() if sp} == on, ran
+
+
 @pytest.mark.parametrize("layout", [*FOUR_PROCESS, *TWO_PROCESS, *EAGER_LAYOUTS])
 def test_layout_matches_single_process(runs: Path, layout: str) -> None:
     ref_dir = runs / REFERENCE_OF.get(layout, "reference")
@@ -137,7 +149,7 @@ def test_eager_layouts_ran_the_eager_formulas(runs: Path) -> None:
     """The eager and the fused runs of a layout differ by float rounding only, and they do differ: the eager
     layouts did not silently run the fused kernels."""
     for eager, fused in (("tp2_eager", "tp2"), ("pp2_eager", "pp2"), ("dp2_zero3_eager", "dp2_zero3")):
-        assert json.loads((runs / eager / "kernels.json").read_text()) == {"fused_cpu_kernels": False}
+        assert json.loads((runs / eager / "kernels.json").read_text())["fused_cpu_kernels"] is False
         if not json.loads((runs / fused / "kernels.json").read_text())["fused_cpu_kernels"]:
             continue  # no C compiler here: both ran eager (tests/unit/test_kernels.py says so, or fails in CI)
         a, b = _metrics(runs / eager), _metrics(runs / fused)

@@ -57,10 +57,15 @@ def test_config_refuses_sequence_parallelism_it_cannot_run() -> None:
     RunConfig.from_toml(None, [*base, "--parallel.tp=2"]).validate(world_size=2)
     with pytest.raises(ConfigError, match=r"sequence_parallel=true with parallel.tp=1"):
         RunConfig.from_toml(None, base).validate()
-    with pytest.raises(ConfigError, match=r"sequence_parallel=true with pp=1, cp=2"):
-        RunConfig.from_toml(None, [*base, "--parallel.tp=2", "--parallel.cp=2"]).validate()
-    with pytest.raises(ConfigError, match=r"data.seq_len=66 is not divisible by parallel.tp=4"):
+    # SP combines with CP and PP now; each rank's CP share of the sequence must split over TP.
+    RunConfig.from_toml(None, [*base, "--parallel.tp=2", "--parallel.cp=2", "--parallel.pp=2"]).validate(world_size=8)
+    with pytest.raises(ConfigError, match=r"data.seq_len=66 is not divisible by parallel.tp x cp = 4"):
         RunConfig.from_toml(None, [*base, "--parallel.tp=4", "--data.seq_len=66"]).validate()
+    with pytest.raises(ConfigError, match=r"data.seq_len=68 is not divisible by parallel.tp x cp = 8"):
+        RunConfig.from_toml(None, [*base, "--parallel.tp=4", "--parallel.cp=2", "--data.seq_len=68"]).validate()
+    # Unset (the default) is never an error: the engine turns it off where it cannot run.
+    unset = [b for b in base if "sequence_parallel" not in b]
+    RunConfig.from_toml(None, [*unset, "--parallel.tp=4", "--data.seq_len=66"]).validate()
 
 
 def test_engine_refuses_cp_for_other_objectives_and_stages() -> None:

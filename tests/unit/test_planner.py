@@ -88,7 +88,8 @@ def test_split_layers_gives_short_stages_to_the_ends():
 def test_405b_finds_metas_layout():
     """Llama 3.1 405B, 16,384 x 80 GiB GPUs, 8K sequences, 16M-token batches, as Meta ran it (sequence
     parallelism on, CP 1 at 8K): TP 8, PP 16, DP 128 in the top 5, both with DeepSpeed's plain 1F1B and when
-    interleaving (Meta's schedule) is allowed. SP and interleaving are flagged: train/ runs neither."""
+    interleaving (Meta's schedule) is allowed. Interleaving is flagged (train/ runs one chunk per stage);
+    sequence parallelism runs (the default at TP > 1, with PP too), so the plain 1F1B layout is runnable."""
     cfg = get_config("llama3_1_405b")
     for max_v in (1, 8):
         plans = search(cfg, gpus=16384, seq_len=8192, global_batch_tokens=16 * 1024 * 1024,
@@ -98,7 +99,8 @@ def test_405b_finds_metas_layout():
         assert (8, 16, 128) in layouts, layouts
         meta = plans[layouts.index((8, 16, 128))]
         assert meta.fits and meta.layout.zero_stage in (0, 1) and meta.notes
-        assert not meta.runnable and any("sequence parallelism" in r for r in meta.refusals)
+        assert meta.layout.sp == 8 and not any("sequence parallelism" in r for r in meta.refusals)
+        assert meta.runnable == (meta.layout.virtual_stages == 1), meta.refusals
     assert 0.30 < meta.step.mfu < 0.45  # interleaved: Meta reports 38-43%
 
 
@@ -121,21 +123,30 @@ def test_405b_at_128k_tokens_chooses_context_parallelism():
     assert (8, 16, 16, 8) in layouts, layouts
     assert 0.33 < plans[layouts.index((8, 16, 16, 8))].step.mfu < 0.45
     assert plans[0].step.cp_comm_s > 0 and any("K/V all-gathers" in n for n in plans[0].notes)
-    # What the engine runs (no SP, plain 1F1B): still CP first, 9x the old figure, and runnable.
+    # What the engine runs by default (SP on at TP > 1, with CP and PP; plain 1F1B): CP first, runnable, 35.1%
+    # MFU (>= 10x the old 3.1%); with SP turned off 29.2%.
     plain = search(cfg, **kw)
-    assert plain[0].layout.cp > 1 and plain[0].layout.sp == 1 and plain[0].step.mfu > 0.25 and plain[0].runnable
+    assert all(p.layout.cp > 1 and p.runnable for p in plain)
+    assert plain[0].layout.sp == 8 and plain[0].step.mfu == pytest.approx(0.351, abs=0.002)
+    off = search(cfg, fixed={"sequence_parallel": False}, **kw)
+    assert off[0].layout.cp > 1 and off[0].layout.sp == 1 and off[0].step.mfu == pytest.approx(0.292, abs=0.002)
 
 
 def test_sequence_parallel_counted_only_when_on():
-    """Llama 2 70B, TP 8 PP 8 DP 16, 4K: the issue's figures, 40.4 GiB without SP (the default) and 22.8 GiB
-    with it; every TP > 1 plan states both. train/ runs SP only with pp 1 and cp 1: flagged here."""
+    """Llama 2 70B, TP 8 PP 8 DP 16, 4K: the issue's figures, 22.8 GiB with SP (the default, as train/ runs it
+    with PP) and 40.4 GiB without; every TP > 1 plan states both. LoRA and the alignment stages run without SP
+    (the engine turns it off there), so their plans count it off."""
     cfg = get_config("llama2_70b")
     kw = dict(seq_len=4096, global_batch_tokens=4 * 1024 * 1024, hardware=planner.Hardware(memory_bytes=80 * GiB))
-    off = planner.evaluate(cfg, Layout(tp=8, pp=8, dp=16), **kw)
-    on = planner.evaluate(cfg, Layout(tp=8, pp=8, dp=16, sequence_parallel=True), **kw)
+    on = planner.evaluate(cfg, Layout(tp=8, pp=8, dp=16), **kw)
+    off = planner.evaluate(cfg, Layout(tp=8, pp=8, dp=16, sequence_parallel=False), **kw)
     assert off.memory.total / GiB == pytest.approx(40.4, abs=0.05)
     assert on.memory.total / GiB == pytest.approx(22.8, abs=0.05)
-    assert off.runnable and not on.runnable
+    assert off.runnable and on.runnable
+    assert Layout(tp=8, lora_rank=16).sp == 1 and Layout(tp=8).sp == 8
+    from launch import stage_plan
+
+    assert stage_plan.plan_stage("sft", cfg, Layout(tp=8, dp=8)).layout.sp == 1
     for plan in (off, on):
         assert any("SP on 22.8 GiB, SP off 40.4 GiB" in n for n in plan.notes), plan.notes
     # At TP 1 the flag changes nothing.

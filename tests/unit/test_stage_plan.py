@@ -52,8 +52,10 @@ def test_roles_use_the_pretraining_planner_memory_model() -> None:
     head = cfg.vocab_size * cfg.dim / layout.tp  # the value model has no vocab head
     p = planner.stage_params(cfg, layout, 0)
     assert plan.resident["value"]["weights"] == pytest.approx(states["weights"] * (p - head) / p)
-    mem = planner.plan_memory(cfg, layout, seq_len=2048, microbatches=1,
-                              hardware=planner.Hardware(reserved_bytes=0))
+    # The alignment stages run without sequence parallelism (the engine turns it off there): counted off.
+    assert plan.layout.sp == 1
+    mem = planner.plan_memory(cfg, dataclasses.replace(layout, sequence_parallel=False), seq_len=2048,
+                              microbatches=1, hardware=planner.Hardware(reserved_bytes=0))
     assert plan.phases["training"]["activations"] == mem.activations  # the policy trains (the larger)
     assert plan.resident["reference"] == {"weights": 2 * p / 4}  # inference-only: bf16 ZeRO-3 shard
     sft = plan_stage("sft", cfg, layout, shape=StageShape(seq_len=2048))
