@@ -92,12 +92,19 @@ class _AllReduceInForward(torch.autograd.Function):
 
 
 class SplitState:
-    """Whether this forward splits the sequence, shared by one model's sequence-parallel modules. The embedding
-    sets it per forward: a batch whose length TP does not divide (an in-loop evaluation's varying prompts) runs
-    as plain tensor parallelism (same math, the residual stream kept whole) instead of failing."""
+    """Whether this forward splits the sequence, shared by one model's sequence-parallel modules.
+
+    Only forwards that record for backward split: SP saves activation memory kept for backward, and a forward
+    without autograd (evaluation, scoring, generation, validation loss) reads the final hidden states whole and
+    may run a KV cache, so it runs as plain tensor parallelism (same math). Every pipeline stage sees the same
+    grad mode, so they agree. The embedding also turns the split off for a batch whose length TP does not
+    divide (same math, the residual stream kept whole) instead of failing."""
 
     def __init__(self) -> None:
         self.split = True
+
+    def active(self) -> bool:
+        return self.split and torch.is_grad_enabled()
 
 
 class SequenceParallelColumn(nn.Module):
@@ -109,7 +116,7 @@ class SequenceParallelColumn(nn.Module):
         object.__setattr__(self, "state", state)
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self.state.split:
+        if not self.state.active():
             return F.linear(_AllReduceInBackward.apply(x, self.group), self.weight)
         return _GatheredLinear.apply(x, self.weight, self.group)
 
@@ -123,7 +130,7 @@ class SequenceParallelRow(nn.Module):
         object.__setattr__(self, "state", state)
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self.state.split:
+        if not self.state.active():
             return _AllReduceInForward.apply(F.linear(x, self.weight), self.group)
         return comm.reduce_scatter_along_dim(F.linear(x, self.weight), dim=1, group=self.group)
 
@@ -139,7 +146,7 @@ class SequenceParallelEmbedding(nn.Module):
 
     def forward(self, tokens: Tensor) -> Tensor:
         self.state.split = tokens.shape[1] % comm.world_size(self.group) == 0
-        if not self.state.split:
+        if not self.state.active():
             return self.lookup(tokens)
         return _SplitAlongSequence.apply(self.lookup(tokens), self.group)
 
@@ -147,14 +154,17 @@ class SequenceParallelEmbedding(nn.Module):
 class SequenceParallelLayers(MegatronLayers):
     """``MegatronLayers`` with the sequence-parallel forms above (same parameters, same shard metadata)."""
 
+    sequence_parallel = True
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.state = SplitState()
 
     @property
     def sequence_split(self) -> int:
-        """How many ranks share the residual stream's sequence (pipeline stages scale RoPE positions by it)."""
-        return self.tp_size
+        """How many ranks share the residual stream's sequence in this forward (pipeline stages scale RoPE
+        positions by it): TP, or 1 in a forward that does not split (``SplitState``)."""
+        return self.tp_size if self.state.active() else 1
 
     def column(self, in_features: int, out_features: int) -> nn.Module:
         return SequenceParallelColumn(super().column(in_features, out_features), self.group, self.state)

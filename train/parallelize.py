@@ -199,10 +199,10 @@ def parallelize_llama(model_cfg: LlamaConfig, cfg: EngineConfig, *, topology: An
     else:
         module = build_module(model_cfg, cfg, objective=objective, layers=layers)
     context.pin(module)
-    if getattr(layers, "sequence_split", 1) > 1:  # the layers are sequence-parallel (``resolve_sequence_parallel``)
+    if getattr(layers, "sequence_parallel", False):  # the layers are sequence-parallel (``resolve_sequence_parallel``)
         from model.sequence_parallel import sum_norm_grads_over_tp
 
-        module.sequence_split = layers.sequence_split  # apply_zero: DeepSpeed's pipe must not re-split them
+        module.sequence_split = layers.tp_size  # apply_zero: DeepSpeed's pipe must not re-split them
 
         sum_norm_grads_over_tp(module, topology.tp_group)
     return module

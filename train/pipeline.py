@@ -49,7 +49,7 @@ class BlockStage(TransformerBlock):
         super().__init__(cfg, layers, layer_index)
         self.rotary = RotaryEmbedding(cfg)  # tables only, no parameters
         self.document_mask = document_mask
-        self.sequence_split = getattr(layers, "sequence_split", 1)
+        object.__setattr__(self, "layer_factory", layers)  # not a module: asked per forward whether SP splits it
         self.context: ContextParallel | None = None
         """Context parallelism (set by ``train.parallelize``): the activation holds this rank's two chunks of each
         sequence, whose global positions RoPE needs."""
@@ -57,7 +57,7 @@ class BlockStage(TransformerBlock):
     def forward(self, inputs: Activation) -> Activation:  # type: ignore[override]
         h, document_ids = inputs
         # With sequence parallelism ``h`` holds s / tp tokens; q/k/v gather the rest, RoPE needs all s positions.
-        local = h.shape[1] * self.sequence_split
+        local = h.shape[1] * getattr(self.layer_factory, "sequence_split", 1)
         if self.context is not None and self.context.enabled:
             positions = self.context.positions(local * self.context.size, h.device)
         else:

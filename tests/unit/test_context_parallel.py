@@ -86,3 +86,46 @@ def test_engine_refuses_cp_for_other_objectives_and_stages() -> None:
     cp2 = SimpleNamespace(cp_size=2, pp_size=1, cp_group=object())
     with pytest.raises(ConfigError, match=r"language-model objective.*ScalarHead"):
         context_parallel(cfg, topology=cp2, objective=ScalarHead())
+
+
+def test_sequence_parallel_default_resolves_per_run() -> None:
+    """Unset: on at tp > 1 for language-model training (with PP and CP too), off with one line naming why where
+    it cannot run; explicit true there is an error; false is off."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from model.config import get_config
+    from rlhf.reward.model import RewardObjective
+    from train.config import ConfigError, EngineConfig, ParallelSection
+    from train.objective import LanguageModelObjective
+    from train.parallelize import resolve_sequence_parallel
+
+    model = get_config("debug_tiny")
+    lm = LanguageModelObjective()
+
+    def resolve(*, tp=2, cp=1, pp=1, sp=None, seq_len=64, objective=lm, cfg_model=model, lora=None):
+        lines: list[str] = []
+        cfg = EngineConfig(global_batch_size=8, micro_batch_size=2, seq_len=seq_len, lora=lora,
+                           parallel=ParallelSection(tp=tp, cp=cp, pp=pp, sequence_parallel=sp))
+        topo = SimpleNamespace(tp_size=tp, cp_size=cp, pp_size=pp, global_rank=0)
+        on = resolve_sequence_parallel(cfg_model, cfg, topology=topo, objective=objective,
+                                       print_fn=lambda line, **k: lines.append(line))
+        return on, lines
+
+    assert resolve() == (True, [])
+    assert resolve(cp=2, pp=2) == (True, [])
+    assert resolve(tp=1) == (False, [])
+    assert resolve(sp=False) == (False, [])
+    on, lines = resolve(objective=RewardObjective.__new__(RewardObjective))
+    assert not on and lines == ["sequence parallelism off (tp 2): the RewardObjective objective runs without it "
+                                "(language-model training only)"]
+    assert resolve(cp=3, seq_len=70)[1] == ["sequence parallelism off (tp 2): seq_len=70 is not divisible by "
+                                            "tp x cp = 6"]
+    assert "vary in length" in resolve(seq_len=0)[1][0]
+    assert "n_kv_heads=1" in resolve(cfg_model=dataclasses.replace(model, n_kv_heads=1))[1][0]
+    assert "LoRA" in resolve(lora=object())[1][0]
+    with pytest.raises(ConfigError, match=r"sequence_parallel=true cannot run here: the RewardObjective"):
+        resolve(sp=True, objective=RewardObjective.__new__(RewardObjective))
+    with pytest.raises(ConfigError, match=r"sequence_parallel=true cannot run here: parallel.tp=1"):
+        resolve(sp=True, tp=1)
+    assert resolve(sp=True, seq_len=0) == (True, [])  # asked for on varying lengths: each batch is checked
