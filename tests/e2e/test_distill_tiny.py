@@ -6,7 +6,8 @@ TP1 x DP2 student and a TP2 student beside a TP1 teacher (one torchrun launch), 
 Teacher: a seeded debug_tiny saved as a native checkpoint; student: debug_tiny with one layer, synthetic documents,
 top-16 forward KL mixed with 30% hard labels. Online and offline (fp32 store) runs must agree exactly (the same
 numbers reach the loss); the 2-process runs (the real DeepSpeed engine: a TP2 teacher beside a TP1 x DP2 student,
-and a TP2 student beside a TP1 teacher) must match the one-process run within 1e-5 per step.
+and a TP2 student beside a TP1 teacher) must match the one-process run within 1e-5 per step. SFT dialogues
+(``distill.data = sft``): with the hard labels alone the losses are exactly ``rlhf.sft``'s (answer-only mask).
 """
 
 from __future__ import annotations
@@ -110,3 +111,46 @@ def test_two_process_layout_matches_one_process(two_process_runs: Path, layout: 
         assert abs(ours[step] - ref[step]) <= TOL, (layout, step, ours[step], ref[step])
     assert ref[1] != ref[3]  # the student trained
     assert (out / layout / "distill_eval.json").is_file()
+
+
+@pytest.mark.slow
+def test_sft_dialogues_answer_only(out: Path, tmp_path: Path) -> None:
+    """``distill.data = sft``: dialogues packed like ``rlhf.sft`` (loss on the answers only). With
+    ``hard_label_weight = 1`` the per-step losses are exactly ``rlhf.sft``'s on the same data and seed (same packing,
+    same mask); with a distillation term the batches carry prompt tokens outside the mask and the run trains."""
+    from rlhf.distill.config import DistillConfig
+    from rlhf.distill.train import DistillTask, run_distill
+    from tests.distributed.rlhf_parity_config import make_parity_data, rlhf_parity_config, run_stage_config
+    from train.reference import ReferenceEngine, single_process_topology
+
+    data = make_parity_data(tmp_path / "data")
+    one = dict(engine_factory=ReferenceEngine, topology_factory=single_process_topology)
+    run_stage_config("sft", rlhf_parity_config("sft", data, [f"--run.dir={tmp_path / 'sft'}"]), **one)
+    sft_toml = rlhf_parity_config("sft", data, []).to_toml()  # the SFT settings the distill runs below repeat
+    assert "max_records_per_file = 200" in sft_toml and "grad_clip = 0.5" in sft_toml
+
+    def distill(name: str, *extra: str) -> DistillTask:
+        from tests.distributed.rlhf_parity_config import COMMON
+
+        cfg = DistillConfig.from_toml(None, [
+            *COMMON, "--optim.grad_clip=0.5", "--distill.data=sft", f"--distill.files={data / 'prefs.jsonl'}",
+            "--distill.max_records_per_file=200", f"--distill.init_checkpoint={data / 'init'}",
+            f"--data.tokenizer={data / 'tok.model'}", f"--distill.teacher={out / 'teacher'}",
+            f"--run.dir={tmp_path / name}", *extra])
+        task = DistillTask(cfg)
+        task.resolve(world_size=1)
+        run_distill(task.cfg, task=task, print_fn=lambda *a, **k: None, **one)
+        return task
+
+    distill("hard", "--distill.hard_label_weight=1.0")
+    ours, ref = losses(tmp_path / "hard"), losses(tmp_path / "sft")
+    assert sorted(ours) == sorted(ref) == [1, 2, 3]
+    assert all(abs(ours[s] - ref[s]) <= 1e-6 for s in ref), (ours, ref)
+    task = distill("kd", "--distill.hard_label_weight=0.3", "--distill.top_k=16")
+    sample = task.train_set[0]
+    mask = sample["loss_mask"]
+    assert 0 < float(mask.sum()) < mask.numel()  # prompts (and padding) are outside the loss
+    kd = losses(tmp_path / "kd")
+    assert sorted(kd) == [1, 2, 3] and kd != ours
+    evaluation = json.loads((tmp_path / "kd" / "distill_eval.json").read_text())
+    assert 0 < evaluation["tokens"] and evaluation["kl"] > 0
