@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -114,19 +115,9 @@ def build_pretrain_datasets(*, data_dir_or_blend: Any, seq_len: int, seed: int, 
     """(train, valid, test) megatron datasets (BlendedDataset for several sources, GPTDataset for one);
     a split is None when its weight in ``split`` or its ``num_samples`` is 0."""
     mc = mcore_datasets()
-    from megatron.core.datasets.blended_megatron_dataset_config import (
-        convert_split_vector_to_split_matrix,
-        parse_and_normalize_split,
-    )
-
     spec = _resolve_spec(data_dir_or_blend)
     shim = _tokenizer_shim(tokenizer_info)
-    parts = [float(x) for x in split.replace("/", ",").split(",")]
-    if len(parts) != 3:
-        raise ValueError(f"split {split!r}: expected three comma-separated weights, e.g. '98,1,1'")
-    parts = [p if num_samples[i] else 0.0 for i, p in enumerate(parts)]
-    split_str = ",".join(str(p) for p in parts)
-    split_matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split_str))
+    split_str, split_matrix = _split_matrix(split, num_samples)
     _check_sources(spec, shim, split_matrix, list(num_samples))
     prefixes, weights = spec.megatron_blend()
     cfg = mc.GPTDatasetConfig(
@@ -138,6 +129,65 @@ def build_pretrain_datasets(*, data_dir_or_blend: Any, seq_len: int, seed: int, 
     with _process_group_for_cache(cache_dir), _quiet_megatron():
         built = mc.BlendedMegatronDatasetBuilder(mc.GPTDataset, sizes, lambda: True, cfg).build()
     return tuple(d if (d is not None and num_samples[i]) else None for i, d in enumerate(built))
+
+
+def _split_matrix(split: str, num_samples: Sequence[int]) -> tuple[str, list[Any]]:
+    """Megatron's split string and book-ends (a split with no samples requested gets weight 0: None)."""
+    from megatron.core.datasets.blended_megatron_dataset_config import (
+        convert_split_vector_to_split_matrix,
+        parse_and_normalize_split,
+    )
+
+    parts = [float(x) for x in split.replace("/", ",").split(",")]
+    if len(parts) != 3:
+        raise ValueError(f"split {split!r}: expected three comma-separated weights, e.g. '98,1,1'")
+    parts = [p if num_samples[i] else 0.0 for i, p in enumerate(parts)]
+    split_str = ",".join(str(p) for p in parts)
+    return split_str, convert_split_vector_to_split_matrix(parse_and_normalize_split(split_str))
+
+
+MID_LEVEL_SURPLUS = 0.005
+"""``GPTDatasetConfig.mid_level_dataset_surplus`` of ``build_pretrain_datasets``: a blend asks each source for
+this much more than its share."""
+
+
+def sample_index_plan(*, data_dir_or_blend: Any, seq_len: int, split: str,
+                      num_samples: tuple[int, int, int]) -> list[dict[str, Any]]:
+    """What ``build_pretrain_datasets`` would build, without building it: per source and split, the documents and
+    tokens of the split, the samples asked of it, the epochs megatron repeats it for and the peak bytes of its
+    indices. Reads only the ``.idx`` files (memory-mapped); megatron's own arithmetic (``GPTDataset``):
+
+    - epochs: the least E with ``E * tokens >= samples * seq_len + 1``;
+    - document index: ``numpy.mgrid[0:E, 0:D]`` (int64, 2 x E x D) cast to int32: ~20 bytes per E x D;
+    - sample index: (E * tokens - 1) // seq_len + 1 rows of 2 int32 (int64 past 2^31), shuffle index 4 bytes per
+      sample (8 past 2^32); a blend adds 10 bytes per blended sample (int16 + int64), counted per source.
+    """
+    from data_pipeline.shard_io import read_index
+
+    spec = _resolve_spec(data_dir_or_blend)
+    _, matrix = _split_matrix(split, num_samples)
+    prefixes, weights = spec.megatron_blend()
+    plan = []
+    for entry, weight in zip(spec.entries, weights):
+        lengths = read_index(entry.prefix)["lengths"]
+        n = len(lengths)
+        for i, name in enumerate(("train", "valid", "test")):
+            if matrix[i] is None or not num_samples[i]:
+                continue
+            beg, end = int(round(matrix[i][0] * float(n))), int(round(matrix[i][1] * float(n)))
+            tokens = int(lengths[beg:end].sum(dtype="int64"))
+            asked = (int(num_samples[i]) if len(prefixes) == 1 else
+                     int(math.ceil(math.ceil(num_samples[i] * weight) * (1 + MID_LEVEL_SURPLUS))))
+            need = asked * seq_len + 1
+            epochs = -(-need // tokens) if tokens else 0  # 0: megatron would loop forever
+            samples_built = (epochs * tokens - 1) // seq_len if epochs else 0
+            big = max(epochs * (end - beg), int(lengths.max(initial=0))) > 2**31 - 1
+            index_bytes = (20 * epochs * (end - beg) + (16 if big else 8) * (samples_built + 1)
+                           + (8 if samples_built >= 2**32 - 2 else 4) * samples_built
+                           + (10 * asked if len(prefixes) > 1 else 0))  # its share of the blend's index
+            plan.append({"source": entry.name, "prefix": entry.prefix, "split": name, "documents": end - beg,
+                         "tokens": tokens, "samples": asked, "epochs": epochs, "index_bytes": index_bytes})
+    return plan
 
 
 @contextlib.contextmanager

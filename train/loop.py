@@ -44,7 +44,7 @@ from train.health import HealthMonitor, guard_collectives
 from train.hooks import default_engine, default_topology, hang_if_asked, loop_evaluator
 from train.metrics import ComputedTokens, MetricsLogger, Throughput, peak_flops_per_device
 from train.preemption import EXIT_CODES, PreemptionFlag
-from train.preflight import check_memory
+from train.preflight import check_data, check_memory
 from train.schedule import schedule_from_config
 from train.task import PretrainTask, Task
 
@@ -107,6 +107,7 @@ class Run:
         self.cfg, self.task, self.model_cfg = cfg, task, cfg.model_config()
         cfg.validate(world_size=int(os.environ.get("WORLD_SIZE", "1")))
         check_memory(cfg, self.model_cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))  # before allocating
+        self.data_plan = check_data(cfg, self.model_cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))
         self.topo = topology_factory(cfg)
         self.evaluator = loop_evaluator(cfg, self.topo)  # [eval]: checked now, before any data or weights
         self.rank, self.run_dir = self.topo.global_rank, cfg.run_dir
@@ -187,6 +188,8 @@ class Run:
             f"{cfg.train.global_batch_size} x {cfg.data.seq_len} tokens/step, "
             + (f"resumed from {resume_from} at step {self.start}" if resume_from else "fresh start")
             + f"; peak {self.peak / 1e12:.2f} TFLOP/s/device ({peak_source})")
+        for line in self.data_plan:  # the pre-flight's epochs and index size per split
+            self.logger.log_event(line)
 
     def guard(self, op: str, fn: Callable[[], Any]) -> Any:
         return guard_collectives(op, fn, rank=self.rank, timeout_s=self.cfg.train.collective_timeout_s)
