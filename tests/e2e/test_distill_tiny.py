@@ -1,13 +1,15 @@
 """``python -m rlhf.distill`` end to end on CPU: online teacher, offline teacher logits, a TP2 teacher beside a
-TP1 x DP2 student and a TP2 student beside a TP1 teacher (one torchrun launch), all giving the same per-step losses.
+TP1 x DP2 student, a TP2 student and a DP2 x ZeRO-3 student beside a TP1 teacher (one torchrun launch), all giving
+the same per-step losses.
 
     python -m pytest -q tests/e2e/test_distill_tiny.py
 
 Teacher: a seeded debug_tiny saved as a native checkpoint; student: debug_tiny with one layer, synthetic documents,
 top-16 forward KL mixed with 30% hard labels. Online and offline (fp32 store) runs must agree exactly (the same
 numbers reach the loss); the 2-process runs (the real DeepSpeed engine: a TP2 teacher beside a TP1 x DP2 student,
-and a TP2 student beside a TP1 teacher) must match the one-process run within 1e-5 per step. SFT dialogues
-(``distill.data = sft``): with the hard labels alone the losses are exactly ``rlhf.sft``'s (answer-only mask).
+a TP2 student and a DP2 x ZeRO-3 student beside a TP1 teacher) must match the one-process run within 1e-5 per
+step. SFT dialogues (``distill.data = sft``): with the hard labels alone the losses are exactly ``rlhf.sft``'s
+(answer-only mask). A pipeline-parallel student is refused by the engine (DistillObjective.supports_pipeline).
 """
 
 from __future__ import annotations
@@ -81,8 +83,10 @@ def test_offline_logits_give_the_online_losses(out: Path) -> None:
 
 
 # Two-process layouts, one torchrun launch (tests/e2e/run_distill_layouts.py): the teacher split over both ranks
-# beside a TP1 x DP2 student, and a TP2 student (vocabulary-parallel KL and CE) beside a whole teacher on each rank.
-LAYOUTS = {"teacher_tp2": "--distill.teacher_tp=2", "student_tp2": "--parallel.tp=2"}
+# beside a TP1 x DP2 student, a TP2 student (vocabulary-parallel KL and CE) beside a whole teacher on each rank, and
+# a DP2 x ZeRO-3 student (its parameters partitioned) beside a whole teacher on each rank.
+LAYOUTS = {"teacher_tp2": "--distill.teacher_tp=2", "student_tp2": "--parallel.tp=2",
+           "student_dp2_zero3": "--zero.stage=3"}
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +104,8 @@ def two_process_runs(out: Path) -> Path:
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_two_process_layout_matches_one_process(two_process_runs: Path, layout: str) -> None:
-    """``teacher_tp2``: TP2 teacher with a TP1 x DP2 student; ``student_tp2``: TP2 student with a TP1 teacher.
+    """``teacher_tp2``: TP2 teacher with a TP1 x DP2 student; ``student_tp2`` / ``student_dp2_zero3``: a TP2 /
+    DP2 x ZeRO-3 student with a TP1 teacher.
     Per-step losses equal the one-process online run within 1e-5."""
     out = two_process_runs
     if not (out / "online" / "metrics.jsonl").is_file():
