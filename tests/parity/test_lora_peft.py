@@ -4,9 +4,10 @@
 
 Ours: a ``Llama`` with trained adapters (``model.lora``). Theirs: ``save_hf`` of the base weights ->
 ``transformers.LlamaForCausalLM`` -> ``peft.PeftModel.from_pretrained`` on our ``write_peft_adapter`` directory.
-The logits agree within 1e-4, before and after peft's own ``merge_and_unload``; and the adapter files a LoRA SFT run
-exports (``final_model_lora/``), on the HF export of its initial checkpoint, give its merged ``final_model/``'s. This is the only module that
-imports ``peft`` (a [dev] dependency): the repository writes the files itself and needs no peft at run time.
+The logits agree within 1e-4, before and after peft's own ``merge_and_unload``; and the adapter files a LoRA SFT
+run exports (``final_model_lora/``), on the HF export of its initial checkpoint, give its merged ``final_model/``'s.
+This is the only module that imports ``peft`` (a [dev] dependency): the repository writes the files itself and
+needs no peft at run time.
 """
 
 from __future__ import annotations
