@@ -1,5 +1,6 @@
-"""The Llama 2 recipe as one command: SFT -> helpfulness RM -> safety RM -> RM evaluation -> PPO, each stage a run
-directory under ``--run-dir``, finished stages skipped, each stage's key figure printed, one summary table at the end.
+"""The Llama 2 recipe as one command: SFT -> helpfulness RM -> safety RM -> RM evaluation -> rejection sampling ->
+PPO, each stage a run directory under ``--run-dir``, finished stages skipped, each stage's key figure printed, its
+``summary.md`` written, one summary table at the end.
 
     python -m rlhf.recipe llama2 --pretrained runs/tiny_real --run-dir runs/llama2_tiny
     python -m rlhf.recipe llama2 --pretrained runs/tiny_real --run-dir runs/llama2_tiny \\
@@ -8,8 +9,8 @@ directory under ``--run-dir``, finished stages skipped, each stage's key figure 
 A recipe is a small registry (``RECIPES``): an ordered list of ``Stage`` (name, the command it runs, the key figure
 it reports). The commands are the README's ("Alignment I"), with the presets of ``configs/rlhf/*_hh_tiny.toml`` and
 their directories replaced by the run directory's: ``RUN/sft``, ``RUN/rm_helpful``, ``RUN/rm_safety``,
-``RUN/eval_rm``, ``RUN/ppo``. A stage is finished when its ``STAGE_DONE.json`` exists (written after its command
-exited 0); an unfinished one is run again and resumes from its own checkpoints. Other recipes (e.g. Llama 3
+``RUN/eval_rm``, ``RUN/rs``, ``RUN/ppo``. A stage is finished when its ``STAGE_DONE.json`` exists (written after its
+command exited 0); an unfinished one is run again and resumes from its own checkpoints. Other recipes (e.g. Llama 3
 rounds, ``rlhf.rounds``) register their own list of stages. Writes ``RUN/recipe_summary.md``.
 """
 
@@ -100,6 +101,28 @@ def _ppo_figure(run: Path) -> str:
     return f"held-out LOGIT(Rc) {held[0][key]:.3f} -> best {best[key]:.3f} at iteration {best['step']}"
 
 
+def _rs_figure(run: Path) -> str:
+    rep = _read(run / "rs" / "report.json")
+    if not rep:
+        return "no report.json"
+    return (f"best-of-{rep['k']} {rep['mean_best_of_k']:.3f} vs one sample {rep['mean_single_sample']:.3f} "
+            f"(gain {rep['gain_best_of_k_over_single']:+.3f}) over {rep['prompts']} prompts")
+
+
+def _rs_summary(stage_dir: Path) -> Path:
+    """Rejection sampling writes report.json only: its summary.md is the best-of-k curve and the counts."""
+    rep = json.loads((stage_dir / "report.json").read_text())
+    curve = ", ".join(f"{v:.3f}" for v in rep["best_of_k_curve"])
+    path = stage_dir / "summary.md"
+    path.write_text(f"# rejection sampling round {rep['round']} ({rep['split']} prompts)\n\n"
+                    f"- {rep['prompts']} prompts x {rep['k']} samples at temperature {rep['temperature']}\n"
+                    f"- mean best-of-k for k = 1..{rep['k']}: {curve}\n"
+                    f"- gain of best-of-{rep['k']} over one sample: {rep['gain_best_of_k_over_single']:+.3f}\n"
+                    f"- empty samples {rep['empty_samples']}, prompts without an answer {rep['prompts_without_answer']}"
+                    f"\n- reward models: {', '.join(rep['reward_models'])}\n- SFT data of the next round: best.jsonl\n")
+    return path
+
+
 def _common(args: argparse.Namespace) -> list[str]:
     return [f"--data.tokenizer={args.tokenizer}", "--logging.wandb=false"]
 
@@ -115,6 +138,13 @@ LLAMA2: list[Stage] = [
                                    str(r / "rm_safety"), "--data", f"{a.data}/preferences/hh-rlhf/helpful-base/"
                                    "test.jsonl.gz", f"{a.data}/preferences/hh-rlhf/harmless-base/test.jsonl.gz",
                                    "--out", str(r / "eval_rm")], _eval_figure, _eval_rm_summary),
+    # Llama 2's rejection sampling (sec. 3.2.3): best-of-K answers of the SFT policy on the RMs' train-side prompts
+    # (best.jsonl, the SFT data of a next round); the policy's shape, tokenizer and template come from its export.
+    Stage("rs", lambda a, r: ["-m", "rlhf.rejection_sampling", "--policy", str(r / "sft"), "--reward-model",
+                              str(r / "rm_helpful"), "--safety-reward-model", str(r / "rm_safety"), "--prompts",
+                              f"{a.data}/preferences/hh-rlhf/helpful-base/test.jsonl.gz",
+                              f"{a.data}/preferences/hh-rlhf/harmless-base/test.jsonl.gz", "--split", "train",
+                              "--out", str(r / "rs")], _rs_figure, _rs_summary),
     Stage("ppo", lambda a, r: ["-m", "rlhf.ppo", "--config", "configs/rlhf/ppo_hh_tiny.toml", *_common(a),
                                f"--ppo.init={r / 'sft'}", f"--reward.helpful={r / 'rm_helpful'}",
                                f"--reward.safety={r / 'rm_safety'}", f"--run.dir={r / 'ppo'}"], _ppo_figure),

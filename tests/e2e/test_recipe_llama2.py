@@ -1,13 +1,13 @@
 """The whole Llama 2 chain through the one command, on real data: ``python -m rlhf.recipe llama2`` from a real
 pretrained tiny Llama (stories260K, llama2.c's model in the shared data) on the HH-RLHF samples of
-``$LLAMA_DATA_DIR``: SFT -> helpfulness RM -> safety RM -> evaluate_rm -> PPO, each stage kept to a few steps with
+``$LLAMA_DATA_DIR``: SFT -> helpfulness RM -> safety RM -> evaluate_rm -> rejection sampling -> PPO, each stage kept to a few steps with
 ``--set STAGE:ARG``. Skips (fails under CI=true) when the shared data is absent.
 
 Checks: every stage finished (``STAGE_DONE.json``), printed its key figure and has a ``summary.md``
 (``train.report``'s for the training stages, evaluate_rm's table); the connected outputs exist (SFT's
 self-describing export, PPO's final policy); ``recipe_summary.md`` has one row per stage; a second invocation runs
-nothing and reports every stage as finished. The tiny reward models are weak (a few steps), so PPO is told
-``--reward.allow_weak_rm=true``; how good the models get is not asserted here (``tests/e2e/test_rlhf_hh.py``,
+nothing and reports every stage as finished; MFU <= 100% on the training stages. The tiny reward models are weak
+(a few steps), so PPO and rejection sampling are told ``--reward.allow_weak_rm=true`` / ``--allow-weak-rm``; how good the models get is not asserted here (``tests/e2e/test_rlhf_hh.py``,
 ``benchmarks/rlhf_hh_tiny.py``).
 """
 
@@ -24,9 +24,10 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO_ROOT, require_file
+from tests.run_checks import assert_honest_mfu
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
-STAGES = ["sft", "rm_helpful", "rm_safety", "eval_rm", "ppo"]
+STAGES = ["sft", "rm_helpful", "rm_safety", "eval_rm", "rs", "ppo"]
 RECORDS = 48  # per HH-RLHF file: ~40 train / ~8 held-out pairs each
 
 
@@ -38,6 +39,7 @@ def _overrides() -> list[str]:
         "rm_helpful": [f"--rm.max_records_per_file={RECORDS}", *small, "--train.steps=0"],
         "rm_safety": [f"--rm.max_records_per_file={RECORDS}", *small, "--train.steps=0"],
         "eval_rm": ["--max-pairs=16"],
+        "rs": ["--max-prompts=3", "--k=2", "--max-new-tokens=8", "--allow-weak-rm"],
         "ppo": ["--ppo.iterations=2", "--ppo.prompts_per_iteration=8", "--train.global_batch_size=8",
                 "--rollout.max_new_tokens=12", "--rollout.batch_size=8", "--prompts.heldout=8", "--eval.every=1",
                 "--reward.allow_weak_rm=true"],  # a few-step RM is weak: the gate would (rightly) refuse it
@@ -74,9 +76,11 @@ def test_the_llama2_chain_runs_through_one_command_and_skips_finished_stages(sha
                             r"harmless-base: accuracy [01]\.\d{3} \(length baseline [01]\.\d{3}\)", figures[rm])
     assert len(re.findall(r"rm_(helpful|safety) on (helpful|harmless)-base: [01]\.\d{3}", figures["eval_rm"])) == 4
     assert re.fullmatch(r"held-out LOGIT\(Rc\) -?\d+\.\d{3} -> best -?\d+\.\d{3} at iteration [012]", figures["ppo"])
+    assert re.fullmatch(r"best-of-2 -?\d+\.\d{3} vs one sample -?\d+\.\d{3} \(gain [+-]\d+\.\d{3}\) over 6 prompts",
+                        figures["rs"])
 
     modules = {"sft": "rlhf.sft", "rm_helpful": "rlhf.reward", "rm_safety": "rlhf.reward",
-               "eval_rm": "rlhf.evaluate_rm", "ppo": "rlhf.ppo"}
+               "eval_rm": "rlhf.evaluate_rm", "rs": "rlhf.rejection_sampling", "ppo": "rlhf.ppo"}
     for stage in STAGES:
         done = json.loads((run / stage / "STAGE_DONE.json").read_text())
         assert done["stage"] == stage and done["command"][1:3] == ["-m", modules[stage]]
@@ -91,6 +95,13 @@ def test_the_llama2_chain_runs_through_one_command_and_skips_finished_stages(sha
     assert evaluation["checkpoints"] == {"rm_helpful": str(run / "rm_helpful"), "rm_safety": str(run / "rm_safety")}
     assert "length baseline (longer)" in (run / "eval_rm" / "summary.md").read_text()
     assert "## PPO" in (run / "ppo" / "report" / "summary.md").read_text()
+    rs = json.loads((run / "rs" / "report.json").read_text())
+    assert rs["prompts"] == 6 and len((run / "rs" / "best.jsonl").read_text().splitlines()) <= 6
+    assert "mean best-of-k for k = 1..2" in (run / "rs" / "summary.md").read_text()
+    # MFU from the tokens computed, <= 100%, on every training stage of the chain (PPO logs no MFU)
+    assert_honest_mfu(run / "sft", max_tokens_per_step=8 * 128)
+    for rm in ("rm_helpful", "rm_safety"):
+        assert_honest_mfu(run / rm, max_tokens_per_step=2 * 32 * 128)  # chosen + rejected rows of 32 pairs
     assert json.loads((run / "sft" / "final_model" / "rlhf.json").read_text())["template"] == "llama2"
     assert (run / "ppo" / "final_policy" / "rlhf.json").is_file()
     table = (run / "recipe_summary.md").read_text()

@@ -31,6 +31,14 @@ def _stub(calls: list[list[str]]) -> object:
                 "rm_helpful": {"helpful-base": {"accuracy": 0.7}, "truncated_sequences": 3}}}))  # evaluate_rm's shape
             (out / "summary.md").write_text("# eval\n")
             return 0
+        if module == "rlhf.rejection_sampling":  # report.json as write_outputs writes it (the keys the figure reads)
+            out = Path(cmd[cmd.index("--out") + 1])
+            out.mkdir(parents=True)
+            (out / "report.json").write_text(json.dumps({
+                "prompts": 4, "k": 2, "temperature": 1.0, "split": "train", "round": 1, "reward_models": ["a", "b"],
+                "mean_best_of_k": 0.5, "mean_single_sample": 0.25, "gain_best_of_k_over_single": 0.25,
+                "best_of_k_curve": [0.2, 0.5], "empty_samples": 0, "prompts_without_answer": 0}))
+            return 0
         run_dir = Path(_arg(cmd, "--run.dir="))
         run_dir.mkdir(parents=True)
         (run_dir / "report").mkdir()
@@ -53,15 +61,18 @@ def test_llama2_recipe_connects_the_stages_and_skips_finished_ones(tmp_path: Pat
     printed: list[str] = []
     rows = run_recipe(args, runner=_stub(calls), print_fn=lambda *a, **k: printed.append(" ".join(map(str, a))))
     assert [r[0] for r in rows] == [s.name for s in RECIPES["llama2"]] == ["sft", "rm_helpful", "rm_safety",
-                                                                          "eval_rm", "ppo"]
+                                                                          "eval_rm", "rs", "ppo"]
     chain = tmp_path / "chain"
-    sft, rm_h, rm_s, _, ppo = calls
+    sft, rm_h, rm_s, _, rs, ppo = calls
     assert "--sft.init_checkpoint=runs/tiny_real" in sft and sft[-1] == "--train.steps=3"
     assert f"--rm.init_checkpoint={chain / 'sft'}" in rm_h and f"--rm.init_checkpoint={chain / 'sft'}" in rm_s
     assert {f"--ppo.init={chain / 'sft'}", f"--reward.helpful={chain / 'rm_helpful'}",
             f"--reward.safety={chain / 'rm_safety'}", "--ppo.iterations=2"} <= set(ppo)
     assert rows[0][2] == "held-out answer-token loss 3.0000 -> 2.0000"
-    assert rows[4][2] == "held-out LOGIT(Rc) -1.000 -> best -0.500 at iteration 5"
+    assert rows[5][2] == "held-out LOGIT(Rc) -1.000 -> best -0.500 at iteration 5"
+    assert rs[rs.index("--policy") + 1] == str(chain / "sft") and "--tokenizer" not in rs  # from the SFT export
+    assert rows[4][2] == "best-of-2 0.500 vs one sample 0.250 (gain +0.250) over 4 prompts"
+    assert "mean best-of-k for k = 1..2: 0.200, 0.500" in (chain / "rs" / "summary.md").read_text()
     summary = (chain / "recipe_summary.md").read_text()
     assert "| rm_helpful | ran | h: accuracy 0.660 (length baseline 0.600) | rm_helpful/report/summary.md |" in summary
     assert rows[3][3] == "eval_rm/summary.md"
