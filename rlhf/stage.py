@@ -166,5 +166,7 @@ def run_stage(cfg: Any, task: StageTask, *, engine_factory: Callable[..., Any] |
         task.write_report(cfg.run_dir)
         for line in task.report.get("summary", []):
             print_fn(f"[{task.name}] {line}")
+        for note in task.report.get("notes", []):  # e.g. validation reduced or off for lack of held-out data
+            print_fn(f"[{task.name}] note: {note}")
     return train(cfg, task=task, engine_factory=engine_factory, topology_factory=topology_factory,
                  print_fn=print_fn)

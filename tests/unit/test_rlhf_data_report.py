@@ -113,3 +113,29 @@ def test_gatt_without_usable_examples_reports_before_stopping(tmp_path: Path, to
     assert report["dialogues"] == 2 and report["train"] == {"skipped: does not end with an assistant turn": 1,
                                                             "kept": 1}
     assert report["train examples longer than data.seq_len=16 (dropped)"] == 1
+
+
+def test_validation_switched_off_is_said_before_training(tmp_path: Path, tok_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Too few held-out records for one validation batch: the note is printed when the stage starts, not only
+    written to data_report.json (issue 23, item 8 of what was found)."""
+    import train.loop
+    from rlhf.sft.config import SFTConfig
+    from rlhf.sft.train import SFTTask
+    from rlhf.stage import run_stage
+
+    good = [{"messages": [{"role": "user", "content": f"question {i}?"},
+                          {"role": "assistant", "content": f"answer {i}."}]} for i in range(40)]
+    data = _jsonl(tmp_path / "good.jsonl", good)
+    cfg = SFTConfig.from_toml(None, ["--model.name=debug_tiny", f"--data.tokenizer={tok_path}", f"--sft.files={data}",
+                                     f"--run.dir={tmp_path / 'run'}", "--sft.valid_fraction=0",
+                                     "--train.eval_every=5"])
+    seen: list[object] = []
+    monkeypatch.setattr(train.loop, "train", lambda cfg, **kw: seen.append(cfg))
+    printed: list[str] = []
+    run_stage(cfg, SFTTask(cfg), print_fn=printed.append)
+    (resolved,) = seen
+    assert resolved.train.eval_every == 0  # switched off...
+    notes = [line for line in printed if line.startswith("[sft] note: validation:")]
+    assert len(notes) == 1 and notes[0].endswith("(validation off)"), printed  # ...and said so on the console
+    assert json.loads((tmp_path / "run" / "data_report.json").read_text())["notes"] == [notes[0][len("[sft] note: "):]]
