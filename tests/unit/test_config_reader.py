@@ -126,7 +126,9 @@ def test_help_lists_every_key_with_type_default_and_doc(index: int, capsys: pyte
         assert f"[{name}]" in text
         hints = typing.get_type_hints(section)
         for f in dataclasses.fields(section):
-            kind = "table" if typing.get_origin(hints[f.name]) is dict else hints[f.name].__name__
+            hint = hints[f.name]
+            # ``bool | None`` (a tri-state such as parallel.sequence_parallel) prints as written; plain types by name.
+            kind = "table" if typing.get_origin(hint) is dict else getattr(hint, "__name__", str(hint))
             line = f"--{name}.{f.name} ({kind}, default {toml_value(getattr(getattr(defaults, name), f.name))})"
             assert line in text, line
             doc = (cls.DOCS.get(f"{name}.{f.name}") or field_docs(section)[f.name]).split()
