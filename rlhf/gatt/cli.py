@@ -1,6 +1,6 @@
 """Ghost Attention (Llama 2 sec. 3.3): build the data with the current model, fine-tune on it, measure adherence.
 
-    python -m rlhf.gatt build --checkpoint runs/rlhf/final_policy --tokenizer TOK --dialogues dialogues.jsonl \\
+    python -m rlhf.gatt build --checkpoint runs/rlhf/final_policy --dialogues dialogues.jsonl \\
         --instructions builtin --output runs/gatt/gatt.jsonl          # or --instructions my_instructions.jsonl
     torchrun --standalone --nproc-per-node 2 -m rlhf.gatt train --config configs/rlhf/gatt_tiny.toml \\
         --data.path=runs/gatt/gatt.jsonl --gatt.init=runs/rlhf/final_policy --run.dir=runs/gatt/train
@@ -8,7 +8,8 @@
         --checkpoint runs/gatt/train/final_model --label after --tokenizer TOK --dialogues eval.jsonl \\
         --instructions builtin --turns 6 --output runs/gatt/eval       # adherence.json / .md / .png
 
-``build`` attaches the instruction to every user message, samples the answers with the given model, and
+``build`` and ``eval`` read the tokenizer and chat template from the checkpoint's ``rlhf.json`` (``--tokenizer`` /
+``--template`` override them). ``build`` attaches the instruction to every user message, samples the answers with the given model, and
 writes the dialogues with the instruction kept in the first user message only (``rlhf/gatt/data.py``).
 ``train`` is the pretraining loop (checkpoints, resume, metrics, TP x ZeRO) on those dialogues with the loss
 on the last assistant turn only (``[gatt] train_turns = "last"``; ``"all"`` is multi-turn SFT). ``eval``
@@ -61,12 +62,31 @@ def _instructions(spec: str, n: int, *, seed: int) -> list[Any]:
     return [rng.choice(pool) for _ in range(n)]
 
 
-def _answer_fn(checkpoint: str, tokenizer: Any, args: argparse.Namespace) -> Any:
+def _from_export(args: argparse.Namespace) -> tuple[Any, str]:
+    """(tokenizer, template): ``--tokenizer`` / ``--template``, else the (first) checkpoint's ``rlhf.json``, the
+    self-describing export of SFT / PPO / GAtt (a run directory means its export: ``rlhf.paths.checkpoint_dir``)."""
+    from model.tokenizer import load_tokenizer
+    from rlhf.export import SIDECAR, read_sidecar
+    from rlhf.paths import checkpoint_dir
+
+    first = args.checkpoint[0] if isinstance(args.checkpoint, list) else args.checkpoint
+    meta = read_sidecar(first)
+    tok = args.tokenizer or meta.get("tokenizer")
+    if not tok:
+        raise ConfigError(f"--checkpoint {first}: no {SIDECAR} in {checkpoint_dir(first)} naming its tokenizer "
+                          "(not an alignment-stage export); pass --tokenizer")
+    if not args.tokenizer and not Path(tok).exists():
+        raise ConfigError(f"{checkpoint_dir(first) / SIDECAR}: tokenizer {tok} does not exist; pass --tokenizer")
+    return load_tokenizer(tok), args.template or meta.get("template", "llama2")
+
+
+def _answer_fn(checkpoint: str, tokenizer: Any, args: argparse.Namespace, *, template: str) -> Any:
     from model.checkpoints import from_pretrained
     from rlhf.gatt.data import model_answer_fn
+    from rlhf.paths import checkpoint_dir
 
-    model = from_pretrained(checkpoint)
-    return model_answer_fn(model, tokenizer, template=args.template, max_new_tokens=args.max_new_tokens,
+    model = from_pretrained(checkpoint_dir(checkpoint))
+    return model_answer_fn(model, tokenizer, template=template, max_new_tokens=args.max_new_tokens,
                            temperature=args.temperature, seed=args.seed)
 
 
@@ -85,13 +105,12 @@ def degenerate_answers(answers: list[str]) -> str:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from model.tokenizer import load_tokenizer
     from rlhf.gatt.data import build_dialogues, write_gatt_jsonl
 
-    tok = load_tokenizer(args.tokenizer)
+    tok, template = _from_export(args)
     turns = _user_turns(args.dialogues, max_turns=args.max_turns)[: args.num or None]
     instructions = _instructions(args.instructions, len(turns), seed=args.seed)
-    built = build_dialogues(turns, instructions, answer_fn=_answer_fn(args.checkpoint, tok, args))
+    built = build_dialogues(turns, instructions, answer_fn=_answer_fn(args.checkpoint, tok, args, template=template))
     problem = degenerate_answers([m["content"] for d in built for m in d.messages if m["role"] == "assistant"])
     if problem and not args.allow_degenerate:
         raise ConfigError(f"gatt build: --checkpoint {args.checkpoint} at --temperature {args.temperature}: {problem}; "
@@ -120,16 +139,15 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from model.tokenizer import load_tokenizer
     from rlhf.gatt.evaluate import evaluate_models, markdown_table, write_outputs
 
     labels = args.label or [Path(c).name for c in args.checkpoint]
     if len(labels) != len(args.checkpoint):
         raise ValueError(f"{len(args.checkpoint)} --checkpoint but {len(labels)} --label")
-    tok = load_tokenizer(args.tokenizer)
+    tok, template = _from_export(args)
     turns = _user_turns(args.dialogues, max_turns=args.turns)[: args.num or None]
     instructions = _instructions(args.instructions, len(turns), seed=args.seed)
-    models = {label: _answer_fn(ckpt, tok, args) for label, ckpt in zip(labels, args.checkpoint)}
+    models = {label: _answer_fn(ckpt, tok, args, template=template) for label, ckpt in zip(labels, args.checkpoint)}
     result = evaluate_models(models, turns, instructions, turns=args.turns)
     write_outputs(result, args.output)
     print(markdown_table(result))
@@ -155,10 +173,12 @@ def _parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name, formatter_class=FlagHelpFormatter, description=_SUBCOMMAND_DOCS[name])
         s.add_argument("--checkpoint", required=True, action="append" if name == "eval" else "store",
                        help="the model that answers (native export or run dir)" + (" (repeat)" if name == "eval" else ""))
-        s.add_argument("--tokenizer", required=True, help="the model's tokenizer.model")
+        s.add_argument("--tokenizer", default=None,
+                       help="the model's tokenizer.model; default: the (first) checkpoint's rlhf.json")
         s.add_argument("--dialogues", required=True, help="JSONL of dialogues (their user turns) or HH-RLHF dir")
         s.add_argument("--instructions", default="builtin", help="'builtin' (hobby/language/figure) or a JSONL")
-        s.add_argument("--template", default="llama2", help="chat format: llama2 or llama3")
+        s.add_argument("--template", default=None,
+                       help="chat format: llama2 or llama3; default: the checkpoint's rlhf.json, else llama2")
         s.add_argument("--num", type=int, default=0, help="use the first N dialogues (0 = all)")
         s.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit in tokens")
         s.add_argument("--temperature", type=float, default=0.7 if name == "build" else 0.0,

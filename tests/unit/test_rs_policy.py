@@ -86,3 +86,41 @@ def test_rs_policy_names_what_is_missing(tmp_path: Path) -> None:
     save_native(Llama(SHAPE.replace(vocab_size=300)), SHAPE.replace(vocab_size=300), small)
     with pytest.raises(ConfigError, match=r"has 512 ids but the model 300 .*config.json"):
         load_policy(small, **{**quiet, "tokenizer": str(tok)})
+
+
+def test_gatt_build_and_eval_take_tokenizer_and_template_from_the_export(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``rlhf.gatt build`` / ``eval`` from a PPO run directory with no --tokenizer / --template: its best policy
+    answers, in the chat format and with the tokenizer of its rlhf.json."""
+    import rlhf.gatt.data as gatt_data
+    from rlhf.gatt.cli import main as gatt
+
+    tok = _tokenizer(tmp_path / "tok.tiktoken")
+    ppo = tmp_path / "ppo"
+    best = _export(ppo / "best_policy", tok, stage="ppo", seed=1)
+    used: list[tuple[object, int, str]] = []
+
+    def answer_fn(model, tokenizer, *, template, **_):  # noqa: ANN001, ANN202 - the real signature's stand-in
+        used.append((model, tokenizer.vocab_size, template))
+        return lambda batch: [f"answer {i} with {len(m)} messages" for i, m in enumerate(batch)]
+
+    monkeypatch.setattr(gatt_data, "model_answer_fn", answer_fn)
+    dialogues = tmp_path / "d.jsonl"
+    dialogues.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"hello {i}"},
+                                                          {"role": "assistant", "content": "hi"},
+                                                          {"role": "user", "content": "more"}]}) + "\n"
+                                 for i in range(4)))
+    assert gatt(["build", "--checkpoint", str(ppo), "--dialogues", str(dialogues), "--output",
+                 str(tmp_path / "g.jsonl"), "--allow-degenerate"]) == 0
+    (model, vocab, template), = used
+    assert template == "llama3" and vocab == SHAPE.vocab_size and model.config == SHAPE
+    torch.testing.assert_close(model.tok_embeddings.weight, best.tok_embeddings.weight)  # PPO's best policy
+    assert (tmp_path / "g.jsonl").is_file()
+    used.clear()
+    assert gatt(["eval", "--checkpoint", str(ppo), "--dialogues", str(dialogues), "--turns", "2", "--output",
+                 str(tmp_path / "eval"), "--template", "llama2"]) == 0
+    assert [u[2] for u in used] == ["llama2"]  # the flag still overrides rlhf.json
+    bare = tmp_path / "bare"
+    save_native(Llama(SHAPE), SHAPE, bare)
+    assert gatt(["build", "--checkpoint", str(bare), "--dialogues", str(dialogues), "--output",
+                 str(tmp_path / "x.jsonl")]) == 2  # no rlhf.json and no --tokenizer: named, exit 2
