@@ -15,9 +15,14 @@ document mask compares the document ids of the local queries with those of all k
 Attention (``ContextParallelAttention``): the local K and V (after RoPE) are all-gathered over the CP group,
 cheap under grouped-query attention (8 KV heads for 8B-405B), and the local queries attend to every key under
 the mask ``key position <= query position and same document``. The backward reduce-scatters dK/dV
-(``model.comm.gather_along_dim``). On the CPU the local block runs ``scaled_dot_product_attention`` with a
-boolean ``[b, 1, S/cp, S]`` mask built once per forward (``AttentionMask.memo``); on GPUs the same call runs
-SDPA's memory-efficient kernel with that mask (a FlexAttention block mask is the next step, not done).
+(``model.comm.gather_along_dim``). The local block (``S/cp`` queries against ``S`` keys) runs the attention
+backend of the device, like the non-CP path (``model/attention.py``): on CUDA with FlexAttention available,
+``flex_attention`` with a block mask of ``key position <= query position and same document`` built once per
+forward from the positions and document ids (no dense ``[b, 1, S/cp, S]`` mask, tiles across documents or
+after the query's position skipped; the gathered keys come in rank order, chunk by chunk, so every chunk of
+``S / 2cp`` tokens is contiguous in position and the tiles inside it are full or empty); elsewhere (CPU, or
+``LLAMA_FLEX_ATTENTION=0``) ``scaled_dot_product_attention`` with one additive mask per forward
+(``local_block_backend`` decides; ``AttentionMask.memo`` keeps either mask for all blocks).
 
 Weights are replicated over CP: each rank's loss covers its own tokens, and the gradients are summed over the
 CP group together with the data-parallel group (the trainer's reduction spans DP x CP). Checkpoints do not see
@@ -32,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model import comm
+from model import comm, flex_attention
 from model.attention import AttentionMask
 
 
@@ -88,6 +93,45 @@ class ContextParallel:
                 module.kernel = self.kernel
 
 
+def local_block_backend(device: torch.device) -> str:
+    """The kernel of a CP rank's local attention block on ``device``: ``"flex"`` (FlexAttention with a block
+    mask) on CUDA where this torch has it and ``LLAMA_FLEX_ATTENTION`` is not 0, else ``"sdpa"`` (SDPA with one
+    additive mask per forward). On the CPU torch 2.13 runs FlexAttention's forward only, so training stays on
+    SDPA there; ``flex_local_block`` is still called directly on CPU by the tests."""
+    return "flex" if device.type == "cuda" and flex_attention.available() else "sdpa"
+
+
+def local_block_mask_mod(q_pos: Tensor, k_pos: Tensor, q_docs: Tensor | None, k_docs: Tensor | None) -> Any:
+    """``mask_mod(b, h, q, kv)`` of the CP local block: the key at or before the query's global position, and
+    with document ids in the query's document."""
+
+    def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        allowed = k_pos[kv_idx] <= q_pos[q_idx]
+        if q_docs is not None and k_docs is not None:
+            allowed = allowed & (q_docs[b, q_idx] == k_docs[b, kv_idx])
+        return allowed
+
+    return mask_mod
+
+
+def flex_local_block(q: Tensor, k_all: Tensor, v_all: Tensor, block_mask: Any, *, compiled: bool | None = None) -> Tensor:
+    """FlexAttention of the local queries ``q [b, S/cp, heads, d]`` over the gathered ``k_all``/``v_all``
+    ``[b, S, kv_heads, d]`` under ``block_mask`` (``local_block_mask``)."""
+    return flex_attention.flex_document_attention(q, k_all, v_all, block_mask, compiled=compiled)
+
+
+def local_block_mask(q_pos: Tensor, k_pos: Tensor, q_docs: Tensor | None, k_docs: Tensor | None, *, batch: int,
+                     compiled: bool | None = None) -> Any:
+    """The FlexAttention ``BlockMask`` of the local block (compiled on CUDA: no ``S/cp x S`` tensor)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    use_compiled = q_pos.is_cuda if compiled is None else compiled
+    build = flex_attention._compiled("create_block_mask") if use_compiled else create_block_mask
+    return build(local_block_mask_mod(q_pos, k_pos, q_docs, k_docs), B=batch if q_docs is not None else None,
+                 H=None, Q_LEN=q_pos.numel(), KV_LEN=k_pos.numel(), device=q_pos.device,
+                 BLOCK_SIZE=flex_attention.BLOCK)
+
+
 class ContextParallelAttention:
     """Attention of this rank's queries against the whole sequence's keys/values (all-gathered over CP)."""
 
@@ -112,6 +156,16 @@ class ContextParallelAttention:
             allowed = allowed & (local[:, :, None] == gathered[:, None, :])
         return allowed.unsqueeze(1)
 
+    def block_mask(self, mask: AttentionMask, q: Tensor) -> Any:
+        """``visible`` as a FlexAttention block mask (collective like it: gathers the document ids over CP)."""
+        local_len = q.shape[1]
+        q_pos = rank_positions(local_len * self.cp.size, self.cp.size, self.cp.rank, q.device)
+        k_pos = self.cp.key_positions(local_len, q.device)
+        q_docs = k_docs = mask.document_ids
+        if q_docs is not None and self.cp.enabled:
+            k_docs = torch.cat(comm.all_gather(q_docs.contiguous(), group=self.cp.group), dim=1)
+        return local_block_mask(q_pos, k_pos, q_docs, k_docs, batch=q.shape[0])
+
     def additive_mask(self, mask: AttentionMask, q: Tensor) -> Tensor:
         """``visible`` as a 0 / -inf bias in the queries' dtype, built once per forward: SDPA would convert a
         boolean mask into such a bias in every block and keep each copy for backward (2 bytes x S per local
@@ -126,6 +180,9 @@ class ContextParallelAttention:
         if self.cp.enabled:  # (a None group would mean every rank to model.comm)
             k_all = comm.gather_along_dim(k, dim=1, group=self.cp.group)
             v_all = comm.gather_along_dim(v, dim=1, group=self.cp.group)
+        if local_block_backend(q.device) == "flex":
+            block_mask = mask.memo("context_parallel_flex", lambda: self.block_mask(mask, q))
+            return flex_local_block(q, k_all, v_all, block_mask)
         bias = mask.memo("context_parallel", lambda: self.additive_mask(mask, q))
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k_all.transpose(1, 2), v_all.transpose(1, 2),
                                              attn_mask=bias, enable_gqa=k.shape[2] != q.shape[2])
