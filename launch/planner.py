@@ -395,7 +395,9 @@ def _ring_seconds(nbytes: float, ranks: int, *, gbps: float, latency_us: float, 
 
 
 def _link(hardware: Hardware, span: int) -> tuple[float, float]:
-    """(GB/s, latency us) for a group whose ranks span ``span`` consecutive GPUs (TP innermost, then DP)."""
+    """(GB/s, latency us) for a group whose ranks span ``span`` consecutive GPUs. Ranks are laid out as Llama 3
+    and ``train/topology.py`` do, [TP, CP, PP, DP] innermost first: a TP group spans TP GPUs, a CP group TP x CP,
+    two adjacent pipeline stages 2 x TP x CP, a DP (x CP) group the whole job."""
     if span <= hardware.gpus_per_node:
         return hardware.nvlink_gbps, hardware.nvlink_latency_us
     return hardware.ib_gbps, hardware.ib_latency_us
@@ -410,7 +412,7 @@ def _dp_comm(layout: Layout, *, params: float, layers: int, recomputed: int,
              microbatches: int, t_mb: float, hardware: Hardware, buffers: ZeroBuffers) -> tuple[float, float]:
     """(total seconds of data-parallel collectives per step, the part not hidden behind compute)."""
     # Weights are replicated over CP: the gradient reduction and ZeRO partitions span DP x CP ranks.
-    gbps, lat = _link(hardware, layout.tp * layout.cp * layout.dp)
+    gbps, lat = _link(hardware, layout.gpus)  # DP is the outermost dimension
     nbytes, dp, z, m = BF16 * params, layout.shard_ranks, layout.zero_stage, microbatches
     buckets = max(1, math.ceil(params / buffers.reduce_bucket_size))
     gather = _ring_seconds(nbytes, dp, gbps=gbps, latency_us=0, allreduce=False)
@@ -440,7 +442,7 @@ def estimate_step(cfg: LlamaConfig, layout: Layout, *, seq_len: int, global_batc
     layer_f = _layer_flops_per_token(cfg, seq_len)
     speed = hardware.peak_tflops * 1e12 * hardware.matmul_efficiency / (1 + hardware.nonmatmul_overhead)
     tp_gbps, tp_lat = _link(hardware, layout.tp)
-    pp_gbps, pp_lat = _link(hardware, layout.gpus // layout.pp * 2)
+    pp_gbps, pp_lat = _link(hardware, layout.tp * layout.cp * 2)  # stage s and s + 1: TP x CP ranks apart
     tp_allreduce = _ring_seconds(BF16 * cfg.dim * tokens, layout.tp, gbps=tp_gbps, latency_us=tp_lat,
                                  allreduce=True)
     cp_gbps, cp_lat = _link(hardware, layout.tp * layout.cp)

@@ -9,7 +9,9 @@ Rendezvous. By default every node joins torchrun's c10d rendezvous at ``--master
 --rdzv-endpoint=HOST:PORT --rdzv-id=ID``): the node given rank 0 hosts the rendezvous store
 (``--rdzv-conf=is_host=1``; the others ``is_host=0``), so which machine serves it never depends on hostname
 matching. torchrun itself ignores ``--node-rank`` under c10d and numbers the nodes by sorted (host, pid), so it
-is only used for ``is_host``; global ranks are still contiguous per node. ``--rdzv static`` gives torchrun's
+is only used for ``is_host``; global ranks are still contiguous per node, and ``train/topology.py`` lays them
+out as Llama 3 did, [TP, CP, PP, DP] innermost first (``grid_coordinates``): a node of 8 GPUs holds whole TP
+groups (TP <= 8) and, with TP x CP <= 8, whole CP groups; stages come next and DP replicas outermost. ``--rdzv static`` gives torchrun's
 static rendezvous instead (``--node-rank``, ``--master-addr``, ``--master-port``): fixed node order, no
 elasticity. A single node without ``--master`` runs ``--standalone`` (a private store on a free port).
 

@@ -27,7 +27,7 @@ if not torch.cuda.is_available():
 
 import deepspeed  # noqa: E402
 from deepspeed.pipe import LayerSpec, PipelineModule  # noqa: E402
-from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology  # noqa: E402
+from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology, ProcessTopology  # noqa: E402
 from deepspeed.runtime.utils import partition_uniform  # noqa: E402
 from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer  # noqa: E402
 from deepspeed.utils import (  # noqa: E402
@@ -41,6 +41,6 @@ if not torch.cuda.is_available():
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
 logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 
-__all__ = ["DeepSpeedZeroOptimizer", "LayerSpec", "PipeModelDataParallelTopology", "PipelineModule", "deepspeed", "partition_uniform",
+__all__ = ["DeepSpeedZeroOptimizer", "LayerSpec", "PipeModelDataParallelTopology", "PipelineModule", "ProcessTopology", "deepspeed", "partition_uniform",
            "safe_get_full_fp32_param", "safe_get_full_optimizer_state", "safe_set_full_fp32_param",
            "safe_set_full_optimizer_state"]

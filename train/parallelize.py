@@ -153,13 +153,14 @@ def pipeline_module(model_cfg: LlamaConfig, cfg: EngineConfig, *, topology: Any,
     """Step 4: this rank's pipeline stages (each built with ``layers``: step 1) with the objective's loss on the
     last stage (step 2: ``objective.pipeline_loss(tp_size=)`` when it has one, else the language-model loss) and
     DeepSpeed's activation checkpointing of the blocks (step 3)."""
-    from train.deepspeed_api import LayerSpec, PipelineModule, PipeModelDataParallelTopology
+    from train.deepspeed_api import LayerSpec, PipelineModule
+    from train.topology import pipeline_grid
 
     specs = [LayerSpec(cls, model_cfg, layers, *args)
              for cls, args in pipe.stage_builders(model_cfg, document_mask=cfg.document_mask)]
-    # DeepSpeed's data axis is every rank holding the same stage weights: DP x CP (same rank order as ours).
-    grid = PipeModelDataParallelTopology(num_pp=topology.pp_size, num_mp=topology.tp_size,
-                                         num_dp=getattr(topology, "dp_cp_size", topology.dp_size))
+    # DeepSpeed's data axis is every rank holding the same stage weights: DP x CP, over our [TP, CP, PP, DP].
+    grid = pipeline_grid(tp=topology.tp_size, cp=getattr(topology, "cp_size", 1), pp=topology.pp_size,
+                         dp=topology.dp_size)
     checkpoint_fn = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
     make_loss = getattr(objective, "pipeline_loss", None)
     loss_fn = make_loss(tp_size=topology.tp_size) if make_loss else functools.partial(_pipe_loss, topology.tp_size)

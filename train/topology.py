@@ -4,11 +4,13 @@
     topo = Topology.initialize(tp=2, cp=2, pp=2, timeout_s=600)   # under torchrun; or a plain process (world 1)
     topo.tp_group, topo.cp_group, topo.dp_rank, topo.dp_cp_group, topo.is_last_stage, topo.deepspeed_mpu()
 
-Rank layout is megatron-core's ``parallel_state`` order ``tp-cp-ep-dp-pp``: TP innermost (adjacent ranks,
-so a TP group stays inside one node's NVLink domain), then CP (context parallelism, ``model/context_parallel.py``),
-then DP, then PP. DeepSpeed's pipeline topology (``PipeModelDataParallelTopology``: axes pipe, data, model) orders
-ranks the same way, so both libraries agree on who is whose peer. Llama 3 orders [TP, CP, PP, DP]; PP stays
-outermost here because DeepSpeed's pipeline grid puts it there (``launch/planner.py`` models the links this way).
+Rank layout is Llama 3's [TP, CP, PP, DP] (innermost first; ``RANK_ORDER``, ``grid_coordinates``): TP on
+adjacent ranks (a TP group stays inside one node's NVLink domain), then CP (context parallelism,
+``model/context_parallel.py``: its K/V all-gathers next), then PP (point-to-point activations), and DP outermost
+(one gradient reduction per step, the most latency-tolerant traffic, on the network). megatron-core builds its
+groups in that order (``parallel_state`` ``order="tp-cp-ep-pp-dp"``) and DeepSpeed's pipeline grid gets the
+same mapping (``pipeline_grid``: its "data" axis is DP x CP), so both libraries agree on who is whose peer;
+``launch/planner.py`` models the links this way.
 
 Groups: ``dp_group`` holds the ranks that read different data (the loader shards over it); CP ranks read the
 same sequences and each keeps its chunks. ``dp_cp_group`` (DP x CP) holds the ranks whose weights are identical:
@@ -34,6 +36,41 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from train.config import ConfigError
+
+RANK_ORDER = ("tp", "cp", "pp", "dp")
+"""Innermost first: global rank = tp + TP x (cp + CP x (pp + PP x dp)) (Llama 3's [TP, CP, PP, DP])."""
+MEGATRON_ORDER = "tp-cp-ep-pp-dp"
+"""The same order for megatron-core's ``initialize_model_parallel`` (expert parallelism is 1 here)."""
+
+
+def grid_coordinates(rank: int, *, tp: int, cp: int, pp: int, dp: int) -> dict[str, int]:
+    """``{"tp", "cp", "pp", "dp"}`` coordinates of global ``rank`` in the [TP, CP, PP, DP] grid."""
+    if not 0 <= rank < tp * cp * pp * dp:
+        raise ValueError(f"rank {rank} outside a world of tp x cp x pp x dp = {tp * cp * pp * dp}")
+    coords = {}
+    for name, size in zip(RANK_ORDER, (tp, cp, pp, dp)):
+        rank, coords[name] = divmod(rank, size)
+    return coords
+
+
+def grid_rank(*, tp: int, cp: int, pp: int, dp: int, sizes: tuple[int, int, int, int]) -> int:
+    """The global rank at coordinates (tp, cp, pp, dp) of a grid of ``sizes`` (TP, CP, PP, DP)."""
+    t, c, p, _ = sizes
+    return tp + t * (cp + c * (pp + p * dp))
+
+
+def pipeline_grid(*, tp: int, cp: int, pp: int, dp: int) -> Any:
+    """DeepSpeed's pipeline topology over our rank order: axes pipe, data (DP x CP, data index dp x CP + cp, the
+    ``Topology.dp_cp_rank``), model (TP). DeepSpeed's own ``PipeModelDataParallelTopology`` lays ranks out
+    row-major (pipe outermost); here its mapping is replaced by ours, which every method of its
+    ``ProcessTopology`` reads."""
+    from train.deepspeed_api import ProcessTopology
+
+    grid = ProcessTopology(axes=["pipe", "data", "model"], dims=[pp, dp * cp, tp])
+    grid.mapping = {grid.ProcessCoord(pipe=p, data=d, model=m):
+                    grid_rank(tp=m, cp=d % cp, pp=p, dp=d // cp, sizes=(tp, cp, pp, dp))
+                    for p in range(pp) for d in range(dp * cp) for m in range(tp)}
+    return grid
 
 
 def _free_port() -> int:
@@ -122,6 +159,10 @@ class Topology:
         if not parallel_state.model_parallel_is_initialized():
             parallel_state.initialize_model_parallel(
                 tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, context_parallel_size=cp,
+                order=MEGATRON_ORDER,
+                # No experts here; megatron-core still builds an expert grid (CP folded away) and asserts its
+                # PP groups equal the dense ones, which with PP inside DP holds only if its TP spans TP x CP.
+                expert_tensor_parallel_size=tp * cp,
                 distributed_timeout_minutes=max(1, int(timeout_s // 60)),
                 # With gloo as the default backend the extra gloo groups would only duplicate the others.
                 create_gloo_process_groups=backend != "gloo")

@@ -39,6 +39,14 @@ def main() -> None:
             if int(os.environ.get("RANK", "0")) == 0:  # what this layout ran on, for the test to check
                 (out / name / "kernels.json").write_text(json.dumps({"fused_cpu_kernels": kernels.enabled(),
                                                                      "sequence_parallel": result.sequence_parallel}))
+        # Every rank's place in the grid as megatron-core and DeepSpeed's pipe see it (the rank-order test).
+        from train.topology import Topology
+
+        topo = Topology.initialize(tp=cfg.parallel.tp, pp=cfg.parallel.pp, cp=cfg.parallel.cp)
+        rank = int(os.environ.get("RANK", "0"))
+        (out / name / f"coordinates_rank{rank}.json").write_text(json.dumps(
+            {"tp": topo.tp_rank, "cp": topo.cp_rank, "pp": topo.pp_rank, "dp": topo.dp_rank,
+             "dp_cp": topo.dp_cp_rank, "sizes": [topo.tp_size, topo.cp_size, topo.pp_size, topo.dp_size]}))
         if result.reason != "completed":
             raise SystemExit(f"layout {name}: {result.reason}")
 

@@ -63,6 +63,15 @@ def test_sequence_parallel_runs_with_context_parallelism(runs) -> None:
     assert {name for name, sp in ran.items() if sp} == {"tp2_sp", "tp2_cp2"}, ran
 
 
+def test_cp_ranks_sit_inside_pp_ranks(runs) -> None:
+    """CP 2 x PP 2 on 4 processes: CP on adjacent ranks, PP outside it ([TP, CP, PP, DP])."""
+    import json
+
+    got = {int(p.stem.removeprefix("coordinates_rank")): json.loads(p.read_text())
+           for p in (runs / "cp2_pp2").glob("coordinates_rank*.json")}
+    assert {r: (c["cp"], c["pp"]) for r, c in got.items()} == {0: (0, 0), 1: (1, 0), 2: (0, 1), 3: (1, 1)}
+
+
 def test_resume_cp2_checkpoint_at_cp1(runs) -> None:
     resumed, ref = _metrics(runs / RESUME), _metrics(runs / "reference")
     assert sorted(resumed) == [4, 5], "the resumed run starts after the step-3 checkpoint"

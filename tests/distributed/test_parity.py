@@ -3,7 +3,8 @@
 Two ``torchrun`` launches serve all layouts (each launch costs seconds; ``run_layouts.py`` runs the real
 training loop for several layouts in one launch):
 
-- 4 processes: TP2 x PP2 (checkpoints at steps 3 and 5), TP2 x DP2 with ZeRO-3;
+- 4 processes: TP2 x PP2 (checkpoints at steps 3 and 5), TP2 x DP2 with ZeRO-3, PP2 x DP2 (ranks in Llama 3's
+  [TP, CP, PP, DP] order: every rank's coordinates are checked);
   every TP 2 layout runs Megatron sequence parallelism (the default at TP > 1), ``tp2_sp_off`` plain TP;
 - 2 processes: TP2, PP2, DP2 with ZeRO-1/2/3, ZeRO-2 with CPU offload, PP2 with activation checkpointing,
   TP2 with one kv head (replicated kv projections), and resumes from the step-3 checkpoints of the first launch
@@ -49,6 +50,8 @@ TOL = 1e-5
 FOUR_PROCESS = {
     "tp2_pp2": ["--parallel.tp=2", "--parallel.pp=2", "--checkpoint.every=3"],
     "tp2_dp2_zero3": ["--parallel.tp=2", "--zero.stage=3", "--checkpoint.every=3"],
+    # PP inside DP ([TP, CP, PP, DP]): stage neighbours adjacent, DP replicas outermost.
+    "pp2_dp2": ["--parallel.pp=2"],
 }
 EAGER_LAYOUTS = {
     "tp2_eager": [EAGER, "--parallel.tp=2"],
@@ -121,6 +124,24 @@ def _max_weight_diff(a: Path, b: Path) -> float:
     wa, wb = load_file(a / "final_model" / "model.safetensors"), load_file(b / "final_model" / "model.safetensors")
     assert wa.keys() == wb.keys()
     return max(float((wa[k] - wb[k]).abs().max()) for k in wa)
+
+
+def test_ranks_sit_in_llama3_grid_order(runs: Path) -> None:
+    """Every rank's coordinates, as megatron-core's groups give them after a real run, are those of the
+    [TP, CP, PP, DP] grid (``train.topology.grid_coordinates``), for the 4-process layouts (TP x PP, TP x DP,
+    PP x DP) and the 2-process ones."""
+    from train.topology import grid_coordinates
+
+    for name in [*FOUR_PROCESS, "tp2", "pp2", "dp2_zero1"]:
+        files = sorted((runs / name).glob("coordinates_rank*.json"))
+        assert len(files) == (4 if name in FOUR_PROCESS else 2), name
+        for path in files:
+            rank = int(path.stem.removeprefix("coordinates_rank"))
+            got = json.loads(path.read_text())
+            tp, cp, pp, dp = got["sizes"]
+            want = grid_coordinates(rank, tp=tp, cp=cp, pp=pp, dp=dp)
+            assert {k: got[k] for k in want} == want, (name, rank, got)
+            assert got["dp_cp"] == want["dp"] * cp + want["cp"]
 
 
 def test_sequence_parallel_is_the_default_at_tp_above_one(runs: Path) -> None:
