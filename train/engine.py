@@ -192,6 +192,19 @@ class TrainEngine:
         return (d["input_ids"], docs), tuple(d[k] for k in keys) + (() if scale is None else (scale,))
 
     @torch.no_grad()
+    @contextlib.contextmanager
+    def _whole_sequence_pipe(self, ds: Any) -> Any:
+        """Around a pipelined forward without autograd under sequence parallelism: those forwards pass whole
+        sequences between stages (``model.sequence_parallel.SplitState``), training passes s / tp slices, and
+        DeepSpeed's pipe sizes its receive buffers once from the first shape it sees; both switches reset them."""
+        if self.sequence_parallel:
+            ds.reset_activation_shape()
+        try:
+            yield
+        finally:
+            if self.sequence_parallel:
+                ds.reset_activation_shape()
+
     def pipeline_forward(self, batches: list[dict[str, Tensor]], *, target_keys: tuple[str, ...]) -> list[Tensor]:
         """Pipelined scoring: DeepSpeed's inference schedule over ``batches``, the last stage's loss function called
         with ``target_keys`` and no scale (an objective's scoring form, e.g. DPO's sequence log-probs: one value per
@@ -199,8 +212,9 @@ class TrainEngine:
         Micro-batches must give outputs of one size (DeepSpeed accumulates them). Collective."""
         ds = self._engine()
         ds.total_loss = None  # DeepSpeed's eval_batch adds to the last train_batch's scalar otherwise
-        outputs = ds.eval_batch(iter([self._pipe_batch(mb, None, target_keys) for mb in batches]),
-                                reduce_output=None, bcast_loss=False, num_micro_batches=len(batches))
+        with self._whole_sequence_pipe(ds):
+            outputs = ds.eval_batch(iter([self._pipe_batch(mb, None, target_keys) for mb in batches]),
+                                    reduce_output=None, bcast_loss=False, num_micro_batches=len(batches))
         ds.total_loss = None
         ds.module.train()
         sizes = [int(mb["input_ids"].shape[0]) for mb in batches]  # one score per row
@@ -277,7 +291,8 @@ class TrainEngine:
             weight = self.objective.weight_key
             items = [self._pipe_batch(mb, torch.tensor(self.cp.size / max(float(mb[weight].sum()), 1.0),
                                                        device=self.device)) for mb in batches]
-            loss = ds.eval_batch(iter(items), num_micro_batches=num_batches)
+            with self._whole_sequence_pipe(ds):
+                loss = ds.eval_batch(iter(items), num_micro_batches=num_batches)
             ds.module.train()
             return float(loss)
         ds.module.eval()

@@ -52,6 +52,8 @@ FOUR_PROCESS = {
     "tp2_dp2_zero3": ["--parallel.tp=2", "--zero.stage=3", "--checkpoint.every=3"],
     # PP inside DP ([TP, CP, PP, DP]): stage neighbours adjacent, DP replicas outermost.
     "pp2_dp2": ["--parallel.pp=2"],
+    # Validation passes between SP training steps: whole sequences through the pipe, then slices again.
+    "tp2_pp2_validation": ["--parallel.tp=2", "--parallel.pp=2", "--train.eval_every=2"],
 }
 EAGER_LAYOUTS = {
     "tp2_eager": [EAGER, "--parallel.tp=2"],
@@ -76,6 +78,7 @@ BF16_FOUR_PROCESS = {"tp2_dp2_zero3_bf16": ["--parallel.tp=2", "--zero.stage=3",
                                             "--parallel.activation_checkpoint_every=1"]}
 BF16_LOSS_TOL, BF16_WEIGHT_TOL = 1e-3, 1e-2
 REFERENCE_OF = {"tp2_one_kv_head": "reference_kv1", "pp2_causal_no_document_mask": "reference_causal",
+                "tp2_pp2_validation": "reference_validation",
                 **{name: "reference_eager" for name in EAGER_LAYOUTS}}
 # Resumes at another layout from the step-3 checkpoints of the 4-process launch: (new layout flags, source run).
 RESUMES = {
@@ -105,6 +108,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
           engine_factory=ReferenceEngine, topology_factory=single_process_topology, **quiet)
     train(parity_config([f"--run.dir={out / 'reference_causal'}", "--data.document_mask=false"]),
           engine_factory=ReferenceEngine, topology_factory=single_process_topology, **quiet)
+    train(parity_config([f"--run.dir={out / 'reference_validation'}", "--train.eval_every=2"]),
+          engine_factory=ReferenceEngine, topology_factory=single_process_topology, **quiet)
     with kernels.disabled():
         train(parity_config([f"--run.dir={out / 'reference_eager'}"]), engine_factory=ReferenceEngine,
               topology_factory=single_process_topology, **quiet)
@@ -124,6 +129,19 @@ def _max_weight_diff(a: Path, b: Path) -> float:
     wa, wb = load_file(a / "final_model" / "model.safetensors"), load_file(b / "final_model" / "model.safetensors")
     assert wa.keys() == wb.keys()
     return max(float((wa[k] - wb[k]).abs().max()) for k in wa)
+
+
+def test_validation_between_sequence_parallel_pipeline_steps(runs: Path) -> None:
+    """TP 2 x PP 2 with SP and a validation pass every 2 steps: the validation losses equal one process's and
+    training goes on equal after them (the loss comparison is ``test_layout_matches_single_process``)."""
+    def validation(run: Path) -> dict[int, float]:
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["val_loss"] for r in records if r.get("type") == "validation"}
+
+    ours, ref = validation(runs / "tp2_pp2_validation"), validation(runs / "reference_validation")
+    assert ours and sorted(ours) == sorted(ref)
+    for step, loss in ours.items():
+        assert abs(loss - ref[step]) <= TOL, (step, loss, ref[step])
 
 
 def test_ranks_sit_in_llama3_grid_order(runs: Path) -> None:
@@ -149,7 +167,7 @@ def test_sequence_parallel_is_the_default_at_tp_above_one(runs: Path) -> None:
     off when asked, at TP 1, and with replicated K/V projections (one kv head: the engine falls back)."""
     ran = {name: json.loads((runs / name / "kernels.json").read_text())["sequence_parallel"]
            for name in [*FOUR_PROCESS, *TWO_PROCESS, *EAGER_LAYOUTS]}
-    on = {"tp2_pp2", "tp2_dp2_zero3", "tp2", "tp2_eager"}
+    on = {"tp2_pp2", "tp2_dp2_zero3", "tp2_pp2_validation", "tp2", "tp2_eager"}
     assert {name for name, sp in ran.items() if sp} == on, ran
 
 
