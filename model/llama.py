@@ -244,7 +244,8 @@ class Llama(nn.Module):
 
 
 def init_llama_weights(model: nn.Module, *, seed: int, std: float = 0.02, n_layers: int | None = None,
-                       native_name: Callable[[str], str] | None = None) -> None:
+                       native_name: Callable[[str], str] | None = None,
+                       assign: Callable[[nn.Parameter, Tensor], None] | None = None) -> None:
     """Initialise every weight from ``seed`` alone, independent of tensor- and pipeline-parallel layout.
 
     Each parameter's *full* tensor is drawn from a generator seeded by ``(seed, native parameter name)`` and
@@ -254,22 +255,26 @@ def init_llama_weights(model: nn.Module, *, seed: int, std: float = 0.02, n_laye
     ``layers.2.attention.wq.weight``). Linear and embedding weights ~ N(0, std); the output projections of
     each residual branch (``wo``, ``w2``) use ``std / sqrt(2 * n_layers)`` (GPT-2 / Megatron scaled init);
     norms are ones; a parameter with an ``init_std`` attribute uses that (LoRA: A ~ N(0, 1/r), B = 0).
+    ``assign(param, value)`` writes a parameter's value (its TP slice; default ``param.copy_``): the engine's
+    writes only its partition of a ZeRO-3 parameter built partitioned, whose own shape is then ``ds_shape``.
     """
     import zlib
 
     depth = n_layers if n_layers is not None else model.config.n_layers
     depth_std = std / math.sqrt(2 * depth)
+    write = assign or (lambda param, value: param.copy_(value))
     with torch.no_grad():
         for own_name, param in model.named_parameters():
             name = native_name(own_name) if native_name else own_name
+            shape = getattr(param, "ds_shape", param.shape)  # ZeRO-3 partitioned: the TP slice's own shape
             if name.endswith("norm.weight"):
-                param.fill_(1.0)
+                write(param, torch.ones(shape, dtype=param.dtype))
                 continue
-            full_shape = getattr(param, "tp_full_shape", param.shape)
+            full_shape = getattr(param, "tp_full_shape", shape)
             generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
             scale = getattr(param, "init_std", None)  # set by parameters with their own init (LoRA adapters)
             if scale is None:
                 scale = depth_std if name.endswith(("wo.weight", "w2.weight")) else std
             full = torch.randn(full_shape, generator=generator) * scale
             shard = getattr(param, "tp_shard", None)
-            param.copy_(shard(full) if shard is not None else full)
+            write(param, shard(full) if shard is not None else full)

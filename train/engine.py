@@ -58,7 +58,7 @@ from train.parallelize import (
     parallelize_llama,
     resolve_sequence_parallel,
 )
-from train.sharded_state import create_zero3_optimizer_state
+from train.sharded_state import assign_parameter, create_zero3_optimizer_state
 
 
 @dataclass
@@ -120,7 +120,7 @@ class TrainEngine:
     def _seed_init(self) -> None:
         if not self._weights_filled:
             init_llama_weights(self.module, seed=self.engine_cfg.seed, n_layers=self.model_cfg.n_layers,
-                               native_name=self.native_name)
+                               native_name=self.native_name, assign=assign_parameter)
             self._weights_filled = True
 
     @torch.no_grad()

@@ -39,7 +39,14 @@ from torch import Tensor
 from model import comm
 from model.checkpoints.streaming import FileRecord
 from train.portable import Fragment, PortableCheckpoint, tp_range, write_rank_fragments
-from train.sharded_state import ADAM_MOMENTS, fragment_range, read_fragment, write_fragment
+from train.sharded_state import (
+    ADAM_MOMENTS,
+    assign_parameter,
+    fragment_range,
+    parameter_shape,
+    read_fragment,
+    write_fragment,
+)
 
 ENGINE_STATE = "layout.json"
 
@@ -162,11 +169,12 @@ class EngineCheckpoint:
                 continue
             dim, start, stop = self._tp_region(param)
             value = read(native, dim, start, stop)
-            if tuple(value.shape) != tuple(param.shape):
+            shape = parameter_shape(param)
+            if tuple(value.shape) != shape:
                 raise ValueError(f"{source}: {native} gives shape {tuple(value.shape)} for this rank, the model "
-                                 f"expects {tuple(param.shape)} (full {tuple(getattr(param, 'tp_full_shape', ()))});"
+                                 f"expects {shape} (full {tuple(getattr(param, 'tp_full_shape', ()))});"
                                  " the checkpoint is for another model config")
-            param.copy_(value.to(param.dtype))
+            assign_parameter(param, value.to(param.dtype))  # ZeRO-3: only this rank's partition of it
             del value
         if strict and missing:
             raise KeyError(f"{source}: lacks {missing[:5]}{'...' if len(missing) > 5 else ''}")

@@ -33,10 +33,11 @@ def masked_loss_sum(logits: Tensor, labels: Tensor, loss_mask: Tensor, *, tp_siz
 def decay_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """AdamW groups: weight decay on matrices (linear, embedding), none on norm gains (Llama's practice).
     Only trainable parameters (LoRA freezes the base: its optimizer state is the adapters' alone); empty groups
-    are left out."""
+    are left out. A ZeRO-3 parameter built partitioned has an empty ``shape``: its ``ds_shape`` decides."""
     trainable = [p for p in module.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}]
+    matrix = [len(getattr(p, "ds_shape", p.shape)) >= 2 for p in trainable]
+    groups = [{"params": [p for p, m in zip(trainable, matrix) if m], "weight_decay": weight_decay},
+              {"params": [p for p, m in zip(trainable, matrix) if not m], "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
 
 

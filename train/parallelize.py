@@ -24,8 +24,10 @@ The order, and why it is this one:
    language-model loss, or ``objective.pipeline_loss``: DPO); it builds only this
    rank's stages (the 405B model never exists whole on one rank), so 1-3 happen per stage there.
 5. **ZeRO** (``apply_zero``): ``deepspeed.initialize`` with our AdamW over the data-parallel group. Last,
-   because ZeRO-3 partitions the parameters it is given: they must be final (TP-sliced, wrapped, and filled)
-   before. ``TrainEngine`` applies it lazily, after initial weights or a re-sharding resume are copied in;
+   because ZeRO copies the parameters it is given into its optimizer state: they must be final (TP-sliced,
+   wrapped, and filled) before. At ZeRO-3 (no PP) steps 1-2 already run inside ``deepspeed.zero.Init``
+   (``partitioned_construction``), so a rank never holds its whole TP shard: each module is partitioned as
+   its ``__init__`` returns and the weights are then written into this rank's partitions. ``TrainEngine`` applies it lazily, after initial weights or a re-sharding resume are copied in;
    between 4 and 5 is where weights are materialised (the seam for meta-device construction filled shard by
    shard from a checkpoint, and for sequence / context parallelism, which would pin their attention kernel
    on each block, ``model.attention``, in step 1 or 3).
@@ -36,6 +38,7 @@ DeepSpeed is imported only inside steps 4 and 5 (through ``train/deepspeed_api.p
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from typing import Any
@@ -117,18 +120,22 @@ def apply_activation_checkpointing(model: Llama, every: int) -> None:
     model.checkpoint_every = every
 
 
-def build_module(model_cfg: LlamaConfig, cfg: EngineConfig, *, objective: Objective, layers: LayerFactory) -> nn.Module:
+def build_module(model_cfg: LlamaConfig, cfg: EngineConfig, *, objective: Objective, layers: LayerFactory,
+                 construction: Any = None) -> nn.Module:
     """Steps 1-3 in one process or one pipeline-less rank: the objective's module around a TP-sliced Llama.
-    (The plain reference loop, ``train/reference.py``, builds its module here too, with ``LocalLayers``.)"""
-    model = Llama(model_cfg, layers=layers)  # 1
+    (The plain reference loop, ``train/reference.py``, builds its module here too, with ``LocalLayers``.)
+    ``construction``: the context the modules are built in (``partitioned_construction``: ZeRO-3)."""
     if cfg.lora is not None and cfg.zero.stage == 3:
         raise ConfigError("LoRA with zero.stage=3 is not supported (the frozen base would be partitioned and the "
                           "exports read it whole); use zero.stage=1 or 2: the optimizer state is the adapters' anyway")
-    if cfg.lora is not None:  # 1b: adapters on the TP layers, the model's own weights frozen (model/lora.py)
-        from model.lora import apply_lora
+    # 1-2 inside the construction context: what the wrap adds (a reward or value head) is built partitioned too
+    with construction if construction is not None else contextlib.nullcontext():
+        model = Llama(model_cfg, layers=layers)  # 1
+        if cfg.lora is not None:  # 1b: adapters on the TP layers, the model's own weights frozen (model/lora.py)
+            from model.lora import apply_lora
 
-        apply_lora(model, cfg.lora, seed=None)  # drawn by the seeded init (init_std), like every weight
-    module = objective.wrap(model, layers=layers)  # 2: what the wrap adds (a reward head) stays trainable
+            apply_lora(model, cfg.lora, seed=None)  # drawn by the seeded init (init_std), like every weight
+        module = objective.wrap(model, layers=layers)  # 2: what the wrap adds (a reward head) stays trainable
     apply_activation_checkpointing(model, cfg.parallel.activation_checkpoint_every)  # 3
     return module
 
@@ -198,7 +205,8 @@ def parallelize_llama(model_cfg: LlamaConfig, cfg: EngineConfig, *, topology: An
             if isinstance(stage, pipe.BlockStage):
                 stage.context = context
     else:
-        module = build_module(model_cfg, cfg, objective=objective, layers=layers)
+        module = build_module(model_cfg, cfg, objective=objective, layers=layers,
+                              construction=partitioned_construction(cfg, topology=topology))
     context.pin(module)
     if getattr(layers, "sequence_parallel", False):  # the layers are sequence-parallel (``resolve_sequence_parallel``)
         from model.sequence_parallel import sum_norm_grads_over_tp
@@ -207,6 +215,23 @@ def parallelize_llama(model_cfg: LlamaConfig, cfg: EngineConfig, *, topology: An
 
         sum_norm_grads_over_tp(module, topology.tp_group)
     return module
+
+
+def partitioned_construction(cfg: EngineConfig, *, topology: Any) -> Any:
+    """ZeRO-3 (without PP): ``deepspeed.zero.Init``, in which every module is partitioned over the DP x CP group
+    as soon as its ``__init__`` returns, so a rank never holds more of its TP shard than one module whole (a
+    block's linear layers, the embedding) plus its own partition of the rest. The weights are then written into
+    the partitions (``train.sharded_state.assign_parameter``: the seeded init, a checkpoint), and ``apply_zero``
+    finds them partitioned already. The same DeepSpeed config (and group) as step 5, so the partitions are the
+    ones ZeRO-3 trains on. Other stages (and LoRA, refused at stage 3) build whole TP shards: ZeRO-1/2 keep
+    every weight on every DP rank anyway."""
+    if cfg.zero.stage != 3 or cfg.lora is not None or topology.pp_size > 1:
+        return contextlib.nullcontext()
+    from train.deepspeed_api import deepspeed
+
+    mpu = topology.deepspeed_mpu()
+    return deepspeed.zero.Init(data_parallel_group=mpu.get_data_parallel_group(), mpu=mpu,
+                               config_dict_or_path=zero_config(cfg, topology=topology))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -242,6 +267,15 @@ def deepspeed_config(cfg: EngineConfig, *, dp: int, cuda: bool) -> dict[str, Any
     }
 
 
+def zero_config(cfg: EngineConfig, *, topology: Any) -> dict[str, Any]:
+    """``deepspeed_config`` for this topology. DeepSpeed's data-parallel world is DP x CP (the mpu's group): its
+    batch arithmetic counts each sequence once per CP rank (each holds 1/cp of it), so the "global batch" it
+    checks is cp times ours (step 5 and ``partitioned_construction`` must agree, or DeepSpeed refuses)."""
+    config = deepspeed_config(cfg, dp=topology.dp_size, cuda=topology.device.type == "cuda")
+    config["train_batch_size"] *= getattr(topology, "cp_size", 1)
+    return config
+
+
 def apply_zero(module: nn.Module, cfg: EngineConfig, *, topology: Any, inference_only: bool = False) -> Any:
     """Step 5: the DeepSpeed engine over ``module`` (ZeRO over the data-parallel group, our AdamW).
     ``inference_only``: see ``apply_zero_inference``."""
@@ -259,10 +293,7 @@ def apply_zero(module: nn.Module, cfg: EngineConfig, *, topology: Any, inference
     fused = device.type == "cpu" or not cfg.zero.offload
     optimizer = torch.optim.AdamW(decay_groups(module, o.weight_decay), lr=0.0, betas=(o.beta1, o.beta2), eps=o.eps,
                                   fused=fused or None)
-    config = deepspeed_config(cfg, dp=topology.dp_size, cuda=device.type == "cuda")
-    # DeepSpeed's data-parallel world is DP x CP (the mpu's group): its batch arithmetic counts each sequence
-    # once per CP rank (each holds 1/cp of it), so the "global batch" it checks is cp times ours.
-    config["train_batch_size"] *= getattr(topology, "cp_size", 1)
+    config = zero_config(cfg, topology=topology)
     if getattr(module, "sequence_split", 1) > 1:
         # DeepSpeed's pipe engine cuts the activation it sends between stages into 1/TP pieces and all-gathers
         # them on the receiving TP group, assuming every TP rank holds the same tensor. Under sequence
@@ -286,8 +317,7 @@ def apply_zero_inference(module: nn.Module, cfg: EngineConfig, *, topology: Any)
 
     for param in module.parameters():
         param.requires_grad_(False)
-    config = deepspeed_config(cfg, dp=topology.dp_size, cuda=topology.device.type == "cuda")
-    config["train_batch_size"] *= getattr(topology, "cp_size", 1)
+    config = zero_config(cfg, topology=topology)
     config.pop("gradient_clipping")
     if cfg.zero.stage < 3:
         config["zero_optimization"] = {"stage": 0}

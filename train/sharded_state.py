@@ -4,6 +4,7 @@
     start, stop = fragment_range(param)              # elements of the flattened TP slice this rank's optimizer owns
     master = read_fragment(param)                    # fp32 master weights of that range (a host copy)
     write_fragment(param, value, "exp_avg")          # restore Adam's first moment for that range
+    assign_parameter(param, value)                   # before DeepSpeed: the weight (ZeRO-3: this rank's partition)
 
 DeepSpeed keeps the fp32 master weights and Adam moments of a parameter split over the data-parallel group:
 - ZeRO-1/2: all parameters of a group are flattened and the flat buffer is cut into equal partitions, so one
@@ -93,6 +94,25 @@ def create_zero3_optimizer_state(zero_optimizer: Any) -> bool:
             group["params"], group["lr"] = saved_params, saved_lr
             fp32.grad = None
     return True
+
+
+@torch.no_grad()
+def assign_parameter(param: Any, value: Tensor) -> None:
+    """Set a parameter to ``value`` (its whole TP slice): a plain copy, or, for a ZeRO-3 parameter built
+    partitioned (``train.parallelize.partitioned_construction``), only this rank's partition of it."""
+    if not _zero3(param):
+        param.copy_(value)
+        return
+    if tuple(value.shape) != tuple(param.ds_shape):
+        raise ValueError(f"assign_parameter: value of shape {tuple(value.shape)} for a parameter of shape "
+                         f"{tuple(param.ds_shape)}")
+    start, stop = fragment_range(param) or (0, 0)
+    write_lp_fragment(param, value.reshape(-1)[start:stop])
+
+
+def parameter_shape(param: Any) -> tuple[int, ...]:
+    """A parameter's shape (its TP slice), also when ZeRO-3 holds only a partition (``param.shape`` is then 0)."""
+    return tuple(getattr(param, "ds_shape", param.shape))
 
 
 def write_lp_fragment(param: Any, value: Tensor) -> None:
