@@ -6,7 +6,8 @@
     write_scalar_model(export, cfg, "runs/rm/final_model", meta={"tokenizer": ..., "template": ...})  # streamed
     save_scalar_model(state_dict, cfg, out_dir, meta=...)   # the same from an in-memory state dict
     cfg, reader, meta = read_scalar_model("runs/rm")    # lazy reader; a run directory means its final_model/
-    model, meta = load_scalar_model("runs/rm")          # the whole module in one process (scoring, tests)
+    model, meta = load_scalar_model("runs/rm")          # the whole module in one process (scoring, tests), read
+                                                        # one tensor at a time
 
 A reward model (``rlhf.reward.model.RewardModel``: ranking loss) and the PPO value model
 (``rlhf.ppo.roles.ValueModel``: clipped value loss) are this model with a loss on top. The head is one
@@ -124,13 +125,31 @@ def read_scalar_model(path: str | Path) -> tuple[LlamaConfig, Any, dict[str, Any
 
 def load_scalar_model(path: str | Path, *, module_cls: type[ScalarHeadModel] = ScalarHeadModel,
                       **module_kwargs: Any) -> tuple[Any, dict[str, Any]]:
-    """``(module_cls in eval mode with the export's weights, reward_model.json)``: one process, whole model."""
+    """``(module_cls in eval mode with the export's weights, reward_model.json)``: one process, whole model.
+
+    Why a whole load is bounded here: this is the scorer of one-process tools (``RewardScorer``:
+    ``rlhf.reward.evaluate``, rejection sampling, the win-rate judge), which run without a process group, so
+    the process's shard is the whole model and it holds it once: each tensor is read from the file and copied
+    into the module one at a time (peak: the module + one tensor; no state dict of the whole model beside it).
+    A reward model too large for one host is scored sharded, by PPO's frozen engine
+    (``rlhf.ppo.rewards.RewardModelScorer``: TP x ZeRO-3, each rank reading only its slices)."""
     cfg, reader, meta = read_scalar_model(path)
     model = module_cls(Llama(cfg), **module_kwargs)
-    state = {(k if k == HEAD else "model." + k): reader.read(k) for k in reader.names()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.endswith("output.weight")]
+    own = dict(model.named_parameters())
+    names = set(reader.names())
+    expected = {k if k == HEAD else "model." + k for k in names}
+    missing = [k for k in own if k not in expected and not k.endswith("output.weight")]
+    unexpected = [k for k in expected if k not in own]
     if missing or unexpected:
         raise ConfigError(f"{checkpoint_dir(path) / WEIGHTS}: missing {missing[:5]}, unexpected {unexpected[:5]}; "
                           f"the file does not match its {META}")
+    with torch.no_grad():
+        for name in names:
+            param = own[name if name == HEAD else "model." + name]
+            value = reader.read(name)
+            if tuple(value.shape) != tuple(param.shape):
+                raise ConfigError(f"{checkpoint_dir(path) / WEIGHTS}: {name} has shape {tuple(value.shape)}, the "
+                                  f"model of its {META} expects {tuple(param.shape)}")
+            param.copy_(value)
+            del value
     return model.eval(), meta

@@ -6,6 +6,9 @@
 
 Used by ``rlhf.reward.evaluate`` (accuracy tables) and ``rlhf.rejection_sampling`` (best-of-K); PPO scores its
 rollouts with a frozen engine instead (``rlhf.ppo.rewards.RewardModelScorer``: TP x ZeRO).
+One process, no process group, so the whole model is this process's shard: ``load_reward_model`` holds it once,
+read one tensor at a time (``rlhf.scalar_head.load_scalar_model`` says why that is the bound; a reward model too
+large for one host is scored sharded by PPO's frozen engine).
 """
 
 from __future__ import annotations

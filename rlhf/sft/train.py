@@ -20,6 +20,7 @@ assistant-token loss of the initial and of the final model).
 from __future__ import annotations
 
 import json
+import math
 import random
 from collections import Counter
 from collections.abc import Sequence
@@ -88,12 +89,16 @@ class SFTTask(StageTask):
         return stack_rows(samples)
 
     def export(self, engine: Any, model_cfg: Any, out_dir: Path, *, rank: int) -> None:
-        """The native checkpoint + ``rlhf.json`` (``rlhf.export``)."""
+        """The native checkpoint + ``rlhf.json`` (``rlhf.export``), then (held-out rows) ``evaluate_sft`` on the
+        live engine: collective, like the export."""
         export_policy(engine, model_cfg, out_dir, rank=rank, meta={"stage": "sft", **self.sidecar()})
+        if self.valid_set:
+            self.evaluation = evaluate_sft(self.cfg, self, engine, model_cfg)
 
 
 def initial_model(cfg: Any, task: StageTask) -> Llama:
-    """The model the run started from (seeded init of the same names, then the init checkpoint over it)."""
+    """The model the run started from, whole, in one process (seeded init of the same names, then the init
+    checkpoint over it): the single-process reference of ``evaluate_sft``'s "before" (tests, small models)."""
     model_cfg = cfg.model_config()
     model = Llama(model_cfg)
     init_llama_weights(model, seed=cfg.train.seed, n_layers=model_cfg.n_layers)
@@ -106,7 +111,8 @@ def initial_model(cfg: Any, task: StageTask) -> Llama:
 
 @torch.no_grad()
 def heldout_loss(model: Llama, rows: Sequence[dict[str, Tensor]], *, batch_size: int = 8) -> dict[str, float]:
-    """Mean cross-entropy over the answer tokens of packed held-out rows (document mask on)."""
+    """Mean cross-entropy over the answer tokens of packed held-out rows (document mask on), one whole model in
+    one process: the reference ``evaluate_sft``'s sharded evaluation is tested against."""
     total, count = 0.0, 0.0
     for i in range(0, len(rows), batch_size):
         b = stack_rows(rows[i : i + batch_size])
@@ -117,25 +123,68 @@ def heldout_loss(model: Llama, rows: Sequence[dict[str, Tensor]], *, batch_size:
     return {"loss": total / max(count, 1.0), "tokens": count}
 
 
-def evaluate_sft(cfg: Any, task: SFTTask) -> dict[str, Any]:
-    """Held-out answer-token loss before (initial model) and after (final_model) fine-tuning."""
-    from model.checkpoints import from_pretrained
+def engine_heldout_loss(engine: Any, rows: Sequence[dict[str, Tensor]], *, topology: Any,
+                        micro_batch_size: int) -> float:
+    """Collective: mean answer-token loss of ``engine`` (each rank its shard) over every held-out row once.
 
-    before = heldout_loss(initial_model(cfg, task), task.valid_set)
-    after = heldout_loss(from_pretrained(cfg.run_dir / "final_model"), task.valid_set)
-    result = {"heldout_loss_before": before["loss"], "heldout_loss_after": after["loss"],
-              "heldout_answer_tokens": after["tokens"], "heldout_rows": len(task.valid_set)}
-    (cfg.run_dir / "sft_eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    Without pipeline parallelism the rows are dealt over the DP ranks; ranks with fewer rows add rows whose loss
+    mask is empty (they weigh nothing), so every rank runs the same number of micro-batches (ZeRO-3 gathers per
+    forward), and ``eval_loss`` sums losses and tokens over DP. A pipelined engine's ``eval_loss`` is DeepSpeed's
+    mean of per-micro-batch means, so there every DP rank runs the same micro-batch, one per call, and the means
+    are weighted by its answer tokens (exact; the DP ranks repeat each other's work, only for PP)."""
+    dp = getattr(topology, "dp_size", 1) if topology is not None else 1
+    dp_rank = getattr(topology, "dp_rank", 0) if topology is not None else 0
+    empty = {k: (torch.zeros_like(v) if k == "loss_mask" else v.clone()) for k, v in rows[0].items()}
+
+    def batches_of(part: list[dict[str, Tensor]], count: int) -> list[dict[str, Tensor]]:
+        part = part + [empty] * (count * micro_batch_size - len(part))  # full micro-batches (pipeline shapes)
+        return [stack_rows(part[i : i + micro_batch_size]) for i in range(0, len(part), micro_batch_size)]
+
+    if getattr(engine, "pipelined", False):
+        total, tokens = 0.0, 0.0
+        for batch in batches_of(list(rows), math.ceil(len(rows) / micro_batch_size)):
+            count = float(batch["loss_mask"].sum())
+            if count > 0:  # the same rows on every rank: all skip together
+                total += float(engine.eval_loss(iter([batch]), 1)) * count
+                tokens += count
+        return total / max(tokens, 1.0)
+    per_rank = math.ceil(len(rows) / dp)
+    num_batches = math.ceil(per_rank / micro_batch_size)
+    batches = batches_of(list(rows[dp_rank::dp]), num_batches)
+    return float(engine.eval_loss(iter(batches), num_batches))
+
+
+def evaluate_sft(cfg: Any, task: SFTTask, engine: Any, model_cfg: Any) -> dict[str, Any]:
+    """Collective (every rank, at the end of a completed run, the trained engine alive): held-out answer-token
+    loss of the initial and of the trained model, each rank holding only its shard. "After" is the trained
+    engine; "before" a frozen engine of the same layout built from the init checkpoint (``task.init_weights``:
+    each rank reads only its TP slices; ZeRO-3 partitions) or, without one, the same seeded init. Rank 0 writes
+    ``sft_eval.json``. No rank loads the whole model (this used to load both exports whole on rank 0)."""
+    topology = getattr(engine, "topo", None)
+    mb = cfg.train.micro_batch_size
+    after = engine_heldout_loss(engine, task.valid_set, topology=topology, micro_batch_size=mb)
+    kwargs: dict[str, Any] = {"model_cfg": model_cfg, "engine_cfg": engine.engine_cfg, "topology": topology,
+                              "objective": engine.objective, "init_weights": task.init_weights()}
+    if hasattr(engine, "inference_only") and getattr(topology, "pp_size", 1) == 1:
+        kwargs["inference_only"] = True  # no optimizer state: only the weights (the run's dtype)
+    initial = type(engine)(**kwargs)
+    before = engine_heldout_loss(initial, task.valid_set, topology=topology, micro_batch_size=mb)
+    del initial
+    tokens = float(sum(float(row["loss_mask"].sum()) for row in task.valid_set))
+    result = {"heldout_loss_before": before, "heldout_loss_after": after, "heldout_answer_tokens": tokens,
+              "heldout_rows": len(task.valid_set)}
+    if rank() == 0:
+        (cfg.run_dir / "sft_eval.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 
 def run_sft(cfg: SFTConfig, *, task: SFTTask | None = None, **loop_kwargs: Any) -> tuple[Any, dict[str, Any] | None]:
-    """Train, then (rank 0, completed runs with held-out data) evaluate; ``(RunResult, eval or None)``."""
+    """Train, then (completed runs with held-out data) evaluate inside the export, on every rank; ``(RunResult,
+    eval or None)`` (the evaluation on rank 0)."""
     task = task or SFTTask(cfg)
     result = run_stage(cfg, task, **loop_kwargs)
-    evaluation = None
-    if rank() == 0 and result.reason == "completed" and task.valid_set:
-        evaluation = evaluate_sft(task.cfg, task)
+    evaluation = getattr(task, "evaluation", None) if rank() == 0 and result.reason == "completed" else None
+    if evaluation is not None:
         loop_kwargs.get("print_fn", print)(
             f"[sft] held-out answer-token loss (all {evaluation['heldout_rows']} held-out rows) "
             f"{evaluation['heldout_loss_before']:.4f} -> {evaluation['heldout_loss_after']:.4f} "

@@ -11,7 +11,8 @@ weights go through the engine's ``init_weights`` TP slicing. The reference is ``
 
 Acceptance (issue "Alignment I"): per-step losses and final weights within 1e-5 for 3 steps; gradient norms
 (clipped below their value at every step, so the TP-aware norm is checked too) within 1e-5 relative.
-Measured here: losses within 7.2e-7, weights within 2.1e-7, gradient norms within 3.5e-7 relative.
+Measured here: losses within 7.2e-7, weights within 2.1e-7, gradient norms within 3.5e-7 relative. SFT's held-out
+loss before and after (``sft_eval.json``, evaluated on every layout's sharded engines) equals the reference's too.
 """
 
 from __future__ import annotations
@@ -80,6 +81,12 @@ def test_layout_matches_single_process(runs: Path, layout: str) -> None:
     assert max(float((ws[k] - wr[k]).abs().max()) for k in wr) <= TOL
     if stage == "rm":
         assert "reward_head.weight" in ws and "output.weight" not in ws
+    if stage == "sft":  # held-out loss before/after, evaluated by the sharded engines (no whole-model load)
+        e, e_ref = (json.loads((runs / r / "sft_eval.json").read_text()) for r in (layout, "reference_sft"))
+        assert e["heldout_rows"] == e_ref["heldout_rows"] > 0
+        assert e["heldout_answer_tokens"] == e_ref["heldout_answer_tokens"]
+        for key in ("heldout_loss_before", "heldout_loss_after"):
+            assert abs(e[key] - e_ref[key]) <= TOL * max(1.0, e_ref[key]), (layout, key, e[key], e_ref[key])
     if stage == "dpo":  # reference log-probs scored by the sharded engine, DPO metrics and held-out evaluation
         for name in ("reference_logps.safetensors",):
             a, b = load_file(runs / layout / name)["ref_logps"], load_file(runs / "reference_dpo" / name)["ref_logps"]

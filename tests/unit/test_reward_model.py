@@ -173,3 +173,38 @@ def test_reference_engine_normalises_by_the_global_number_of_pairs() -> None:
                               reduction="none") for b in batches]
     result = engine.train_step(iter(batches), lr=0.0)
     assert result.loss == pytest.approx(float(torch.cat(terms).mean()), abs=1e-6) and result.tokens == 4
+
+
+def test_load_reads_one_tensor_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The one-process scorer's whole load is the module plus one tensor: each tensor read from the file is
+    copied in and dropped before the next is read (no state dict of the whole model beside the module)."""
+    import weakref
+
+    import rlhf.scalar_head as scalar_head
+
+    rm = _model(seed=4)
+    state = {RewardObjective().native_name(k): v for k, v in rm.named_parameters()}
+    save_reward_model(state, CFG, tmp_path / "rm", meta={"tokenizer": "t", "template": "llama2", "max_len": 64})
+    original, live, most = scalar_head.read_scalar_model, [0], [0]
+
+    def counting(path):
+        cfg, reader, meta = original(path)
+
+        class Counting:
+            def names(self):
+                return reader.names()
+
+            def read(self, name):
+                value = reader.read(name)
+                live[0] += 1
+                most[0] = max(most[0], live[0])
+                weakref.finalize(value, lambda: live.__setitem__(0, live[0] - 1))
+                return value
+
+        return cfg, Counting(), meta
+
+    monkeypatch.setattr(scalar_head, "read_scalar_model", counting)
+    loaded, _ = load_reward_model(tmp_path / "rm")
+    assert most[0] == 1 and len(state) > 5
+    x, where = torch.randint(3, 300, (2, 10)), torch.tensor([9, 4])
+    assert torch.equal(loaded.scores(x, where), rm.scores(x, where))
