@@ -1,6 +1,6 @@
 """The Llama 2 recipe as one command: SFT -> helpfulness RM -> safety RM -> RM evaluation -> rejection sampling ->
-PPO, each stage a run directory under ``--run-dir``, finished stages skipped, each stage's key figure printed, its
-``summary.md`` written, one summary table at the end.
+PPO -> GAtt (data, fine-tuning, adherence), each stage a run directory under ``--run-dir``, finished stages
+skipped, each stage's key figure printed, its ``summary.md`` written, one summary table at the end.
 
     python -m rlhf.recipe llama2 --pretrained runs/tiny_real --run-dir runs/llama2_tiny
     python -m rlhf.recipe llama2 --pretrained runs/tiny_real --run-dir runs/llama2_tiny \\
@@ -9,8 +9,8 @@ PPO, each stage a run directory under ``--run-dir``, finished stages skipped, ea
 A recipe is a small registry (``RECIPES``): an ordered list of ``Stage`` (name, the command it runs, the key figure
 it reports). The commands are the README's ("Alignment I"), with the presets of ``configs/rlhf/*_hh_tiny.toml`` and
 their directories replaced by the run directory's: ``RUN/sft``, ``RUN/rm_helpful``, ``RUN/rm_safety``,
-``RUN/eval_rm``, ``RUN/rs``, ``RUN/ppo``. A stage is finished when its ``STAGE_DONE.json`` exists (written after its
-command exited 0); an unfinished one is run again and resumes from its own checkpoints. Other recipes (e.g. Llama 3
+``RUN/eval_rm``, ``RUN/rs``, ``RUN/ppo``, ``RUN/gatt_data``, ``RUN/gatt`` (its adherence in ``gatt/eval``),
+``RUN/gatt_eval``. A stage is finished when its ``STAGE_DONE.json`` exists (written after its command exited 0); an unfinished one is run again and resumes from its own checkpoints. Other recipes (e.g. Llama 3
 rounds, ``rlhf.rounds``) register their own list of stages. Writes ``RUN/recipe_summary.md``.
 """
 
@@ -123,6 +123,43 @@ def _rs_summary(stage_dir: Path) -> Path:
     return path
 
 
+def _gatt_data_figure(run: Path) -> str:
+    path = run / "gatt_data" / "gatt.jsonl"
+    n = len(path.read_text().splitlines()) if path.is_file() else 0
+    return f"{n} GAtt dialogues sampled from the PPO policy (instruction kept in the first user turn only)"
+
+
+def _gatt_data_summary(stage_dir: Path) -> Path:
+    path = stage_dir / "summary.md"
+    path.write_text(f"# GAtt data\n\n- {_gatt_data_figure(stage_dir.parent)}: `{stage_dir / 'gatt.jsonl'}`\n")
+    return path
+
+
+def _gatt_figure(run: Path) -> str:
+    path = run / "gatt" / "metrics.jsonl"
+    losses = [r["loss"] for r in map(json.loads, path.read_text().splitlines())
+              if r.get("type") == "train" and "loss" in r] if path.is_file() else []
+    return f"last-turn loss {losses[0]:.4f} -> {losses[-1]:.4f} ({len(losses)} steps logged)" if losses else "no loss"
+
+
+def _gatt_eval_figure(run: Path) -> str:
+    ev = _read(run / "gatt" / "eval" / "adherence.json")
+    if not ev:
+        return "no adherence.json"
+    def later(rows: list[dict[str, Any]]) -> str:  # turns 2+: where the instruction is no longer in the message
+        total = sum(r["total"] for r in rows[1:])
+        return f"{sum(r['adherent'] for r in rows[1:]) / total:.0%}" if total else "n/a"
+    return "adherence at turns 2+: " + ", ".join(f"{label} {later(m['adherence'])}" for label, m in ev["models"].items())
+
+
+def _gatt_eval_summary(stage_dir: Path) -> Path:
+    from train.report import write_report
+
+    done = stage_dir.parent / "gatt" / "report" / "summary.md"  # the GAtt run's report, once with its adherence
+    return done if done.is_file() and "## GAtt adherence" in done.read_text() else (
+        write_report(stage_dir.parent / "gatt") / "summary.md")
+
+
 def _common(args: argparse.Namespace) -> list[str]:
     return [f"--data.tokenizer={args.tokenizer}", "--logging.wandb=false"]
 
@@ -148,6 +185,18 @@ LLAMA2: list[Stage] = [
     Stage("ppo", lambda a, r: ["-m", "rlhf.ppo", "--config", "configs/rlhf/ppo_hh_tiny.toml", *_common(a),
                                f"--ppo.init={r / 'sft'}", f"--reward.helpful={r / 'rm_helpful'}",
                                f"--reward.safety={r / 'rm_safety'}", f"--run.dir={r / 'ppo'}"], _ppo_figure),
+    # Ghost Attention (sec. 3.3) on the PPO policy: dialogues answered with the instruction on every user turn,
+    # fine-tuned with it in the first only, adherence per turn before/after on other instructions (--seed 1).
+    Stage("gatt_data", lambda a, r: ["-m", "rlhf.gatt", "build", "--checkpoint", str(r / "ppo"), "--dialogues",
+                                     f"{a.data}/preferences/hh-rlhf", "--output", str(r / "gatt_data" / "gatt.jsonl")],
+          _gatt_data_figure, _gatt_data_summary),
+    Stage("gatt", lambda a, r: ["-m", "rlhf.gatt", "train", "--config", "configs/rlhf/gatt_tiny.toml", *_common(a),
+                                f"--gatt.init={r / 'ppo'}", f"--data.path={r / 'gatt_data' / 'gatt.jsonl'}",
+                                f"--run.dir={r / 'gatt'}"], _gatt_figure),
+    Stage("gatt_eval", lambda a, r: ["-m", "rlhf.gatt", "eval", "--checkpoint", str(r / "ppo"), "--label", "before",
+                                     "--checkpoint", str(r / "gatt"), "--label", "after", "--dialogues",
+                                     f"{a.data}/preferences/hh-rlhf", "--num", "64", "--seed", "1",
+                                     "--output", str(r / "gatt" / "eval")], _gatt_eval_figure, _gatt_eval_summary),
 ]
 
 RECIPES: dict[str, list[Stage]] = {"llama2": LLAMA2}

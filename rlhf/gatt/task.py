@@ -93,8 +93,10 @@ class GAttTask(PretrainTask):
         if not self.section.init:
             return {}
         from model.checkpoints import open_checkpoint
+        from rlhf.paths import checkpoint_dir, resolve_path
 
-        weights = open_checkpoint(self.section.init)  # lazy: each rank reads its TP slices only
+        # lazy: each rank reads its TP slices only; a run directory means its export (PPO: best_policy)
+        weights = open_checkpoint(checkpoint_dir(resolve_path(self.section.init)))
         ckpt_cfg = weights.cfg
         if (ckpt_cfg.dim, ckpt_cfg.n_layers, ckpt_cfg.vocab_size) != (model_cfg.dim, model_cfg.n_layers,
                                                                       model_cfg.vocab_size):

@@ -1,13 +1,16 @@
 """The whole Llama 2 chain through the one command, on real data: ``python -m rlhf.recipe llama2`` from a real
 pretrained tiny Llama (stories260K, llama2.c's model in the shared data) on the HH-RLHF samples of
-``$LLAMA_DATA_DIR``: SFT -> helpfulness RM -> safety RM -> evaluate_rm -> rejection sampling -> PPO, each stage kept to a few steps with
-``--set STAGE:ARG``. Skips (fails under CI=true) when the shared data is absent.
+``$LLAMA_DATA_DIR``: SFT -> helpfulness RM -> safety RM -> evaluate_rm -> rejection sampling -> PPO -> GAtt data,
+training and adherence, each stage kept to a few steps with ``--set STAGE:ARG``. Skips (fails under CI=true) when
+the shared data is absent. ~85 s of CPU time (nine stage processes); 227 s wall at load average ~22 on the shared
+2-core machine, hence the generous timeout.
 
 Checks: every stage finished (``STAGE_DONE.json``), printed its key figure and has a ``summary.md``
 (``train.report``'s for the training stages, evaluate_rm's table); the connected outputs exist (SFT's
 self-describing export, PPO's final policy); ``recipe_summary.md`` has one row per stage; a second invocation runs
 nothing and reports every stage as finished; MFU <= 100% on the training stages. The tiny reward models are weak
-(a few steps), so PPO and rejection sampling are told ``--reward.allow_weak_rm=true`` / ``--allow-weak-rm``; how good the models get is not asserted here (``tests/e2e/test_rlhf_hh.py``,
+(a few steps), so PPO and rejection sampling are told ``--reward.allow_weak_rm=true`` / ``--allow-weak-rm``, and
+GAtt's build ``--allow-degenerate``; how good the models get is not asserted here (``tests/e2e/test_rlhf_hh.py``,
 ``benchmarks/rlhf_hh_tiny.py``).
 """
 
@@ -26,8 +29,8 @@ import pytest
 from tests.conftest import REPO_ROOT, require_file
 from tests.run_checks import assert_honest_mfu
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
-STAGES = ["sft", "rm_helpful", "rm_safety", "eval_rm", "rs", "ppo"]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+STAGES = ["sft", "rm_helpful", "rm_safety", "eval_rm", "rs", "ppo", "gatt_data", "gatt", "gatt_eval"]
 RECORDS = 48  # per HH-RLHF file: ~40 train / ~8 held-out pairs each
 
 
@@ -43,6 +46,9 @@ def _overrides() -> list[str]:
         "ppo": ["--ppo.iterations=2", "--ppo.prompts_per_iteration=8", "--train.global_batch_size=8",
                 "--rollout.max_new_tokens=12", "--rollout.batch_size=8", "--prompts.heldout=8", "--eval.every=1",
                 "--reward.allow_weak_rm=true"],  # a few-step RM is weak: the gate would (rightly) refuse it
+        "gatt_data": ["--num=6", "--max-turns=2", "--max-new-tokens=12", "--allow-degenerate"],  # a 260K policy
+        "gatt": ["--train.steps=2", "--train.eval_every=0"],
+        "gatt_eval": ["--num=3", "--turns=2", "--max-new-tokens=8"],
     }
     return [a for stage, args in sets.items() for arg in args for a in ("--set", f"{stage}:{arg}")]
 
@@ -54,7 +60,7 @@ def _recipe(shared: Path, run_dir: Path) -> tuple[subprocess.CompletedProcess[st
            *_overrides()]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=290)
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=560)
     return proc, time.perf_counter() - start
 
 
@@ -80,7 +86,8 @@ def test_the_llama2_chain_runs_through_one_command_and_skips_finished_stages(sha
                         figures["rs"])
 
     modules = {"sft": "rlhf.sft", "rm_helpful": "rlhf.reward", "rm_safety": "rlhf.reward",
-               "eval_rm": "rlhf.evaluate_rm", "rs": "rlhf.rejection_sampling", "ppo": "rlhf.ppo"}
+               "eval_rm": "rlhf.evaluate_rm", "rs": "rlhf.rejection_sampling", "ppo": "rlhf.ppo",
+               "gatt_data": "rlhf.gatt", "gatt": "rlhf.gatt", "gatt_eval": "rlhf.gatt"}
     for stage in STAGES:
         done = json.loads((run / stage / "STAGE_DONE.json").read_text())
         assert done["stage"] == stage and done["command"][1:3] == ["-m", modules[stage]]
@@ -98,7 +105,14 @@ def test_the_llama2_chain_runs_through_one_command_and_skips_finished_stages(sha
     rs = json.loads((run / "rs" / "report.json").read_text())
     assert rs["prompts"] == 6 and len((run / "rs" / "best.jsonl").read_text().splitlines()) <= 6
     assert "mean best-of-k for k = 1..2" in (run / "rs" / "summary.md").read_text()
+    assert figures["gatt_data"].startswith("6 GAtt dialogues") and len(
+        (run / "gatt_data" / "gatt.jsonl").read_text().splitlines()) == 6
+    assert re.fullmatch(r"last-turn loss \d+\.\d{4} -> \d+\.\d{4} \(2 steps logged\)", figures["gatt"])
+    assert re.fullmatch(r"adherence at turns 2\+: before \d+%, after \d+%", figures["gatt_eval"])
+    assert "## GAtt adherence" in (run / "gatt" / "report" / "summary.md").read_text()
+    assert json.loads((run / "gatt" / "final_model" / "rlhf.json").read_text())["stage"] == "gatt"
     # MFU from the tokens computed, <= 100%, on every training stage of the chain (PPO logs no MFU)
+    assert_honest_mfu(run / "gatt", max_tokens_per_step=16 * 256)
     assert_honest_mfu(run / "sft", max_tokens_per_step=8 * 128)
     for rm in ("rm_helpful", "rm_safety"):
         assert_honest_mfu(run / rm, max_tokens_per_step=2 * 32 * 128)  # chosen + rejected rows of 32 pairs

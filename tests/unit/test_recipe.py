@@ -31,6 +31,19 @@ def _stub(calls: list[list[str]]) -> object:
                 "rm_helpful": {"helpful-base": {"accuracy": 0.7}, "truncated_sequences": 3}}}))  # evaluate_rm's shape
             (out / "summary.md").write_text("# eval\n")
             return 0
+        if module == "rlhf.gatt" and cmd[cmd.index("-m") + 2] == "build":
+            out = Path(cmd[cmd.index("--output") + 1])
+            out.parent.mkdir(parents=True)
+            out.write_text('{"messages": []}\n' * 3)
+            return 0
+        if module == "rlhf.gatt" and cmd[cmd.index("-m") + 2] == "eval":  # adherence.json's shape
+            out = Path(cmd[cmd.index("--output") + 1])
+            out.mkdir(parents=True)
+            rows = {"before": [1, 0, 0], "after": [4, 3, 1]}
+            (out / "adherence.json").write_text(json.dumps({"turns": 3, "dialogues": 4, "models": {
+                label: {"adherence": [{"turn": t + 1, "adherent": a, "total": 4, "rate": a / 4}
+                                      for t, a in enumerate(hits)]} for label, hits in rows.items()}}))
+            return 0
         if module == "rlhf.rejection_sampling":  # report.json as write_outputs writes it (the keys the figure reads)
             out = Path(cmd[cmd.index("--out") + 1])
             out.mkdir(parents=True)
@@ -47,6 +60,13 @@ def _stub(calls: list[list[str]]) -> object:
             (run_dir / "sft_eval.json").write_text(json.dumps({"heldout_loss_before": 3.0, "heldout_loss_after": 2.0}))
         elif module == "rlhf.reward":
             (run_dir / "heldout_eval.json").write_text(json.dumps({"h": {"accuracy": 0.66, "length_baseline": 0.6}}))
+        elif module == "rlhf.gatt":  # train: a real config.toml and metrics, so train.report can run on it
+            from rlhf.gatt.task import GAttConfig
+
+            (run_dir / "config.toml").write_text(GAttConfig().to_toml())
+            (run_dir / "metrics.jsonl").write_text("".join(json.dumps({
+                "type": "train", "step": i, "loss": 3.0 - i, "lr": 1e-3, "grad_norm": 1.0, "tokens": 64, "mfu": 0.1,
+                "tokens_per_s": 100.0, "step_time_s": 0.1, "elapsed_s": float(i)}) + "\n" for i in (1, 2)))
         elif module == "rlhf.ppo":
             (run_dir / "metrics.jsonl").write_text("".join(json.dumps({"step": i, "heldout/reward/logit_combined": v})
                                                            + "\n" for i, v in ((0, -1.0), (5, -0.5))))
@@ -61,9 +81,10 @@ def test_llama2_recipe_connects_the_stages_and_skips_finished_ones(tmp_path: Pat
     printed: list[str] = []
     rows = run_recipe(args, runner=_stub(calls), print_fn=lambda *a, **k: printed.append(" ".join(map(str, a))))
     assert [r[0] for r in rows] == [s.name for s in RECIPES["llama2"]] == ["sft", "rm_helpful", "rm_safety",
-                                                                          "eval_rm", "rs", "ppo"]
+                                                                          "eval_rm", "rs", "ppo", "gatt_data",
+                                                                          "gatt", "gatt_eval"]
     chain = tmp_path / "chain"
-    sft, rm_h, rm_s, _, rs, ppo = calls
+    sft, rm_h, rm_s, _, rs, ppo, g_data, g_train, g_eval = calls
     assert "--sft.init_checkpoint=runs/tiny_real" in sft and sft[-1] == "--train.steps=3"
     assert f"--rm.init_checkpoint={chain / 'sft'}" in rm_h and f"--rm.init_checkpoint={chain / 'sft'}" in rm_s
     assert {f"--ppo.init={chain / 'sft'}", f"--reward.helpful={chain / 'rm_helpful'}",
@@ -73,6 +94,15 @@ def test_llama2_recipe_connects_the_stages_and_skips_finished_ones(tmp_path: Pat
     assert rs[rs.index("--policy") + 1] == str(chain / "sft") and "--tokenizer" not in rs  # from the SFT export
     assert rows[4][2] == "best-of-2 0.500 vs one sample 0.250 (gain +0.250) over 4 prompts"
     assert "mean best-of-k for k = 1..2: 0.200, 0.500" in (chain / "rs" / "summary.md").read_text()
+    # GAtt from the PPO run directory (its exported policy), on the data the build stage wrote
+    assert g_data[g_data.index("--checkpoint") + 1] == str(chain / "ppo")
+    assert {f"--gatt.init={chain / 'ppo'}", f"--data.path={chain / 'gatt_data' / 'gatt.jsonl'}"} <= set(g_train)
+    assert g_eval.count("--checkpoint") == 2 and str(chain / "gatt") in g_eval
+    assert [r[2] for r in rows[6:]] == [
+        "3 GAtt dialogues sampled from the PPO policy (instruction kept in the first user turn only)",
+        "last-turn loss 2.0000 -> 1.0000 (2 steps logged)", "adherence at turns 2+: before 0%, after 50%"]
+    assert rows[8][3] == "gatt/report/summary.md"
+    assert "after" in (chain / "gatt" / "report" / "summary.md").read_text()  # the report now has the adherence
     summary = (chain / "recipe_summary.md").read_text()
     assert "| rm_helpful | ran | h: accuracy 0.660 (length baseline 0.600) | rm_helpful/report/summary.md |" in summary
     assert rows[3][3] == "eval_rm/summary.md"
