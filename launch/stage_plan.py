@@ -160,9 +160,11 @@ def plan_stage(stage: str, cfg: LlamaConfig, layout: Layout, *, shape: StageShap
     if stage not in STAGES:
         raise ValueError(f"--stage {stage!r}: use one of {', '.join(STAGES)} (or leave it out for pretraining)")
     s = shape.seq_len
-    # The engine runs the alignment stages without sequence parallelism (train.parallelize
-    # .resolve_sequence_parallel: their objectives and varying lengths), so their activations count it off.
-    layout = dataclasses.replace(layout, sequence_parallel=False)
+    # The engine runs the reward-model, DPO and PPO stages without sequence parallelism
+    # (train.parallelize.resolve_sequence_parallel: their objectives / varying lengths), so their activations count
+    # it off; SFT (fixed-length packed rows, the language-model objective) runs it like pretraining.
+    if stage != "sft":
+        layout = dataclasses.replace(layout, sequence_parallel=False)
     plan = StagePlan(stage=stage, layout=layout, resident={}, phases={}, reserved=hardware.reserved_bytes,
                      memory_bytes=hardware.memory_bytes)
     if stage in ("sft", "rm", "dpo"):

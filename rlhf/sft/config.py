@@ -9,6 +9,7 @@ The shared behaviour (steps from the data, warmup fraction, the init checkpoint'
 
 from __future__ import annotations
 
+import dataclasses
 import typing
 from dataclasses import dataclass, field
 
@@ -31,6 +32,11 @@ class SFTConfig(StageConfig):
 
     sft: SFTSection = field(default_factory=SFTSection)
     STAGE: typing.ClassVar[str] = "sft"
+
+    def engine_config(self) -> typing.Any:
+        """``[lora]`` as every stage; ``seq_len``: SFT packs its dialogues into rows of exactly ``data.seq_len``
+        tokens, so sequence parallelism runs here at tp > 1 like pretraining (the other stages' lengths vary)."""
+        return dataclasses.replace(super().engine_config(), seq_len=self.data.seq_len)
 
     def _validate_stage(self, *, world_size: int | None) -> None:
         files = file_list(self.sft.files)

@@ -8,6 +8,8 @@ and megatron-core layers on ``rlhf_parity_config`` plus the comma-separated over
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import sys
 import warnings
@@ -29,6 +31,9 @@ def main() -> None:
         cfg = rlhf_parity_config(stage, data, [*(o for o in re.split(r",(?=--)", overrides) if o),
                                                f"--run.dir={out / name}"])
         result = run_stage_config(stage, cfg)
+        if int(os.environ.get("RANK", "0")) == 0:  # what the engine ran, for the sequence-parallel test
+            (out / name / "sequence_parallel.json").write_text(
+                json.dumps(bool(getattr(result, "sequence_parallel", False))))
         if result.reason != "completed":
             raise SystemExit(f"layout {name}: {result.reason}")
 

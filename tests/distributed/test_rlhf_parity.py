@@ -98,6 +98,14 @@ def test_layout_matches_single_process(runs: Path, layout: str) -> None:
         assert e["accuracy"] == e_ref["accuracy"] and abs(e["mean_margin"] - e_ref["mean_margin"]) <= TOL
 
 
+def test_sequence_parallel_where_the_engine_runs_it(runs: Path) -> None:
+    """SFT at TP 2 runs sequence parallelism (fixed-length packed rows, the default at tp > 1); the reward model
+    and DPO fall back to plain TP (their objectives read hidden states / pad to their longest pair)."""
+    ran = {name: json.loads((runs / name / "sequence_parallel.json").read_text())
+           for name in ("sft_tp2", "rm_tp2", "dpo_tp2")}
+    assert ran == {"sft_tp2": True, "rm_tp2": False, "dpo_tp2": False}
+
+
 def test_training_changed_the_weights(runs: Path) -> None:
     """Guard against a vacuous match: 3 steps moved the weights away from the initial checkpoint."""
     init = load_file(runs / "data" / "init" / "model.safetensors")

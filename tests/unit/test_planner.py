@@ -146,7 +146,8 @@ def test_sequence_parallel_counted_only_when_on():
     assert Layout(tp=8, lora_rank=16).sp == 1 and Layout(tp=8).sp == 8
     from launch import stage_plan
 
-    assert stage_plan.plan_stage("sft", cfg, Layout(tp=8, dp=8)).layout.sp == 1
+    assert stage_plan.plan_stage("rm", cfg, Layout(tp=8, dp=8)).layout.sp == 1
+    assert stage_plan.plan_stage("sft", cfg, Layout(tp=8, dp=8)).layout.sp == 8  # SFT rows: fixed length
     for plan in (off, on):
         assert any("SP on 22.8 GiB, SP off 40.4 GiB" in n for n in plan.notes), plan.notes
     # At TP 1 the flag changes nothing.
