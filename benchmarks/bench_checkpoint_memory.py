@@ -216,7 +216,7 @@ def _summarise(per_rank: list[dict]) -> dict:
     return summary
 
 
-def measure_train(work: Path, root: Path = CODE, only: list[str] | None = None) -> dict:
+def measure_train(work: Path, root: Path = CODE, only: list[str] | None = None, reuse: bool = False) -> dict:
     """Every layout of ``TRAIN_LAYOUTS`` in its own torchrun launch (``root``: the checkout whose code runs)."""
     from train.config import RunConfig
 
@@ -224,24 +224,33 @@ def measure_train(work: Path, root: Path = CODE, only: list[str] | None = None) 
     model_cfg = cfg.model_config()
     results: dict = {"model": dict(cfg.model.overrides), "params": model_cfg.num_params(),
                      "model_fp32_mib": model_cfg.num_params() * 4 / MiB, "code": str(root), "layouts": {}}
+    final_step: dict[str, int] = {}  # each run's last step (= its last checkpoint), which the next resumes
     for name, nproc, flags, source in TRAIN_LAYOUTS:
+        if source is None:
+            final_step[name] = 2
+            run_flags = [*flags, "--train.steps=2", "--checkpoint.every=2"]
+        else:
+            final_step[name] = final_step[source] + 1  # one step more than the checkpoint it continues
+            checkpoint = work / "train" / source / "checkpoints" / f"step_{final_step[source]:08d}"
+            run_flags = [*flags, f"--train.steps={final_step[name]}", f"--checkpoint.every={final_step[name]}",
+                         f"--run.resume={checkpoint}"]
         if name not in (only or DEFAULT_TRAIN_LAYOUTS):
             continue
         out = work / "train" / name
-        shutil.rmtree(out, ignore_errors=True)
-        out.mkdir(parents=True)
-        run_flags = [*flags, "--train.steps=2", "--checkpoint.every=2"]
-        if source is not None:
-            step = 2 if TRAIN_LAYOUTS[[n for n, *_ in TRAIN_LAYOUTS].index(source)][3] is None else 3
-            run_flags = [*flags, "--train.steps=3", "--checkpoint.every=3",
-                         f"--run.resume={work / 'train' / source / 'checkpoints' / f'step_{step:08d}'}"]
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               str(Path(__file__).resolve()), "--worker", str(out), *run_flags]
-        env = {**os.environ, "PYTHONPATH": str(root), "BENCH_CODE_ROOT": str(root), "OMP_NUM_THREADS": "1",
-               "PYTHONWARNINGS": "ignore"}
-        proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, env=env, timeout=1800)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{name}: {proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+        done = out / "bench_args.json"
+        if reuse and done.is_file() and json.loads(done.read_text()) == {"flags": run_flags, "code": str(root)}:
+            print(f"{name}: reusing {out}", flush=True)  # --reuse: the same run measured before (same flags, code)
+        else:
+            shutil.rmtree(out, ignore_errors=True)
+            out.mkdir(parents=True)
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+                   str(Path(__file__).resolve()), "--worker", str(out), *run_flags]
+            env = {**os.environ, "PYTHONPATH": str(root), "BENCH_CODE_ROOT": str(root), "OMP_NUM_THREADS": "1",
+                   "PYTHONWARNINGS": "ignore"}
+            proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, env=env, timeout=1800)
+            if proc.returncode != 0:
+                raise RuntimeError(f"{name}: {proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+            done.write_text(json.dumps({"flags": run_flags, "code": str(root)}))
         per_rank = [json.loads((out / f"rss_rank{r}.json").read_text()) for r in range(nproc)]
         results["layouts"][name] = {"processes": nproc, "flags": flags, "resumed_from": source,
                                     **_summarise(per_rank)}
@@ -312,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sections", default="consolidate,train,ppo")
     parser.add_argument("--work", default="/tmp/bench_checkpoint_memory")
+    parser.add_argument("--reuse", action="store_true", help="train: keep a layout's earlier measurement under "
+                        "--work when its flags and code are the same (resume an interrupted benchmark)")
     parser.add_argument("--train-layouts", default="", help="comma list of TRAIN_LAYOUTS names (default: all)")
     parser.add_argument("--code", default="", help="run the measured processes on another checkout's code "
                         "(e.g. main before a change; also set for this process via BENCH_CODE_ROOT)")
@@ -329,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
         report["consolidate"] = {**stamp, "runs": measure_consolidate(work), "load_average_end": os.getloadavg()}
     if "train" in sections:
         report["train"] = {**stamp, **measure_train(work, Path(args.code) if args.code else CODE,
-                                                    only=[n for n in args.train_layouts.split(",") if n]),
+                                                    only=[n for n in args.train_layouts.split(",") if n],
+                                                    reuse=args.reuse),
                            "load_average_end": os.getloadavg()}
     if "ppo" in sections:
         report["ppo"] = {**stamp, **measure_ppo(work, Path(args.code) if args.code else CODE),
