@@ -200,9 +200,13 @@ def summarize(run_dir: Path, train: list[dict[str, Any]], valid: list[dict[str, 
         cfg = RunConfig.from_dict({k: v for k, v in tables.items() if k in RunConfig.sections() and k != "eval"},
                                   source=str(run_dir / "config.toml"))
         m = _trained_model_config(run_dir) or cfg.model_config()
+        # SFT and RM runs read their own files ([sft] files, [rm] helpful_files / safety_files), not data.path
+        stage = tables.get("sft") or tables.get("rm") or {}
+        files = [str(stage[k]) for k in ("files", "helpful_files", "safety_files") if stage.get(k)]
+        source = "synthetic" if cfg.data.synthetic else (cfg.data.path or ", ".join(files) or "(not recorded)")
         lines += [f"- model: {m.name} ({m.num_params() / 1e6:.2f}M parameters, dim {m.dim}, {m.n_layers} layers, "
                   f"vocab {m.vocab_size})",
-                  f"- data: {'synthetic' if cfg.data.synthetic else cfg.data.path}, seq_len {cfg.data.seq_len}, "
+                  f"- data: {source}, seq_len {cfg.data.seq_len}, "
                   f"global batch {cfg.train.global_batch_size} sequences ({cfg.train.global_batch_size * cfg.data.seq_len:,}"
                   f" tokens), micro-batch {cfg.train.micro_batch_size}",
                   f"- optimizer: AdamW lr {cfg.optim.lr:g} (warmup {cfg.optim.warmup_steps}, cosine to "

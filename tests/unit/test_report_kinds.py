@@ -36,7 +36,12 @@ def _run_dir(root: Path, kind: str) -> Path:
     run = root / kind
     run.mkdir()
     cls = {"pretrain": RunConfig, "sft": SFTConfig, "rm": RewardConfig, "ppo": PPOConfig, "gatt": GAttConfig}[kind]
-    (run / ("ppo_config.toml" if kind == "ppo" else "config.toml")).write_text(cls().to_toml())
+    cfg = cls()
+    if kind == "sft":  # SFT and RM runs read their own files, not data.path: the summary names them
+        cfg = cfg.replace(sft={"files": "{data_dir}/a.jsonl"})
+    elif kind == "rm":
+        cfg = cfg.replace(rm={"helpful_files": "h.jsonl", "safety_files": "s.jsonl"})
+    (run / ("ppo_config.toml" if kind == "ppo" else "config.toml")).write_text(cfg.to_toml())
     if kind == "ppo":
         records = [{"type": "ppo", "step": i, "reward/combined": 0.5 + 0.01 * i, "kl": 0.1 * i,
                     "heldout/reward/logit_combined": [0.1, 0.4, 0.3][i - 1]} for i in (1, 2, 3)]
@@ -82,9 +87,9 @@ def test_report_for_every_run_kind_lists_only_what_it_wrote(kind: str, tmp_path:
     assert expected.get(kind, set()) <= written
     figures = {
         "pretrain": ["held-out next-token loss: final 0.6931 (perplexity 2.00)"],
-        "sft": ["## SFT", "over all 12 held-out rows", "before 2.5000, after 1.2500"],
+        "sft": ["## SFT", "over all 12 held-out rows", "before 2.5000, after 1.2500", "- data: {data_dir}/a.jsonl, "],
         "rm": ["| helpful | 10 | 0.700 | 0.600 | 0.500 |", "significantly_better", "WEAK: harmless",
-               "held-out ranking loss: final 0.6931 at step 4"],
+               "held-out ranking loss: final 0.6931 at step 4", "- data: h.jsonl, s.jsonl, seq_len"],
         "ppo": ["## PPO", "best 0.400 at iteration 2", "KL to the reference last 0.300"],
         "gatt": ["## GAtt adherence", "| after | 1.00 | 0.75 |"],
     }[kind]
