@@ -26,6 +26,7 @@ import pytest
 from safetensors.torch import load_file
 
 from tests.conftest import REPO_ROOT
+from tests.run_checks import assert_honest_mfu
 from train.checkpointing import is_complete
 from train.portable import PortableCheckpoint
 
@@ -178,6 +179,7 @@ def test_wandb_offline_and_console_show_the_jsonl_values(tmp_path: Path) -> None
     assert sorted(train) == [1, 2, 3, 4, 5, 6]
     for key in ("step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu"):
         assert all(key in r for r in train.values()), key
+    assert_honest_mfu(run, max_tokens_per_step=8 * 64)  # tiny_cpu.toml: 8 sequences of 64; MFU in (0, 100%]
 
     files = glob.glob(str(run / "wandb" / "offline-run-*" / "run-*.wandb"))
     assert len(files) == 1, "wandb must run offline (no login) inside the run directory"
