@@ -2,8 +2,8 @@
 pretrained tiny Llama (stories260K, llama2.c's model in the shared data) on the HH-RLHF samples of
 ``$LLAMA_DATA_DIR``: SFT -> helpfulness RM -> safety RM -> evaluate_rm -> rejection sampling -> PPO -> GAtt data,
 training and adherence, each stage kept to a few steps with ``--set STAGE:ARG``. Skips (fails under CI=true) when
-the shared data is absent. ~85 s of CPU time (nine stage processes); 227 s wall at load average ~22 on the shared
-2-core machine, hence the generous timeout.
+the shared data is absent. ~85 s of CPU time (nine stage processes); 149 s wall at load average 6-9 (227 s at
+~22) on the shared 2-core machine, hence the generous timeout.
 
 Checks: every stage finished (``STAGE_DONE.json``), printed its key figure and has a ``summary.md``
 (``train.report``'s for the training stages, evaluate_rm's table); the connected outputs exist (SFT's
