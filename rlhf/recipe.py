@@ -1,4 +1,4 @@
-"""The Llama 2 recipe as one command: SFT -> helpfulness RM -> safety RM -> RM evaluation -> rejection sampling ->
+"""The Llama 2 and Llama 3 recipes as one command each. Llama 2: SFT -> helpfulness RM -> safety RM -> RM evaluation -> rejection sampling ->
 PPO -> GAtt (data, fine-tuning, adherence), each stage a run directory under ``--run-dir``, finished stages
 skipped, each stage's key figure printed, its ``summary.md`` written, one summary table at the end.
 
@@ -10,8 +10,15 @@ A recipe is a small registry (``RECIPES``): an ordered list of ``Stage`` (name, 
 it reports). The commands are the README's ("Alignment I"), with the presets of ``configs/rlhf/*_hh_tiny.toml`` and
 their directories replaced by the run directory's: ``RUN/sft``, ``RUN/rm_helpful``, ``RUN/rm_safety``,
 ``RUN/eval_rm``, ``RUN/rs``, ``RUN/ppo``, ``RUN/gatt_data``, ``RUN/gatt`` (its adherence in ``gatt/eval``),
-``RUN/gatt_eval``. A stage is finished when its ``STAGE_DONE.json`` exists (written after its command exited 0); an unfinished one is run again and resumes from its own checkpoints. Other recipes (e.g. Llama 3
-rounds, ``rlhf.rounds``) register their own list of stages. Writes ``RUN/recipe_summary.md``.
+``RUN/gatt_eval``. A stage is finished when its ``STAGE_DONE.json`` exists (written after its command exited 0); an unfinished one is run again and resumes from its own checkpoints. Writes
+``RUN/recipe_summary.md``.
+
+The Llama 3 post-training recipe runs through the same driver: SFT and the helpfulness RM as above, then the rounds
+of ``rlhf.rounds`` (rejection sampling -> SFT -> DPO variants -> averaging, ``configs/rlhf/llama3_rounds_tiny.toml``)
+from that SFT model with that RM, in ``RUN/rounds`` (the rounds driver skips its own finished steps too):
+
+    python -m rlhf.recipe llama3 --pretrained runs/tiny_real --run-dir runs/llama3_tiny \
+        --set rounds:--rounds.count=1
 """
 
 from __future__ import annotations
@@ -164,13 +171,21 @@ def _common(args: argparse.Namespace) -> list[str]:
     return [f"--data.tokenizer={args.tokenizer}", "--logging.wandb=false"]
 
 
-LLAMA2: list[Stage] = [
-    Stage("sft", lambda a, r: ["-m", "rlhf.sft", "--config", "configs/rlhf/sft_hh_tiny.toml", *_common(a),
-                               f"--sft.init_checkpoint={a.pretrained}", f"--run.dir={r / 'sft'}"], _sft_figure),
-    *[Stage(f"rm_{kind}", lambda a, r, kind=kind, preset=preset: [
+SFT = Stage("sft", lambda a, r: ["-m", "rlhf.sft", "--config", "configs/rlhf/sft_hh_tiny.toml", *_common(a),
+                                 f"--sft.init_checkpoint={a.pretrained}", f"--run.dir={r / 'sft'}"], _sft_figure)
+
+
+def reward_stage(kind: str, preset: str) -> Stage:
+    """A reward model trained from the recipe's SFT model (``RUN/rm_KIND``)."""
+    return Stage(f"rm_{kind}", lambda a, r: [
         "-m", "rlhf.reward", "--config", f"configs/rlhf/{preset}.toml", *_common(a),
         f"--rm.init_checkpoint={r / 'sft'}", f"--run.dir={r / f'rm_{kind}'}"], _rm_figure(f"rm_{kind}"))
-      for kind, preset in (("helpful", "rm_helpfulness_hh_tiny"), ("safety", "rm_safety_hh_tiny"))],
+
+
+LLAMA2: list[Stage] = [
+    SFT,
+    *[reward_stage(kind, preset) for kind, preset in (("helpful", "rm_helpfulness_hh_tiny"),
+                                                      ("safety", "rm_safety_hh_tiny"))],
     Stage("eval_rm", lambda a, r: ["-m", "rlhf.evaluate_rm", "--checkpoint", str(r / "rm_helpful"),
                                    str(r / "rm_safety"), "--data", f"{a.data}/preferences/hh-rlhf/helpful-base/"
                                    "test.jsonl.gz", f"{a.data}/preferences/hh-rlhf/harmless-base/test.jsonl.gz",
@@ -199,7 +214,48 @@ LLAMA2: list[Stage] = [
                                      "--output", str(r / "gatt" / "eval")], _gatt_eval_figure, _gatt_eval_summary),
 ]
 
-RECIPES: dict[str, list[Stage]] = {"llama2": LLAMA2}
+ROUNDS_PRESET = "configs/rlhf/llama3_rounds_tiny.toml"
+
+
+def _rounds_command(a: argparse.Namespace, r: Path) -> list[str]:
+    """``rlhf.rounds`` on its tiny preset, started from the recipe's SFT model and helpfulness RM; the recipe's
+    tokenizer is appended to the preset's own SFT and DPO overrides (the stage presets name the quickstart's)."""
+    from rlhf.rounds import RoundsConfig
+
+    preset = RoundsConfig.from_toml(ROUNDS_PRESET).rounds
+    mine = [f"--data.tokenizer={a.tokenizer}", "--logging.wandb=false"]
+    return ["-m", "rlhf.rounds", "--config", ROUNDS_PRESET, f"--rounds.dir={r / 'rounds'}",
+            f"--rounds.init_checkpoint={r / 'sft'}", f"--rounds.reward_model={r / 'rm_helpful'}",
+            "--rounds.sft_overrides=" + ",".join([*preset.sft_overrides, *mine]),
+            "--rounds.dpo_overrides=" + ",".join([*preset.dpo_overrides, *mine])]
+
+
+def _rounds_figure(run: Path) -> str:
+    """The last finished round's line of the rounds table (``round_N/summary.json``)."""
+    done = sorted((run / "rounds").glob("round_*/summary.json"), key=lambda p: int(p.parent.name.split("_")[1]))
+    if not done:
+        return "no round finished"
+    s = json.loads(done[-1].read_text())
+    parts = [f"round {s['round']}"]
+    if s.get("best_of_k_gain") is not None:
+        parts.append(f"best-of-K gain {s['best_of_k_gain']:+.3f}")
+    if s.get("dpo_accuracy") is not None:
+        parts.append(f"DPO held-out implicit-reward accuracy {s['dpo_accuracy']:.3f} "
+                     f"+- {s.get('dpo_accuracy_stderr') or 0.0:.3f}")
+    if s.get("win_rate_vs_previous") is not None:
+        against = f"round {s['round'] - 1}" if s["round"] > 1 else "the initial policy"
+        parts.append(f"win rate vs {against} {s['win_rate_vs_previous']:.2f}")
+    return ", ".join(parts)
+
+
+LLAMA3: list[Stage] = [
+    SFT,
+    reward_stage("helpful", "rm_helpfulness_hh_tiny"),
+    # Llama 3 (sec. 4.1): rounds of rejection sampling -> SFT -> DPO -> model averaging; its table is the summary.
+    Stage("rounds", _rounds_command, _rounds_figure, lambda stage_dir: stage_dir / "summary.md"),
+]
+
+RECIPES: dict[str, list[Stage]] = {"llama2": LLAMA2, "llama3": LLAMA3}
 """Recipe name -> its stages in order (a new recipe adds an entry)."""
 
 

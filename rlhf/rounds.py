@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rlhf.paths import resolve_path
 from train.config_reader import ConfigError, RootConfig, add_config_arguments, check
 
 DONE = "STEP_DONE.json"
@@ -48,6 +49,9 @@ class RoundsSection:
     """The reward model (an ``rlhf.reward`` run dir); with ``retrain_rm`` each round trains its own from the policy."""
     retrain_rm: bool = False
     """Retrain the RM each round on ``rm_preset`` (init: the round's policy) before sampling."""
+    allow_weak_rm: bool = False
+    """Let rejection sampling use a reward model at or below chance / the length baseline on its held-out pairs
+    (``rlhf.rejection_sampling --allow-weak-rm``; for smoke runs with a few-step RM: the gate refuses it otherwise)."""
     prompts: list[str] = field(default_factory=list)
     """Prompt files for rejection sampling (HH-RLHF, preference or dialogue JSONL)."""
     max_prompts: int = 0
@@ -127,6 +131,8 @@ class Rounds:
 
     def __init__(self, cfg: RoundsConfig, *, log: Any = print) -> None:
         self.cfg, self.r, self.root, self.log = cfg, cfg.rounds, Path(cfg.rounds.dir), log
+        # the presets' ``{data_dir}/...`` prompt files, expanded once (the stages get real paths)
+        self.prompts = [str(resolve_path(p)) for p in cfg.rounds.prompts]
 
     def stage(self, module: str, preset: str, overrides: Sequence[str]) -> list[str]:
         launcher = shlex.split(self.r.launcher)
@@ -149,9 +155,10 @@ class Rounds:
         rs = here / "rs"
         run_step(f"round {n} rejection sampling", [
             sys.executable, "-m", "rlhf.rejection_sampling", "--policy", policy, "--reward-model", rm,
-            "--prompts", *r.prompts, "--k", str(r.k), "--temperature", str(r.temperature), "--max-new-tokens",
+            "--prompts", *self.prompts, "--k", str(r.k), "--temperature", str(r.temperature), "--max-new-tokens",
             str(r.max_new_tokens), "--max-prompts", str(r.max_prompts), "--round", str(n), "--seed", str(n),
-            *(["--previous", *previous] if previous else []), "--out", str(rs)], rs, expect=rs / "best.jsonl",
+            *(["--previous", *previous] if previous else []), *(["--allow-weak-rm"] if r.allow_weak_rm else []),
+            "--out", str(rs)], rs, expect=rs / "best.jsonl",
             log=self.log)
         sft = here / "sft"
         run_step(f"round {n} sft", self.stage("rlhf.sft", r.sft_preset, [
@@ -192,7 +199,7 @@ class Rounds:
             from rlhf.rounds_eval import win_rate
 
             summary["win_rate_vs_previous"] = win_rate(
-                str(here / "final"), self.policy(n), reward_model=rm, prompts=self.r.prompts,
+                str(here / "final"), self.policy(n), reward_model=rm, prompts=self.prompts,
                 max_prompts=self.r.winrate_prompts, max_new_tokens=self.r.max_new_tokens, seed=n)
         (here / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         return summary

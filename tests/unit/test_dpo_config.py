@@ -89,3 +89,29 @@ def test_rounds_presets_load(preset: Path) -> None:
         assert (REPO_ROOT / getattr(cfg.rounds, name)).is_file(), name
     with pytest.raises(ConfigError, match="rounds.init_checkpoint is empty"):
         cfg.replace(rounds={"init_checkpoint": ""}).validate()
+
+
+def test_rounds_expand_the_presets_data_dir_and_pass_the_weak_rm_gate(monkeypatch: pytest.MonkeyPatch,
+                                                                      tmp_path: Path) -> None:
+    """The tiny preset names its prompts ``{data_dir}/...``: the rejection-sampling and win-rate steps get real
+    paths (the placeholder once reached rejection sampling verbatim), and ``rounds.allow_weak_rm`` reaches it."""
+    from rlhf import rounds as rounds_mod
+
+    monkeypatch.setenv("LLAMA_DATA_DIR", str(tmp_path))
+    cfg = rounds_mod.RoundsConfig.from_toml(REPO_ROOT / "configs/rlhf/llama3_rounds_tiny.toml",
+                                            ["--rounds.count=1", f"--rounds.dir={tmp_path / 'r'}",
+                                             "--rounds.allow_weak_rm=true"])
+    driver = rounds_mod.Rounds(cfg, log=lambda *a: None)
+    assert driver.prompts == [str(tmp_path / "preferences/hh-rlhf/helpful-base/test.jsonl.gz")]
+    commands: list[list[str]] = []
+
+    def stop_after_first_step(name: str, command: list[str], run_dir: Path, **_: object) -> None:
+        commands.append(command)
+        raise StopIteration
+
+    monkeypatch.setattr(rounds_mod, "run_step", stop_after_first_step)
+    with pytest.raises(StopIteration):
+        driver.run_round(1)
+    (rs,) = commands
+    assert rs[rs.index("--prompts") + 1] == driver.prompts[0] and "{data_dir}" not in " ".join(rs)
+    assert "--allow-weak-rm" in rs

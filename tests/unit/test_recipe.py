@@ -52,6 +52,15 @@ def _stub(calls: list[list[str]]) -> object:
                 "mean_best_of_k": 0.5, "mean_single_sample": 0.25, "gain_best_of_k_over_single": 0.25,
                 "best_of_k_curve": [0.2, 0.5], "empty_samples": 0, "prompts_without_answer": 0}))
             return 0
+        if module == "rlhf.rounds":  # round_N/summary.json and the table, as rlhf.rounds writes them
+            root = Path(_arg(cmd, "--rounds.dir="))
+            for n, acc in ((1, 0.55), (2, 0.6)):
+                (root / f"round_{n}").mkdir(parents=True)
+                (root / f"round_{n}" / "summary.json").write_text(json.dumps({
+                    "round": n, "best_of_k_gain": 0.25, "dpo_accuracy": acc, "dpo_accuracy_stderr": 0.05,
+                    **({"win_rate_vs_previous": 0.625} if n > 1 else {})}))
+            (root / "summary.md").write_text("| round |\n")
+            return 0
         run_dir = Path(_arg(cmd, "--run.dir="))
         run_dir.mkdir(parents=True)
         (run_dir / "report").mkdir()
@@ -158,3 +167,30 @@ def test_eval_rm_figure_reads_what_evaluate_rm_writes(tmp_path: Path, monkeypatc
                       "rm_helpful on harmless-base: 1.000 (length baseline 0.500); "
                       "rm_safety on helpful-base: 0.000 (length baseline 0.500); "
                       "rm_safety on harmless-base: 0.000 (length baseline 0.500)")
+
+
+def test_llama3_recipe_runs_the_rounds_from_its_sft_model_and_reward_model(tmp_path: Path) -> None:
+    """The Llama 3 rounds (``rlhf.rounds``) plug into the same driver: SFT -> helpfulness RM -> rounds, the rounds
+    started from the recipe's SFT export with its RM, the recipe's tokenizer added to the preset's SFT/DPO overrides."""
+    from rlhf.rounds import RoundsConfig
+
+    args = argparse.Namespace(recipe="llama3", pretrained="runs/tiny_real", run_dir=str(tmp_path / "chain"),
+                              tokenizer="tok.model", data="data", set=["rounds:--rounds.count=2"])
+    calls: list[list[str]] = []
+    rows = run_recipe(args, runner=_stub(calls), print_fn=lambda *a, **k: None)
+    chain = tmp_path / "chain"
+    assert [r[0] for r in rows] == ["sft", "rm_helpful", "rounds"]
+    rounds = calls[2]
+    assert rounds[rounds.index("-m") + 1] == "rlhf.rounds" and rounds[-1] == "--rounds.count=2"
+    assert {f"--rounds.dir={chain / 'rounds'}", f"--rounds.init_checkpoint={chain / 'sft'}",
+            f"--rounds.reward_model={chain / 'rm_helpful'}"} <= set(rounds)
+    # The overrides parse back through the rounds config: the preset's own first, then the recipe's tokenizer.
+    cfg = RoundsConfig.from_toml(rounds[rounds.index("--config") + 1], [a for a in rounds if a.startswith("--rounds.")])
+    preset = RoundsConfig.from_toml("configs/rlhf/llama3_rounds_tiny.toml").rounds
+    assert cfg.rounds.sft_overrides == [*preset.sft_overrides, "--data.tokenizer=tok.model", "--logging.wandb=false"]
+    assert cfg.rounds.dpo_overrides[-2:] == ["--data.tokenizer=tok.model", "--logging.wandb=false"]
+    assert cfg.rounds.count == 2 and cfg.rounds.init_checkpoint == str(chain / "sft")
+    assert rows[2][2] == ("round 2, best-of-K gain +0.250, DPO held-out implicit-reward accuracy 0.600 +- 0.050, "
+                          "win rate vs round 1 0.62")
+    assert rows[2][3] == "rounds/summary.md"
+    assert "| rounds | ran | round 2," in (chain / "recipe_summary.md").read_text()
