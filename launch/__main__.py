@@ -59,6 +59,8 @@ def _plan_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--frozen-zero-stage", type=int, choices=(1, 2, 3),
                    help="--stage ppo: ZeRO stage of the reference and reward models (default: 3 on GPUs, "
                         "--zero-stage with --device cpu, as ppo.frozen_zero_stage=-1)")
+    p.add_argument("--offload-frozen", action="store_true",
+                   help="--stage ppo: the frozen roles' ZeRO-3 partitions in host memory (ppo.offload_frozen)")
     p.add_argument("--tp", type=int)
     p.add_argument("--cp", type=int, help="context-parallel ranks per sequence (2 x CP chunks, Llama 3)")
     p.add_argument("--pp", type=int)

@@ -33,6 +33,7 @@ Every phase also holds every role's resident part and the fixed ``Hardware.reser
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
 import sys
@@ -58,6 +59,9 @@ class StageShape:
     """PPO: reward models held as frozen roles (Llama 2: helpfulness and safety; 0 = programmatic)."""
     frozen_zero_stage: int = 3
     """PPO: ZeRO stage of the frozen roles (``ppo.frozen_zero_stage``)."""
+    offload_frozen: bool = False
+    """PPO: the frozen roles' ZeRO-3 partitions in host memory (``ppo.offload_frozen``): no device memory outside
+    the scoring phase's gathered module."""
     global_batch: int = 64
     """Sequences per optimizer step (PPO: rollouts per minibatch, Llama 2: 64); ranks layouts by step time."""
 
@@ -121,10 +125,12 @@ def trained_role(cfg: LlamaConfig, layout: Layout, *, seq_len: int, lm_head: boo
     return resident, training
 
 
-def frozen_role(cfg: LlamaConfig, layout: Layout, *, zero_stage: int, lm_head: bool = True) -> dict[str, float]:
-    """An inference-only engine: bf16 weights of this rank's TP shard, partitioned over DP under ZeRO-3."""
+def frozen_role(cfg: LlamaConfig, layout: Layout, *, zero_stage: int, lm_head: bool = True,
+                offload: bool = False) -> dict[str, float]:
+    """An inference-only engine: bf16 weights of this rank's TP shard, partitioned over DP under ZeRO-3;
+    ``offload``: those partitions in host memory (gathered per module while scoring: ``scoring_bytes``)."""
     p = planner.stage_params(cfg, layout, 0) - (0.0 if lm_head else _head_params(cfg, layout))
-    return {"weights": BF16 * p / (layout.shard_ranks if zero_stage == 3 else 1)}
+    return {"weights": 0.0 if offload else BF16 * p / (layout.shard_ranks if zero_stage == 3 else 1)}
 
 
 def scoring_bytes(cfg: LlamaConfig, layout: Layout, *, seq_len: int, zero_stage: int) -> dict[str, float]:
@@ -175,13 +181,22 @@ def plan_stage(stage: str, cfg: LlamaConfig, layout: Layout, *, shape: StageShap
             plan.phases["reference scoring"] = scoring_bytes(cfg, layout, seq_len=s, zero_stage=layout.zero_stage)
         plan.phases["training"] = training
         return plan
+    if shape.offload_frozen and shape.frozen_zero_stage != 3:
+        raise ValueError(f"--offload-frozen needs the frozen roles at ZeRO-3 (--frozen-zero-stage 3), not "
+                         f"{shape.frozen_zero_stage}: their partitions are what is held in host memory")
     policy, policy_training = trained_role(cfg, layout, seq_len=s)
     value, value_training = trained_role(cfg, layout, seq_len=s, lm_head=False)
-    plan.resident = {"policy": policy, "value": value,
-                     "reference": frozen_role(cfg, layout, zero_stage=shape.frozen_zero_stage)}
+    frozen = functools.partial(frozen_role, cfg, layout, zero_stage=shape.frozen_zero_stage,
+                               offload=shape.offload_frozen)
+    plan.resident = {"policy": policy, "value": value, "reference": frozen()}
     for i in range(shape.reward_models):
         name = ("helpfulness RM", "safety RM")[i] if i < 2 else f"reward model {i + 1}"
-        plan.resident[name] = frozen_role(cfg, layout, zero_stage=shape.frozen_zero_stage, lm_head=False)
+        plan.resident[name] = frozen(lm_head=False)
+    if shape.offload_frozen:
+        host = sum(frozen_role(cfg, layout, zero_stage=3, lm_head=i == 0)["weights"]
+                   for i in range(1 + shape.reward_models))
+        plan.notes.append(f"frozen roles in host memory: {host / planner.GiB:.1f} GiB of CPU RAM per rank, "
+                          "one module gathered to the GPU at a time while scoring")
     plan.phases["rollout"] = rollout_bytes(cfg, layout, shape)
     plan.phases["scoring"] = scoring_bytes(cfg, layout, seq_len=s,
                                            zero_stage=max(layout.zero_stage, shape.frozen_zero_stage))
@@ -261,6 +276,7 @@ def cmd_plan_stage(args: object, hardware: Hardware) -> int:
     shape = StageShape(seq_len=args.seq_len or StageShape.seq_len, rollout_batch=args.rollout_batch,
                        reward_models=args.reward_models,
                        frozen_zero_stage=args.frozen_zero_stage or StageShape.frozen_zero_stage,
+                       offload_frozen=bool(getattr(args, "offload_frozen", False)),
                        global_batch=(args.global_batch_tokens // (args.seq_len or StageShape.seq_len)
                                      if args.global_batch_tokens else StageShape.global_batch))
     if (args.pp or 1) != 1:
@@ -278,7 +294,8 @@ def cmd_plan_stage(args: object, hardware: Hardware) -> int:
     else:
         print(f"{cfg.name}, {args.stage}: sequences of {shape.seq_len} tokens"
               + (f", rollout batch {shape.rollout_batch} per rank, {shape.reward_models} reward model(s), frozen "
-                 f"roles at ZeRO-{shape.frozen_zero_stage}" if args.stage == "ppo" else "")
+                 f"roles at ZeRO-{shape.frozen_zero_stage}{' in host memory' if shape.offload_frozen else ''}"
+                 if args.stage == "ppo" else "")
               + f"; {len(fitting)} of {len(plans)} layouts fit, ranked by the estimated training step time")
         for i, plan in enumerate(shown, 1):
             print(f"#{i} " + "\n".join(describe(plan)))

@@ -248,6 +248,9 @@ class EngineConfig:
     seq_len: int = 0
     """The fixed length of every training sequence (pretraining's data.seq_len); 0 = batches of varying length
     (the alignment stages), where sequence parallelism stays off unless asked for."""
+    offload_params: bool = False
+    """ZeRO-3 parameter offload (DeepSpeed's ``offload_param``): each rank's partitions live in host memory and a
+    module is gathered to the device only while it runs. Set for PPO's frozen roles by ``ppo.offload_frozen``."""
 
     def dp_size(self, world_size: int) -> int:
         return world_size // (self.parallel.tp * self.parallel.pp * self.parallel.cp)

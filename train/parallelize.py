@@ -252,6 +252,11 @@ def deepspeed_config(cfg: EngineConfig, *, dp: int, cuda: bool) -> dict[str, Any
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cuda}
     if z.stage == 3:
         zero.update({"stage3_prefetch_bucket_size": 5e7, "stage3_param_persistence_threshold": 1e4})
+    if cfg.offload_params:  # ZeRO-Infinity's parameter offload: partitions in host memory, gathered per module
+        if z.stage != 3:
+            raise ConfigError(f"parameter offload needs ZeRO stage 3 (its partitions are what moves to host memory); "
+                              f"this engine runs stage {z.stage}")
+        zero["offload_param"] = {"device": "cpu", "pin_memory": cuda}
     return {
         "train_batch_size": cfg.global_batch_size,
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,

@@ -73,6 +73,11 @@ class PPOSection:
     """Value-model learning rate; -1 = ``optim.lr``."""
     frozen_zero_stage: int = -1
     """ZeRO stage of the frozen roles (reference, reward models); -1 = ``zero.stage`` (that of the trained roles)."""
+    offload_frozen: bool = False
+    """Hold the frozen roles (reference, reward models) in host memory: DeepSpeed's ZeRO-3 parameter offload, so
+    their partitions stay in CPU RAM and each module is gathered to the device only while it scores (needs
+    ``frozen_zero_stage = 3``, or ``zero.stage = 3``). Trades PCIe traffic in the scoring phase for their whole
+    weights' device memory in every phase."""
 
 
 @dataclass(frozen=True)
@@ -244,6 +249,7 @@ class PPOConfig(RunConfig):
         return dataclasses.replace(
             base, optim=dataclasses.replace(self.optim, lr=lr),
             zero=dataclasses.replace(self.zero, stage=self.frozen_stage if frozen else self.zero.stage),
+            offload_params=frozen and self.ppo.offload_frozen,
             parallel=dataclasses.replace(self.parallel, activation_checkpoint_every=0 if frozen
                                          else self.parallel.activation_checkpoint_every))
 
@@ -270,6 +276,9 @@ class PPOConfig(RunConfig):
         _check(0 <= p.gamma <= 1 and 0 <= p.lam <= 1, f"ppo.gamma={p.gamma}, lam={p.lam}: must be in [0, 1]")
         _check(self.frozen_stage in (1, 2, 3),
                f"ppo.frozen_zero_stage={p.frozen_zero_stage}: use 1, 2 or 3 (or -1 = zero.stage)")
+        _check(not p.offload_frozen or self.frozen_stage == 3,
+               f"ppo.offload_frozen=true needs the frozen roles at ZeRO stage 3 (their partitions are what is held in "
+               f"host memory), but they run stage {self.frozen_stage}: set --ppo.frozen_zero_stage=3")
         _check(d.template in ("llama2", "llama3", "llama3_1"),
                f"prompts.template={d.template!r}: use \"llama2\", \"llama3\" or \"llama3_1\"")
         _check(d.heldout >= 2, f"prompts.heldout={d.heldout}: need >= 2 for early stopping")

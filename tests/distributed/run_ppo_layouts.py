@@ -91,10 +91,15 @@ def _watch_rollout_copy(trainer: PPOTrainer) -> dict:
 
 def _frozen_state(engine) -> dict:  # noqa: ANN001
     """What a frozen role (the reference) holds beyond its weights: DeepSpeed's optimizer and fp32 master."""
-    opt = engine._engine().optimizer
+    ds = engine._engine()
+    opt = ds.optimizer
     flat = getattr(opt, "fp32_partitioned_groups_flat", None) or getattr(opt, "single_partition_of_fp32_groups", [])
     params = list(engine.trained_module.parameters())
+    # ppo.offload_frozen: DeepSpeed's ZeRO-3 parameter offload to host memory ("none" / None when off)
+    device = getattr(ds.zero_offload_param(), "device", None)
+    device = getattr(device, "value", device)
     return {"optimizer": type(opt).__name__ if opt is not None else None,
+            "param_offload": None if device in (None, "none") else str(device),
             "fp32_master_numel": sum(t.numel() for t in flat),
             "weight_dtypes": sorted({str(getattr(p, "ds_tensor", p).dtype) for p in params}),
             "trainable": any(p.requires_grad for p in params)}

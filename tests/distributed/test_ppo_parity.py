@@ -39,6 +39,8 @@ LAYOUTS = {
     "dp2_zero3_once": ["--zero.stage=3", "--rollout.gather=once"],
     "dp2_zero3_per_token": ["--zero.stage=3", "--rollout.gather=per_token"],
     "tp2_zero3_once": ["--parallel.tp=2", "--zero.stage=3", "--rollout.gather=once"],
+    # the frozen roles' ZeRO-3 partitions held in host memory (DeepSpeed offload_param), the trained ones at ZeRO-1
+    "dp2_frozen_offload": ["--ppo.frozen_zero_stage=3", "--ppo.offload_frozen=true"],
 }
 EAGER_LAYOUTS = {"tp2_zero3_once_eager": ["@eager", "--parallel.tp=2", "--zero.stage=3",
                                           "--rollout.gather=once"]}
@@ -141,3 +143,12 @@ def test_frozen_roles_are_inference_only(runs: Path, layout: str, dtype: str) ->
     assert frozen["fp32_master_numel"] == 0 and not frozen["trainable"], frozen
     assert frozen["optimizer"] in (None, "DeepSpeedZeRoOffload"), frozen  # ZeRO-3: partitioning only
     assert frozen["weight_dtypes"] == [dtype], frozen
+
+
+def test_frozen_roles_offloaded_to_host_score_the_same(runs: Path) -> None:
+    """``ppo.offload_frozen``: the reference (and reward models) run DeepSpeed's ZeRO-3 parameter offload (their
+    partitions in host memory, gathered per module while scoring) and the iteration equals one process (the parity
+    test above); without the option nothing is offloaded."""
+    offloaded = json.loads((runs / "dp2_frozen_offload" / "result.json").read_text())["frozen"]
+    assert offloaded["param_offload"] == "cpu" and offloaded["fp32_master_numel"] == 0, offloaded
+    assert json.loads((runs / "dp2_zero3_once" / "result.json").read_text())["frozen"]["param_offload"] is None

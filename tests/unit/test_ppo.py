@@ -177,6 +177,12 @@ def test_config_errors_name_the_fix() -> None:
         PPOConfig.from_toml(None, ok + ["--rollout.gather=sometimes"]).validate()
     text = PPOConfig.from_toml(None, ok + ["--model.overrides.vocab_size=1024"]).to_toml()
     assert "helpful = \"constant:0.5\"" in text and "vocab_size = 1024" in text
+    with pytest.raises(ValueError, match="offload_frozen=true needs the frozen roles at ZeRO stage 3.*"
+                                         "--ppo.frozen_zero_stage=3"):
+        PPOConfig.from_toml(None, ok + ["--ppo.offload_frozen=true"]).validate()
+    offload = PPOConfig.from_toml(None, ok + ["--ppo.offload_frozen=true", "--ppo.frozen_zero_stage=3"]).validate()
+    assert offload.engine_config(role="frozen").offload_params and offload.engine_config(role="frozen").zero.stage == 3
+    assert not offload.engine_config(role="policy").offload_params  # only the frozen roles are offloaded
 
 
 # ---------------------------------------------------------------------------------------- prompts, shards

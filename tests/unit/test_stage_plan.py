@@ -111,3 +111,23 @@ def test_cpu_ppo_plan_cli_prints_every_role_and_phase(capsys: pytest.CaptureFixt
         assert f"    {phase}" in out
     assert launch_main([*argv[:10], "2", *argv[11:]]) == 2  # bad input: one error line naming the flag
     assert "--zero-stage 2: the CPU PPO plan models ZeRO-1 and ZeRO-3" in capsys.readouterr().err
+
+
+def test_offloaded_frozen_roles_leave_the_gpu_but_count_the_scoring_gather(capsys: pytest.CaptureFixture[str]) -> None:
+    """``ppo.offload_frozen``: the reference and reward models' ZeRO-3 partitions live in host memory, so they
+    leave every phase's GPU total; scoring still gathers one module to the GPU (counted as before)."""
+    cfg, layout = get_config("llama2_70b"), Layout(tp=8, dp=8, zero_stage=3, activation_checkpointing=True)
+    held = plan_stage("ppo", cfg, layout, hardware=H100_80)
+    offloaded = plan_stage("ppo", cfg, layout, shape=StageShape(offload_frozen=True), hardware=H100_80)
+    frozen = sum(held.resident[r]["weights"] for r in ("reference", "helpfulness RM", "safety RM"))
+    assert frozen > 0 and all(offloaded.resident[r]["weights"] == 0.0
+                              for r in ("reference", "helpfulness RM", "safety RM"))
+    for phase in held.phases:
+        assert held.phase_total(phase) - offloaded.phase_total(phase) == pytest.approx(frozen)
+    assert offloaded.phases["scoring"]["ZeRO-3 gathered"] == held.phases["scoring"]["ZeRO-3 gathered"] > 0
+    assert any(f"frozen roles in host memory: {frozen / GiB:.1f} GiB" in n for n in offloaded.notes)
+    with pytest.raises(ValueError, match="--offload-frozen needs the frozen roles at ZeRO-3"):
+        plan_stage("ppo", cfg, layout, shape=StageShape(offload_frozen=True, frozen_zero_stage=1))
+    assert launch_main(["plan", "--stage", "ppo", "--model", "llama2_70b", "--gpus", "64", "--gpu-memory", "80GiB",
+                        "--tp", "8", "--zero-stage", "3", "--offload-frozen"]) == 0
+    assert "frozen roles at ZeRO-3 in host memory" in capsys.readouterr().out
