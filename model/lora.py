@@ -93,10 +93,10 @@ class LoRADown(nn.Module):
         if self.tp == "column":  # x replicated: its and A's gradients are sums over the ranks' output slices
             from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
 
-            from model.parallel import _SumGradOverTP
+            from model.parallel import sum_grad_over_tp
 
             x = copy_to_tensor_model_parallel_region(x, group=self.group)
-            weight = _SumGradOverTP.apply(weight, self.group)
+            weight = sum_grad_over_tp(weight, self.group)
         h = F.linear(self.dropout(x).to(weight.dtype), weight)
         if self.tp == "row":  # partial products over this rank's input columns: all-reduced, as W's are
             from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region

@@ -92,12 +92,18 @@ class _SumGradOverTP(torch.autograd.Function):
         return comm.all_reduce(grad.contiguous(), group=ctx.group), None
 
 
+def sum_grad_over_tp(x: Tensor, group: Any) -> Tensor:
+    """``x`` unchanged; its gradient all-reduced over the TP group (a replicated weight, or the input of a plain
+    column-parallel matmul whose other ranks consume the same tensor)."""
+    return _SumGradOverTP.apply(x, group)
+
+
 class ReplicatedKVProjection(nn.Module):
     """k or v projection when ``tp > n_kv_heads``: the full weight on every rank, this rank's head used.
 
     With ``g = tp / n_kv_heads`` ranks per kv head, TP rank ``r`` serves query heads of kv head ``r // g``.
     The input goes through ``copy_to_tensor_model_parallel_region`` (its gradient is summed over TP, like a
-    column-parallel layer's) and the weight through ``_SumGradOverTP``, so every replica receives the
+    column-parallel layer's) and the weight through ``sum_grad_over_tp``, so every replica receives the
     gradient of the whole weight.
     """
 
@@ -113,7 +119,7 @@ class ReplicatedKVProjection(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = copy_to_tensor_model_parallel_region(x, group=self.group)
-        weight = _SumGradOverTP.apply(self.weight, self.group)
+        weight = sum_grad_over_tp(self.weight, self.group)
         rows = weight[self.head * self.head_dim : (self.head + 1) * self.head_dim]
         return F.linear(x, rows)
 

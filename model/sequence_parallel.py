@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model import comm
-from model.parallel import MegatronLayers
+from model.parallel import MegatronLayers, sum_grad_over_tp
 
 
 class _GatheredLinear(torch.autograd.Function):
@@ -64,19 +64,6 @@ class _SplitAlongSequence(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
         return torch.cat(comm.all_gather(grad.contiguous(), group=ctx.group), dim=1), None
-
-
-class _AllReduceInBackward(torch.autograd.Function):
-    """Identity forward, gradient summed over TP (the input of a plain column-parallel matmul)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, group: Any) -> Tensor:  # type: ignore[override]
-        ctx.group = group
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
-        return comm.all_reduce(grad.contiguous(), group=ctx.group), None
 
 
 class _AllReduceInForward(torch.autograd.Function):
@@ -117,7 +104,7 @@ class SequenceParallelColumn(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.state.active():
-            return F.linear(_AllReduceInBackward.apply(x, self.group), self.weight)
+            return F.linear(sum_grad_over_tp(x, self.group), self.weight)
         return _GatheredLinear.apply(x, self.weight, self.group)
 
 
