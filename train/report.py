@@ -8,9 +8,10 @@ perplexity figure), ``all_metrics.png`` (every numeric key present, one panel ea
 e.g. PPO, get plots without code here), for PPO runs ``ppo.png`` (rewards, held-out reward, KL, entropy, clip
 fraction, value loss, length, time per iteration) and ``summary.md`` (run kind, config, final/best losses, the
 named held-out loss, throughput, time, and exactly the plots written). Every run kind works: pretraining, SFT, RM,
-PPO, GAtt; each stage's own figures come from the JSON files it wrote (``train/report_stages.py``: SFT answer
-loss, RM accuracy per test set vs the length baseline and by rating strength + ``rm_accuracy.png``, PPO reward /
-KL / held-out reward and best iteration, GAtt adherence).
+PPO, GAtt, DPO, distillation; each stage's own figures come from the JSON files it wrote
+(``train/report_stages.py``: SFT answer loss, RM accuracy per test set vs the length baseline and by rating strength +
+``rm_accuracy.png``, PPO reward / KL / held-out reward and best iteration, GAtt adherence, DPO held-out
+implicit-reward accuracy and margins, distillation held-out KL / student loss / argmax agreement).
 """
 
 from __future__ import annotations

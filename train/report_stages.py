@@ -18,7 +18,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-STAGE_SECTIONS = {"sft": "sft", "rm": "rm", "ppo": "ppo", "gatt": "gatt"}
+STAGE_SECTIONS = {"sft": "sft", "rm": "rm", "ppo": "ppo", "gatt": "gatt", "dpo": "dpo", "distill": "distill"}
 """config.toml section -> run kind (a run with none of them is pretraining)."""
 
 
@@ -48,7 +48,8 @@ def _fmt(x: Any, spec: str = ".3f") -> str:
 
 def stage_figures(run_dir: Path, kind: str, records: list[dict[str, Any]], out: Path) -> tuple[list[str], list[str]]:
     """(markdown lines, plot files written) of the stage's own figures; nothing for pretraining."""
-    return {"sft": _sft, "rm": _rm, "ppo": _ppo, "gatt": _gatt}.get(kind, lambda *a: ([], []))(run_dir, records, out)
+    figures = {"sft": _sft, "rm": _rm, "ppo": _ppo, "gatt": _gatt, "dpo": _dpo, "distill": _distill}
+    return figures.get(kind, lambda *a: ([], []))(run_dir, records, out)
 
 
 def _sft(run_dir: Path, records: list[dict[str, Any]], out: Path) -> tuple[list[str], list[str]]:
@@ -58,6 +59,26 @@ def _sft(run_dir: Path, records: list[dict[str, Any]], out: Path) -> tuple[list[
     return ["## SFT", "", f"- held-out answer-token loss over all {ev.get('heldout_rows')} held-out rows "
             f"({int(ev.get('heldout_answer_tokens', 0))} answer tokens): before {_fmt(ev['heldout_loss_before'], '.4f')}"
             f", after {_fmt(ev['heldout_loss_after'], '.4f')}", ""], []
+
+
+def _dpo(run_dir: Path, records: list[dict[str, Any]], out: Path) -> tuple[list[str], list[str]]:
+    ev = _read(run_dir / "dpo_eval.json")
+    if not ev:
+        return ["## DPO", "", "- no dpo_eval.json (the run did not complete, or had no held-out pairs)", ""], []
+    return ["## DPO (held-out pairs)", "", f"- implicit-reward accuracy {_fmt(ev.get('accuracy'))} +- "
+            f"{_fmt(ev.get('accuracy_stderr'))} over {ev.get('heldout_pairs')} pairs ({ev.get('ties', 0)} ties); "
+            f"mean margin {_fmt(ev.get('mean_margin'), '.4f')} (chosen {_fmt(ev.get('mean_chosen_reward'), '.4f')}, "
+            f"rejected {_fmt(ev.get('mean_rejected_reward'), '.4f')})", ""], []
+
+
+def _distill(run_dir: Path, records: list[dict[str, Any]], out: Path) -> tuple[list[str], list[str]]:
+    ev = _read(run_dir / "distill_eval.json")
+    if not ev:
+        return ["## Distillation", "", "- no distill_eval.json (the run did not complete, or had no held-out rows)",
+                ""], []
+    return ["## Distillation (held-out)", "", f"- student loss {_fmt(ev.get('student_loss'), '.4f')} (teacher "
+            f"{_fmt(ev.get('teacher_loss'), '.4f')}), forward KL to the teacher {_fmt(ev.get('kl'), '.4f')}, argmax "
+            f"agreement {_fmt(ev.get('argmax_agreement'))}", ""], []
 
 
 def _rm(run_dir: Path, records: list[dict[str, Any]], out: Path) -> tuple[list[str], list[str]]:

@@ -35,7 +35,11 @@ def _validation(name: str, *, ppl: bool) -> dict:
 def _run_dir(root: Path, kind: str) -> Path:
     run = root / kind
     run.mkdir()
-    cls = {"pretrain": RunConfig, "sft": SFTConfig, "rm": RewardConfig, "ppo": PPOConfig, "gatt": GAttConfig}[kind]
+    from rlhf.distill.config import DistillConfig
+    from rlhf.dpo.config import DPOConfig
+
+    cls = {"pretrain": RunConfig, "sft": SFTConfig, "rm": RewardConfig, "ppo": PPOConfig, "gatt": GAttConfig,
+           "dpo": DPOConfig, "distill": DistillConfig}[kind]
     cfg = cls()
     if kind == "sft":  # SFT and RM runs read their own files, not data.path: the summary names them
         cfg = cfg.replace(sft={"files": "{data_dir}/a.jsonl"})
@@ -63,6 +67,13 @@ def _run_dir(root: Path, kind: str) -> Path:
             "helpful": {"pairs": 10, "accuracy": 0.7, "length_baseline": 0.6, "mean_margin": 0.5, "per_rating": per},
             "harmless": {"pairs": 10, "accuracy": 0.45, "length_baseline": 0.55, "mean_margin": -0.1,
                          "per_rating": {}}}))
+    if kind == "dpo":  # rlhf.dpo's dpo_eval.json
+        (run / "dpo_eval.json").write_text(json.dumps({
+            "heldout_pairs": 40, "accuracy": 0.625, "accuracy_stderr": 0.0766, "ties": 1, "mean_margin": 0.25,
+            "mean_chosen_reward": 0.1, "mean_rejected_reward": -0.15}))
+    if kind == "distill":  # rlhf.distill's distill_eval.json
+        (run / "distill_eval.json").write_text(json.dumps({"student_loss": 3.25, "teacher_loss": 1.5, "kl": 1.86,
+                                                           "argmax_agreement": 0.298}))
     if kind == "gatt":
         (run / "eval").mkdir()
         (run / "eval" / "adherence.json").write_text(json.dumps({"models": {
@@ -71,7 +82,7 @@ def _run_dir(root: Path, kind: str) -> Path:
     return run
 
 
-@pytest.mark.parametrize("kind", ["pretrain", "sft", "rm", "ppo", "gatt"])
+@pytest.mark.parametrize("kind", ["pretrain", "sft", "rm", "ppo", "gatt", "dpo", "distill"])
 def test_report_for_every_run_kind_lists_only_what_it_wrote(kind: str, tmp_path: Path,
                                                              capsys: pytest.CaptureFixture[str]) -> None:
     run = _run_dir(tmp_path, kind)
@@ -92,6 +103,9 @@ def test_report_for_every_run_kind_lists_only_what_it_wrote(kind: str, tmp_path:
                "held-out ranking loss: final 0.6931 at step 4", "- data: h.jsonl, s.jsonl, seq_len"],
         "ppo": ["## PPO", "best 0.400 at iteration 2", "KL to the reference last 0.300"],
         "gatt": ["## GAtt adherence", "| after | 1.00 | 0.75 |"],
+        "dpo": ["## DPO (held-out pairs)", "implicit-reward accuracy 0.625 +- 0.077 over 40 pairs (1 ties)"],
+        "distill": ["## Distillation (held-out)", "student loss 3.2500 (teacher 1.5000), forward KL to the teacher "
+                    "1.8600, argmax agreement 0.298"],
     }[kind]
     for text in figures:
         assert text in summary, (text, summary)
