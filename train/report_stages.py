@@ -52,33 +52,29 @@ def stage_figures(run_dir: Path, kind: str, records: list[dict[str, Any]], out: 
     return figures.get(kind, lambda *a: ([], []))(run_dir, records, out)
 
 
-def _sft(run_dir: Path, records: list[dict[str, Any]], out: Path) -> tuple[list[str], list[str]]:
-    ev = _read(run_dir / "sft_eval.json")
-    if not ev:
-        return ["## SFT", "", "- no sft_eval.json (the run did not complete, or had no held-out rows)", ""], []
-    return ["## SFT", "", f"- held-out answer-token loss over all {ev.get('heldout_rows')} held-out rows "
-            f"({int(ev.get('heldout_answer_tokens', 0))} answer tokens): before {_fmt(ev['heldout_loss_before'], '.4f')}"
-            f", after {_fmt(ev['heldout_loss_after'], '.4f')}", ""], []
+def _one_line(file: str, title: str, missing: str, line: Any) -> Any:
+    """A stage whose figure is one line read from the JSON file it wrote (``line(ev)``), or says why it is missing."""
+    def figures(run_dir: Path, records: list[dict[str, Any]], out: Path) -> tuple[list[str], list[str]]:
+        ev = _read(run_dir / file)
+        if not ev:
+            return [f"## {title}", "", f"- no {file} ({missing})", ""], []
+        return [f"## {title}", "", f"- {line(ev)}", ""], []
+    return figures
 
 
-def _dpo(run_dir: Path, records: list[dict[str, Any]], out: Path) -> tuple[list[str], list[str]]:
-    ev = _read(run_dir / "dpo_eval.json")
-    if not ev:
-        return ["## DPO", "", "- no dpo_eval.json (the run did not complete, or had no held-out pairs)", ""], []
-    return ["## DPO (held-out pairs)", "", f"- implicit-reward accuracy {_fmt(ev.get('accuracy'))} +- "
-            f"{_fmt(ev.get('accuracy_stderr'))} over {ev.get('heldout_pairs')} pairs ({ev.get('ties', 0)} ties); "
-            f"mean margin {_fmt(ev.get('mean_margin'), '.4f')} (chosen {_fmt(ev.get('mean_chosen_reward'), '.4f')}, "
-            f"rejected {_fmt(ev.get('mean_rejected_reward'), '.4f')})", ""], []
-
-
-def _distill(run_dir: Path, records: list[dict[str, Any]], out: Path) -> tuple[list[str], list[str]]:
-    ev = _read(run_dir / "distill_eval.json")
-    if not ev:
-        return ["## Distillation", "", "- no distill_eval.json (the run did not complete, or had no held-out rows)",
-                ""], []
-    return ["## Distillation (held-out)", "", f"- student loss {_fmt(ev.get('student_loss'), '.4f')} (teacher "
-            f"{_fmt(ev.get('teacher_loss'), '.4f')}), forward KL to the teacher {_fmt(ev.get('kl'), '.4f')}, argmax "
-            f"agreement {_fmt(ev.get('argmax_agreement'))}", ""], []
+_sft = _one_line("sft_eval.json", "SFT", "the run did not complete, or had no held-out rows", lambda ev: (
+    f"held-out answer-token loss over all {ev.get('heldout_rows')} held-out rows "
+    f"({int(ev.get('heldout_answer_tokens', 0))} answer tokens): before {_fmt(ev['heldout_loss_before'], '.4f')}, "
+    f"after {_fmt(ev['heldout_loss_after'], '.4f')}"))
+_dpo = _one_line("dpo_eval.json", "DPO (held-out pairs)", "the run did not complete, or had no held-out pairs",
+                 lambda ev: (
+    f"implicit-reward accuracy {_fmt(ev.get('accuracy'))} +- {_fmt(ev.get('accuracy_stderr'))} over "
+    f"{ev.get('heldout_pairs')} pairs ({ev.get('ties', 0)} ties); mean margin {_fmt(ev.get('mean_margin'), '.4f')} "
+    f"(chosen {_fmt(ev.get('mean_chosen_reward'), '.4f')}, rejected {_fmt(ev.get('mean_rejected_reward'), '.4f')})"))
+_distill = _one_line("distill_eval.json", "Distillation (held-out)", "the run did not complete, or had no held-out rows",
+                     lambda ev: (
+    f"student loss {_fmt(ev.get('student_loss'), '.4f')} (teacher {_fmt(ev.get('teacher_loss'), '.4f')}), forward KL "
+    f"to the teacher {_fmt(ev.get('kl'), '.4f')}, argmax agreement {_fmt(ev.get('argmax_agreement'))}"))
 
 
 def _rm(run_dir: Path, records: list[dict[str, Any]], out: Path) -> tuple[list[str], list[str]]:
