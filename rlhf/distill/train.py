@@ -12,10 +12,11 @@ Per token with loss mask m (pretraining: all tokens; dialogues: the answers only
     loss = (1 - w) * T^2 * D(teacher_T || student_T)  +  w * CE(student, next token),   w = hard_label_weight
 
 with D = forward KL, reverse KL or generalised JSD over the teacher's top-k (``rlhf/distill/losses.py``; k = 0 is
-the whole vocabulary). The student trains under the engine like pretraining (any TP x ZeRO layout; checkpoints,
-resume, metrics are the loop's); the teacher runs beside it in inference only, at ``distill.teacher_tp``
-(``rlhf/distill/teacher.py``), or its top-k logits are read from disk (``rlhf/distill/offline.py``). The batch
-carries the teacher's ``[b, s, k]`` values and ids to the student's objective. Outputs in ``run.dir``:
+the whole vocabulary). The student trains under the engine like pretraining (any TP x PP x ZeRO layout it runs;
+checkpoints, resume, metrics are the loop's); the teacher runs beside it in inference only, at
+``distill.teacher_tp`` (``rlhf/distill/teacher.py``), or its top-k logits are read from disk
+(``rlhf/distill/offline.py``). The batch carries the teacher's ``[b, s, k]`` values and ids to the student's
+objective (under PP to the last stage's loss, as targets beside the labels). Outputs in ``run.dir``:
 ``final_model/`` and ``distill_eval.json`` (held-out teacher KL, student loss, argmax agreement with the teacher).
 """
 
@@ -38,6 +39,29 @@ from rlhf.stage import rank, run_stage, stage_main
 TEACHER_KEYS = ("teacher_values", "teacher_indices")
 
 
+def distill_loss_sum(logits: Tensor, labels: Tensor, loss_mask: Tensor, teacher_values: Tensor,
+                     teacher_indices: Tensor, *, section: Any, tp_size: int) -> Tensor:
+    """``sum_t m_t [(1 - w) T^2 D_t + w CE_t]`` over one micro-batch from the student's (vocab-parallel at TP > 1)
+    logits. Shared by the plain module and the last pipeline stage, so both layouts compute the same arithmetic."""
+    from train.objective import masked_loss_sum
+
+    s = section
+    group, tp_rank = None, 0
+    if tp_size > 1:
+        from megatron.core import parallel_state
+
+        group, tp_rank = parallel_state.get_tensor_model_parallel_group(), \
+            parallel_state.get_tensor_model_parallel_rank()
+    total = torch.zeros((), device=logits.device)
+    if s.hard_label_weight < 1.0:
+        kd = distill_token_loss(logits, teacher_values, teacher_indices, kind=s.loss, temperature=s.temperature,
+                                beta=s.beta, group=group, tp_size=tp_size, tp_rank=tp_rank)
+        total = total + (1.0 - s.hard_label_weight) * (kd * loss_mask.float()).sum()
+    if s.hard_label_weight > 0.0:
+        total = total + s.hard_label_weight * masked_loss_sum(logits, labels, loss_mask, tp_size=tp_size)
+    return total
+
+
 class DistillLoss(nn.Module):
     """Student forward + ``(1 - w) T^2 D + w CE`` per token, masked, summed, scaled (the engine's module contract)."""
 
@@ -47,38 +71,43 @@ class DistillLoss(nn.Module):
 
     def forward(self, input_ids: Tensor, labels: Tensor, loss_mask: Tensor, document_ids: Tensor,
                 teacher_values: Tensor, teacher_indices: Tensor, scale: Tensor) -> Tensor:
-        from train.objective import masked_loss_sum
-
-        s = self.section
         logits = self.model(input_ids, document_ids=document_ids if self.document_mask else None)
-        group, tp_rank = None, 0
-        if self.tp_size > 1:
-            from megatron.core import parallel_state
+        return distill_loss_sum(logits, labels, loss_mask, teacher_values, teacher_indices, section=self.section,
+                                tp_size=self.tp_size) * scale
 
-            group, tp_rank = parallel_state.get_tensor_model_parallel_group(), \
-                parallel_state.get_tensor_model_parallel_rank()
-        total = torch.zeros((), device=logits.device)
-        if s.hard_label_weight < 1.0:
-            kd = distill_token_loss(logits, teacher_values, teacher_indices, kind=s.loss, temperature=s.temperature,
-                                    beta=s.beta, group=group, tp_size=self.tp_size, tp_rank=tp_rank)
-            total = total + (1.0 - s.hard_label_weight) * (kd * loss_mask.float()).sum()
-        if s.hard_label_weight > 0.0:
-            total = total + s.hard_label_weight * masked_loss_sum(logits, labels, loss_mask, tp_size=self.tp_size)
-        return total * scale
+
+class DistillPipelineLoss:
+    """The last pipeline stage's loss (DeepSpeed's ``loss_fn``): ``(logits, (labels, loss_mask, teacher_values,
+    teacher_indices, scale))`` -> the scaled loss sum. The teacher's top-k travel as loss targets: DeepSpeed's pipe
+    engine hands the data iterator's second tuple to the last stage as it is (no inter-stage transfer)."""
+
+    def __init__(self, *, section: Any, tp_size: int) -> None:
+        self.section, self.tp_size = section, tp_size
+
+    def __call__(self, logits: Tensor, targets: tuple[Tensor, ...]) -> Tensor:
+        labels, loss_mask, teacher_values, teacher_indices, scale = targets
+        return distill_loss_sum(logits, labels, loss_mask, teacher_values, teacher_indices, section=self.section,
+                                tp_size=self.tp_size) * scale
 
 
 class DistillObjective:
-    """The engine objective: the language-model batch plus the teacher's top-k (no pipeline parallelism)."""
+    """The engine objective: the language-model batch plus the teacher's top-k; under pipeline parallelism the
+    top-k ride with the labels to the last stage (``pipeline_target_keys``)."""
 
     input_keys = ("input_ids", "labels", "loss_mask", "document_ids", *TEACHER_KEYS)
     weight_key = "loss_mask"
-    supports_pipeline = False
+    supports_pipeline = True
+    pipeline_target_keys = ("labels", "loss_mask", *TEACHER_KEYS)
+    """What the last pipeline stage's loss receives besides the logits (``train.engine``: then ``scale``)."""
 
     def __init__(self, section: Any, *, document_mask: bool = True) -> None:
         self.section, self.document_mask = section, document_mask
 
     def wrap(self, model: Llama, *, layers: Any) -> nn.Module:
         return DistillLoss(model, section=self.section, tp_size=layers.tp_size, document_mask=self.document_mask)
+
+    def pipeline_loss(self, *, tp_size: int) -> DistillPipelineLoss:
+        return DistillPipelineLoss(section=self.section, tp_size=tp_size)
 
     def native_name(self, name: str) -> str:
         return name.removeprefix("model.")
@@ -260,4 +289,5 @@ def main(argv: Sequence[str] | None = None) -> int:
                       example="--config configs/rlhf/distill_tiny.toml --distill.teacher=runs/teacher/final_model")
 
 
-__all__ = ["DistillLoss", "DistillObjective", "DistillTask", "evaluate_distill", "main", "run_distill"]
+__all__ = ["DistillLoss", "DistillObjective", "DistillPipelineLoss", "DistillTask", "distill_loss_sum", "evaluate_distill",
+           "main", "run_distill"]

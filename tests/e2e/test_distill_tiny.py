@@ -1,15 +1,15 @@
 """``python -m rlhf.distill`` end to end on CPU: online teacher, offline teacher logits, a TP2 teacher beside a
-TP1 x DP2 student, a TP2 student and a DP2 x ZeRO-3 student beside a TP1 teacher (one torchrun launch), all giving
-the same per-step losses.
+TP1 x DP2 student, a TP2 student, a DP2 x ZeRO-3 student and a PP2 student beside a TP1 teacher (one torchrun
+launch), all giving the same per-step losses.
 
     python -m pytest -q tests/e2e/test_distill_tiny.py
 
 Teacher: a seeded debug_tiny saved as a native checkpoint; student: debug_tiny with one layer, synthetic documents,
 top-16 forward KL mixed with 30% hard labels. Online and offline (fp32 store) runs must agree exactly (the same
 numbers reach the loss); the 2-process runs (the real DeepSpeed engine: a TP2 teacher beside a TP1 x DP2 student,
-a TP2 student and a DP2 x ZeRO-3 student beside a TP1 teacher) must match the one-process run within 1e-5 per
-step. SFT dialogues (``distill.data = sft``): with the hard labels alone the losses are exactly ``rlhf.sft``'s
-(answer-only mask). A pipeline-parallel student is refused by the engine (DistillObjective.supports_pipeline).
+a TP2 student, a DP2 x ZeRO-3 student and a PP2 student beside a TP1 teacher) must match the one-process run within
+1e-5 (per-step losses and gradient norms, the exported weights after the last step). SFT dialogues
+(``distill.data = sft``): with the hard labels alone the losses are exactly ``rlhf.sft``'s (answer-only mask).
 """
 
 from __future__ import annotations
@@ -36,9 +36,9 @@ def distill_args(out: Path, name: str, *extra: str) -> list[str]:
             "--logging.wandb=false", "--optim.lr=1e-2", "--optim.warmup_steps=1", f"--run.dir={out / name}", *extra]
 
 
-def losses(run: Path) -> dict[int, float]:
+def losses(run: Path, key: str = "loss") -> dict[int, float]:
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records if r.get("type") == "train"}
+    return {r["step"]: r[key] for r in records if r.get("type") == "train"}
 
 
 def run_one_process(out: Path, name: str, *extra: str) -> dict:
@@ -83,10 +83,11 @@ def test_offline_logits_give_the_online_losses(out: Path) -> None:
 
 
 # Two-process layouts, one torchrun launch (tests/e2e/run_distill_layouts.py): the teacher split over both ranks
-# beside a TP1 x DP2 student, a TP2 student (vocabulary-parallel KL and CE) beside a whole teacher on each rank, and
-# a DP2 x ZeRO-3 student (its parameters partitioned) beside a whole teacher on each rank.
+# beside a TP1 x DP2 student, a TP2 student (vocabulary-parallel KL and CE) beside a whole teacher on each rank,
+# a DP2 x ZeRO-3 student (its parameters partitioned) beside a whole teacher on each rank, and a PP2 student (the
+# teacher's top-k reach the last stage's loss with the labels) beside a whole teacher on each rank.
 LAYOUTS = {"teacher_tp2": "--distill.teacher_tp=2", "student_tp2": "--parallel.tp=2",
-           "student_dp2_zero3": "--zero.stage=3"}
+           "student_dp2_zero3": "--zero.stage=3", "student_pp2": "--parallel.pp=2"}
 
 
 @pytest.fixture(scope="module")
@@ -104,9 +105,9 @@ def two_process_runs(out: Path) -> Path:
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_two_process_layout_matches_one_process(two_process_runs: Path, layout: str) -> None:
-    """``teacher_tp2``: TP2 teacher with a TP1 x DP2 student; ``student_tp2`` / ``student_dp2_zero3``: a TP2 /
-    DP2 x ZeRO-3 student with a TP1 teacher.
-    Per-step losses equal the one-process online run within 1e-5."""
+    """``teacher_tp2``: TP2 teacher with a TP1 x DP2 student; ``student_tp2`` / ``student_dp2_zero3`` /
+    ``student_pp2``: a TP2 / DP2 x ZeRO-3 / PP2 student with a TP1 teacher. Per-step losses, gradient norms and
+    the exported weights after the 3 steps equal the one-process online run within 1e-5."""
     out = two_process_runs
     if not (out / "online" / "metrics.jsonl").is_file():
         run_one_process(out, "online")
@@ -115,6 +116,13 @@ def test_two_process_layout_matches_one_process(two_process_runs: Path, layout: 
     for step in ref:
         assert abs(ours[step] - ref[step]) <= TOL, (layout, step, ours[step], ref[step])
     assert ref[1] != ref[3]  # the student trained
+    g, g_ref = losses(out / layout, "grad_norm"), losses(out / "online", "grad_norm")
+    assert all(abs(g[s] - g_ref[s]) <= TOL * max(1.0, g_ref[s]) for s in g_ref), (layout, g, g_ref)
+    from safetensors.torch import load_file
+
+    weights = [load_file(out / run / "final_model" / "model.safetensors") for run in (layout, "online")]
+    assert weights[0].keys() == weights[1].keys() and weights[0]
+    assert max(float((weights[0][k] - weights[1][k]).abs().max()) for k in weights[1]) <= TOL, layout
     assert (out / layout / "distill_eval.json").is_file()
 
 
