@@ -223,7 +223,10 @@ class Llama(nn.Module):
         if cache is not None:
             cache.length += tokens.shape[1]
         h = self.norm(h)
-        return h if return_hidden else self.output(h)
+        if return_hidden:  # under sequence parallelism h is this rank's slice: the caller gets every position
+            whole = getattr(self.tok_embeddings, "whole_sequence", None)
+            return whole(h) if whole is not None else h
+        return self.output(h)
 
     def _checkpointed_blocks(self, h: Tensor, rope: tuple[Tensor, Tensor], mask: AttentionMask) -> Tensor:
         """Segments of ``checkpoint_every`` blocks under non-reentrant checkpointing (bitwise the same result)."""

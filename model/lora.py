@@ -23,6 +23,14 @@ Tensor parallelism (Megatron layers, ``model/parallel.py``), for ``y = x W^T`` s
     row-parallel W (split by input columns):  A split by columns like W, B replicated.  The partial products
         x_i A_i^T are all-reduced in forward (like W's own), after which B sees the same input on every rank.
 
+Sequence parallelism (``model/sequence_parallel.py``; while its ``SplitState`` is active) splits the layers' inputs
+and outputs outside the TP regions along the sequence, so the adapters follow their layer:
+
+    column-parallel W: x is this rank's sequence slice: all-gathered before A (its gradient reduce-scattered
+        back), A's gradient summed over TP as above.
+    row-parallel W:    the partial products x_i A_i^T are reduce-scattered along the sequence (as W's output is);
+        replicated B then sees this rank's slice only, so its gradient is summed over TP.
+
 The ``tp > n_kv_heads`` replicated k/v projection is refused (adapt q/o/MLP there). Every adapter weight is drawn
 whole from ``(seed, name)`` and then sliced (``init_llama_weights`` honours ``param.init_std``), so any TP size
 starts from the same adapters. ``base_dtype="bf16"`` holds the frozen projection weights in bf16 (half the
@@ -81,15 +89,27 @@ class LoRASpec:
 # The adapter halves (plain at TP 1; the TP variants add the collectives the module docstring derives)
 # ---------------------------------------------------------------------------------------------------
 class LoRADown(nn.Module):
-    """``A``: ``[r, in]`` (this rank's columns for a row-parallel layer); dropout on the input first."""
+    """``A``: ``[r, in]`` (this rank's columns for a row-parallel layer); dropout on the input first.
+    ``state``: the sequence-parallel layer's ``SplitState`` (None without sequence parallelism)."""
 
-    def __init__(self, in_features: int, rank: int, *, dropout: float, tp: str, group: Any = None) -> None:
+    def __init__(self, in_features: int, rank: int, *, dropout: float, tp: str, group: Any = None,
+                 state: Any = None) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(rank, in_features))
         self.dropout, self.tp, self.group = nn.Dropout(dropout), tp, group
+        object.__setattr__(self, "state", state)  # shared with the model's other layers, not a submodule
 
     def forward(self, x: Tensor) -> Tensor:
         weight = self.weight
+        if self.state is not None and self.state.active():  # sequence-parallel (module docstring)
+            from model import comm
+            from model.parallel import sum_grad_over_tp
+
+            if self.tp == "column":  # x: this rank's slice; gathered, its gradient reduce-scattered back
+                x = comm.gather_along_dim(x, dim=1, group=self.group)
+                weight = sum_grad_over_tp(weight, self.group)
+            h = F.linear(self.dropout(x).to(weight.dtype), weight)
+            return comm.reduce_scatter_along_dim(h, dim=1, group=self.group) if self.tp == "row" else h
         if self.tp == "column":  # x replicated: its and A's gradients are sums over the ranks' output slices
             from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
 
@@ -106,14 +126,23 @@ class LoRADown(nn.Module):
 
 
 class LoRAUp(nn.Module):
-    """``B``: ``[out, r]`` (this rank's rows for a column-parallel layer), initialised to zero."""
+    """``B``: ``[out, r]`` (this rank's rows for a column-parallel layer), initialised to zero. Replicated ``B`` of
+    a row-parallel layer under sequence parallelism (``state`` given) sees this rank's slice of the sequence only:
+    its gradient is summed over TP."""
 
-    def __init__(self, rank: int, out_features: int) -> None:
+    def __init__(self, rank: int, out_features: int, *, group: Any = None, state: Any = None) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, rank))
+        self.group = group
+        object.__setattr__(self, "state", state)
 
     def forward(self, h: Tensor) -> Tensor:
-        return F.linear(h, self.weight)
+        weight = self.weight
+        if self.state is not None and self.state.active():
+            from model.parallel import sum_grad_over_tp
+
+            weight = sum_grad_over_tp(weight, self.group)
+        return F.linear(h, weight)
 
 
 def _adapter_hook(layer: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
@@ -142,8 +171,10 @@ def _tp_kind(layer: nn.Module, path: str) -> str:
 def _attach(layer: nn.Module, spec: LoRASpec, *, kind: str, group: Any, tp_rank: int, tp_size: int) -> None:
     out_local, in_local = layer.weight.shape
     full_out, full_in = tuple(getattr(layer.weight, "tp_full_shape", layer.weight.shape))
-    down = LoRADown(in_local, spec.rank, dropout=spec.dropout, tp=kind if tp_size > 1 else "local", group=group)
-    up = LoRAUp(spec.rank, out_local)
+    state = getattr(layer, "state", None) if tp_size > 1 else None  # a sequence-parallel layer's SplitState
+    down = LoRADown(in_local, spec.rank, dropout=spec.dropout, tp=kind if tp_size > 1 else "local", group=group,
+                    state=state)
+    up = LoRAUp(spec.rank, out_local, group=group, state=state if kind == "row" else None)
     down.weight.init_std = 1.0 / spec.rank  # PEFT's "gaussian" init of A; B = 0 (see init_lora_weights)
     up.weight.init_std = 0.0
     if tp_size > 1 and kind in ("column", "row"):

@@ -14,13 +14,17 @@ the sequence instead of a full copy, so those activations shrink by ``tp`` (``la
     wo, w2:           row-parallel matmul, then reduce-scatter along the sequence instead of an all-reduce
     norm weights:     each rank's gradient covers its slice only: summed over TP (``sum_norm_grads_over_tp``)
 
+    final hidden states: ``Llama(return_hidden=True)`` gathers them whole (``whole_sequence``) for a head
+                      replicated over TP (reward / value head); backward keeps this rank's slice of the gradient
+
 RoPE, the attention mask and attention itself see the whole sequence (after the gather), so nothing else changes:
 with context parallelism "the whole sequence" is this rank's two CP chunks (SP splits them over TP; the CP
 kernel gathers K/V over CP after the TP gather); pipeline stages pass the s / tp slice between stages and scale
 RoPE positions by ``sequence_split``. Every collective is ``model.comm``'s. Training forwards only: a KV-cache
 step of one token cannot be split, so generation builds its model without these layers. Not with
-``tp > n_kv_heads`` (replicated K/V projections). On by default at tp > 1 where it can run
-(``train.parallelize.resolve_sequence_parallel``).
+``tp > n_kv_heads`` (replicated K/V projections). LoRA adapters split with their layers (``model.lora``). On by
+default at tp > 1 where it can run (``train.parallelize.resolve_sequence_parallel``: the objectives that declare
+``supports_sequence_parallel``; batches of varying length are padded to a multiple of TP).
 """
 
 from __future__ import annotations
@@ -64,6 +68,21 @@ class _SplitAlongSequence(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
         return torch.cat(comm.all_gather(grad.contiguous(), group=ctx.group), dim=1), None
+
+
+class _GatherAlongSequence(torch.autograd.Function):
+    """The whole ``[b, s, ...]`` from every rank's slice, for a consumer that TP replicates (a scalar head): each
+    rank then computes the same gradient of the whole, so backward keeps this rank's slice of it (megatron-core's
+    ``gather_from_sequence_parallel_region(tensor_parallel_output_grad=False)``)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group: Any) -> Tensor:  # type: ignore[override]
+        ctx.group = group
+        return torch.cat(comm.all_gather(x.contiguous(), group=group), dim=1)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        return grad.chunk(comm.world_size(ctx.group), dim=1)[comm.rank(ctx.group)].contiguous(), None
 
 
 class _AllReduceInForward(torch.autograd.Function):
@@ -137,6 +156,12 @@ class SequenceParallelEmbedding(nn.Module):
             return self.lookup(tokens)
         return _SplitAlongSequence.apply(self.lookup(tokens), self.group)
 
+    def whole_sequence(self, h: Tensor) -> Tensor:
+        """``h`` (this rank's slice of the residual stream, or the whole of it in a forward that does not split)
+        as the whole sequence: ``Llama(return_hidden=True)`` returns hidden states of every position, which a
+        head replicated over TP reads (the reward head at the answer's last token, the PPO value head)."""
+        return _GatherAlongSequence.apply(h, self.group) if self.state.active() else h
+
 
 class SequenceParallelLayers(MegatronLayers):
     """``MegatronLayers`` with the sequence-parallel forms above (same parameters, same shard metadata)."""
@@ -170,7 +195,8 @@ class SequenceParallelLayers(MegatronLayers):
 
 
 def sum_norm_grads_over_tp(model: nn.Module, group: Any) -> None:
-    """Each TP rank's RMSNorm weight gradient covers its sequence slice: sum them over the TP group."""
+    """Each TP rank's RMSNorm weight gradient covers its sequence slice: sum them over the TP group (trained norms
+    only: LoRA freezes them)."""
     for name, param in model.named_parameters():
-        if name.endswith("norm.weight"):
+        if name.endswith("norm.weight") and param.requires_grad:
             param.register_hook(lambda grad: comm.all_reduce(grad.clone(), group=group))

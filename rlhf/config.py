@@ -112,7 +112,8 @@ class StageConfig(RunConfig):
 
     def engine_config(self) -> Any:
         """The run sections' engine config plus the ``[lora]`` adapters (None when off). ``seq_len`` 0: alignment
-        batches vary in length, so sequence parallelism stays off unless asked for (``parallel.sequence_parallel``)."""
+        batches vary in length; under sequence parallelism the engine pads each one to a multiple of TP (the
+        objective's ``sequence_keys``; ``train.parallelize.pad_sequence_keys``)."""
         return dataclasses.replace(super().engine_config(), lora=self.lora.spec(), seq_len=0)
 
     @property

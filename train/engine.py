@@ -55,6 +55,7 @@ from train.parallelize import (
     apply_zero,
     context_parallel,
     layer_factory,
+    pad_sequence_keys,
     parallelize_llama,
     resolve_sequence_parallel,
 )
@@ -173,8 +174,11 @@ class TrainEngine:
 
     def _to_device(self, mb: dict[str, Tensor], *, keys: tuple[str, ...] | None = None) -> dict[str, Tensor]:
         """This rank's inputs (``keys``, default the objective's ``input_keys``): with context parallelism its two
-        chunks of every sequence and their positions."""
+        chunks of every sequence and their positions; under sequence parallelism a batch of any length padded to
+        a multiple of TP (``pad_sequence_keys``), so that the split is exact."""
         moved = {k: mb[k].to(self.device, non_blocking=True) for k in keys or self.objective.input_keys}
+        if self.sequence_parallel and not self.cp.enabled:
+            moved = pad_sequence_keys(moved, getattr(self.objective, "sequence_keys", ()), self.topo.tp_size)
         if self.cp.enabled:
             seq = moved["input_ids"].shape[1]
             moved = {k: self.cp.shard(v) for k, v in moved.items()}

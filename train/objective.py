@@ -72,6 +72,12 @@ class Objective(Protocol):
     """Batch field whose global sum normalises the loss (tokens, pairs)."""
     supports_pipeline: bool
     """Whether the objective runs under pipeline parallelism (the stages end in the LM head)."""
+    supports_sequence_parallel: bool
+    """Whether it runs under Megatron sequence parallelism (``train.parallelize.sequence_parallel_obstacle``): its
+    module reads logits or ``Llama(return_hidden=True)``, which are whole sequences again under the split."""
+    sequence_keys: tuple[str, ...]
+    """The ``[b, s]`` input fields the engine may pad with zeros (masked positions) to a multiple of TP under
+    sequence parallelism (``train.parallelize.pad_sequence_keys``)."""
 
     def wrap(self, model: Llama, *, layers: LayerFactory) -> nn.Module: ...
 
@@ -89,6 +95,8 @@ class LanguageModelObjective:
     input_keys: tuple[str, ...] = ("input_ids", "labels", "loss_mask", "document_ids")
     weight_key: str = "loss_mask"
     supports_pipeline: bool = True
+    supports_sequence_parallel: bool = True
+    sequence_keys: tuple[str, ...] = input_keys
 
     def __init__(self, *, document_mask: bool = True) -> None:
         self.document_mask = document_mask

@@ -39,7 +39,6 @@ DeepSpeed is imported only inside steps 4 and 5 (through ``train/deepspeed_api.p
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 from typing import Any
 
@@ -74,19 +73,23 @@ def layer_factory(topology: Any, *, dtype: torch.dtype = torch.float32,
 
 def sequence_parallel_obstacle(model_cfg: LlamaConfig, cfg: EngineConfig, *, tp: int, cp: int,
                                objective: Objective) -> str:
-    """Why Megatron sequence parallelism cannot run here ("" when it can): it runs the language-model objective
-    (the other objectives' heads read hidden states the sequence split would cut), without LoRA adapters, with
-    TP-sharded K/V projections, and on sequences of a fixed length that TP x CP divides."""
+    """Why Megatron sequence parallelism cannot run here ("" when it can). It runs the objectives that declare
+    ``supports_sequence_parallel`` (the language model, the reward model, DPO: their heads read the sequence
+    gathered back, ``model.sequence_parallel``; LoRA adapters follow their layers' split, ``model.lora``), with
+    TP-sharded K/V projections, under pipeline parallelism only for the language model, on fixed lengths that TP x CP divides or on varying lengths
+    that the engine pads to a multiple of TP (the objective's ``sequence_keys``)."""
     if tp == 1:
         return "parallel.tp=1 (sequence parallelism splits the sequence over the tensor-parallel ranks)"
-    if type(objective) is not LanguageModelObjective:
-        return f"the {type(objective).__name__} objective runs without it (language-model training only)"
-    if cfg.lora is not None:
-        return "LoRA adapters ([lora] rank > 0) run on the full sequence"
+    name = type(objective).__name__
+    if not getattr(objective, "supports_sequence_parallel", False):
+        return (f"the {name} objective runs without it (language-model, reward-model and DPO training run it)")
+    if cfg.parallel.pp > 1 and type(objective) is not LanguageModelObjective:
+        return f"the {name} objective runs it without pipeline parallelism (parallel.pp=1); only the language model"\
+               " runs it on pipeline stages"
     if model_cfg.n_kv_heads % tp:
         return f"tp={tp} does not divide n_kv_heads={model_cfg.n_kv_heads} (replicated K/V projections)"
-    if cfg.seq_len == 0:
-        return "this stage's batches vary in length (sequence parallelism splits a fixed length over TP)"
+    if cfg.seq_len == 0 and not getattr(objective, "sequence_keys", ()):
+        return f"this stage's batches vary in length and the {name} objective names no sequence_keys to pad"
     if cfg.seq_len % (tp * cp):
         return f"seq_len={cfg.seq_len} is not divisible by tp x cp = {tp * cp}"
     return ""
@@ -100,11 +103,7 @@ def resolve_sequence_parallel(model_cfg: LlamaConfig, cfg: EngineConfig, *, topo
     tp, cp = topology.tp_size, getattr(topology, "cp_size", 1)
     if asked is False or (asked is None and tp == 1):
         return False
-    if asked and cfg.seq_len == 0 and tp > 1:  # asked for on a varying length: the embedding checks each batch
-        obstacle = sequence_parallel_obstacle(model_cfg, dataclasses.replace(cfg, seq_len=tp * cp), tp=tp, cp=cp,
-                                              objective=objective)
-    else:
-        obstacle = sequence_parallel_obstacle(model_cfg, cfg, tp=tp, cp=cp, objective=objective)
+    obstacle = sequence_parallel_obstacle(model_cfg, cfg, tp=tp, cp=cp, objective=objective)
     if obstacle and asked:
         raise ConfigError(f"parallel.sequence_parallel=true cannot run here: {obstacle}; "
                           "set parallel.sequence_parallel=false (or leave it unset: on wherever it can run)")
@@ -113,6 +112,19 @@ def resolve_sequence_parallel(model_cfg: LlamaConfig, cfg: EngineConfig, *, topo
             print_fn(f"sequence parallelism off (tp {tp}): {obstacle}", flush=True)
         return False
     return True
+
+
+def pad_sequence_keys(batch: dict[str, Tensor], keys: tuple[str, ...], multiple: int) -> dict[str, Tensor]:
+    """``batch`` with its ``[b, s]`` fields ``keys`` padded with zeros at the end to a length that ``multiple``
+    (TP) divides: sequence parallelism then splits every batch exactly (the embedding would otherwise run a batch
+    TP does not divide whole). Zeros are masked positions in every objective that names its keys (loss / answer
+    masks 0; pad tokens after the last real one, which causal attention never lets an earlier token see)."""
+    length = batch["input_ids"].shape[1]
+    extra = -length % multiple
+    if not extra:
+        return batch
+    return {k: nn.functional.pad(v, (0, extra)) if k in keys and v.dim() == 2 and v.shape[1] == length else v
+            for k, v in batch.items()}
 
 
 def apply_activation_checkpointing(model: Llama, every: int) -> None:

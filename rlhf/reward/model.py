@@ -45,6 +45,8 @@ class RewardObjective:
     input_keys: tuple[str, ...] = ("input_ids", "score_index", "margin", "pair_weight")
     weight_key: str = "pair_weight"
     supports_pipeline: bool = False  # the pipeline stages end in the LM head; TP and ZeRO 1-3 work
+    supports_sequence_parallel: bool = True  # the head reads Llama(return_hidden=True): gathered whole
+    sequence_keys: tuple[str, ...] = ("input_ids",)  # score_index points before any padding
 
     def wrap(self, model: Llama, *, layers: Any) -> nn.Module:
         return RewardModel(model)

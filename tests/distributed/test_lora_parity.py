@@ -6,7 +6,9 @@
 alike), the real ``rlhf.sft`` loop with the DeepSpeed engine and megatron-core layers (``run_rlhf_layouts.py``)
 against ``train.reference.ReferenceEngine`` in this process. Acceptance (issue 19): per-step losses, gradient norms
 (clipped every step) and the exported merged weights and adapters within 1e-5; the first step's loss equals full
-fine-tuning's (B = 0); the engine's checkpoint holds only the adapters. The same launch runs LoRA DPO under TP2
+fine-tuning's (B = 0); the engine's checkpoint holds only the adapters. ``lora_tp2`` runs Megatron sequence
+parallelism (the default at tp > 1: adapters split along the sequence with their layers). The same launch runs
+LoRA DPO under TP2 with sequence parallelism off
 and a LoRA reward model under DP2 x ZeRO-2 against their one-process references (losses, grad norms, every exported
 tensor within 1e-5).
 """
@@ -31,7 +33,10 @@ LORA = "--lora.rank=4,--lora.alpha=8,--lora.targets=q,k,v,o,gate,up,down,--check
 LAYOUTS = {"lora_tp2": "--parallel.tp=2", "lora_dp2_zero2": "--zero.stage=2"}
 # The other [lora] stages through the same engine seam: DPO (policy adapted, frozen reference scored by its own
 # engine) under TP2 and the reward model (adapters + its trainable head) under DP2 x ZeRO-2.
-STAGE_LAYOUTS = {"lora_dpo_tp2": ("dpo", "--parallel.tp=2"), "lora_rm_dp2_zero2": ("rm", "--zero.stage=2")}
+# lora_tp2 runs sequence parallelism (on by default at tp > 1); lora_dpo_tp2 turns it off, so plain-TP adapters
+# stay covered too.
+STAGE_LAYOUTS = {"lora_dpo_tp2": ("dpo", "--parallel.tp=2,--parallel.sequence_parallel=false"),
+                 "lora_rm_dp2_zero2": ("rm", "--zero.stage=2")}
 
 
 def _split(overrides: str) -> list[str]:
@@ -118,3 +123,11 @@ def test_lora_dpo_and_reward_model_match_single_process(runs: Path, layout: str)
     assert saved and all(".lora_A." in k or ".lora_B." in k or "reward_head" in k for k in saved), sorted(saved)[:5]
     if stage == "rm":
         assert any("reward_head" in k for k in saved)
+
+
+def test_sequence_parallel_with_adapters(runs: Path) -> None:
+    """LoRA SFT at TP 2 ran Megatron sequence parallelism (the adapters follow their layers' sequence split,
+    ``model.lora``) and matched above; the DPO layout that turned it off ran plain TP."""
+    ran = {name: json.loads((runs / name / "sequence_parallel.json").read_text())
+           for name in ("lora_tp2", "lora_dpo_tp2")}
+    assert ran == {"lora_tp2": True, "lora_dpo_tp2": False}

@@ -1,10 +1,12 @@
 """SFT, reward-model and DPO training under TP2 and ZeRO-3 equal one plain PyTorch process (CPU/gloo, fp32).
 
-One ``torchrun`` launch of 2 processes runs all eight layouts (``run_rlhf_layouts.py``: the real
+One ``torchrun`` launch of 2 processes runs all nine layouts (``run_rlhf_layouts.py``: the real
 ``rlhf.sft`` / ``rlhf.reward`` code with the DeepSpeed engine and megatron-core layers): SFT at TP2, at
-DP2 x ZeRO-3 and at PP2 (DeepSpeed's 1F1B pipeline), the reward model at TP2 and at DP2 x ZeRO-3 (its objective
+DP2 x ZeRO-3 and at PP2 (DeepSpeed's 1F1B pipeline), the reward model at TP2 (sequence parallelism on, the
+default), at TP2 with it off and at DP2 x ZeRO-3 (its objective
 refuses pipeline parallelism with a message), DPO (the Llama 3 variant) at TP2, at DP2 x ZeRO-3 and at PP2 (the
-DPO loss on the last stage, reference and held-out log-probs scored by DeepSpeed's inference schedule), including
+DPO loss on the last stage, reference and held-out log-probs scored by DeepSpeed's inference schedule; TP2 with
+sequence parallelism), including
 the reference log-probs each layout scores with its own sharded engine. All start from a saved checkpoint, so the initial
 weights go through the engine's ``init_weights`` TP slicing. The reference is ``train.reference
 .ReferenceEngine`` through the same loop in this process.
@@ -33,7 +35,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 TOL = 1e-5
 LAYOUTS = {"sft_tp2": ("sft", "--parallel.tp=2"), "sft_zero3": ("sft", "--zero.stage=3"),
            "sft_pp2": ("sft", "--parallel.pp=2"),
-           "rm_tp2": ("rm", "--parallel.tp=2"), "rm_zero3": ("rm", "--zero.stage=3"),
+           "rm_tp2": ("rm", "--parallel.tp=2"),
+           "rm_tp2_no_sp": ("rm", "--parallel.tp=2,--parallel.sequence_parallel=false"),
+           "rm_zero3": ("rm", "--zero.stage=3"),
            "dpo_tp2": ("dpo", "--parallel.tp=2"), "dpo_zero3": ("dpo", "--zero.stage=3"),
            "dpo_pp2": ("dpo", "--parallel.pp=2")}
 WEIGHTS = {"sft": "model.safetensors", "rm": "reward_model.safetensors", "dpo": "model.safetensors"}
@@ -99,11 +103,12 @@ def test_layout_matches_single_process(runs: Path, layout: str) -> None:
 
 
 def test_sequence_parallel_where_the_engine_runs_it(runs: Path) -> None:
-    """SFT at TP 2 runs sequence parallelism (fixed-length packed rows, the default at tp > 1); the reward model
-    and DPO fall back to plain TP (their objectives read hidden states / pad to their longest pair)."""
+    """At TP 2 sequence parallelism is on by default for SFT (fixed-length packed rows), the reward model (its head
+    reads the hidden states gathered back over TP) and DPO (logits of the gathered sequence); their batches of
+    varying length are padded to a multiple of TP. ``rm_tp2_no_sp`` turned it off: plain TP, same results."""
     ran = {name: json.loads((runs / name / "sequence_parallel.json").read_text())
-           for name in ("sft_tp2", "rm_tp2", "dpo_tp2")}
-    assert ran == {"sft_tp2": True, "rm_tp2": False, "dpo_tp2": False}
+           for name in ("sft_tp2", "rm_tp2", "rm_tp2_no_sp", "dpo_tp2")}
+    assert ran == {"sft_tp2": True, "rm_tp2": True, "rm_tp2_no_sp": False, "dpo_tp2": True}
 
 
 def test_training_changed_the_weights(runs: Path) -> None:

@@ -89,12 +89,13 @@ def test_engine_refuses_cp_for_other_objectives_and_stages() -> None:
 
 
 def test_sequence_parallel_default_resolves_per_run() -> None:
-    """Unset: on at tp > 1 for language-model training (with PP and CP too), off with one line naming why where
-    it cannot run; explicit true there is an error; false is off."""
+    """Unset: on at tp > 1 for language-model, reward-model and DPO training (LM with PP and CP too), off with one
+    line naming why where it cannot run; explicit true there is an error; false is off."""
     import dataclasses
     from types import SimpleNamespace
 
     from model.config import get_config
+    from rlhf.dpo.model import DPOObjective
     from rlhf.reward.model import RewardObjective
     from train.config import ConfigError, EngineConfig, ParallelSection
     from train.objective import LanguageModelObjective
@@ -116,16 +117,41 @@ def test_sequence_parallel_default_resolves_per_run() -> None:
     assert resolve(cp=2, pp=2) == (True, [])
     assert resolve(tp=1) == (False, [])
     assert resolve(sp=False) == (False, [])
-    on, lines = resolve(objective=RewardObjective.__new__(RewardObjective))
-    assert not on and lines == ["sequence parallelism off (tp 2): the RewardObjective objective runs without it "
-                                "(language-model training only)"]
+    # The reward model and DPO run it, on varying lengths too (the engine pads their sequence_keys), LoRA as well.
+    rm, dpo = RewardObjective.__new__(RewardObjective), DPOObjective.__new__(DPOObjective)
+    assert resolve(objective=rm, seq_len=0) == (True, []) and resolve(objective=dpo, seq_len=0) == (True, [])
+    assert resolve(lora=object()) == (True, [])
+    assert resolve(pp=2, objective=dpo, seq_len=0)[1] == [
+        "sequence parallelism off (tp 2): the DPOObjective objective runs it without pipeline parallelism "
+        "(parallel.pp=1); only the language model runs it on pipeline stages"]
+
+    class Unsupported:  # an objective that does not declare it
+        pass
+
+    on, lines = resolve(objective=Unsupported())
+    assert not on and lines == ["sequence parallelism off (tp 2): the Unsupported objective runs without it "
+                                "(language-model, reward-model and DPO training run it)"]
     assert resolve(cp=3, seq_len=70)[1] == ["sequence parallelism off (tp 2): seq_len=70 is not divisible by "
                                             "tp x cp = 6"]
-    assert "vary in length" in resolve(seq_len=0)[1][0]
+    no_keys = SimpleNamespace(supports_sequence_parallel=True)  # varying lengths and nothing it lets the engine pad
+    assert "vary in length" in resolve(seq_len=0, objective=no_keys)[1][0]
     assert "n_kv_heads=1" in resolve(cfg_model=dataclasses.replace(model, n_kv_heads=1))[1][0]
-    assert "LoRA" in resolve(lora=object())[1][0]
-    with pytest.raises(ConfigError, match=r"sequence_parallel=true cannot run here: the RewardObjective"):
-        resolve(sp=True, objective=RewardObjective.__new__(RewardObjective))
+    with pytest.raises(ConfigError, match=r"sequence_parallel=true cannot run here: the Unsupported"):
+        resolve(sp=True, objective=Unsupported())
     with pytest.raises(ConfigError, match=r"sequence_parallel=true cannot run here: parallel.tp=1"):
         resolve(sp=True, tp=1)
-    assert resolve(sp=True, seq_len=0) == (True, [])  # asked for on varying lengths: each batch is checked
+    assert resolve(sp=True, seq_len=0) == (True, [])  # varying lengths: the engine pads each batch to a multiple
+
+
+def test_sequence_parallel_pads_varying_lengths_to_a_multiple_of_tp() -> None:
+    """The engine pads an objective's [b, s] ``sequence_keys`` with zeros (masked positions) to a multiple of TP;
+    other fields (per-row scores, indices) and lengths TP divides pass unchanged."""
+    from train.parallelize import pad_sequence_keys
+
+    batch = {"input_ids": torch.arange(1, 8).view(1, 7), "loss_mask": torch.ones(1, 7),
+             "score_index": torch.tensor([6]), "ref": torch.ones(1, 7)}
+    padded = pad_sequence_keys(batch, ("input_ids", "loss_mask"), 4)
+    assert padded["input_ids"].tolist() == [[1, 2, 3, 4, 5, 6, 7, 0]]
+    assert padded["loss_mask"].tolist() == [[1, 1, 1, 1, 1, 1, 1, 0]]
+    assert padded["score_index"] is batch["score_index"] and padded["ref"] is batch["ref"]  # not named: unchanged
+    assert pad_sequence_keys(padded, ("input_ids",), 2) is padded
