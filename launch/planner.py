@@ -109,8 +109,8 @@ class Layout:
     sequence_parallel: bool = True
     """Megatron sequence parallelism (norm/residual activations sharded over TP); only matters when tp > 1.
     On by default like ``train/``'s ``parallel.sequence_parallel`` (unset: on at tp > 1 for pretraining, with PP
-    and CP too). The engine turns it off with LoRA adapters and for the alignment stages, so ``sp`` counts it
-    only where it runs (``launch/stage_plan.py`` plans those stages with it off)."""
+    and CP too; LoRA adapters too). The engine turns it off for the stages whose objectives do not run it
+    (``launch/stage_plan.py`` plans those with it off)."""
     flash_attention: bool = True
     fused_norm: bool = True
     """Fused RMSNorm saves input + fp32 rstd; the eager reference form also keeps an fp32 copy of the input."""
@@ -132,7 +132,7 @@ class Layout:
     @property
     def sp(self) -> int:
         """The factor sequence parallelism divides the norm/residual activations by (1 when off or tp 1)."""
-        return self.tp if (self.sequence_parallel and self.tp > 1 and not self.lora_rank) else 1
+        return self.tp if (self.sequence_parallel and self.tp > 1) else 1
 
     def recomputed(self, stage_layers: int) -> int:
         if not self.activation_checkpointing:

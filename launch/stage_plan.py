@@ -166,10 +166,9 @@ def plan_stage(stage: str, cfg: LlamaConfig, layout: Layout, *, shape: StageShap
     if stage not in STAGES:
         raise ValueError(f"--stage {stage!r}: use one of {', '.join(STAGES)} (or leave it out for pretraining)")
     s = shape.seq_len
-    # The engine runs the reward-model, DPO and PPO stages without sequence parallelism
-    # (train.parallelize.resolve_sequence_parallel: their objectives / varying lengths), so their activations count
-    # it off; SFT (fixed-length packed rows, the language-model objective) runs it like pretraining.
-    if stage != "sft":
+    # The engine runs sequence parallelism for SFT, the reward model and DPO without PP (and their LoRA forms;
+    # train.parallelize.sequence_parallel_obstacle), not for PPO's roles nor DPO on pipeline stages: counted off.
+    if stage == "ppo" or (stage == "dpo" and layout.pp > 1):
         layout = dataclasses.replace(layout, sequence_parallel=False)
     plan = StagePlan(stage=stage, layout=layout, resident={}, phases={}, reserved=hardware.reserved_bytes,
                      memory_bytes=hardware.memory_bytes)
