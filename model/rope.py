@@ -28,7 +28,8 @@ def rope_inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling |
     frequency, longer than ``original / low_freq_factor`` are divided by ``factor``, and those in between
     are interpolated smoothly.
     """
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    # An explicit device: a model built under ``torch.device("meta")`` (``model/materialize.py``) still gets real tables.
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device="cpu") / head_dim))
     if scaling is None:
         return inv_freq.float()
     low_wavelen = scaling.original_max_position / scaling.low_freq_factor
@@ -56,7 +57,7 @@ class RotaryEmbedding(nn.Module):
         if cached is None or cached[0].shape[0] < length:
             size = max(length, 2 * cached[0].shape[0] if cached else 256)
             # Angles in fp32 from fp64-exact positions, like HF's computation (position * inv_freq).
-            angles = torch.outer(torch.arange(size, dtype=torch.float32), self.inv_freq_cpu).to(device)
+            angles = torch.outer(torch.arange(size, dtype=torch.float32, device="cpu"), self.inv_freq_cpu).to(device)
             cached = (angles.cos(), angles.sin())
             self._tables[device] = cached
         return cached

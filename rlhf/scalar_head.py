@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from model.config import LlamaConfig
 from model.llama import Llama
+from model.materialize import build_unfilled
 from rlhf.paths import checkpoint_dir
 from train.config_reader import ConfigError
 
@@ -134,7 +135,7 @@ def load_scalar_model(path: str | Path, *, module_cls: type[ScalarHeadModel] = S
     A reward model too large for one host is scored sharded, by PPO's frozen engine
     (``rlhf.ppo.rewards.RewardModelScorer``: TP x ZeRO-3, each rank reading only its slices)."""
     cfg, reader, meta = read_scalar_model(path)
-    model = module_cls(Llama(cfg), **module_kwargs)
+    model = build_unfilled(lambda: module_cls(Llama(cfg), **module_kwargs), device="cpu")  # every tensor read below
     own = dict(model.named_parameters())
     names = set(reader.names())
     expected = {k if k == HEAD else "model." + k for k in names}
@@ -152,4 +153,6 @@ def load_scalar_model(path: str | Path, *, module_cls: type[ScalarHeadModel] = S
                                   f"model of its {META} expects {tuple(param.shape)}")
             param.copy_(value)
             del value
+        for name in own.keys() - {k if k == HEAD else "model." + k for k in names}:
+            own[name].zero_()  # the unused LM head the file need not carry: zeros, not uninitialised memory
     return model.eval(), meta

@@ -27,10 +27,11 @@ The order, and why it is this one:
    because ZeRO copies the parameters it is given into its optimizer state: they must be final (TP-sliced,
    wrapped, and filled) before. At ZeRO-3 (no PP) steps 1-2 already run inside ``deepspeed.zero.Init``
    (``partitioned_construction``), so a rank never holds its whole TP shard: each module is partitioned as
-   its ``__init__`` returns and the weights are then written into this rank's partitions. ``TrainEngine`` applies it lazily, after initial weights or a re-sharding resume are copied in;
-   between 4 and 5 is where weights are materialised (the seam for meta-device construction filled shard by
-   shard from a checkpoint, and for sequence / context parallelism, which would pin their attention kernel
-   on each block, ``model.attention``, in step 1 or 3).
+   its ``__init__`` returns and the weights are then written into this rank's partitions. Every other layout
+   builds steps 1-2 (and each pipeline stage) on the ``meta`` device and gives the parameters empty storage
+   (``model/materialize.py``): torch's default init draws nothing, and each weight is written once, between 4
+   and 5, by the seeded init or a checkpoint's slices. ``TrainEngine`` applies step 5 lazily, after initial
+   weights or a re-sharding resume are copied in.
 
 DeepSpeed is imported only inside steps 4 and 5 (through ``train/deepspeed_api.py``), so the plain reference loop
 (``train/reference.py``) builds its module with ``build_module`` without importing it.
@@ -38,7 +39,6 @@ DeepSpeed is imported only inside steps 4 and 5 (through ``train/deepspeed_api.p
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from typing import Any
 
@@ -51,6 +51,7 @@ from model.config import LlamaConfig
 from model.context_parallel import ContextParallel
 from model.layers import LayerFactory, LocalLayers
 from model.llama import Llama
+from model.materialize import build_unfilled
 from train import pipeline as pipe
 from train.config import ConfigError, EngineConfig
 from train.objective import LanguageModelObjective, Objective, decay_groups, masked_loss_sum
@@ -133,22 +134,33 @@ def apply_activation_checkpointing(model: Llama, every: int) -> None:
 
 
 def build_module(model_cfg: LlamaConfig, cfg: EngineConfig, *, objective: Objective, layers: LayerFactory,
-                 construction: Any = None) -> nn.Module:
+                 construction: Any = None, device: str | torch.device = "cpu") -> nn.Module:
     """Steps 1-3 in one process or one pipeline-less rank: the objective's module around a TP-sliced Llama.
     (The plain reference loop, ``train/reference.py``, builds its module here too, with ``LocalLayers``.)
-    ``construction``: the context the modules are built in (``partitioned_construction``: ZeRO-3)."""
+    ``construction``: the context the modules are built in (``partitioned_construction``: ZeRO-3); without one
+    the module is built on the meta device and given empty storage on ``device`` (``model/materialize.py``):
+    torch's default init draws nothing, the caller writes every weight (seeded init or a checkpoint)."""
     if cfg.lora is not None and cfg.zero.stage == 3:
         raise ConfigError("LoRA with zero.stage=3 is not supported (the frozen base would be partitioned and the "
                           "exports read it whole); use zero.stage=1 or 2: the optimizer state is the adapters' anyway")
-    # 1-2 inside the construction context: what the wrap adds (a reward or value head) is built partitioned too
-    with construction if construction is not None else contextlib.nullcontext():
+
+    built: list[Llama] = []
+
+    def build() -> nn.Module:  # 1-2; what the wrap adds (a reward or value head) is built the same way
         model = Llama(model_cfg, layers=layers)  # 1
+        built.append(model)
         if cfg.lora is not None:  # 1b: adapters on the TP layers, the model's own weights frozen (model/lora.py)
             from model.lora import apply_lora
 
             apply_lora(model, cfg.lora, seed=None)  # drawn by the seeded init (init_std), like every weight
-        module = objective.wrap(model, layers=layers)  # 2: what the wrap adds (a reward head) stays trainable
-    apply_activation_checkpointing(model, cfg.parallel.activation_checkpoint_every)  # 3
+        return objective.wrap(model, layers=layers)  # 2: what the wrap adds (a reward head) stays trainable
+
+    if construction is not None:
+        with construction:  # noqa: SIM117 (a context object made by the caller)
+            module = build()
+    else:
+        module = build_unfilled(build, device=device)
+    apply_activation_checkpointing(built[0], cfg.parallel.activation_checkpoint_every)  # 3
     return module
 
 
@@ -169,13 +181,18 @@ def _pipe_loss(tp_size: int, logits: Tensor, targets: tuple[Tensor, Tensor, Tens
 
 def pipeline_module(model_cfg: LlamaConfig, cfg: EngineConfig, *, topology: Any, layers: LayerFactory,
                     objective: Objective | None = None) -> nn.Module:
-    """Step 4: this rank's pipeline stages (each built with ``layers``: step 1) with the objective's loss on the
+    """Step 4: this rank's pipeline stages (each built with ``layers``: step 1, on the meta device and then given
+    empty storage: the engine writes every weight) with the objective's loss on the
     last stage (step 2: ``objective.pipeline_loss(tp_size=)`` when it has one, else the language-model loss) and
     DeepSpeed's activation checkpointing of the blocks (step 3)."""
     from train.deepspeed_api import LayerSpec, PipelineModule
     from train.topology import pipeline_grid
 
-    specs = [LayerSpec(cls, model_cfg, layers, *args)
+    class UnfilledLayerSpec(LayerSpec):  # each stage built on meta, then empty storage (model/materialize.py)
+        def build(self, log: bool = False) -> nn.Module:
+            return build_unfilled(lambda: LayerSpec.build(self, log=log), device=topology.device)
+
+    specs = [UnfilledLayerSpec(cls, model_cfg, layers, *args)
              for cls, args in pipe.stage_builders(model_cfg, document_mask=cfg.document_mask)]
     # DeepSpeed's data axis is every rank holding the same stage weights: DP x CP, over our [TP, CP, PP, DP].
     grid = pipeline_grid(tp=topology.tp_size, cp=getattr(topology, "cp_size", 1), pp=topology.pp_size,
@@ -218,7 +235,8 @@ def parallelize_llama(model_cfg: LlamaConfig, cfg: EngineConfig, *, topology: An
                 stage.context = context
     else:
         module = build_module(model_cfg, cfg, objective=objective, layers=layers,
-                              construction=partitioned_construction(cfg, topology=topology))
+                              construction=partitioned_construction(cfg, topology=topology),
+                              device=topology.device)
     context.pin(module)
     if getattr(layers, "sequence_parallel", False):  # the layers are sequence-parallel (``resolve_sequence_parallel``)
         from model.sequence_parallel import sum_norm_grads_over_tp
@@ -229,7 +247,7 @@ def parallelize_llama(model_cfg: LlamaConfig, cfg: EngineConfig, *, topology: An
     return module
 
 
-def partitioned_construction(cfg: EngineConfig, *, topology: Any) -> Any:
+def partitioned_construction(cfg: EngineConfig, *, topology: Any) -> Any | None:
     """ZeRO-3 (without PP): ``deepspeed.zero.Init``, in which every module is partitioned over the DP x CP group
     as soon as its ``__init__`` returns, so a rank never holds more of its TP shard than one module whole (a
     block's linear layers, the embedding) plus its own partition of the rest. The weights are then written into
@@ -238,7 +256,7 @@ def partitioned_construction(cfg: EngineConfig, *, topology: Any) -> Any:
     ones ZeRO-3 trains on. Other stages (and LoRA, refused at stage 3) build whole TP shards: ZeRO-1/2 keep
     every weight on every DP rank anyway."""
     if cfg.zero.stage != 3 or cfg.lora is not None or topology.pp_size > 1:
-        return contextlib.nullcontext()
+        return None  # build_module then builds on the meta device
     from train.deepspeed_api import deepspeed
 
     mpu = topology.deepspeed_mpu()

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from model import comm
 from model.llama import Llama
+from model.materialize import build_unfilled
 from rlhf.distill.losses import teacher_topk
 
 
@@ -66,7 +67,8 @@ class Teacher:
             layers, group, tp_rank = None, None, 0
         else:
             layers, group, tp_rank = teacher_layers(tp_size, dtype=dtype)
-        model = Llama(reader.cfg, layers=layers)
+        # Built on meta, allocated once in ``dtype`` (no default init drawn, no fp32 copy), then every slice read in.
+        model = build_unfilled(lambda: Llama(reader.cfg, layers=layers), device="cpu", dtype=dtype)
         for name, param in model.named_parameters():
             dim = getattr(param, "tp_dim", None)
             if dim is None:
@@ -75,7 +77,7 @@ class Teacher:
                 size = param.tp_full_shape[dim] // tp_size
                 value = reader.read_slice(name, dim=dim, start=tp_rank * size, stop=(tp_rank + 1) * size)
             param.copy_(value.to(param.dtype))
-        return cls(model.to(dtype), group=group, tp_size=tp_size, tp_rank=tp_rank)
+        return cls(model, group=group, tp_size=tp_size, tp_rank=tp_rank)
 
     @property
     def vocab_size(self) -> int:

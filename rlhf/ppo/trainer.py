@@ -111,8 +111,9 @@ def _initial_weights(cfg: PPOConfig, model_cfg: Any) -> Any:
                               f"{ckpt_cfg.n_layers} layers) but model.name={cfg.model.name!r}; make them agree")
         return weights
     from model.llama import Llama, init_llama_weights
+    from model.materialize import build_unfilled
 
-    model = Llama(model_cfg)
+    model = build_unfilled(lambda: Llama(model_cfg))  # nothing drawn: the seeded init writes every weight
     init_llama_weights(model, seed=cfg.train.seed)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from model.llama import Llama, init_llama_weights
+from model.materialize import build_unfilled
 from rlhf.batching import pack_sft_rows, sft_example, stack_rows
 from rlhf.export import export_policy
 from rlhf.paths import file_list
@@ -100,7 +101,7 @@ def initial_model(cfg: Any, task: StageTask) -> Llama:
     """The model the run started from, whole, in one process (seeded init of the same names, then the init
     checkpoint over it): the single-process reference of ``evaluate_sft``'s "before" (tests, small models)."""
     model_cfg = cfg.model_config()
-    model = Llama(model_cfg)
+    model = build_unfilled(lambda: Llama(model_cfg))  # nothing drawn: the seeded init writes every weight
     init_llama_weights(model, seed=cfg.train.seed, n_layers=model_cfg.n_layers)
     weights = task.init_weights()
     if weights is not None:
