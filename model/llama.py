@@ -30,7 +30,7 @@ Departures from Meta's reference code, and why:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import dataclass
 
 import torch
@@ -248,7 +248,8 @@ class Llama(nn.Module):
 
 def init_llama_weights(model: nn.Module, *, seed: int, std: float = 0.02, n_layers: int | None = None,
                        native_name: Callable[[str], str] | None = None,
-                       assign: Callable[[nn.Parameter, Tensor], None] | None = None) -> None:
+                       assign: Callable[[nn.Parameter, Tensor], None] | None = None,
+                       only: Container[str] | None = None) -> None:
     """Initialise every weight from ``seed`` alone, independent of tensor- and pipeline-parallel layout.
 
     Each parameter's *full* tensor is drawn from a generator seeded by ``(seed, native parameter name)`` and
@@ -260,6 +261,7 @@ def init_llama_weights(model: nn.Module, *, seed: int, std: float = 0.02, n_laye
     norms are ones; a parameter with an ``init_std`` attribute uses that (LoRA: A ~ N(0, 1/r), B = 0).
     ``assign(param, value)`` writes a parameter's value (its TP slice; default ``param.copy_``): the engine's
     writes only its partition of a ZeRO-3 parameter built partitioned, whose own shape is then ``ds_shape``.
+    ``only``: the native names to initialise (the few a checkpoint lacks, e.g. a new reward head); default all.
     """
     import zlib
 
@@ -269,6 +271,8 @@ def init_llama_weights(model: nn.Module, *, seed: int, std: float = 0.02, n_laye
     with torch.no_grad():
         for own_name, param in model.named_parameters():
             name = native_name(own_name) if native_name else own_name
+            if only is not None and name not in only:
+                continue
             shape = getattr(param, "ds_shape", param.shape)  # ZeRO-3 partitioned: the TP slice's own shape
             if name.endswith("norm.weight"):
                 write(param, torch.ones(shape, dtype=param.dtype))

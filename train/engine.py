@@ -118,11 +118,12 @@ class TrainEngine:
             return pipe.native_name(name, n_layers=self.model_cfg.n_layers)
         return self.objective.native_name(name.removeprefix("module."))
 
-    def _seed_init(self) -> None:
+    def _seed_init(self, only: set[str] | None = None) -> None:
+        """The seeded init of every weight (``only``: of these native names; the rest come from a checkpoint)."""
         if not self._weights_filled:
             init_llama_weights(self.module, seed=self.engine_cfg.seed, n_layers=self.model_cfg.n_layers,
-                               native_name=self.native_name, assign=assign_parameter)
-            self._weights_filled = True
+                               native_name=self.native_name, assign=assign_parameter, only=only)
+            self._weights_filled = only is None
 
     @torch.no_grad()
     def load_weights(self, weights: Any, *, strict: bool = False) -> list[str]:
@@ -135,7 +136,7 @@ class TrainEngine:
         names = set(reader.names())
         missing = [self.native_name(n) for n, _ in self.module.named_parameters() if self.native_name(n) not in names]
         if missing:
-            self._seed_init()  # the few tensors the source lacks keep their seeded values
+            self._seed_init(only=set(missing))  # the few tensors the source lacks get their seeded values
         self.io.load_weights(reader)
         self._weights_filled = True
         if strict and missing:
