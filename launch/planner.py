@@ -157,8 +157,8 @@ def engine_refusals(layout: Layout, *, seq_len: int) -> list[str]:
         reasons.append("interleaved 1F1B: DeepSpeed's PipelineModule runs one chunk per stage")
     if layout.cp > 1 and seq_len % (2 * layout.cp):
         reasons.append(f"seq_len {seq_len} is not divisible by 2 x CP = {2 * layout.cp}")
-    if layout.lora_rank and (layout.pp > 1 or layout.zero_stage == 3):
-        reasons.append("LoRA runs with pp 1 and ZeRO-1/2 only (train/parallelize.py refuses the rest)")
+    if layout.lora_rank and layout.pp > 1:
+        reasons.append("LoRA runs with pp 1 only (train/parallelize.py refuses pipeline stages with adapters)")
     return reasons
 
 
@@ -253,10 +253,10 @@ def model_state_bytes(
     p = stage_params(cfg, layout, stage)
     z, dp = layout.zero_stage, layout.shard_ranks
     if layout.lora_rank:  # frozen bf16 base + adapters; only the adapters have grads and optimizer state
-        a = lora_params(cfg, layout, stage)
-        return {"weights": BF16 * (p + a), "grads": BF16 * a / (dp if z >= 2 else 1),
+        a = lora_params(cfg, layout, stage)  # ZeRO-3 partitions the frozen base too (gathered a module at a time)
+        return {"weights": BF16 * (p + a) / (dp if z >= 3 else 1), "grads": BF16 * a / (dp if z >= 2 else 1),
                 "optimizer_states": 12 * a / (dp if z >= 1 else 1), "fp32_grads": FP32 * a / (dp if z >= 1 else 1),
-                "zero3_gathered": 0.0}
+                "zero3_gathered": 2 * BF16 * largest_module_params(cfg, layout.tp) if z == 3 else 0.0}
     fp32_grad_elems = p / dp if z >= 1 else p
     if z == 3:  # stage3 casts the bf16 grad partition to fp32 one sub group at a time
         fp32_grad_elems = min(p / dp, buffers.sub_group_size)

@@ -169,8 +169,9 @@ def _tp_kind(layer: nn.Module, path: str) -> str:
 
 
 def _attach(layer: nn.Module, spec: LoRASpec, *, kind: str, group: Any, tp_rank: int, tp_size: int) -> None:
-    out_local, in_local = layer.weight.shape
-    full_out, full_in = tuple(getattr(layer.weight, "tp_full_shape", layer.weight.shape))
+    # ZeRO-3 (built inside ``deepspeed.zero.Init``) leaves ``weight`` an empty partition: ``ds_shape`` is its shape.
+    out_local, in_local = tuple(getattr(layer.weight, "ds_shape", layer.weight.shape))
+    full_out, full_in = tuple(getattr(layer.weight, "tp_full_shape", (out_local, in_local)))
     state = getattr(layer, "state", None) if tp_size > 1 else None  # a sequence-parallel layer's SplitState
     down = LoRADown(in_local, spec.rank, dropout=spec.dropout, tp=kind if tp_size > 1 else "local", group=group,
                     state=state)

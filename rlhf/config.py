@@ -71,7 +71,8 @@ class LoRASection:
     targets: str = "q,k,v,o"
     """Comma-separated projections to adapt: q, k, v, o, gate, up, down."""
     base_dtype: str = "fp32"
-    """Dtype the frozen projection weights are held in: "fp32" or "bf16" (half their memory)."""
+    """Dtype the frozen projection weights are held in: "fp32" or "bf16" (half their memory). At zero.stage=3 the
+    base is partitioned over DP in the run's dtype instead (``train.dtype``); "bf16" there is refused."""
 
     def spec(self) -> Any:
         """The ``model.lora.LoRASpec``, or None when ``rank = 0``; a ConfigError names the bad field."""

@@ -89,10 +89,16 @@ class EngineCheckpoint:
         first_dp = engine.topo.dp_rank == 0
         for native, param in self._params(ds.module):
             span = fragment_range(param)
-            if span is None and not moments and first_dp and not param.requires_grad:
-                # An export also needs the frozen weights (LoRA's base), which no optimizer holds: each TP slice
-                # is whole on every DP rank (ZeRO-1/2), written once by DP rank 0 as one fragment.
-                span, master = (0, param.numel()), param.detach().float().cpu().reshape(-1).clone()
+            if not param.requires_grad:
+                # Frozen weights (LoRA's base) are in no optimizer and no training checkpoint, but an export needs
+                # them: ZeRO-3 partitions them like the rest (each rank writes its partition of the module weight);
+                # at ZeRO-1/2 each TP slice is whole on every DP rank, written once by DP rank 0 as one fragment.
+                if moments or (span is None and not first_dp):
+                    continue
+                if span is None:
+                    span, master = (0, param.numel()), param.detach().float().cpu().reshape(-1).clone()
+                else:
+                    master = param.ds_tensor.detach().float().cpu().reshape(-1)[: span[1] - span[0]].clone()
             elif span is None:
                 continue
             else:
@@ -143,7 +149,7 @@ class EngineCheckpoint:
         tp_size = engine.topo.tp_size
         for native, param in self._params(ds.module):
             span = fragment_range(param)
-            if span is None:
+            if span is None or not param.requires_grad:  # frozen (LoRA's base): filled above from the initial weights
                 continue
             dim, start, stop = self._tp_region(param)
             for key in (None, *ADAM_MOMENTS):

@@ -140,9 +140,10 @@ def build_module(model_cfg: LlamaConfig, cfg: EngineConfig, *, objective: Object
     ``construction``: the context the modules are built in (``partitioned_construction``: ZeRO-3); without one
     the module is built on the meta device and given empty storage on ``device`` (``model/materialize.py``):
     torch's default init draws nothing, the caller writes every weight (seeded init or a checkpoint)."""
-    if cfg.lora is not None and cfg.zero.stage == 3:
-        raise ConfigError("LoRA with zero.stage=3 is not supported (the frozen base would be partitioned and the "
-                          "exports read it whole); use zero.stage=1 or 2: the optimizer state is the adapters' anyway")
+    if cfg.lora is not None and cfg.zero.stage == 3 and cfg.lora.base_dtype != "fp32":
+        raise ConfigError(f"lora.base_dtype={cfg.lora.base_dtype!r} with zero.stage=3: ZeRO-3 holds the frozen base "
+                          "partitioned in the run's dtype; use train.dtype=bf16 (or lora.base_dtype=fp32, or "
+                          "zero.stage 1/2)")
 
     built: list[Llama] = []
 
@@ -253,9 +254,10 @@ def partitioned_construction(cfg: EngineConfig, *, topology: Any) -> Any | None:
     block's linear layers, the embedding) plus its own partition of the rest. The weights are then written into
     the partitions (``train.sharded_state.assign_parameter``: the seeded init, a checkpoint), and ``apply_zero``
     finds them partitioned already. The same DeepSpeed config (and group) as step 5, so the partitions are the
-    ones ZeRO-3 trains on. Other stages (and LoRA, refused at stage 3) build whole TP shards: ZeRO-1/2 keep
-    every weight on every DP rank anyway."""
-    if cfg.zero.stage != 3 or cfg.lora is not None or topology.pp_size > 1:
+    ones ZeRO-3 trains on. With LoRA the frozen base is partitioned the same way (each rank holds 1/DP of it, with
+    no optimizer state) and the adapters too. Other stages build whole TP shards: ZeRO-1/2 keep every weight on
+    every DP rank anyway."""
+    if cfg.zero.stage != 3 or topology.pp_size > 1:
         return None  # build_module then builds on the meta device
     from train.deepspeed_api import deepspeed
 

@@ -1,14 +1,16 @@
-"""LoRA SFT (and DPO / reward model) under TP2 and DP2 x ZeRO-2 equals one plain PyTorch process (CPU/gloo, fp32).
+"""LoRA SFT (and DPO / reward model) under TP2, DP2 x ZeRO-2 and DP2 x ZeRO-3 equals one plain PyTorch process
+(CPU/gloo, fp32).
 
     python -m pytest -q tests/distributed/test_lora_parity.py
 
 ``[lora] rank=4, alpha=8`` on every projection (q, k, v, o, gate, up, down: column- and row-parallel layers
 alike), the real ``rlhf.sft`` loop with the DeepSpeed engine and megatron-core layers (``run_rlhf_layouts.py``)
-against ``train.reference.ReferenceEngine`` in this process. Acceptance (issue 19): per-step losses, gradient norms
-(clipped every step) and the exported merged weights and adapters within 1e-5; the first step's loss equals full
-fine-tuning's (B = 0); the engine's checkpoint holds only the adapters. ``lora_tp2`` runs Megatron sequence
-parallelism (the default at tp > 1: adapters split along the sequence with their layers). The same launch runs
-LoRA DPO under TP2 with sequence parallelism off
+against ``train.reference.ReferenceEngine`` in this process (at ZeRO-3 the frozen base is built partitioned like
+the adapters, and the export streams it from every rank's partitions). Acceptance (issue 19): per-step losses,
+gradient norms (clipped every step) and the exported merged weights and adapters within 1e-5; the first step's loss
+equals full fine-tuning's (B = 0); the engine's checkpoint holds only the adapters. ``lora_tp2`` runs Megatron
+sequence parallelism (the default at tp > 1: adapters split along the sequence with their layers). The same launch
+runs LoRA DPO under TP2 with sequence parallelism off
 and a LoRA reward model under DP2 x ZeRO-2 against their one-process references (losses, grad norms, every exported
 tensor within 1e-5).
 """
@@ -30,7 +32,7 @@ from tests.distributed.rlhf_parity_config import make_parity_data, rlhf_parity_c
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 TOL = 1e-5
 LORA = "--lora.rank=4,--lora.alpha=8,--lora.targets=q,k,v,o,gate,up,down,--checkpoint.every=3"
-LAYOUTS = {"lora_tp2": "--parallel.tp=2", "lora_dp2_zero2": "--zero.stage=2"}
+LAYOUTS = {"lora_tp2": "--parallel.tp=2", "lora_dp2_zero2": "--zero.stage=2", "lora_dp2_zero3": "--zero.stage=3"}
 # The other [lora] stages through the same engine seam: DPO (policy adapted, frozen reference scored by its own
 # engine) under TP2 and the reward model (adapters + its trainable head) under DP2 x ZeRO-2.
 # lora_tp2 runs sequence parallelism (on by default at tp > 1); lora_dpo_tp2 turns it off, so plain-TP adapters
@@ -96,6 +98,8 @@ def test_lora_layout_matches_single_process(runs: Path, layout: str) -> None:
     (checkpoint,) = (runs / layout / "checkpoints").glob("step_*")
     saved = PortableCheckpoint(checkpoint).names()
     assert saved and all(".lora_A." in k or ".lora_B." in k for k in saved), sorted(saved)[:5]
+    stage = json.loads((checkpoint / "layout.json").read_text())["zero_stage"]
+    assert stage == {"lora_dp2_zero2": 2, "lora_dp2_zero3": 3}.get(layout, 1), (layout, stage)  # what the engine ran
 
 
 @pytest.mark.parametrize("layout", list(STAGE_LAYOUTS))

@@ -206,3 +206,18 @@ def test_engine_seam_adapts_the_model_and_keeps_a_reward_head_trainable() -> Non
     assert any("reward_head" in n for n in trainable)
     assert [n for n in trainable if "reward_head" not in n] == sorted(n for n, _ in adapter_parameters(module))
     assert sum(len(g["params"]) for g in decay_groups(module, 0.1)) == len(trainable)
+
+
+def test_zero3_refuses_a_bf16_base_by_name() -> None:
+    """ZeRO-3 holds the frozen base as partitions in the run's dtype, so ``lora.base_dtype=bf16`` (a per-layer cast
+    of whole weights) cannot apply there; the error names the fields and the fix. fp32 is accepted (built at
+    ZeRO-3 by ``tests/distributed/test_lora_parity.py``)."""
+    from model.layers import LocalLayers
+    from train.config import ConfigError, EngineConfig, ZeroSection
+    from train.objective import LanguageModelObjective
+    from train.parallelize import build_module
+
+    cfg = EngineConfig(global_batch_size=2, micro_batch_size=1, zero=ZeroSection(stage=3),
+                       lora=LoRASpec(rank=2, base_dtype="bf16"))
+    with pytest.raises(ConfigError, match="lora.base_dtype='bf16' with zero.stage=3.*train.dtype=bf16"):
+        build_module(CFG, cfg, objective=LanguageModelObjective(), layers=LocalLayers())

@@ -261,3 +261,10 @@ def test_lora_plan_counts_adapter_states_only() -> None:
     assert lora["optimizer_states"] == 12 * adapters and lora["grads"] == 2 * adapters
     assert lora["weights"] == full["weights"] + 2 * adapters
     assert lora["optimizer_states"] < full["optimizer_states"] / 100
+    # ZeRO-3 (DP 8) partitions the frozen base and the adapters; the engine runs it (no refusal), PP it refuses.
+    from launch.planner import engine_refusals
+
+    zero3 = Layout(lora_rank=16, lora_targets="q,k,v,o,gate,up,down", dp=8, zero_stage=3)
+    assert model_state_bytes(cfg, zero3, 0)["weights"] == lora["weights"] / 8
+    assert not engine_refusals(zero3, seq_len=4096)
+    assert engine_refusals(Layout(lora_rank=16, pp=2), seq_len=4096)
