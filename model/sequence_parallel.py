@@ -20,8 +20,9 @@ the sequence instead of a full copy, so those activations shrink by ``tp`` (``la
 RoPE, the attention mask and attention itself see the whole sequence (after the gather), so nothing else changes:
 with context parallelism "the whole sequence" is this rank's two CP chunks (SP splits them over TP; the CP
 kernel gathers K/V over CP after the TP gather); pipeline stages pass the s / tp slice between stages and scale
-RoPE positions by ``sequence_split``. Every collective is ``model.comm``'s. Training forwards only: a KV-cache
-step of one token cannot be split, so generation builds its model without these layers. Not with
+RoPE positions by ``sequence_split``. Every collective is ``model.comm``'s. Training forwards only: a forward
+without autograd (scoring, evaluation, generation and its one-token KV-cache steps, also through a copy built
+with these layers: PPO's rollout copy) runs as plain tensor parallelism (``SplitState``). Not with
 ``tp > n_kv_heads`` (replicated K/V projections). LoRA adapters split with their layers (``model.lora``). On by
 default at tp > 1 where it can run (``train.parallelize.resolve_sequence_parallel``: the objectives that declare
 ``supports_sequence_parallel``; batches of varying length are padded to a multiple of TP).
@@ -149,6 +150,13 @@ class SequenceParallelEmbedding(nn.Module):
         object.__setattr__(self, "lookup", layer)  # not a submodule: its one parameter is registered here
         object.__setattr__(self, "state", state)
         self.weight, self.group = layer.weight, group
+
+    def _apply(self, fn: Any, recurse: bool = True) -> SequenceParallelEmbedding:
+        # ``to`` / ``to_empty`` may replace the registered parameter by a new one (meta -> CPU: PPO's generation
+        # copy); the lookup, not a submodule, must read that one, not the old tensor.
+        super()._apply(fn, recurse)
+        self.lookup.weight = self.weight
+        return self
 
     def forward(self, tokens: Tensor) -> Tensor:
         self.state.split = tokens.shape[1] % comm.world_size(self.group) == 0

@@ -98,6 +98,8 @@ class TrainEngine:
         self.sequence_parallel = resolve_sequence_parallel(model_cfg, engine_cfg, topology=topology,
                                                            objective=self.objective)
         self.factory = layer_factory(topology, sequence_parallel=self.sequence_parallel)
+        self.padded_batches = 0
+        """Micro-batches padded to a multiple of TP for sequence parallelism (``_to_device``)."""
         self.cp = context_parallel(engine_cfg, topology=topology, objective=self.objective)
         self.module = parallelize_llama(model_cfg, engine_cfg, topology=topology, objective=self.objective,
                                         layers=self.factory)  # steps 1-4 of train/parallelize.py
@@ -178,8 +180,9 @@ class TrainEngine:
         chunks of every sequence and their positions; under sequence parallelism a batch of any length padded to
         a multiple of TP (``pad_sequence_keys``), so that the split is exact."""
         moved = {k: mb[k].to(self.device, non_blocking=True) for k in keys or self.objective.input_keys}
-        if self.sequence_parallel and not self.cp.enabled:
+        if self.sequence_parallel and not self.cp.enabled and moved["input_ids"].shape[1] % self.topo.tp_size:
             moved = pad_sequence_keys(moved, getattr(self.objective, "sequence_keys", ()), self.topo.tp_size)
+            self.padded_batches += 1
         if self.cp.enabled:
             seq = moved["input_ids"].shape[1]
             moved = {k: self.cp.shard(v) for k, v in moved.items()}

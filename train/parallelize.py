@@ -75,15 +75,16 @@ def layer_factory(topology: Any, *, dtype: torch.dtype = torch.float32,
 def sequence_parallel_obstacle(model_cfg: LlamaConfig, cfg: EngineConfig, *, tp: int, cp: int,
                                objective: Objective) -> str:
     """Why Megatron sequence parallelism cannot run here ("" when it can). It runs the objectives that declare
-    ``supports_sequence_parallel`` (the language model, the reward model, DPO: their heads read the sequence
-    gathered back, ``model.sequence_parallel``; LoRA adapters follow their layers' split, ``model.lora``), with
-    TP-sharded K/V projections, under pipeline parallelism only for the language model, on fixed lengths that TP x CP divides or on varying lengths
-    that the engine pads to a multiple of TP (the objective's ``sequence_keys``)."""
+    ``supports_sequence_parallel`` (the language model, the reward model, DPO, PPO's policy and value model: their
+    heads read the sequence gathered back, ``model.sequence_parallel``; LoRA adapters follow their layers' split,
+    ``model.lora``), with TP-sharded K/V projections, under pipeline parallelism only for the language model, on
+    fixed lengths that TP x CP divides or on varying lengths that the engine pads to a multiple of TP (the
+    objective's ``sequence_keys``)."""
     if tp == 1:
         return "parallel.tp=1 (sequence parallelism splits the sequence over the tensor-parallel ranks)"
     name = type(objective).__name__
     if not getattr(objective, "supports_sequence_parallel", False):
-        return (f"the {name} objective runs without it (language-model, reward-model and DPO training run it)")
+        return f"the {name} objective runs without it (language-model, reward-model, DPO and PPO training run it)"
     if cfg.parallel.pp > 1 and type(objective) is not LanguageModelObjective:
         return f"the {name} objective runs it without pipeline parallelism (parallel.pp=1); only the language model"\
                " runs it on pipeline stages"

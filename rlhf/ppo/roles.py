@@ -15,7 +15,10 @@ The per-micro-batch diagnostics (clip fraction, approximate KL, entropy) are sum
 
 Tensor parallelism: the head's logits are vocab-parallel; log-probs come from megatron-core's
 ``vocab_parallel_cross_entropy`` and the entropy from three all-reduces (``vocab_parallel_entropy``), so the
-full ``[b, t, V]`` logits are never gathered.
+full ``[b, t, V]`` logits are never gathered. Sequence parallelism (``model/sequence_parallel.py``) runs both trained roles:
+the logits and the value head's hidden states are whole sequences again, the engine pads a minibatch to a
+multiple of TP (``sequence_keys``: zeros, masked by ``response_mask``); scoring and generation run without
+autograd, so as plain TP.
 """
 
 from __future__ import annotations
@@ -112,6 +115,8 @@ class PolicyObjective:
     input_keys: tuple[str, ...] = ("input_ids", "labels", "response_mask", "old_logp", "advantages")
     weight_key: str = "response_mask"
     supports_pipeline: bool = False
+    supports_sequence_parallel: bool = True  # the log-probs read the SP head's logits (sequence gathered)
+    sequence_keys: tuple[str, ...] = input_keys  # padding: response_mask 0 (masked means)
 
     def __init__(self, *, clip: float = 0.2, temperature: float = 1.0) -> None:
         self.clip, self.temperature = clip, temperature
@@ -150,6 +155,8 @@ class ValueObjective:
     input_keys: tuple[str, ...] = ("input_ids", "response_mask", "old_values", "returns")
     weight_key: str = "response_mask"
     supports_pipeline: bool = False
+    supports_sequence_parallel: bool = True  # the head reads Llama(return_hidden=True): gathered whole
+    sequence_keys: tuple[str, ...] = input_keys
 
     def __init__(self, *, clip: float = 0.2) -> None:
         self.clip = clip

@@ -133,6 +133,10 @@ def run_layout(out: Path, name: str, overrides: list[str]) -> None:
         copies["dtypes"] = sorted(copies["dtypes"])
         (out / name / "result.json").write_text(json.dumps({"metrics": records, "prompts": per_prompt,
                                                             "rollout_copy": copies,
+                                                            "sequence_parallel": {
+                                                                role: [engine.sequence_parallel, engine.padded_batches]
+                                                                for role, engine in (("policy", trainer.policy),
+                                                                                     ("value", trainer.value))},
                                                             "frozen": _frozen_state(trainer.reference)}))
 
 

@@ -1,6 +1,9 @@
 """PPO parity on CPU/gloo: PPO iterations under TP2, DP2 x ZeRO-3 (weights gathered once per rollout into a
 copy in their dtype, block by block, and per token) and TP2 x ZeRO-3 equal one process, within 1e-5.
 
+TP2 and TP2 x ZeRO-3 train the policy and value model with Megatron sequence parallelism (the default at tp > 1;
+minibatches padded to a multiple of TP), the eager layout with it off.
+
 One plain-process reference run and ONE 2-process ``torchrun`` launch for the four layouts
 (``tests/distributed/run_ppo_layouts.py``), two iterations each (the first with policy = reference, the second
 with the KL penalty active). Compared per global prompt index of the second iteration: the sampled answer
@@ -42,8 +45,10 @@ LAYOUTS = {
     # the frozen roles' ZeRO-3 partitions held in host memory (DeepSpeed offload_param), the trained ones at ZeRO-1
     "dp2_frozen_offload": ["--ppo.frozen_zero_stage=3", "--ppo.offload_frozen=true"],
 }
+# tp2 and tp2_zero3_once train the policy and value model with sequence parallelism (on by default at tp > 1); the
+# eager layout turns it off, so plain TP stays covered.
 EAGER_LAYOUTS = {"tp2_zero3_once_eager": ["@eager", "--parallel.tp=2", "--zero.stage=3",
-                                          "--rollout.gather=once"]}
+                                          "--rollout.gather=once", "--parallel.sequence_parallel=false"]}
 BF16_LAYOUT = ["--parallel.tp=2", "--zero.stage=3", "--rollout.gather=once", "--train.dtype=bf16",
                "--parallel.activation_checkpoint_every=1"]
 BF16_TOL = {"same_answers": 12, "per_token": 0.15, "grad_norm_rel": 0.05, "weights": 3e-2}
@@ -97,6 +102,17 @@ def test_one_ppo_iteration_matches_single_process(runs: Path, layout: str) -> No
         assert a.keys() == b.keys()
         worst = max(float((a[k] - b[k]).abs().max()) for k in a)
         assert worst <= TOL, (layout, model, worst)
+
+
+def test_sequence_parallel_trains_both_roles(runs: Path) -> None:
+    """At TP 2 the policy and the value model trained with sequence parallelism (matching one process above), on
+    minibatches of varying length that the engine padded to a multiple of TP; the layout that turned it off
+    ran plain TP."""
+    ran = {name: json.loads((runs / name / "result.json").read_text())["sequence_parallel"]
+           for name in ("tp2", "tp2_zero3_once", "tp2_zero3_once_eager")}
+    for name in ("tp2", "tp2_zero3_once"):
+        assert all(on and padded > 0 for on, padded in ran[name].values()), (name, ran[name])
+    assert ran["tp2_zero3_once_eager"] == {"policy": [False, 0], "value": [False, 0]}
 
 
 def test_bf16_zero3_tracks_fp32_within_stated_tolerances(runs: Path) -> None:

@@ -130,7 +130,7 @@ def test_sequence_parallel_default_resolves_per_run() -> None:
 
     on, lines = resolve(objective=Unsupported())
     assert not on and lines == ["sequence parallelism off (tp 2): the Unsupported objective runs without it "
-                                "(language-model, reward-model and DPO training run it)"]
+                                "(language-model, reward-model, DPO and PPO training run it)"]
     assert resolve(cp=3, seq_len=70)[1] == ["sequence parallelism off (tp 2): seq_len=70 is not divisible by "
                                             "tp x cp = 6"]
     no_keys = SimpleNamespace(supports_sequence_parallel=True)  # varying lengths and nothing it lets the engine pad

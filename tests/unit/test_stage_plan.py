@@ -52,19 +52,20 @@ def test_roles_use_the_pretraining_planner_memory_model() -> None:
     head = cfg.vocab_size * cfg.dim / layout.tp  # the value model has no vocab head
     p = planner.stage_params(cfg, layout, 0)
     assert plan.resident["value"]["weights"] == pytest.approx(states["weights"] * (p - head) / p)
-    # PPO's roles run without sequence parallelism (the engine turns it off there): counted off.
-    assert plan.layout.sp == 1
-    mem = planner.plan_memory(cfg, dataclasses.replace(layout, sequence_parallel=False), seq_len=2048,
-                              microbatches=1, hardware=planner.Hardware(reserved_bytes=0))
+    # PPO's trained roles run sequence parallelism (without PP, like the engine): counted on.
+    assert plan.layout.sp == 2
+    mem = planner.plan_memory(cfg, layout, seq_len=2048, microbatches=1, hardware=planner.Hardware(reserved_bytes=0))
     assert plan.phases["training"]["activations"] == mem.activations  # the policy trains (the larger)
     assert plan.resident["reference"] == {"weights": 2 * p / 4}  # inference-only: bf16 ZeRO-3 shard
     sft = plan_stage("sft", cfg, layout, shape=StageShape(seq_len=2048))
     assert sft.resident == {"model": plan.resident["policy"]} and set(sft.phases) == {"training"}
     dpo = plan_stage("dpo", cfg, layout, shape=StageShape(seq_len=2048))  # DPO runs sequence parallelism (no PP)
     assert dpo.layout.sp == 2
-    mem_sp = planner.plan_memory(cfg, layout, seq_len=2048, microbatches=1, hardware=planner.Hardware(reserved_bytes=0))
-    assert mem_sp.activations < mem.activations
-    assert dpo.phases["training"]["activations"] == pytest.approx(2 * mem_sp.activations, rel=0.01)  # both answers
+    off = planner.plan_memory(cfg, dataclasses.replace(layout, sequence_parallel=False), seq_len=2048,
+                              microbatches=1, hardware=planner.Hardware(reserved_bytes=0))
+    assert mem.activations < off.activations
+    assert dpo.phases["training"]["activations"] == pytest.approx(2 * mem.activations, rel=0.01)  # both answers
+    assert plan_stage("dpo", cfg, dataclasses.replace(layout, pp=2, dp=2)).layout.sp == 1  # not on PP stages
 
 
 def test_kv_cache_bytes_equal_the_generators_allocation() -> None:
