@@ -23,18 +23,40 @@ that is still on ``meta`` afterwards (a table computed in ``__init__``) is an er
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
+from torch.nn import init
+from torch.overrides import TorchFunctionMode
 
 ModuleT = TypeVar("ModuleT", bound=nn.Module)
+
+
+class _NoInitOnMeta(TorchFunctionMode):
+    """Skips the in-place fills of ``torch.nn.init`` on meta tensors (they change no data there). Why: torch runs
+    a meta ``normal_`` through its Python reference, which imports ``torch._dynamo`` (seconds per process)."""
+
+    _INIT_OPS = frozenset({
+        init.normal_, init.uniform_, init.trunc_normal_, init.kaiming_uniform_, init.kaiming_normal_,
+        init.xavier_uniform_, init.xavier_normal_, init.zeros_, init.ones_, init.constant_,  # dispatch as themselves
+        Tensor.normal_, Tensor.uniform_, Tensor.fill_, Tensor.zero_, Tensor.erfinv_, Tensor.clamp_, Tensor.mul_,
+        Tensor.add_,
+    })
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func in self._INIT_OPS:
+            target = args[0] if args else kwargs.get("tensor")  # torch.nn.init passes it by keyword
+            if isinstance(target, Tensor) and target.is_meta:
+                return target
+        return func(*args, **kwargs)
 
 
 def build_unfilled(build: Callable[[], ModuleT], *, device: str | torch.device = "cpu",
                    dtype: torch.dtype | None = None) -> ModuleT:
     """``build()`` on the meta device, then ``materialize`` on ``device`` (in ``dtype`` when given)."""
-    with torch.device("meta"):
+    with torch.device("meta"), _NoInitOnMeta():
         module = build()
     return materialize(module, device=device, dtype=dtype)
 
