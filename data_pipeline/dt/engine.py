@@ -12,13 +12,15 @@ The stages (``OUT/dt/logs/NN_<stage>`` hold datatrove's logs, stats and ``comple
   minhash_cluster  1 task   first kept copy wins (data_pipeline.dt.minhash_stages)
   pass3            T tasks  datatrove MinhashDedupFilter -> [line dedup signatures]
   line_find        F tasks  our line dedup, stage 2
-  pass4            T tasks  line dedup filter -> heuristics -> language id -> Megatron writer (our tokenizer)
+  pass4         4 T tasks  line dedup filter -> heuristics -> language id -> Megatron writer (our tokenizer)
   finalize         1 task   merge per source, report.json, manifest.json
 
 A disabled filter removes its barrier and the passes around it merge. Task ``r`` of a pass reads a
 contiguous slice of the sorted input files (balanced by size), so (task, document index) is the local
 engine's stream order and every dedup keeps the copy the local engine keeps; scratch files between passes
-are ``<rank>.jsonl`` per task. ``executor=local``: datatrove's ``LocalPipelineExecutor`` chain, workers forked
+are ``<rank>.jsonl`` per task. The pass after line dedup (heuristics, language id, tokenizer: most of the
+work) re-cuts the surviving documents into ``SLICES_PER_TASK`` x ``tasks`` contiguous slices of equal bytes
+(``SliceJsonlReader``), since the dedups drop unevenly across the input slices. ``executor=local``: datatrove's ``LocalPipelineExecutor`` chain, workers forked
 from this process. ``slurm``: ``SlurmPipelineExecutor`` arrays chained with ``afterok`` (``--kill-on-invalid-dep``
 cancels the rest when a task fails); OUT must be on a filesystem every node sees. ``ray``: datatrove's
 ``RayPipelineExecutor`` (needs ``pip install ray``). Rerunning the same command skips every task whose
@@ -55,6 +57,7 @@ from data_pipeline.dt.steps import (
     Normalize,
     RankJsonlReader,
     ShardWriter,
+    SliceJsonlReader,
     SourceReader,
     TaskProbe,
     write_json_atomic,
@@ -103,6 +106,13 @@ class DatatroveConfig:
             raise ValueError(f"--workers {self.workers}: expected >= 1")
         if self.executor == "slurm" and not self.partition:
             raise ValueError("--executor slurm needs --partition (the SLURM partition to submit to)")
+
+
+SLICES_PER_TASK = 4
+"""The last pass (after line dedup) cuts the surviving text into ``tasks * SLICES_PER_TASK`` equal-byte slices:
+equal bytes are not equal work (language id costs per document, the tokenizer per token), and with several
+slices per worker the local pool hands the next slice to whichever worker is free. Under SLURM each array job
+runs ``SLICES_PER_TASK`` consecutive slices (one ``--tasks`` share of the text)."""
 
 
 @dataclass
@@ -155,14 +165,23 @@ def build_stages(cfg: PrepareConfig, dt: DatatroveConfig, out: Path, work: Path)
     sc, w = work / "scratch", str(work)
     stages: list[Stage] = []
     current: list = [SourceReader(str(work / "plan.json"), w)]
+    pass_tasks = T
 
-    def close_pass(sink: list, barriers: list[Stage], reader_dir: str | None, first: list) -> None:
-        nonlocal current
+    def close_pass(sink: list, barriers: list[Stage], reader_dir: str | None, first: list, *,
+                   rebalance: bool = False) -> None:
+        nonlocal current, pass_tasks
         name = f"pass{sum(s.name.startswith('pass') for s in stages) + 1}"
         steps = [current[0], KillHook(name), *current[1:], *sink]
-        stages.append(Stage(name, steps, T))
+        stages.append(Stage(name, steps, pass_tasks))
         stages.extend(barriers)
-        current = [RankJsonlReader(reader_dir, compression=None, add_file_path=False), *first] if reader_dir else []
+        if reader_dir is None:
+            current = []
+            return
+        if rebalance:  # SLICES_PER_TASK slices per task: the workers take them as they free up
+            reader, pass_tasks = SliceJsonlReader(reader_dir, tasks=pass_tasks), T * SLICES_PER_TASK
+        else:
+            reader = RankJsonlReader(reader_dir, compression=None, add_file_path=False)
+        current = [reader, *first]
 
     def scratch_writer(name: str) -> JsonlWriter:
         return JsonlWriter(str(sc / name), output_filename="${rank}.jsonl", compression=None)
@@ -183,9 +202,11 @@ def build_stages(cfg: PrepareConfig, dt: DatatroveConfig, out: Path, work: Path)
                     Stage("minhash_cluster", [FirstKeptCluster(buckets, remove, sigs, cleaning=c)], 1)],
                    str(sc / "p2"), [Counted(MinhashDedupFilter(remove), "near_dedup", "near_duplicate", w)])
     if c.line_dedup:
-        close_pass([scratch_writer("p3"), LineDedupSignature(str(sc / "line_sigs"), finder_tasks=F, cleaning=c)],
+        # the signature step stamps each document's line-dedup key before the writer; the next pass, keyed by
+        # it, reads equal bytes per task (the filters so far dropped unevenly across the input slices)
+        close_pass([LineDedupSignature(str(sc / "line_sigs"), finder_tasks=F, cleaning=c), scratch_writer("p3")],
                    [Stage("line_find", [LineDedupFind(str(sc / "line_sigs"), str(sc / "line_dups"), cleaning=c)], F)],
-                   str(sc / "p3"), [LineDedupFilter(str(sc / "line_dups"), cleaning=c, work=w)])
+                   str(sc / "p3"), [LineDedupFilter(str(sc / "line_dups"), cleaning=c, work=w)], rebalance=True)
     if c.heuristics:
         current.append(Heuristics(c, w))
     if c.langid:

@@ -66,13 +66,15 @@ def merge_source(work: Path, out: Path, source: str, dtype: str) -> dict[str, An
 
 
 def engine_section(work: Path) -> dict[str, Any]:
-    """Stages in order with their task count and the peak private memory of their tasks."""
+    """Stages in order with their task count, the peak private memory of their tasks, and each task's wall
+    and CPU seconds (the profile: a stage whose tasks' wall times differ is unbalanced)."""
     run = json.loads((work / "run.json").read_text()) if (work / "run.json").is_file() else {}
     stages = {}
     for stage in run.get("stages", []):
         mem = [json.loads(p.read_text()) for p in sorted((work / "memory" / stage["name"]).glob("*.json"))]
         stages[stage["name"]] = {"tasks": stage["tasks"],
-                                 "max_private_bytes_per_task": max((m["private_bytes_peak"] for m in mem), default=None)}
+                                 "max_private_bytes_per_task": max((m["private_bytes_peak"] for m in mem), default=None),
+                                 "task_wall_s": [m.get("wall_s") for m in mem], "task_cpu_s": [m.get("cpu_s") for m in mem]}
     return {"name": "datatrove", "executor": run.get("executor"), "tasks": run.get("tasks"), "stages": stages}
 
 

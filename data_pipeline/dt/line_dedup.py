@@ -2,7 +2,7 @@
 
     LineDedupSignature(sigs, finder_tasks=F, cleaning=cfg)   # per task: (line hash, doc, line) runs, sorted
     LineDedupFind(sigs, dups, cleaning=cfg)                   # F tasks, one hash range each
-    LineDedupFilter(dups, cleaning=cfg, work=WORK)            # per task: drop the lines found, book the ledger
+    LineDedupFilter(dups, cleaning=cfg, work=WORK)            # any slice: drop the lines found, book the ledger
 
 The rule is the local engine's (``Cleaner._line_dedup``): within a bucket of ``line_dedup_bucket_docs``
 documents (counted in stream order over the sources being line-deduped), the first ``max_line_repeats``
@@ -12,8 +12,13 @@ read contiguous slices of the sorted file list. datatrove's ``SentenceDedup`` wi
 is close but not the same rule (its keeper is the lowest document index in *any* task, its text
 normalisation differs, it has neither buckets nor repeat counts), so it is not used.
 
+Stage 1 stamps each line-deduped document with its key, ``metadata["task"]`` (already there) and
+``metadata["line_doc"]`` (its index among the task's line-deduped documents), and passes it on; stage 3 finds
+a document's removals by that key, not by its position, so the pass after the barrier may split the documents
+among its tasks differently (``data_pipeline.dt.steps.SliceJsonlReader``: equal bytes of surviving text).
+
 Memory per task: a signature run is flushed (sorted) every ``RUN_RECORDS`` lines; the finder streams a heap
-merge over the runs; the filter holds its own task's removals (two uint32 per removed line).
+merge over the runs; the filter holds the removals of one origin task at a time (two uint32 per removed line).
 """
 
 from __future__ import annotations
@@ -43,7 +48,8 @@ def line_dedup_applies(cleaning: CleaningConfig, source: str) -> bool:
 class LineDedupSignature(PipelineStep):
     """Stage 1: for every line-deduped document, (64-bit hash of its dedup key, document index among the
     task's line-deduped documents, line index), in sorted runs split by hash range over the finder tasks;
-    and ``counts/<rank>.json`` (how many line-deduped documents this task has: the bucket offsets)."""
+    and ``counts/<rank>.json`` (how many line-deduped documents this task has: the bucket offsets). Every
+    document is passed on (line-deduped ones with ``metadata["line_doc"]``): put the scratch writer after it."""
 
     type = "🫂 - DEDUP"
     name = "line dedup stage 1 (our dedup_key)"
@@ -59,6 +65,7 @@ class LineDedupSignature(PipelineStep):
         for doc in data:
             self.stat_update(StatHints.total)
             if not line_dedup_applies(self.cleaning, doc.metadata["source"]):
+                yield doc
                 continue
             lines = line_hashes(doc.text)
             if lines:
@@ -67,10 +74,12 @@ class LineDedupSignature(PipelineStep):
                 rec["doc"] = n_docs
                 buf.append(rec)
                 n_buf += len(rec)
+            doc.metadata["line_doc"] = n_docs
             n_docs += 1
             if n_buf >= RUN_RECORDS:
                 self._flush(out, rank, runs, buf)
                 runs, buf, n_buf = runs + 1, [], 0
+            yield doc
         if buf or runs == 0:
             self._flush(out, rank, runs, buf)
         (out / "counts").mkdir(parents=True, exist_ok=True)
@@ -135,7 +144,8 @@ class LineDedupFind(PipelineStep):
 
 
 class LineDedupFilter(PipelineStep):
-    """Stage 3: removes this task's duplicate lines (found by stage 2) and books ``line_dedup`` in the ledger."""
+    """Stage 3: removes the duplicate lines stage 2 found for each document (by its ``task`` and ``line_doc``
+    stamp, in whatever slice of the stream this task reads) and books ``line_dedup`` in the ledger."""
 
     type = "🫂 - DEDUP"
     name = "line dedup stage 3"
@@ -144,19 +154,25 @@ class LineDedupFilter(PipelineStep):
         super().__init__()
         self.data_folder, self.cleaning, self.work = data_folder, cleaning, work
 
-    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
-        parts = [np.fromfile(p, dtype=DUP_DTYPE) for p in sorted(Path(self.data_folder).glob(f"*/{rank:05d}.line_dup"))]
+    def _removals(self, task: int) -> tuple[np.ndarray, np.ndarray]:
+        """Task ``task``'s removals sorted by (doc, line), and where each of its documents starts in them."""
+        parts = [np.fromfile(p, dtype=DUP_DTYPE) for p in sorted(Path(self.data_folder).glob(f"*/{task:05d}.line_dup"))]
         dups = np.concatenate(parts) if parts else np.zeros(0, dtype=DUP_DTYPE)
         dups.sort(order=("doc", "line"))
-        starts = np.searchsorted(dups["doc"], np.arange(0, (int(dups["doc"][-1]) + 2) if len(dups) else 1))
-        ledger, k = FilterLedger(), 0
+        return dups, np.searchsorted(dups["doc"], np.arange(0, (int(dups["doc"][-1]) + 2) if len(dups) else 1))
+
+    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        ledger, task, dups, starts = FilterLedger(), None, None, None
         for doc in data:
             self.stat_update(StatHints.total)
             if not line_dedup_applies(self.cleaning, doc.metadata["source"]):
                 yield doc
                 continue
+            if doc.metadata["task"] != task:  # a slice is contiguous: one origin task after the other
+                task = doc.metadata["task"]
+                dups, starts = self._removals(task)
+            k = doc.metadata["line_doc"]
             lines = dups["line"][starts[k] : starts[k + 1]] if k + 1 < len(starts) else ()
-            k += 1
             new = remove_lines(doc.text, lines.tolist()) if len(lines) else doc.text
             empty = not new.strip()
             ledger.record("line_dedup", **_meta(doc), before=doc.text, after=None if empty else new,

@@ -102,7 +102,7 @@ def test_planted_copies_removed_and_no_original_lost(runs):
 def test_task_killed_mid_stage_then_rerun_equals_uninterrupted_run(runs):
     out, marker = runs["root"] / "killed", runs["root"] / "kill.marker"
     args = [*runs["args"], "--engine", "datatrove", "--tasks", "2"]
-    r = _prepare(args, out, env={"LLAMA_DT_TEST_KILL": f"pass4:1:100:{marker}"})
+    r = _prepare(args, out, env={"LLAMA_DT_TEST_KILL": f"pass4:1:50:{marker}"})
     assert r.returncode == -9, (r.returncode, r.stderr[-2000:])  # SIGKILL: the run died with its task
     assert marker.exists() and not (out / "manifest.json").exists()
     assert not (out / "dt" / "logs" / "07_pass4" / "completions" / "00001").exists()

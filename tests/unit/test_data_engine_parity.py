@@ -97,6 +97,35 @@ def test_datatrove_engine_equals_local_engine(corpus, tmp_path):
         dt_engine.prepare_datatrove(_config(d, tok, tmp_path / "dt"), dt_engine.DatatroveConfig(tasks=2, workers=1))
 
 
+def test_last_pass_slices_are_contiguous_equal_bytes_and_cover_every_document(tmp_path):
+    """``SliceJsonlReader`` (the last pass's reader): for any number of slices, the slices in order give every
+    document of the previous pass's ``<rank>.jsonl`` files exactly once, in stream order (a task that wrote no
+    file included), each slice within one document of an equal share of the bytes."""
+    from data_pipeline.dt.steps import SliceJsonlReader
+
+    rng = random.Random(3)
+    sizes = {0: 7, 1: 0, 2: 40, 3: 1}  # task 1 wrote nothing; task 3 one document
+    docs, total = [], 0
+    for rank, n in sizes.items():
+        if n == 0:
+            continue
+        with open(tmp_path / f"{rank:05d}.jsonl", "wb") as f:
+            for i in range(n):
+                line = json.dumps({"text": "w " * rng.randrange(1, 400), "id": f"{rank}-{i}",
+                                   "metadata": {"task": rank, "line_doc": i}}).encode() + b"\n"
+                f.write(line)
+                docs.append((f"{rank}-{i}", len(line)))
+                total += len(line)
+    longest = max(n for _, n in docs)
+    for world in (1, 2, 3, 8, 60):
+        got = [[d.id for d in SliceJsonlReader(str(tmp_path), tasks=len(sizes)).run(rank=r, world_size=world)]
+               for r in range(world)]
+        assert [i for part in got for i in part] == [i for i, _ in docs], world
+        size = dict(docs)
+        for part in got:
+            assert abs(sum(size[i] for i in part) - total / world) <= longest, (world, part)
+
+
 def test_tokenizer_adapter_gives_our_ids(shared_data):
     from data_pipeline.dt.steps import OurTokenizer
     from model.tokenizer import load_tokenizer
