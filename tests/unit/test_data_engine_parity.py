@@ -75,8 +75,10 @@ def _same_output(a: Path, b: Path, sources: list[str]) -> None:
     assert ra["documents_read"] == rb["documents_read"] and ra["read_issues"]["counts"] == rb["read_issues"]["counts"]
 
 
-def test_datatrove_engine_equals_local_engine(corpus, tmp_path):
+def test_datatrove_engine_equals_local_engine(corpus, tmp_path, monkeypatch):
     d, tok = corpus
+    # line dedup signatures in runs of 97 records: many sorted runs per task, documents split across runs
+    monkeypatch.setattr("data_pipeline.dt.line_dedup.RUN_RECORDS", 97)
     local = prepare(_config(d, tok, tmp_path / "local"))
     dt = dt_engine.prepare_datatrove(_config(d, tok, tmp_path / "dt"),
                                      dt_engine.DatatroveConfig(tasks=3, workers=1))
@@ -91,6 +93,8 @@ def test_datatrove_engine_equals_local_engine(corpus, tmp_path):
     ids = {json.loads(x)["id"] for x in (tmp_path / "dt" / "web.docs.jsonl").read_text().splitlines()}
     assert not any(i.startswith("exact-") for i in ids)
     assert not (tmp_path / "dt" / "dt" / "scratch").exists()  # scratch removed after success
+    stages = json.loads((tmp_path / "dt" / "report.json").read_text())["engine"]["stages"]
+    assert stages["pass4"]["tasks"] == 3 * dt_engine.SLICES_PER_TASK == len(stages["pass4"]["task_cpu_s"])
     again = dt_engine.prepare_datatrove(_config(d, tok, tmp_path / "dt"), dt_engine.DatatroveConfig(tasks=3, workers=1))
     assert again == dt  # finished: a rerun is a no-op
     with pytest.raises(ValueError, match="different engine"):
