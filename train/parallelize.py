@@ -75,7 +75,8 @@ def layer_factory(topology: Any, *, dtype: torch.dtype = torch.float32,
 def sequence_parallel_obstacle(model_cfg: LlamaConfig, cfg: EngineConfig, *, tp: int, cp: int,
                                objective: Objective) -> str:
     """Why Megatron sequence parallelism cannot run here ("" when it can). It runs the objectives that declare
-    ``supports_sequence_parallel`` (the language model, the reward model, DPO, PPO's policy and value model: their
+    ``supports_sequence_parallel`` (the language model, the reward model, DPO, PPO's policy and value model, the
+    distillation student: their
     heads read the sequence gathered back, ``model.sequence_parallel``; LoRA adapters follow their layers' split,
     ``model.lora``), with TP-sharded K/V projections, under pipeline parallelism only for the language model, on
     fixed lengths that TP x CP divides or on varying lengths that the engine pads to a multiple of TP (the
@@ -84,7 +85,8 @@ def sequence_parallel_obstacle(model_cfg: LlamaConfig, cfg: EngineConfig, *, tp:
         return "parallel.tp=1 (sequence parallelism splits the sequence over the tensor-parallel ranks)"
     name = type(objective).__name__
     if not getattr(objective, "supports_sequence_parallel", False):
-        return f"the {name} objective runs without it (language-model, reward-model, DPO and PPO training run it)"
+        return f"the {name} objective runs without it (language-model, reward-model, DPO, PPO and distillation " \
+               "training run it)"
     if cfg.parallel.pp > 1 and type(objective) is not LanguageModelObjective:
         return f"the {name} objective runs it without pipeline parallelism (parallel.pp=1); only the language model"\
                " runs it on pipeline stages"
@@ -117,16 +119,16 @@ def resolve_sequence_parallel(model_cfg: LlamaConfig, cfg: EngineConfig, *, topo
 
 
 def pad_sequence_keys(batch: dict[str, Tensor], keys: tuple[str, ...], multiple: int) -> dict[str, Tensor]:
-    """``batch`` with its ``[b, s]`` fields ``keys`` padded with zeros at the end to a length that ``multiple``
-    (TP) divides: sequence parallelism then splits every batch exactly (the embedding would otherwise run a batch
-    TP does not divide whole). Zeros are masked positions in every objective that names its keys (loss / answer
-    masks 0; pad tokens after the last real one, which causal attention never lets an earlier token see)."""
+    """``batch`` with its ``[b, s, ...]`` fields ``keys`` padded with zeros at the end of ``s`` to a length that
+    ``multiple`` (TP) divides: sequence parallelism then splits every batch exactly (the embedding would otherwise
+    run a batch TP does not divide whole). Zeros are masked positions in every objective that names its keys (loss /
+    answer masks 0; pad tokens after the last real one, which causal attention never lets an earlier token see)."""
     length = batch["input_ids"].shape[1]
     extra = -length % multiple
     if not extra:
         return batch
-    return {k: nn.functional.pad(v, (0, extra)) if k in keys and v.dim() == 2 and v.shape[1] == length else v
-            for k, v in batch.items()}
+    return {k: nn.functional.pad(v, (0, 0) * (v.dim() - 2) + (0, extra))
+            if k in keys and v.dim() >= 2 and v.shape[1] == length else v for k, v in batch.items()}
 
 
 def apply_activation_checkpointing(model: Llama, every: int) -> None:

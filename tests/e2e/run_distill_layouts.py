@@ -9,6 +9,7 @@ Each ``NAME=--distill.teacher_tp=2`` runs ``run_distill`` (DeepSpeed engine, meg
 
 from __future__ import annotations
 
+import json
 import sys
 import warnings
 from pathlib import Path
@@ -21,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 def main() -> None:
     from rlhf.distill.config import DistillConfig
     from rlhf.distill.train import DistillTask, run_distill
-    from rlhf.stage import world_size
+    from rlhf.stage import rank, world_size
     from tests.e2e.test_distill_tiny import distill_args
 
     out = Path(sys.argv[1])
@@ -31,6 +32,8 @@ def main() -> None:
         task = DistillTask(cfg)
         task.resolve(world_size=world_size())
         result, _ = run_distill(task.cfg, task=task, print_fn=lambda *a, **k: None)
+        if rank() == 0:  # what the student's engine ran, for the sequence-parallel check
+            (out / name / "sequence_parallel.json").write_text(json.dumps(bool(getattr(result, "sequence_parallel", False))))
         if result.reason != "completed":
             raise SystemExit(f"layout {name}: {result.reason}")
 

@@ -85,7 +85,8 @@ def test_offline_logits_give_the_online_losses(out: Path) -> None:
 # Two-process layouts, one torchrun launch (tests/e2e/run_distill_layouts.py): the teacher split over both ranks
 # beside a TP1 x DP2 student, a TP2 student (vocabulary-parallel KL and CE) beside a whole teacher on each rank,
 # a DP2 x ZeRO-3 student (its parameters partitioned) beside a whole teacher on each rank, and a PP2 student (the
-# teacher's top-k reach the last stage's loss with the labels) beside a whole teacher on each rank.
+# teacher's top-k reach the last stage's loss with the labels) beside a whole teacher on each rank. The TP2 student
+# runs Megatron sequence parallelism (the default at tp > 1).
 LAYOUTS = {"teacher_tp2": "--distill.teacher_tp=2", "student_tp2": "--parallel.tp=2",
            "student_dp2_zero3": "--zero.stage=3", "student_pp2": "--parallel.pp=2"}
 
@@ -124,6 +125,7 @@ def test_two_process_layout_matches_one_process(two_process_runs: Path, layout: 
     assert weights[0].keys() == weights[1].keys() and weights[0]
     assert max(float((weights[0][k] - weights[1][k]).abs().max()) for k in weights[1]) <= TOL, layout
     assert (out / layout / "distill_eval.json").is_file()
+    assert json.loads((out / layout / "sequence_parallel.json").read_text()) == (layout == "student_tp2"), layout
 
 
 @pytest.mark.slow

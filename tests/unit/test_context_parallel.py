@@ -130,7 +130,7 @@ def test_sequence_parallel_default_resolves_per_run() -> None:
 
     on, lines = resolve(objective=Unsupported())
     assert not on and lines == ["sequence parallelism off (tp 2): the Unsupported objective runs without it "
-                                "(language-model, reward-model, DPO and PPO training run it)"]
+                                "(language-model, reward-model, DPO, PPO and distillation training run it)"]
     assert resolve(cp=3, seq_len=70)[1] == ["sequence parallelism off (tp 2): seq_len=70 is not divisible by "
                                             "tp x cp = 6"]
     no_keys = SimpleNamespace(supports_sequence_parallel=True)  # varying lengths and nothing it lets the engine pad
@@ -149,9 +149,10 @@ def test_sequence_parallel_pads_varying_lengths_to_a_multiple_of_tp() -> None:
     from train.parallelize import pad_sequence_keys
 
     batch = {"input_ids": torch.arange(1, 8).view(1, 7), "loss_mask": torch.ones(1, 7),
-             "score_index": torch.tensor([6]), "ref": torch.ones(1, 7)}
-    padded = pad_sequence_keys(batch, ("input_ids", "loss_mask"), 4)
+             "teacher_values": torch.ones(1, 7, 3), "score_index": torch.tensor([6]), "ref": torch.ones(1, 7)}
+    padded = pad_sequence_keys(batch, ("input_ids", "loss_mask", "teacher_values"), 4)
     assert padded["input_ids"].tolist() == [[1, 2, 3, 4, 5, 6, 7, 0]]
     assert padded["loss_mask"].tolist() == [[1, 1, 1, 1, 1, 1, 1, 0]]
+    assert padded["teacher_values"].shape == (1, 8, 3) and padded["teacher_values"][0, 7].tolist() == [0, 0, 0]
     assert padded["score_index"] is batch["score_index"] and padded["ref"] is batch["ref"]  # not named: unchanged
     assert pad_sequence_keys(padded, ("input_ids",), 2) is padded
