@@ -124,8 +124,9 @@ class ParallelSection:
     """Activation checkpointing in segments of N blocks (recomputed in backward; DeepSpeed's interval); 0 = off."""
     sequence_parallel: bool | None = None
     """Megatron sequence parallelism (``model/sequence_parallel.py``): norms and residuals keep s / tp tokens per
-    TP rank. Unset (default): on whenever tp > 1 and the run supports it (the language-model objective with a
-    fixed data.seq_len divisible by tp x cp; with PP, CP, ZeRO), otherwise off with one log line naming why
+    TP rank. Unset (default): on whenever tp > 1 and the run supports it (pretraining / SFT with a fixed
+    data.seq_len divisible by tp x cp, with PP, CP, ZeRO; the reward model, DPO, PPO and distillation without PP,
+    their varying-length batches padded to a multiple of tp; LoRA too), otherwise off with one log line naming why
     (``train.parallelize.resolve_sequence_parallel``). true: required (an error where it cannot run, or at tp 1);
     false: off."""
 
@@ -247,7 +248,8 @@ class EngineConfig:
     The alignment stages set it from their ``[lora]`` section."""
     seq_len: int = 0
     """The fixed length of every training sequence (pretraining's data.seq_len); 0 = batches of varying length
-    (the alignment stages), where sequence parallelism stays off unless asked for."""
+    (the alignment stages), which sequence parallelism pads to a multiple of tp (the objective's
+    ``sequence_keys``)."""
     offload_params: bool = False
     """ZeRO-3 parameter offload (DeepSpeed's ``offload_param``): each rank's partitions live in host memory and a
     module is gathered to the device only while it runs. Set for PPO's frozen roles by ``ppo.offload_frozen``."""
