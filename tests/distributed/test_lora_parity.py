@@ -8,9 +8,9 @@ alike), the real ``rlhf.sft`` loop with the DeepSpeed engine and megatron-core l
 against ``train.reference.ReferenceEngine`` in this process (at ZeRO-3 the frozen base is built partitioned like
 the adapters, and the export streams it from every rank's partitions). Acceptance (issue 19): per-step losses,
 gradient norms (clipped every step) and the exported merged weights and adapters within 1e-5; the first step's loss
-equals full fine-tuning's (B = 0); the engine's checkpoint holds only the adapters. ``lora_tp2`` runs Megatron
-sequence parallelism (the default at tp > 1: adapters split along the sequence with their layers). The same launch
-runs LoRA DPO under TP2 with sequence parallelism off
+equals full fine-tuning's (B = 0); the engine's checkpoint holds only the adapters, and a ZeRO-3 run resumed from
+it gives the same step 3. ``lora_tp2`` runs Megatron sequence parallelism (the default at tp > 1: adapters split
+along the sequence with their layers). The same launch runs LoRA DPO under TP2 with sequence parallelism off
 and a LoRA reward model under DP2 x ZeRO-2 against their one-process references (losses, grad norms, every exported
 tensor within 1e-5).
 """
@@ -32,7 +32,10 @@ from tests.distributed.rlhf_parity_config import make_parity_data, rlhf_parity_c
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 TOL = 1e-5
 LORA = "--lora.rank=4,--lora.alpha=8,--lora.targets=q,k,v,o,gate,up,down,--checkpoint.every=3"
-LAYOUTS = {"lora_tp2": "--parallel.tp=2", "lora_dp2_zero2": "--zero.stage=2", "lora_dp2_zero3": "--zero.stage=3"}
+# lora_dp2_zero3 also checkpoints at step 2, from which lora_dp2_zero3_resumed (same launch) runs step 3 alone.
+LAYOUTS = {"lora_tp2": "--parallel.tp=2", "lora_dp2_zero2": "--zero.stage=2",
+           "lora_dp2_zero3": "--zero.stage=3,--checkpoint.every=2"}
+RESUMED = "lora_dp2_zero3_resumed"
 # The other [lora] stages through the same engine seam: DPO (policy adapted, frozen reference scored by its own
 # engine) under TP2 and the reward model (adapters + its trainable head) under DP2 x ZeRO-2.
 # lora_tp2 runs sequence parallelism (on by default at tp > 1); lora_dpo_tp2 turns it off, so plain-TP adapters
@@ -58,8 +61,10 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for stage, name, extra in references:
         cfg = rlhf_parity_config(stage, data, [*extra, f"--run.dir={out / name}"])
         run_stage_config(stage, cfg, engine_factory=ReferenceEngine, topology_factory=single_process_topology)
-    specs = [f"{name}=sft:{layout},{LORA}" for name, layout in LAYOUTS.items()]
+    specs = [f"{name}=sft:{LORA},{layout}" for name, layout in LAYOUTS.items()]  # the layout's flags win
     specs += [f"{name}={stage}:{layout},{LORA}" for name, (stage, layout) in STAGE_LAYOUTS.items()]
+    step2 = out / "lora_dp2_zero3" / "checkpoints" / "step_00000002"
+    specs += [f"{RESUMED}=sft:{LORA},--zero.stage=3,--run.resume={step2}"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
            str(REPO_ROOT / "tests" / "distributed" / "run_rlhf_layouts.py"), str(out), str(data), *specs]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
@@ -95,11 +100,24 @@ def test_lora_layout_matches_single_process(runs: Path, layout: str) -> None:
     # The training checkpoint holds the adapters only (and their Adam moments): the base is the init checkpoint's.
     from train.portable import PortableCheckpoint
 
-    (checkpoint,) = (runs / layout / "checkpoints").glob("step_*")
+    checkpoint = sorted((runs / layout / "checkpoints").glob("step_*"))[-1]
     saved = PortableCheckpoint(checkpoint).names()
     assert saved and all(".lora_A." in k or ".lora_B." in k for k in saved), sorted(saved)[:5]
     stage = json.loads((checkpoint / "layout.json").read_text())["zero_stage"]
     assert stage == {"lora_dp2_zero2": 2, "lora_dp2_zero3": 3}.get(layout, 1), (layout, stage)  # what the engine ran
+
+
+def test_lora_zero3_resume_matches_single_process(runs: Path) -> None:
+    """A DP2 x ZeRO-3 LoRA run resumed from its step-2 checkpoint (adapters and their Adam moments from the
+    partitions; the frozen base, never in a training checkpoint, from the init checkpoint again) gives the
+    one-process step 3 and exports within 1e-5."""
+    ours, ref = _metrics(runs / RESUMED), _metrics(runs / "reference_lora")
+    assert sorted(ours) == [3]
+    assert abs(ours[3]["loss"] - ref[3]["loss"]) <= TOL and abs(ours[3]["grad_norm"] - ref[3]["grad_norm"]) <= TOL
+    for directory, weights in (("final_model", "model.safetensors"), ("final_model_lora", "adapter_model.safetensors")):
+        ws, wr = load_file(runs / RESUMED / directory / weights), load_file(runs / "reference_lora" / directory / weights)
+        assert ws.keys() == wr.keys() and ws
+        assert max(float((ws[k] - wr[k]).abs().max()) for k in wr) <= TOL, directory
 
 
 @pytest.mark.parametrize("layout", list(STAGE_LAYOUTS))

@@ -1,14 +1,14 @@
 """``python -m rlhf.distill`` end to end on CPU: online teacher, offline teacher logits, a TP2 teacher beside a
-TP1 x DP2 student, a TP2 student, a DP2 x ZeRO-3 student and a PP2 student beside a TP1 teacher (one torchrun
-launch), all giving the same per-step losses.
+TP1 x DP2 student, a TP2 student and a DP2 x ZeRO-3 student beside a TP1 teacher, a PP2 student beside a TP2
+teacher (one torchrun launch), all giving the same per-step losses.
 
     python -m pytest -q tests/e2e/test_distill_tiny.py
 
 Teacher: a seeded debug_tiny saved as a native checkpoint; student: debug_tiny with one layer, synthetic documents,
 top-16 forward KL mixed with 30% hard labels. Online and offline (fp32 store) runs must agree exactly (the same
 numbers reach the loss); the 2-process runs (the real DeepSpeed engine: a TP2 teacher beside a TP1 x DP2 student,
-a TP2 student, a DP2 x ZeRO-3 student and a PP2 student beside a TP1 teacher) must match the one-process run within
-1e-5 (per-step losses and gradient norms, the exported weights after the last step). SFT dialogues
+a TP2 student and a DP2 x ZeRO-3 student beside a TP1 teacher, a PP2 student beside a TP2 teacher) must match the
+one-process run within 1e-5 (per-step losses and gradient norms, the exported weights after the last step). SFT dialogues
 (``distill.data = sft``): with the hard labels alone the losses are exactly ``rlhf.sft``'s (answer-only mask).
 """
 
@@ -85,10 +85,11 @@ def test_offline_logits_give_the_online_losses(out: Path) -> None:
 # Two-process layouts, one torchrun launch (tests/e2e/run_distill_layouts.py): the teacher split over both ranks
 # beside a TP1 x DP2 student, a TP2 student (vocabulary-parallel KL and CE) beside a whole teacher on each rank,
 # a DP2 x ZeRO-3 student (its parameters partitioned) beside a whole teacher on each rank, and a PP2 student (the
-# teacher's top-k reach the last stage's loss with the labels) beside a whole teacher on each rank. The TP2 student
-# runs Megatron sequence parallelism (the default at tp > 1).
+# teacher's top-k reach the last stage's loss with the labels) beside the teacher split over both ranks (the two
+# layouts independent: both pipeline stages run the TP2 teacher on the same micro-batch). The TP2 student runs
+# Megatron sequence parallelism (the default at tp > 1).
 LAYOUTS = {"teacher_tp2": "--distill.teacher_tp=2", "student_tp2": "--parallel.tp=2",
-           "student_dp2_zero3": "--zero.stage=3", "student_pp2": "--parallel.pp=2"}
+           "student_dp2_zero3": "--zero.stage=3", "student_pp2": "--parallel.pp=2,--distill.teacher_tp=2"}
 
 
 @pytest.fixture(scope="module")
@@ -106,9 +107,9 @@ def two_process_runs(out: Path) -> Path:
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_two_process_layout_matches_one_process(two_process_runs: Path, layout: str) -> None:
-    """``teacher_tp2``: TP2 teacher with a TP1 x DP2 student; ``student_tp2`` / ``student_dp2_zero3`` /
-    ``student_pp2``: a TP2 / DP2 x ZeRO-3 / PP2 student with a TP1 teacher. Per-step losses, gradient norms and
-    the exported weights after the 3 steps equal the one-process online run within 1e-5."""
+    """``teacher_tp2``: TP2 teacher with a TP1 x DP2 student; ``student_tp2`` / ``student_dp2_zero3``: a TP2 /
+    DP2 x ZeRO-3 student with a TP1 teacher; ``student_pp2``: a PP2 student with a TP2 teacher. Per-step losses,
+    gradient norms and the exported weights after the 3 steps equal the one-process online run within 1e-5."""
     out = two_process_runs
     if not (out / "online" / "metrics.jsonl").is_file():
         run_one_process(out, "online")
