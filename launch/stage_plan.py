@@ -166,9 +166,9 @@ def plan_stage(stage: str, cfg: LlamaConfig, layout: Layout, *, shape: StageShap
     if stage not in STAGES:
         raise ValueError(f"--stage {stage!r}: use one of {', '.join(STAGES)} (or leave it out for pretraining)")
     s = shape.seq_len
-    # The engine runs sequence parallelism for SFT, the reward model, DPO and PPO's trained roles without PP (and
-    # their LoRA forms; train.parallelize.sequence_parallel_obstacle), not on pipeline stages there: counted off.
-    if stage != "sft" and layout.pp > 1:
+    # The engine runs sequence parallelism for SFT, the reward model, DPO and PPO's trained roles (and their LoRA
+    # forms; train.parallelize.sequence_parallel_obstacle); on pipeline stages only SFT and DPO: counted off there.
+    if stage in ("rm", "ppo") and layout.pp > 1:
         layout = dataclasses.replace(layout, sequence_parallel=False)
     plan = StagePlan(stage=stage, layout=layout, resident={}, phases={}, reserved=hardware.reserved_bytes,
                      memory_bytes=hardware.memory_bytes)

@@ -27,12 +27,30 @@ from model import kernels  # noqa: E402
 from tests.distributed.parity_config import EAGER, parity_config  # noqa: E402
 from train.loop import train  # noqa: E402
 
+DPO = "@dpo"
+"""Token among a layout's overrides: run ``rlhf.dpo`` on ``rlhf_parity_config`` (data in ``OUT/rlhf_data``, made
+by the test) instead of the pretraining loop: DPO under TP x PP with sequence parallelism needs 4 processes."""
+
+
+def run_dpo_layout(out: Path, name: str, overrides: list[str]) -> None:
+    from tests.distributed.rlhf_parity_config import rlhf_parity_config, run_stage_config
+
+    cfg = rlhf_parity_config("dpo", out / "rlhf_data", [*overrides, f"--run.dir={out / name}"])
+    result = run_stage_config("dpo", cfg)
+    if int(os.environ.get("RANK", "0")) == 0:
+        (out / name / "kernels.json").write_text(json.dumps({"sequence_parallel": result.sequence_parallel}))
+    if result.reason != "completed":
+        raise SystemExit(f"layout {name}: {result.reason}")
+
 
 def main() -> None:
     out = Path(sys.argv[1])
     for spec in sys.argv[2:]:
         name, _, joined = spec.partition("=")
         overrides = [o for o in joined.split(",") if o]
+        if DPO in overrides:
+            run_dpo_layout(out, name, [o for o in overrides if o != DPO])
+            continue
         cfg = parity_config([*(o for o in overrides if o != EAGER), f"--run.dir={out / name}"])
         with kernels.disabled() if EAGER in overrides else contextlib.nullcontext():
             result = train(cfg, print_fn=lambda *a, **k: None)

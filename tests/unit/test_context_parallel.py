@@ -121,9 +121,10 @@ def test_sequence_parallel_default_resolves_per_run() -> None:
     rm, dpo = RewardObjective.__new__(RewardObjective), DPOObjective.__new__(DPOObjective)
     assert resolve(objective=rm, seq_len=0) == (True, []) and resolve(objective=dpo, seq_len=0) == (True, [])
     assert resolve(lora=object()) == (True, [])
-    assert resolve(pp=2, objective=dpo, seq_len=0)[1] == [
-        "sequence parallelism off (tp 2): the DPOObjective objective runs it without pipeline parallelism "
-        "(parallel.pp=1); only the language model runs it on pipeline stages"]
+    assert resolve(pp=2, objective=dpo, seq_len=0) == (True, [])  # the DPO loss on the last pipeline stage
+    rm_pp = resolve(pp=2, objective=rm, seq_len=0)[1]
+    assert rm_pp == ["sequence parallelism off (tp 2): the RewardObjective objective runs it without pipeline "
+                     "parallelism (parallel.pp=1); the language model and DPO run it on pipeline stages"]
 
     class Unsupported:  # an objective that does not declare it
         pass

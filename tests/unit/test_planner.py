@@ -134,9 +134,8 @@ def test_405b_at_128k_tokens_chooses_context_parallelism():
 
 def test_sequence_parallel_counted_only_when_on():
     """Llama 2 70B, TP 8 PP 8 DP 16, 4K: the issue's figures, 22.8 GiB with SP (the default, as train/ runs it
-    with PP) and 40.4 GiB without; every TP > 1 plan states both. LoRA, SFT and (without PP) the reward model, DPO
-    and PPO run SP; the alignment objectives on pipeline stages do not (the engine turns it off there), so their
-    plans count it off."""
+    with PP) and 40.4 GiB without; every TP > 1 plan states both. LoRA, SFT, the reward model, DPO and PPO run
+    SP; on pipeline stages only SFT and DPO (the engine turns it off for the others), so those plans count it off."""
     cfg = get_config("llama2_70b")
     kw = dict(seq_len=4096, global_batch_tokens=4 * 1024 * 1024, hardware=planner.Hardware(memory_bytes=80 * GiB))
     on = planner.evaluate(cfg, Layout(tp=8, pp=8, dp=16), **kw)
@@ -149,7 +148,8 @@ def test_sequence_parallel_counted_only_when_on():
 
     assert stage_plan.plan_stage("rm", cfg, Layout(tp=8, dp=8)).layout.sp == 8
     assert stage_plan.plan_stage("dpo", cfg, Layout(tp=8, dp=8)).layout.sp == 8
-    assert stage_plan.plan_stage("dpo", cfg, Layout(tp=8, pp=2, dp=4)).layout.sp == 1
+    assert stage_plan.plan_stage("dpo", cfg, Layout(tp=8, pp=2, dp=4)).layout.sp == 8
+    assert stage_plan.plan_stage("rm", cfg, Layout(tp=8, pp=2, dp=4)).layout.sp == 1
     assert stage_plan.plan_stage("ppo", cfg, Layout(tp=8, dp=8)).layout.sp == 8
     assert stage_plan.plan_stage("sft", cfg, Layout(tp=8, dp=8)).layout.sp == 8  # SFT rows: fixed length
     for plan in (off, on):

@@ -65,7 +65,8 @@ def test_roles_use_the_pretraining_planner_memory_model() -> None:
                               microbatches=1, hardware=planner.Hardware(reserved_bytes=0))
     assert mem.activations < off.activations
     assert dpo.phases["training"]["activations"] == pytest.approx(2 * mem.activations, rel=0.01)  # both answers
-    assert plan_stage("dpo", cfg, dataclasses.replace(layout, pp=2, dp=2)).layout.sp == 1  # not on PP stages
+    assert plan_stage("dpo", cfg, dataclasses.replace(layout, pp=2, dp=2)).layout.sp == 2  # on PP stages too
+    assert plan_stage("ppo", cfg, dataclasses.replace(layout, pp=2, dp=2)).layout.sp == 1  # PPO: no PP stages
 
 
 def test_kv_cache_bytes_equal_the_generators_allocation() -> None:
