@@ -1,6 +1,6 @@
 """Benchmark: the datatrove prepare engine against today's local engine, same input, same run.
 
-    python benchmarks/bench_data_engine.py [--scales 1,4] [--no-slurm] [--output benchmarks/results/bench_data_engine.json]
+    python benchmarks/bench_data_engine.py [--scales 1,4] [--repeats 2] [--no-slurm] [--output benchmarks/results/bench_data_engine.json]
 
 Input: the real Common Crawl, C4 and Wikipedia samples (``$LLAMA_DATA_DIR``) at scale 1, and at scale 4 the
 same files plus three rewritten copies in which every 7th word is replaced by another word of the corpus (so
@@ -12,7 +12,10 @@ Default cleaning (normalise, exact, near and line dedup, heuristics, language id
 Reported: wall time and documents read per second (goal: datatrove >= 0.8x local), whether the outputs are
 byte-identical (shards, provenance, report), the peak private memory of each datatrove stage's largest task
 at each scale (goal: flat as the input grows 4x), and the local engine's peak RSS (``/usr/bin/time``). The load
-average is recorded: the machine is shared.
+average is recorded: the machine is shared. Each scale runs ``--repeats`` pairs, the engines' order alternating
+(local first, then datatrove first, ...) so that a load change during a pair does not favour one engine; each
+pair's ratio, their median, each run's CPU seconds (user + system of the whole process tree) and the
+datatrove stages' per-task wall and CPU seconds (the profile) are in the JSON.
 """
 
 from __future__ import annotations
@@ -22,7 +25,9 @@ import gzip
 import json
 import os
 import random
+import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -81,21 +86,27 @@ def run_prepare(args: list[str], out: Path, env: dict[str, str] | None = None) -
     out.parent.mkdir(parents=True, exist_ok=True)
     cmd = ["/usr/bin/time", "-f", "%M", "-o", str(mem)] if Path("/usr/bin/time").exists() else []
     cmd += [sys.executable, "-m", "data_pipeline", "prepare", *args, "--output", str(out)]
-    t0 = time.perf_counter()
+    shutil.rmtree(out, ignore_errors=True)
+    load = os.getloadavg()[0]
+    ru0, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO),
                                                                          "HF_HUB_OFFLINE": "1", **(env or {})})
-    wall = time.perf_counter() - t0
+    wall, ru1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_CHILDREN)
     if r.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{r.stderr[-3000:]}")
     report = json.loads((out / "report.json").read_text())
     docs = sum(report["documents_read"].values())
     rss = int(mem.read_text().split()[-1]) * 1024 if mem.exists() else None
-    res = {"wall_s": round(wall, 2), "documents_read": docs, "docs_per_s": round(docs / wall, 1),
+    res = {"wall_s": round(wall, 2), "cpu_s": round(ru1.ru_utime + ru1.ru_stime - ru0.ru_utime - ru0.ru_stime, 2),
+           "load_avg_1min_before": round(load, 2), "documents_read": docs, "docs_per_s": round(docs / wall, 1),
            "documents_kept": json.loads((out / "manifest.json").read_text())["totals"]["documents"],
            "peak_rss_bytes_main_process": rss}
     if "engine" in report:
-        res["max_private_bytes_per_task"] = {k: v["max_private_bytes_per_task"] for k, v in report["engine"]["stages"].items()
+        stages = report["engine"]["stages"].items()
+        res["max_private_bytes_per_task"] = {k: v["max_private_bytes_per_task"] for k, v in stages
                                              if v["max_private_bytes_per_task"] is not None}
+        res["task_wall_s"] = {k: v.get("task_wall_s") for k, v in stages if v.get("task_wall_s")}
+        res["task_cpu_s"] = {k: v.get("task_cpu_s") for k, v in stages if v.get("task_cpu_s")}
     return res
 
 
@@ -125,33 +136,48 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scales", default="1,4")
     p.add_argument("--no-slurm", action="store_true")
+    p.add_argument("--repeats", type=int, default=2, help="local/datatrove pairs per scale, order alternating")
     p.add_argument("--output", default=str(REPO / "benchmarks" / "results" / "bench_data_engine.json"))
     a = p.parse_args()
     tok = _data_dir() / "tokenizers" / "llama2" / "tokenizer.model"
     result = {"date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "cpus": os.cpu_count(),
-              "load_avg_start": os.getloadavg(), "tokenizer": str(tok), "scales": {}}
+              "load_avg_start": os.getloadavg(), "tokenizer": str(tok), "repeats": a.repeats, "scales": {}}
     with tempfile.TemporaryDirectory(prefix="bench_data_engine_") as tmp:
         for scale in (int(s) for s in a.scales.split(",")):
             root = Path(tmp) / f"x{scale}"
             args = [*make_input(root / "input", scale), "--tokenizer", str(tok), "--workers", "2"]
-            r = {"local": run_prepare(args, root / "local"),
-                 "datatrove": run_prepare([*args, "--engine", "datatrove", "--tasks", "2"], root / "dt")}
-            r["datatrove_over_local_docs_per_s"] = round(r["datatrove"]["docs_per_s"] / r["local"]["docs_per_s"], 3)
-            r["identical_output"] = same_output(root / "local", root / "dt")
+            runs = {"local": [], "datatrove": []}
+            identical = True
+            for i in range(a.repeats):
+                order = ("local", "datatrove") if i % 2 == 0 else ("datatrove", "local")
+                for engine in order:
+                    extra = ["--engine", "datatrove", "--tasks", "2"] if engine == "datatrove" else []
+                    runs[engine].append(run_prepare([*args, *extra], root / engine))
+                identical &= same_output(root / "local", root / "datatrove")
+            ratios = [round(d["docs_per_s"] / loc["docs_per_s"], 3) for loc, d in zip(runs["local"], runs["datatrove"])]
+            r = {"local_runs": runs["local"], "datatrove_runs": runs["datatrove"],
+                 "datatrove_over_local_docs_per_s_per_pair": ratios,
+                 "datatrove_over_local_docs_per_s": statistics.median(ratios),
+                 "datatrove_over_local_cpu_s_per_pair": [round(d["cpu_s"] / loc["cpu_s"], 3)
+                                                          for loc, d in zip(runs["local"], runs["datatrove"])],
+                 "identical_output": identical,
+                 # memory: the largest figure over the repeats (they differ only by sampling)
+                 "datatrove_max_private_bytes_per_task": {k: max(d["max_private_bytes_per_task"][k] for d in runs["datatrove"])
+                                                          for k in runs["datatrove"][0]["max_private_bytes_per_task"]},
+                 "local_peak_rss_bytes_main_process": max(x["peak_rss_bytes_main_process"] or 0 for x in runs["local"])}
             if scale == 1 and not a.no_slurm:
                 r["slurm"] = run_slurm(args, root / "slurm")
                 if r["slurm"] and "skipped" not in r["slurm"]:
-                    r["slurm"]["identical_to_datatrove_local"] = same_output(root / "dt", root / "slurm")
+                    r["slurm"]["identical_to_datatrove_local"] = same_output(root / "datatrove", root / "slurm")
             result["scales"][f"x{scale}"] = r
-            print(json.dumps({f"x{scale}": r}, indent=1), flush=True)
+            print(json.dumps({f"x{scale}": {k: v for k, v in r.items() if not k.endswith("_runs")}}, indent=1), flush=True)
     scales = list(result["scales"].values())
     if len(scales) >= 2:
-        small, big = scales[0]["datatrove"], scales[-1]["datatrove"]
-        growth = {k: round(big["max_private_bytes_per_task"][k] / v, 3)
-                  for k, v in small["max_private_bytes_per_task"].items() if k in big["max_private_bytes_per_task"]}
-        result["datatrove_task_memory_growth_largest_over_smallest_scale"] = growth
-        result["local_engine_peak_rss_growth"] = round(scales[-1]["local"]["peak_rss_bytes_main_process"] /
-                                                       scales[0]["local"]["peak_rss_bytes_main_process"], 3)
+        small, big = scales[0]["datatrove_max_private_bytes_per_task"], scales[-1]["datatrove_max_private_bytes_per_task"]
+        result["datatrove_task_memory_growth_largest_over_smallest_scale"] = {
+            k: round(big[k] / v, 3) for k, v in small.items() if k in big}
+        result["local_engine_peak_rss_growth"] = round(scales[-1]["local_peak_rss_bytes_main_process"] /
+                                                       scales[0]["local_peak_rss_bytes_main_process"], 3)
     result["load_avg_end"] = os.getloadavg()
     Path(a.output).parent.mkdir(parents=True, exist_ok=True)
     Path(a.output).write_text(json.dumps(result, indent=1) + "\n")
