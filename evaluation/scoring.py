@@ -35,6 +35,7 @@ from lm_eval import utils as lm_utils
 from torch import Tensor
 
 from evaluation.parallel import EvalGroups
+from model import kernels
 from model.llama import KVCache, Llama
 
 HEAD_CHUNK = 1024
@@ -170,8 +171,9 @@ def score_requests(runner: LlamaRunner, requests: Sequence[tuple[Sequence[int], 
     eval_groups = runner.groups
     mine = eval_groups.my_share([g.cost for g in groups])
     local: dict[int, tuple[float, bool]] = {}
-    for batch in batches_of([groups[i] for i in mine], batch_size=batch_size):
-        local.update(score_batch(runner, batch))
+    with kernels.reused_concatenations():  # many small no-grad forwards: concatenate the fused weights once
+        for batch in batches_of([groups[i] for i in mine], batch_size=batch_size):
+            local.update(score_batch(runner, batch))
     indices = sorted(local)
     return eval_groups.gather_by_index(indices, [local[i] for i in indices], total=len(requests))
 

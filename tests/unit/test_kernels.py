@@ -79,6 +79,22 @@ def test_gate_up_silu_matches_eager_including_extremes() -> None:
     assert torch.isnan(kernels.gate_up_silu(poisoned, w1, w3)[0, 3]).all()
 
 
+def test_reused_concatenations_are_exact_and_follow_in_place_updates() -> None:
+    torch.manual_seed(0)
+    x, w1, w3 = torch.randn(3, 5, 16), torch.randn(24, 16), torch.randn(24, 16)
+    expected = kernels.gate_up_silu(x, w1, w3)
+    with torch.no_grad(), kernels.reused_concatenations():
+        first = kernels._concatenated(w1, w3)
+        assert kernels._concatenated(w1, w3) is first  # reused, not copied again
+        assert torch.equal(kernels.gate_up_silu(x, w1, w3), expected)
+        w1.mul_(2.0)  # an in-place update (a training step) between two forwards: a new concatenation
+        assert torch.equal(kernels._concatenated(w1, w3)[:24], w1)
+        assert torch.allclose(kernels.gate_up_silu(x, w1, w3), F.silu(x @ w1.t()) * (x @ w3.t()), atol=1e-5)
+    with kernels.reused_concatenations():  # autograd on: never cached (the graph owns its weight)
+        assert kernels._concatenated(w1, w3) is not kernels._concatenated(w1, w3)
+    assert kernels._concat_cache is None  # released on exit
+
+
 @pytest.mark.parametrize("position_rows", [1, 3])
 def test_qkv_rotary_matches_eager(position_rows: int) -> None:
     torch.manual_seed(0)
