@@ -215,15 +215,22 @@ def _step_time(cfg: LlamaConfig, layout: Layout, shape: StageShape, hardware: Ha
         return float("inf")
 
 
+PIPELINE_STAGES = ("sft", "dpo")
+"""The alignment stages whose objectives run on pipeline stages (``Objective.supports_pipeline``: SFT's language
+model, DPO); the reward model and PPO's roles refuse ``parallel.pp > 1``."""
+
+
 def stage_layouts(cfg: LlamaConfig, *, gpus: int, hardware: Hardware, fixed: dict[str, object]) -> list[Layout]:
-    """TP (within a node, dividing the heads) x DP = gpus, ZeRO 1-3, checkpointing on/off; no pipeline (the
-    alignment objectives refuse it)."""
+    """TP (within a node, dividing the heads) x PP x DP = gpus, ZeRO 1-3 (ZeRO-1 under PP: DeepSpeed's pipeline
+    engine runs no other), checkpointing on/off. PP only when pinned (``--pp``, SFT and DPO): the search
+    otherwise stays with TP x DP, which the alignment stages' sizes fit."""
     out = []
-    tps = [t for t in (1, 2, 4, 8, 16, 32) if t <= hardware.gpus_per_node and gpus % t == 0
+    pp = int(fixed.get("pp", 1))
+    tps = [t for t in (1, 2, 4, 8, 16, 32) if t <= hardware.gpus_per_node and gpus % (t * pp) == 0
            and cfg.n_heads % t == 0 and cfg.kv_heads % t == 0]
-    for tp, zero, ckpt in itertools.product(tps, (1, 2, 3), (False, True)):
-        layout = Layout(tp=tp, dp=gpus // tp, zero_stage=zero, micro_batch=int(fixed.get("micro_batch", 1)),
-                        activation_checkpointing=ckpt)
+    for tp, zero, ckpt in itertools.product(tps, (1, 2, 3) if pp == 1 else (1,), (False, True)):
+        layout = Layout(tp=tp, pp=pp, dp=gpus // (tp * pp), zero_stage=zero,
+                        micro_batch=int(fixed.get("micro_batch", 1)), activation_checkpointing=ckpt)
         if all(getattr(layout, k) == v for k, v in fixed.items()):
             out.append(layout)
     return out
@@ -278,13 +285,17 @@ def cmd_plan_stage(args: object, hardware: Hardware) -> int:
                        offload_frozen=bool(getattr(args, "offload_frozen", False)),
                        global_batch=(args.global_batch_tokens // (args.seq_len or StageShape.seq_len)
                                      if args.global_batch_tokens else StageShape.global_batch))
-    if (args.pp or 1) != 1:
-        raise ValueError("--pp: the alignment stages do not run under pipeline parallelism; use --tp and ZeRO")
-    fixed = {k: getattr(args, k) for k in ("tp", "zero_stage", "micro_batch", "activation_checkpointing")
+    if (args.pp or 1) != 1 and args.stage not in PIPELINE_STAGES:
+        raise ValueError(f"--pp {args.pp}: the {args.stage} stage does not run under pipeline parallelism (only "
+                         f"{' and '.join(PIPELINE_STAGES)} do); use --tp and ZeRO")
+    if (args.pp or 1) != 1 and (args.zero_stage or 1) != 1:
+        raise ValueError(f"--pp {args.pp} with --zero-stage {args.zero_stage}: DeepSpeed's pipeline engine runs "
+                         "ZeRO-1 only; use --zero-stage 1 (or leave it out)")
+    fixed = {k: getattr(args, k) for k in ("tp", "pp", "zero_stage", "micro_batch", "activation_checkpointing")
              if getattr(args, k) is not None}
     plans = search_stage(args.stage, cfg, gpus=args.gpus, shape=shape, hardware=hardware, fixed=fixed)
     if not plans:
-        raise ValueError(f"no layout of {args.gpus} GPUs matches {fixed}: --gpus must be a multiple of --tp")
+        raise ValueError(f"no layout of {args.gpus} GPUs matches {fixed}: --gpus must be a multiple of --tp x --pp")
     fitting = [p for p in plans if p.fits]
     shown = plans[:1] if len(plans) == 1 else fitting[: args.top_k] or plans[:1]
     if args.json:

@@ -136,3 +136,23 @@ def test_offloaded_frozen_roles_leave_the_gpu_but_count_the_scoring_gather(capsy
     assert launch_main(["plan", "--stage", "ppo", "--model", "llama2_70b", "--gpus", "64", "--gpu-memory", "80GiB",
                         "--tp", "8", "--zero-stage", "3", "--offload-frozen"]) == 0
     assert "frozen roles at ZeRO-3 in host memory" in capsys.readouterr().out
+
+
+def test_pipeline_plans_for_the_stages_that_run_on_pipeline_stages(capsys: pytest.CaptureFixture[str]) -> None:
+    """SFT and DPO run under PP (their objectives have pipeline losses): ``--pp`` plans them at ZeRO-1 with the
+    weights split over the stages; the reward model and PPO, which refuse PP, are refused by name."""
+    base = ["plan", "--model", "llama2_70b", "--gpus", "64", "--gpu-memory", "80GiB", "--json"]
+    for stage in ("sft", "dpo"):
+        assert launch_main([*base, "--stage", stage, "--pp", "4"]) == 0
+        plans = json.loads(capsys.readouterr().out)["plans"]
+        assert plans and all(p["layout"]["pp"] == 4 and p["layout"]["zero_stage"] == 1 for p in plans)
+        layout = plans[0]["layout"]
+        assert layout["tp"] * layout["pp"] * layout["dp"] == 64
+    flat = plan_stage("sft", get_config("llama2_70b"), Layout(tp=8, pp=1, dp=8))
+    piped = plan_stage("sft", get_config("llama2_70b"), Layout(tp=8, pp=4, dp=2))
+    assert piped.resident["model"]["weights"] < flat.resident["model"]["weights"] / 3  # a stage's share
+    for stage in ("rm", "ppo"):
+        assert launch_main([*base, "--stage", stage, "--pp", "2"]) == 2
+        assert f"the {stage} stage does not run under pipeline parallelism" in capsys.readouterr().err
+    assert launch_main([*base, "--stage", "dpo", "--pp", "2", "--zero-stage", "3"]) == 2
+    assert "runs ZeRO-1 only" in capsys.readouterr().err
