@@ -71,6 +71,8 @@ def train(cfg: RunConfig, *, task: Task | None = None, engine_factory: Callable[
     last_loss, last_val, step, reason = float("nan"), None, run.start, "completed"
     preempt = PreemptionFlag().install()
     try:
+        if run.start == 0 and hasattr(run.task, "before_training"):  # e.g. SFT's held-out loss of the initial model
+            run.task.before_training(run.engine, run.run_dir, rank=run.rank)
         for step in range(run.start + 1, cfg.train.steps + 1):
             last_loss = run.train_step(step)
             if run.valid_ds is not None and cfg.train.eval_every and (

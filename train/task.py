@@ -46,6 +46,9 @@ class Task(Protocol):
 
     # Optional: ``step_metrics(engine) -> dict[str, float]``, called by every rank after each step (collective);
     # its keys join the step's record in metrics.jsonl / wandb (DPO: implicit rewards, accuracy; rlhf.dpo.train).
+    # Optional: ``before_training(engine, run_dir, *, rank)``, called by every rank once, on a fresh start only,
+    # before the first step (collective): what must be measured on the initial weights (SFT's held-out loss
+    # "before", rlhf.sft.train), so that no second model is built for it at the end.
 
 
 class PretrainTask:

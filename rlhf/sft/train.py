@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from model import comm
 from model.llama import Llama, init_llama_weights
 from model.materialize import build_unfilled
 from rlhf.batching import pack_sft_rows, sft_example, stack_rows
@@ -38,6 +39,10 @@ from rlhf.paths import file_list
 from rlhf.sft.config import SFTConfig
 from rlhf.sources import load_dialogues
 from rlhf.stage import StageTask, rank, run_stage, stage_main
+from train.checkpoint_files import write_json_atomic
+
+BEFORE_FILE = "sft_eval_before.json"
+"""The held-out loss of the initial weights, measured on the training engine before its first step."""
 
 
 class SFTTask(StageTask):
@@ -89,12 +94,33 @@ class SFTTask(StageTask):
     def collate(self, samples: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
         return stack_rows(samples)
 
+    def before_training(self, engine: Any, run_dir: Path, *, rank: int) -> None:
+        """Collective, on a fresh start: the held-out loss of the initial weights on the engine itself, kept in
+        ``BEFORE_FILE`` for ``evaluate_sft`` (a resumed run reads it back)."""
+        if self.valid_set:
+            loss = engine_heldout_loss(engine, self.valid_set, topology=getattr(engine, "topo", None),
+                                       micro_batch_size=self.cfg.train.micro_batch_size)
+            if rank == 0:
+                write_json_atomic(run_dir / BEFORE_FILE, {"heldout_loss_before": loss})
+
     def export(self, engine: Any, model_cfg: Any, out_dir: Path, *, rank: int) -> None:
         """The native checkpoint + ``rlhf.json`` (``rlhf.export``), then (held-out rows) ``evaluate_sft`` on the
         live engine: collective, like the export."""
         export_policy(engine, model_cfg, out_dir, rank=rank, meta={"stage": "sft", **self.sidecar()})
         if self.valid_set:
             self.evaluation = evaluate_sft(self.cfg, self, engine, model_cfg)
+
+
+def _initial_engine_loss(task: SFTTask, engine: Any, model_cfg: Any, *, topology: Any, micro_batch_size: int) -> float:
+    kwargs: dict[str, Any] = {"model_cfg": model_cfg, "engine_cfg": engine.engine_cfg, "topology": topology,
+                              "objective": engine.objective, "init_weights": task.init_weights()}
+    if hasattr(engine, "inference_only") and getattr(topology, "pp_size", 1) == 1:
+        kwargs["inference_only"] = True  # no optimizer state: only the weights (the run's dtype)
+    initial = type(engine)(**kwargs)
+    try:
+        return engine_heldout_loss(initial, task.valid_set, topology=topology, micro_batch_size=micro_batch_size)
+    finally:
+        del initial
 
 
 def initial_model(cfg: Any, task: StageTask) -> Llama:
@@ -158,19 +184,20 @@ def engine_heldout_loss(engine: Any, rows: Sequence[dict[str, Tensor]], *, topol
 def evaluate_sft(cfg: Any, task: SFTTask, engine: Any, model_cfg: Any) -> dict[str, Any]:
     """Collective (every rank, at the end of a completed run, the trained engine alive): held-out answer-token
     loss of the initial and of the trained model, each rank holding only its shard. "After" is the trained
-    engine; "before" a frozen engine of the same layout built from the init checkpoint (``task.init_weights``:
-    each rank reads only its TP slices; ZeRO-3 partitions) or, without one, the same seeded init. Rank 0 writes
-    ``sft_eval.json``. No rank loads the whole model (this used to load both exports whole on rank 0)."""
+    engine; "before" was measured on the same engine before its first step (``SFTTask.before_training``,
+    ``BEFORE_FILE``), so no second model is built; only a run resumed from a checkpoint older than that file
+    builds a frozen engine of the same layout from the init checkpoint (``task.init_weights``: each rank reads
+    only its TP slices; ZeRO-3 partitions) or the same seeded init. Rank 0 writes ``sft_eval.json``. No rank loads
+    the whole model."""
     topology = getattr(engine, "topo", None)
     mb = cfg.train.micro_batch_size
     after = engine_heldout_loss(engine, task.valid_set, topology=topology, micro_batch_size=mb)
-    kwargs: dict[str, Any] = {"model_cfg": model_cfg, "engine_cfg": engine.engine_cfg, "topology": topology,
-                              "objective": engine.objective, "init_weights": task.init_weights()}
-    if hasattr(engine, "inference_only") and getattr(topology, "pp_size", 1) == 1:
-        kwargs["inference_only"] = True  # no optimizer state: only the weights (the run's dtype)
-    initial = type(engine)(**kwargs)
-    before = engine_heldout_loss(initial, task.valid_set, topology=topology, micro_batch_size=mb)
-    del initial
+    saved = cfg.run_dir / BEFORE_FILE  # measured before the first step (SFTTask.before_training)
+    # Rank 0 decides for all (the fallback below is collective): the file as rank 0 wrote and sees it.
+    before = comm.broadcast_object(json.loads(saved.read_text())["heldout_loss_before"]
+                                   if rank() == 0 and saved.is_file() else None)
+    if before is None:  # a run resumed from a checkpoint older than that file: a frozen engine of the initial weights
+        before = _initial_engine_loss(task, engine, model_cfg, topology=topology, micro_batch_size=mb)
     tokens = float(sum(float(row["loss_mask"].sum()) for row in task.valid_set))
     result = {"heldout_loss_before": before, "heldout_loss_after": after, "heldout_answer_tokens": tokens,
               "heldout_rows": len(task.valid_set)}

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.timeout(180)
 
 def test_sft_eval_on_the_engine_equals_the_whole_model_reference(tmp_path: Path) -> None:
     from model.checkpoints import from_pretrained
-    from rlhf.sft.train import SFTTask, heldout_loss, initial_model, run_sft
+    from rlhf.sft.train import BEFORE_FILE, SFTTask, heldout_loss, initial_model, run_sft
     from tests.distributed.rlhf_parity_config import make_parity_data, rlhf_parity_config
     from train.reference import ReferenceEngine, single_process_topology
 
@@ -37,6 +37,17 @@ def test_sft_eval_on_the_engine_equals_the_whole_model_reference(tmp_path: Path)
     assert abs(written["heldout_loss_after"] - after["loss"]) <= 1e-5
     assert written["heldout_answer_tokens"] == before["tokens"]
     assert written["heldout_loss_after"] < written["heldout_loss_before"] - 1e-3  # trained: not the same model
+    # "before" was measured on the engine before its first step, not on a second model built at the end
+    saved = json.loads((tmp_path / "sft" / BEFORE_FILE).read_text())
+    assert saved["heldout_loss_before"] == written["heldout_loss_before"]
+    # A run resumed from a checkpoint without that file (older runs) rebuilds the initial model: the same figure.
+    (tmp_path / "sft" / BEFORE_FILE).unlink()
+    cfg3 = rlhf_parity_config("sft", data, [f"--run.dir={tmp_path / 'sft'}", "--train.steps=3",
+                                            "--run.resume=auto"])
+    _, resumed = run_sft(cfg3, task=SFTTask(cfg3), engine_factory=ReferenceEngine,
+                         topology_factory=single_process_topology, print_fn=lambda *a, **k: None)
+    assert not (tmp_path / "sft" / BEFORE_FILE).exists()  # a resumed run measures nothing before its steps
+    assert abs(resumed["heldout_loss_before"] - before["loss"]) <= 1e-5
 
 
 def test_heldout_rows_are_dealt_once_over_dp_ranks_with_equal_batch_counts() -> None:
