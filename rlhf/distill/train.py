@@ -188,6 +188,10 @@ class DistillTask(SFTTask):
         self.report = {"summary": [f"pretraining data: {len(self.train_set)} training sequences of "
                                    f"{cfg.data.seq_len}, {len(self.valid_set)} held out"]}
 
+    def before_training(self, engine: Any, run_dir: Path, *, rank: int) -> None:
+        """Nothing: ``SFTTask``'s held-out loss of the initial model is ``evaluate_sft``'s, which distillation does
+        not run (its held-out figures are ``evaluate_distill``'s); its rows may be pretraining sequences too."""
+
     def check_vocab(self, model_cfg: Any) -> None:
         if self.tokenizer is not None:
             super().check_vocab(model_cfg)
