@@ -125,7 +125,7 @@ class ParallelSection:
     sequence_parallel: bool | None = None
     """Megatron sequence parallelism (``model/sequence_parallel.py``): norms and residuals keep s / tp tokens per
     TP rank. Unset (default): on whenever tp > 1 and the run supports it (pretraining / SFT with a fixed
-    data.seq_len divisible by tp x cp, with PP, CP, ZeRO; the reward model, DPO (with PP too), PPO and distillation,
+    data.seq_len divisible by tp x cp, with PP, CP, ZeRO; the reward model, DPO and distillation (both with PP too), PPO,
     their varying-length batches padded to a multiple of tp; LoRA too), otherwise off with one log line naming why
     (``train.parallelize.resolve_sequence_parallel``). true: required (an error where it cannot run, or at tp 1);
     false: off."""

@@ -78,8 +78,6 @@ class Objective(Protocol):
     sequence_keys: tuple[str, ...]
     """The ``[b, s, ...]`` input fields the engine may pad with zeros (masked positions) to a multiple of TP under
     sequence parallelism (``train.parallelize.pad_sequence_keys``)."""
-    sequence_parallel_pipeline: bool
-    """Whether it runs sequence parallelism on pipeline stages too (optional; default False)."""
 
     def wrap(self, model: Llama, *, layers: LayerFactory) -> nn.Module: ...
 
@@ -99,7 +97,6 @@ class LanguageModelObjective:
     supports_pipeline: bool = True
     supports_sequence_parallel: bool = True
     sequence_keys: tuple[str, ...] = input_keys
-    sequence_parallel_pipeline: bool = True
 
     def __init__(self, *, document_mask: bool = True) -> None:
         self.document_mask = document_mask

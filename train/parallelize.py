@@ -77,18 +77,16 @@ def sequence_parallel_obstacle(model_cfg: LlamaConfig, cfg: EngineConfig, *, tp:
     """Why Megatron sequence parallelism cannot run here ("" when it can). It runs the objectives that declare
     ``supports_sequence_parallel`` (the language model, the reward model, DPO, PPO's policy and value model, the
     distillation student: their heads read the sequence gathered back, ``model.sequence_parallel``; LoRA adapters
-    follow their layers' split, ``model.lora``), with TP-sharded K/V projections; on pipeline stages those that
-    declare ``sequence_parallel_pipeline`` too (the language model, DPO); on fixed lengths that TP x CP divides or
-    on varying lengths that the engine pads to a multiple of TP (the objective's ``sequence_keys``)."""
+    follow their layers' split, ``model.lora``), with TP-sharded K/V projections, on pipeline stages too (every
+    objective that runs there: its last-stage loss reads the head stage's gathered logits, its targets padded with
+    the inputs; the language model, DPO, the distillation student), on fixed lengths that TP x CP divides or on
+    varying lengths that the engine pads to a multiple of TP (the objective's ``sequence_keys``)."""
     if tp == 1:
         return "parallel.tp=1 (sequence parallelism splits the sequence over the tensor-parallel ranks)"
     name = type(objective).__name__
     if not getattr(objective, "supports_sequence_parallel", False):
         return f"the {name} objective runs without it (language-model, reward-model, DPO, PPO and distillation " \
                "training run it)"
-    if cfg.parallel.pp > 1 and not getattr(objective, "sequence_parallel_pipeline", False):
-        return f"the {name} objective runs it without pipeline parallelism (parallel.pp=1); the language model " \
-               "and DPO run it on pipeline stages"
     if model_cfg.n_kv_heads % tp:
         return f"tp={tp} does not divide n_kv_heads={model_cfg.n_kv_heads} (replicated K/V projections)"
     if cfg.seq_len == 0 and not getattr(objective, "sequence_keys", ()):

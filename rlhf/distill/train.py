@@ -97,7 +97,7 @@ class DistillObjective:
     input_keys = ("input_ids", "labels", "loss_mask", "document_ids", *TEACHER_KEYS)
     weight_key = "loss_mask"
     supports_pipeline = True
-    supports_sequence_parallel = True  # the losses read the SP head's logits (sequence gathered); not on PP stages
+    supports_sequence_parallel = True  # both losses (DistillPipelineLoss too) read the SP head's gathered logits
     sequence_keys = input_keys  # padding: loss_mask 0 (the teacher's [b, s, k] top-k padded along s too)
     pipeline_target_keys = ("labels", "loss_mask", *TEACHER_KEYS)
     """What the last pipeline stage's loss receives besides the logits (``train.engine``: then ``scale``)."""

@@ -138,7 +138,6 @@ class DPOObjective:
     supports_pipeline: bool = True
     supports_sequence_parallel: bool = True  # the logits come from the SP head (sequence gathered)
     sequence_keys: tuple[str, ...] = ("input_ids", "labels", "loss_mask", "dpo_mask")  # padding: masks 0
-    sequence_parallel_pipeline: bool = True  # the last stage's DPOPipelineLoss reads the head's gathered logits
     pipeline_target_keys: tuple[str, ...] = ("labels", "loss_mask", "dpo_mask", "ref_logps", "pair_weight")
     """What the last pipeline stage's loss receives besides the logits (``train.engine``: then ``scale``)."""
     pipeline_dynamic_shape: bool = True

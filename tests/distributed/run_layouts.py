@@ -7,7 +7,7 @@ parity config with those overrides, into ``OUT_DIR/NAME``. One launch serves man
 launch costs seconds; the process groups are rebuilt between layouts whose TP/PP sizes differ.
 The token ``@eager`` among the overrides runs that layout on the eager PyTorch formulas (the GPU path) inside
 ``model.kernels.disabled()``: the in-process form of ``LLAMA_CPU_KERNELS=0``, so eager and fused layouts share
-a launch.
+a launch. ``@dpo`` and ``@distill`` run those alignment stages instead (4-process layouts of theirs).
 """
 
 from __future__ import annotations
@@ -43,6 +43,27 @@ def run_dpo_layout(out: Path, name: str, overrides: list[str]) -> None:
         raise SystemExit(f"layout {name}: {result.reason}")
 
 
+DISTILL = "@distill"
+"""Token among a layout's overrides: run ``rlhf.distill`` on ``tests/e2e/test_distill_tiny.py``'s settings (the
+teacher checkpoint in ``OUT/teacher``, made by the test): the student at TP x PP with sequence parallelism needs
+4 processes."""
+
+
+def run_distill_layout(out: Path, name: str, overrides: list[str]) -> None:
+    from rlhf.distill.config import DistillConfig
+    from rlhf.distill.train import DistillTask, run_distill
+    from rlhf.stage import world_size
+    from tests.e2e.test_distill_tiny import distill_args
+
+    task = DistillTask(DistillConfig.from_toml(None, distill_args(out, name, *overrides)))
+    task.resolve(world_size=world_size())
+    result, _ = run_distill(task.cfg, task=task, print_fn=lambda *a, **k: None)
+    if int(os.environ.get("RANK", "0")) == 0:
+        (out / name / "kernels.json").write_text(json.dumps({"sequence_parallel": result.sequence_parallel}))
+    if result.reason != "completed":
+        raise SystemExit(f"layout {name}: {result.reason}")
+
+
 def main() -> None:
     out = Path(sys.argv[1])
     for spec in sys.argv[2:]:
@@ -50,6 +71,9 @@ def main() -> None:
         overrides = [o for o in joined.split(",") if o]
         if DPO in overrides:
             run_dpo_layout(out, name, [o for o in overrides if o != DPO])
+            continue
+        if DISTILL in overrides:
+            run_distill_layout(out, name, [o for o in overrides if o != DISTILL])
             continue
         cfg = parity_config([*(o for o in overrides if o != EAGER), f"--run.dir={out / name}"])
         with kernels.disabled() if EAGER in overrides else contextlib.nullcontext():

@@ -5,7 +5,8 @@ training loop for several layouts in one launch):
 
 - 4 processes: TP2 x PP2 (checkpoints at steps 3 and 5), TP2 x DP2 with ZeRO-3, PP2 x DP2 (ranks in Llama 3's
   [TP, CP, PP, DP] order: every rank's coordinates are checked), and DPO (``rlhf.dpo``) at TP2 x PP2 with
-  sequence parallelism against its one-process reference (3 steps);
+  sequence parallelism against its one-process reference (3 steps), and the distillation student (``rlhf.distill``)
+  at TP2 x PP2 with sequence parallelism against its one-process reference (3 steps);
   every TP 2 layout runs Megatron sequence parallelism (the default at TP > 1), ``tp2_sp_off`` plain TP;
 - 2 processes: TP2, PP2, DP2 with ZeRO-1/2/3, ZeRO-2 with CPU offload, PP2 with activation checkpointing,
   TP2 with one kv head (replicated kv projections), and resumes from the step-3 checkpoints of the first launch
@@ -77,6 +78,9 @@ TWO_PROCESS = {
 # DPO (rlhf.dpo, varying-length pairs) at TP2 x PP2 with sequence parallelism, in the 4-process launch: the DPO loss
 # on the last stage reads the logits of the gathered sequence, each stage passes s / tp slices.
 DPO_FOUR_PROCESS = {"dpo_tp2_pp2": ["@dpo", "--parallel.tp=2", "--parallel.pp=2"]}
+# The distillation student (rlhf.distill, tests/e2e/test_distill_tiny.py's settings: a whole teacher on every rank)
+# at TP2 x PP2 with sequence parallelism: the teacher's [b, s, k] top-k reach the last stage's loss as targets.
+DISTILL_FOUR_PROCESS = {"distill_tp2_pp2": ["@distill", "--parallel.tp=2", "--parallel.pp=2"]}
 BF16 = {"dp2_zero2_bf16": ["--zero.stage=2", "--train.dtype=bf16"]}
 BF16_FOUR_PROCESS = {"tp2_dp2_zero3_bf16": ["--parallel.tp=2", "--zero.stage=3", "--train.dtype=bf16",
                                             "--parallel.activation_checkpoint_every=1"]}
@@ -122,7 +126,10 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     data = make_parity_data(out / "rlhf_data")
     run_stage_config("dpo", rlhf_parity_config("dpo", data, [f"--run.dir={out / 'reference_dpo'}"]),
                      engine_factory=ReferenceEngine, topology_factory=single_process_topology)
-    _launch(out, 4, {**FOUR_PROCESS, **BF16_FOUR_PROCESS, **DPO_FOUR_PROCESS})
+    from tests.e2e.test_distill_tiny import make_teacher, run_one_process
+
+    run_one_process(make_teacher(out), "reference_distill")
+    _launch(out, 4, {**FOUR_PROCESS, **BF16_FOUR_PROCESS, **DPO_FOUR_PROCESS, **DISTILL_FOUR_PROCESS})
     resumes = {name: [*flags, f"--run.resume={out / source / 'checkpoints' / 'step_00000003'}"]
                for name, (flags, source) in RESUMES.items()}
     _launch(out, 2, {**TWO_PROCESS, **EAGER_LAYOUTS, **BF16, **resumes})
@@ -218,6 +225,19 @@ def test_dpo_under_tp_pp_with_sequence_parallelism(runs: Path) -> None:
     a, b = (load_file(runs / r / "reference_logps.safetensors")["ref_logps"] for r in ("dpo_tp2_pp2", "reference_dpo"))
     assert float(((a - b).abs() / b.abs().clamp(min=1.0)).max()) <= TOL
     assert _max_weight_diff(runs / "dpo_tp2_pp2", runs / "reference_dpo") <= TOL
+
+
+def test_distill_student_under_tp_pp_with_sequence_parallelism(runs: Path) -> None:
+    """The distillation student at TP 2 x PP 2 ran sequence parallelism and equals one process within 1e-5:
+    per-step losses (KL over the teacher's top-16 + 30% hard labels), gradient norms, the exported weights."""
+    assert json.loads((runs / "distill_tp2_pp2" / "kernels.json").read_text())["sequence_parallel"] is True
+    ours, ref = (_metrics(runs / r) for r in ("distill_tp2_pp2", "reference_distill"))
+    assert sorted(ours) == sorted(ref) == [1, 2, 3]
+    assert ref[1]["loss"] != ref[3]["loss"]  # the student trained
+    for step, record in ours.items():
+        assert abs(record["loss"] - ref[step]["loss"]) <= TOL, (step, record["loss"], ref[step]["loss"])
+        assert abs(record["grad_norm"] - ref[step]["grad_norm"]) <= TOL * max(1.0, ref[step]["grad_norm"]), step
+    assert _max_weight_diff(runs / "distill_tp2_pp2", runs / "reference_distill") <= TOL
 
 
 @pytest.mark.parametrize("layout", [*BF16, *BF16_FOUR_PROCESS])

@@ -52,18 +52,23 @@ def run_one_process(out: Path, name: str, *extra: str) -> dict:
     return evaluation or {}
 
 
-@pytest.fixture(scope="module")
-def out(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def make_teacher(out: Path) -> Path:
+    """The seeded debug_tiny teacher ``distill_args`` reads, saved as a native checkpoint in ``out / "teacher"``
+    (``tests/distributed/test_parity.py``'s TP2 x PP2 student uses it too)."""
     from model.checkpoints import save_checkpoint
     from model.config import get_config
     from model.llama import Llama, init_llama_weights
 
-    out = tmp_path_factory.mktemp("distill")
     cfg = get_config("debug_tiny")
     teacher = Llama(cfg)
     init_llama_weights(teacher, seed=9)
     save_checkpoint(teacher.state_dict(), cfg, out / "teacher", format="native")
     return out
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_teacher(tmp_path_factory.mktemp("distill"))
 
 
 def test_offline_logits_give_the_online_losses(out: Path) -> None:
@@ -87,7 +92,8 @@ def test_offline_logits_give_the_online_losses(out: Path) -> None:
 # a DP2 x ZeRO-3 student (its parameters partitioned) beside a whole teacher on each rank, and a PP2 student (the
 # teacher's top-k reach the last stage's loss with the labels) beside the teacher split over both ranks (the two
 # layouts independent: both pipeline stages run the TP2 teacher on the same micro-batch). The TP2 student runs
-# Megatron sequence parallelism (the default at tp > 1).
+# Megatron sequence parallelism (the default at tp > 1); a TP2 x PP2 student with it runs in test_parity.py's
+# 4-process launch (test_distill_student_under_tp_pp_with_sequence_parallelism, these settings).
 LAYOUTS = {"teacher_tp2": "--distill.teacher_tp=2", "student_tp2": "--parallel.tp=2",
            "student_dp2_zero3": "--zero.stage=3", "student_pp2": "--parallel.pp=2,--distill.teacher_tp=2"}
 

@@ -89,12 +89,13 @@ def test_engine_refuses_cp_for_other_objectives_and_stages() -> None:
 
 
 def test_sequence_parallel_default_resolves_per_run() -> None:
-    """Unset: on at tp > 1 for language-model, reward-model and DPO training (LM with PP and CP too), off with one
-    line naming why where it cannot run; explicit true there is an error; false is off."""
+    """Unset: on at tp > 1 for language-model, reward-model, DPO and distillation training (LM, DPO and
+    distillation with PP too, LM with CP), off with one line naming why where it cannot run; explicit true there is an error; false is off."""
     import dataclasses
     from types import SimpleNamespace
 
     from model.config import get_config
+    from rlhf.distill.train import DistillObjective
     from rlhf.dpo.model import DPOObjective
     from rlhf.reward.model import RewardObjective
     from train.config import ConfigError, EngineConfig, ParallelSection
@@ -121,10 +122,9 @@ def test_sequence_parallel_default_resolves_per_run() -> None:
     rm, dpo = RewardObjective.__new__(RewardObjective), DPOObjective.__new__(DPOObjective)
     assert resolve(objective=rm, seq_len=0) == (True, []) and resolve(objective=dpo, seq_len=0) == (True, [])
     assert resolve(lora=object()) == (True, [])
-    assert resolve(pp=2, objective=dpo, seq_len=0) == (True, [])  # the DPO loss on the last pipeline stage
-    rm_pp = resolve(pp=2, objective=rm, seq_len=0)[1]
-    assert rm_pp == ["sequence parallelism off (tp 2): the RewardObjective objective runs it without pipeline "
-                     "parallelism (parallel.pp=1); the language model and DPO run it on pipeline stages"]
+    # On pipeline stages too: the last stage's DPO / distillation loss reads the head stage's gathered logits.
+    distill = DistillObjective.__new__(DistillObjective)
+    assert resolve(pp=2, objective=dpo, seq_len=0) == (True, []) and resolve(pp=2, objective=distill) == (True, [])
 
     class Unsupported:  # an objective that does not declare it
         pass

@@ -100,6 +100,8 @@ def test_the_check_finds_a_mismatch() -> None:
         input_keys: Any = ()
         weight_key = "loss_mask"
         supports_pipeline = False
+        supports_sequence_parallel = False  # the attributes added since: only wrap() is what this shape lacks
+        sequence_keys: Any = ()
 
         def build_module(self, model_cfg: Any, factory: Any, run_cfg: Any) -> Any: ...
 
