@@ -47,6 +47,8 @@ def _prepare(args: list[str], env: dict[str, str]) -> subprocess.CompletedProces
 
 
 def test_slurm_run_killed_task_resumes_to_the_local_engine_output(cluster, tmp_path, shared_data):
+    from data_pipeline.dt.engine import SLICES_PER_TASK
+
     tok = require_file(shared_data / "tokenizers" / "llama2" / "tokenizer.model")
     base = ["--source", f"cc={shared_data / 'commoncrawl'}", "--source", f"c4={shared_data / 'c4'}",
             "--source", f"wiki={shared_data / 'wikipedia' / 'wikitext-2-raw.test.txt'}:wikitext",
@@ -60,7 +62,9 @@ def test_slurm_run_killed_task_resumes_to_the_local_engine_output(cluster, tmp_p
     first = _prepare(args, {**cluster.env, "LLAMA_DT_TEST_KILL": f"pass4:0:50:{marker}"})
     try:
         assert first.returncode == 2, (first.returncode, first.stdout[-2000:], first.stderr[-3000:])
-        assert "the SLURM jobs ended with unfinished tasks" in first.stderr and "'pass4': [0]" in first.stderr
+        # pass4 runs SLICES_PER_TASK slices per SLURM array task: killing slice 0 leaves its array task's slices
+        killed = list(range(SLICES_PER_TASK))
+        assert "the SLURM jobs ended with unfinished tasks" in first.stderr and f"'pass4': {killed}" in first.stderr
         assert marker.exists() and not (out / "manifest.json").exists()
         second = _prepare(args, cluster.env)
         assert second.returncode == 0, (second.stdout[-2000:], second.stderr[-3000:])
@@ -69,7 +73,7 @@ def test_slurm_run_killed_task_resumes_to_the_local_engine_output(cluster, tmp_p
         raise
     jobs = re.search(r"submitted SLURM jobs (.*?); logs", second.stdout).group(1).split(", ")
     assert len(jobs) == 2, second.stdout  # the killed task's pass, then finalize: nothing else reran
-    assert json.loads((out / "dt" / "logs" / "07_pass4" / "ranks_to_run.json").read_text()) == [0]
+    assert json.loads((out / "dt" / "logs" / "07_pass4" / "ranks_to_run.json").read_text()) == killed
     for s in ("cc", "c4", "wiki"):
         for ext in ("bin", "idx", "docs.jsonl"):
             assert (out / f"{s}.{ext}").read_bytes() == (tmp_path / "local" / f"{s}.{ext}").read_bytes(), (s, ext)
