@@ -33,23 +33,39 @@ from torch.overrides import TorchFunctionMode
 ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 
-class _NoInitOnMeta(TorchFunctionMode):
-    """Skips the in-place fills of ``torch.nn.init`` on meta tensors (they change no data there). Why: torch runs
-    a meta ``normal_`` through its Python reference, which imports ``torch._dynamo`` (seconds per process)."""
+_NN_INIT = frozenset({init.normal_, init.uniform_, init.trunc_normal_, init.kaiming_uniform_, init.kaiming_normal_,
+                      init.xavier_uniform_, init.xavier_normal_, init.zeros_, init.ones_, init.constant_})
+"""``torch.nn.init``'s fills: under a torch-function mode they dispatch as themselves, tensor by keyword."""
 
-    _INIT_OPS = frozenset({
-        init.normal_, init.uniform_, init.trunc_normal_, init.kaiming_uniform_, init.kaiming_normal_,
-        init.xavier_uniform_, init.xavier_normal_, init.zeros_, init.ones_, init.constant_,  # dispatch as themselves
-        Tensor.normal_, Tensor.uniform_, Tensor.fill_, Tensor.zero_, Tensor.erfinv_, Tensor.clamp_, Tensor.mul_,
-        Tensor.add_,
-    })
+
+class _NoInitOnMeta(TorchFunctionMode):
+    """Skips ``torch.nn.init``'s fills (and the in-place tensor ops they are made of) on meta tensors, where they
+    change no data. Why: torch runs a meta ``normal_`` through its Python reference, which imports
+    ``torch._dynamo`` (seconds per process)."""
+
+    _SKIPPED = _NN_INIT | {Tensor.normal_, Tensor.uniform_, Tensor.fill_, Tensor.zero_, Tensor.erfinv_,
+                           Tensor.clamp_, Tensor.mul_, Tensor.add_}
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
-        if func in self._INIT_OPS:
-            target = args[0] if args else kwargs.get("tensor")  # torch.nn.init passes it by keyword
+        if func in self._SKIPPED:
+            target = args[0] if args else kwargs.get("tensor")
             if isinstance(target, Tensor) and target.is_meta:
                 return target
+        return func(*args, **kwargs)
+
+
+class skipped_default_init(TorchFunctionMode):  # noqa: N801 (used as a context manager, like torch.no_grad)
+    """Within it, ``torch.nn.init``'s fills do nothing, on any device: modules built in it (``nn.Linear``,
+    ``nn.Embedding``) keep uninitialised storage. For construction contexts that allocate real memory, such as
+    ZeRO-3's ``deepspeed.zero.Init`` (each module built whole, then partitioned): there too the engine writes every
+    weight afterwards (the seeded init, a checkpoint), so torch's random draws would be thrown away. Only the
+    ``torch.nn.init`` functions are skipped, never a tensor op (the partitioning copies must run)."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func in _NN_INIT:
+            return args[0] if args else kwargs.get("tensor")
         return func(*args, **kwargs)
 
 

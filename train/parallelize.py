@@ -51,7 +51,7 @@ from model.config import LlamaConfig
 from model.context_parallel import ContextParallel
 from model.layers import LayerFactory, LocalLayers
 from model.llama import Llama
-from model.materialize import build_unfilled
+from model.materialize import build_unfilled, skipped_default_init
 from train import pipeline as pipe
 from train.config import ConfigError, EngineConfig
 from train.objective import LanguageModelObjective, Objective, decay_groups, masked_loss_sum
@@ -156,8 +156,8 @@ def build_module(model_cfg: LlamaConfig, cfg: EngineConfig, *, objective: Object
             apply_lora(model, cfg.lora, seed=None)  # drawn by the seeded init (init_std), like every weight
         return objective.wrap(model, layers=layers)  # 2: what the wrap adds (a reward head) stays trainable
 
-    if construction is not None:
-        with construction:  # noqa: SIM117 (a context object made by the caller)
+    if construction is not None:  # partitioned as built; torch's default init skipped: every weight is written later
+        with construction, skipped_default_init():
             module = build()
     else:
         module = build_unfilled(build, device=device)

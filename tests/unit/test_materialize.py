@@ -73,3 +73,19 @@ def test_build_module_builds_unfilled_and_keeps_trainability() -> None:
     module = build_module(cfg, EngineConfig(global_batch_size=2, micro_batch_size=1), objective=LanguageModelObjective(), layers=LocalLayers())
     assert torch.equal(torch.get_rng_state(), before)
     assert all(p.requires_grad and not p.is_meta for p in module.parameters())
+
+
+def test_skipped_default_init_draws_nothing_but_keeps_tensor_ops() -> None:
+    """ZeRO-3 builds inside ``deepspeed.zero.Init`` with ``skipped_default_init`` (real memory, then partitioned):
+    torch's random fills are skipped, the tensor ops the partitioning runs are not."""
+    from model.materialize import skipped_default_init
+
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    with skipped_default_init():
+        layer = nn.Linear(8, 8)
+        doubled = torch.ones(3).mul_(2.0)
+    assert torch.equal(torch.get_rng_state(), before) and not layer.weight.is_meta
+    assert torch.equal(doubled, torch.full((3,), 2.0))
+    nn.Linear(8, 8)  # outside it torch draws again: the check above can fail
+    assert not torch.equal(torch.get_rng_state(), before)
