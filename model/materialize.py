@@ -38,29 +38,13 @@ _NN_INIT = frozenset({init.normal_, init.uniform_, init.trunc_normal_, init.kaim
 """``torch.nn.init``'s fills: under a torch-function mode they dispatch as themselves, tensor by keyword."""
 
 
-class _NoInitOnMeta(TorchFunctionMode):
-    """Skips ``torch.nn.init``'s fills (and the in-place tensor ops they are made of) on meta tensors, where they
-    change no data. Why: torch runs a meta ``normal_`` through its Python reference, which imports
-    ``torch._dynamo`` (seconds per process)."""
-
-    _SKIPPED = _NN_INIT | {Tensor.normal_, Tensor.uniform_, Tensor.fill_, Tensor.zero_, Tensor.erfinv_,
-                           Tensor.clamp_, Tensor.mul_, Tensor.add_}
-
-    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        kwargs = kwargs or {}
-        if func in self._SKIPPED:
-            target = args[0] if args else kwargs.get("tensor")
-            if isinstance(target, Tensor) and target.is_meta:
-                return target
-        return func(*args, **kwargs)
-
-
 class skipped_default_init(TorchFunctionMode):  # noqa: N801 (used as a context manager, like torch.no_grad)
     """Within it, ``torch.nn.init``'s fills do nothing, on any device: modules built in it (``nn.Linear``,
-    ``nn.Embedding``) keep uninitialised storage. For construction contexts that allocate real memory, such as
-    ZeRO-3's ``deepspeed.zero.Init`` (each module built whole, then partitioned): there too the engine writes every
-    weight afterwards (the seeded init, a checkpoint), so torch's random draws would be thrown away. Only the
-    ``torch.nn.init`` functions are skipped, never a tensor op (the partitioning copies must run)."""
+    ``nn.Embedding``) keep uninitialised storage, because the engine writes every weight afterwards (the seeded
+    init, a checkpoint) and torch's random draws would be thrown away. Used by ``build_unfilled`` on meta (there a
+    meta ``normal_`` would also run torch's Python reference, which imports ``torch._dynamo``: seconds per
+    process) and around ZeRO-3's ``deepspeed.zero.Init`` (each module built whole in real memory, then
+    partitioned). Only the ``torch.nn.init`` functions are skipped, never a tensor op (partitioning copies run)."""
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
@@ -72,7 +56,7 @@ class skipped_default_init(TorchFunctionMode):  # noqa: N801 (used as a context 
 def build_unfilled(build: Callable[[], ModuleT], *, device: str | torch.device = "cpu",
                    dtype: torch.dtype | None = None) -> ModuleT:
     """``build()`` on the meta device, then ``materialize`` on ``device`` (in ``dtype`` when given)."""
-    with torch.device("meta"), _NoInitOnMeta():
+    with torch.device("meta"), skipped_default_init():
         module = build()
     return materialize(module, device=device, dtype=dtype)
 

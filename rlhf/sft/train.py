@@ -116,11 +116,8 @@ def _initial_engine_loss(task: SFTTask, engine: Any, model_cfg: Any, *, topology
                               "objective": engine.objective, "init_weights": task.init_weights()}
     if hasattr(engine, "inference_only") and getattr(topology, "pp_size", 1) == 1:
         kwargs["inference_only"] = True  # no optimizer state: only the weights (the run's dtype)
-    initial = type(engine)(**kwargs)
-    try:
-        return engine_heldout_loss(initial, task.valid_set, topology=topology, micro_batch_size=micro_batch_size)
-    finally:
-        del initial
+    initial = type(engine)(**kwargs)  # released when this returns
+    return engine_heldout_loss(initial, task.valid_set, topology=topology, micro_batch_size=micro_batch_size)
 
 
 def initial_model(cfg: Any, task: StageTask) -> Llama:
